@@ -1,0 +1,112 @@
+"""Clarabel adapter (interior point; LP, QP, SOC, EXP, PSD), through ``clarabel.DefaultSolver``.
+
+Native conventions and how they map to the protocol (:mod:`ffo_core.protocol`):
+
+* Clarabel solves ``min 1/2 x'Px + q'x  s.t.  Ax + s = b, s in K`` with ``P`` given as its
+  upper triangle, and returns ``z`` with ``Px + q + A'z = 0``, ``z in K*``.  We stack
+  ``[A_eq; G]`` with a zero cone first, so ``z = [nu; lam]`` and ``s = [0; s]`` with no sign
+  change.
+* Clarabel's ``ExponentialConeT`` and ``PSDTriangleConeT`` (upper triangle, column-major,
+  sqrt(2)-scaled) are the protocol's layouts already.
+
+Settings are Clarabel's ``DefaultSettings`` attribute names (``tol_gap_abs``, ``max_iter``,
+``time_limit`` in seconds, ...).  ``verbose`` defaults to False.
+
+Thread safety: every ``solve`` builds its own ``DefaultSolver``; the adapter keeps no
+mutable state, so one instance may be used from many threads.  Clarabel is an interior
+point method: it has no warm start.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from ffo_core.backend_base import BackendBase
+from ffo_core.errors import ConfigError
+from ffo_core.hookspecs import hookimpl
+from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective,
+                               Solution, SolveInfo, Status)
+
+#: Clarabel's ``SolverStatus`` names -> protocol status.
+STATUS_MAP = {
+    "Solved": Status.OPTIMAL,
+    "AlmostSolved": Status.OPTIMAL_INACCURATE,
+    "PrimalInfeasible": Status.INFEASIBLE,
+    "AlmostPrimalInfeasible": Status.INFEASIBLE_INACCURATE,
+    "DualInfeasible": Status.UNBOUNDED,
+    "AlmostDualInfeasible": Status.UNBOUNDED_INACCURATE,
+    "MaxIterations": Status.ITERATION_LIMIT,
+    "MaxTime": Status.TIME_LIMIT,
+    "NumericalError": Status.NUMERICAL_ERROR,
+    "InsufficientProgress": Status.NUMERICAL_ERROR,
+    "CallbackTerminated": Status.NUMERICAL_ERROR,
+    "Unsolved": Status.NUMERICAL_ERROR,
+}
+
+
+class ClarabelBackend(BackendBase):
+    name = "clarabel"
+    package = "clarabel"
+    distribution = "clarabel"
+    capabilities = Capabilities(
+        cones=frozenset({"zero", "nonneg", "soc", "exp", "psd"}),
+        quadratic_objective=True, warm_start=False, thread_safe=True)
+
+    def setting_names(self):
+        import clarabel
+        return [a for a in dir(clarabel.DefaultSettings())
+                if not a.startswith("_") and a != "default"]
+
+    def _settings(self):
+        import clarabel
+        settings = clarabel.DefaultSettings()
+        settings.verbose = False
+        for key, value in self.settings.items():
+            try:
+                setattr(settings, key, value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"clarabel setting {key}={value!r}: {exc}") from exc
+        return settings
+
+    @staticmethod
+    def _cones(e: Equalities, h: ConeConstraints):
+        import clarabel
+        d = h.dims
+        cones = []
+        if e.p:
+            cones.append(clarabel.ZeroConeT(e.p))
+        if d.nonneg:
+            cones.append(clarabel.NonnegativeConeT(d.nonneg))
+        cones += [clarabel.SecondOrderConeT(k) for k in d.soc]
+        cones += [clarabel.ExponentialConeT() for _ in range(d.exp)]
+        cones += [clarabel.PSDTriangleConeT(s) for s in d.psd]
+        return cones
+
+    def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
+              extra_linear_term=None, *, warm_start=None) -> Solution:
+        import clarabel
+        n = g.n
+        P = sp.triu(g.P, format="csc") if g.P is not None else sp.csc_matrix((n, n))
+        q = g.q if extra_linear_term is None else g.q + extra_linear_term
+        A = sp.vstack([e.A, h.G], format="csc")
+        b = np.concatenate([e.b, h.h])
+        solver = clarabel.DefaultSolver(P, q, A, b, self._cones(e, h), self._settings())
+        res = solver.solve()
+        raw = str(res.status)
+        status = STATUS_MAP.get(raw, Status.NUMERICAL_ERROR)
+        gap = abs(res.obj_val - res.obj_val_dual) / max(1.0, abs(res.obj_val))
+        info = SolveInfo(iterations=int(res.iterations), solve_time=float(res.solve_time),
+                         accuracy=float(max(res.r_prim, res.r_dual, gap))
+                         if np.isfinite(gap) else None,
+                         raw_status=raw)
+        if not status.has_solution:
+            return Solution(status=status, info=info)
+        z = np.asarray(res.z)
+        s = np.asarray(res.s)
+        return Solution(status=status, primal=np.asarray(res.x), eq_dual=z[:e.p],
+                        ineq_dual=z[e.p:], slack=s[e.p:], info=info)
+
+
+@hookimpl
+def ffo_register_backends(register):
+    register(ClarabelBackend)

@@ -1,0 +1,94 @@
+"""Which inequality rows and cone blocks are active at a solution.
+
+An interior-point or first-order solver returns ``s`` and ``lam`` that are complementary only
+up to its accuracy: for a nonnegative row, ``s_i * lam_i ~ mu`` where ``mu`` is what the solver
+left of the duality gap.  So the zero member of the pair is not 0 but of size about
+``sqrt(mu)`` when the pair is undecided, much smaller when it is clear.  We therefore measure
+``s`` and ``lam`` in units of thresholds tied to the solver's reported accuracy ``acc``:
+
+    tau_s   = sqrt(acc) * max(1, ||s||_inf)      (a slack this small is numerically zero)
+    tau_lam = sqrt(acc) * max(1, ||lam||_inf)    (a multiplier this small is numerically zero)
+
+and call a nonnegative row *active* when ``s_i / tau_s < lam_i / tau_lam`` (its slack is the
+smaller of the two in those units), and *weakly active* when both are below their thresholds
+(degenerate: either choice is a valid one-sided derivative; we report these rows).  With a
+1e-5-accurate solver the thresholds grow to ~3e-3 and a slack of 1e-6 still counts as zero,
+where a fixed 1e-8 cut-off would call the row inactive.
+
+A cone block (SOC, EXP, PSD) is *inactive* when its multiplier is numerically zero,
+``||lam_k|| <= tau_lam`` (its slack is then in the interior), and active otherwise.
+
+Both thresholds can be given explicitly (``tau_s``, ``tau_lam``) to override the defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .protocol import ConeDims, Solution
+
+#: Accuracy assumed when a solver reports none.
+DEFAULT_ACCURACY = 1e-8
+
+
+@dataclass
+class ActiveSet:
+    """Classification of the rows of ``G`` (length ``m`` boolean masks)."""
+
+    locked: np.ndarray     # nonnegative rows that become equalities in the ghost problem
+    kept: np.ndarray       # rows of active SOC/EXP/PSD blocks, kept as cones
+    weak: np.ndarray       # nonnegative rows with both s and lam numerically zero
+    kept_dims: ConeDims    # cone sizes of the kept blocks (nonneg=0)
+    tau_s: float
+    tau_lam: float
+
+    @property
+    def ghost_rows(self) -> np.ndarray:
+        """Rows of ``G`` that appear in the ghost problem (locked or kept)."""
+        return self.locked | self.kept
+
+
+def _block_slices(dims: ConeDims):
+    """(kind, size, slice) of every non-polyhedral cone block, in row order."""
+    start = dims.nonneg
+    blocks = [("soc", k, k) for k in dims.soc] + [("exp", 3, 1)] * dims.exp + \
+             [("psd", s * (s + 1) // 2, s) for s in dims.psd]
+    for kind, rows, size in blocks:
+        yield kind, size, slice(start, start + rows)
+        start += rows
+
+
+def classify(sol: Solution, dims: ConeDims, *, tau_s: float | None = None,
+             tau_lam: float | None = None) -> ActiveSet:
+    """Active set of ``sol`` for cones ``dims`` (thresholds default to the solver's accuracy)."""
+    s, lam = np.asarray(sol.slack), np.asarray(sol.ineq_dual)
+    m = s.shape[0]
+    acc = sol.info.accuracy if sol.info.accuracy and sol.info.accuracy > 0 \
+        else DEFAULT_ACCURACY
+    root = np.sqrt(max(acc, 1e-16))
+    if tau_s is None:
+        tau_s = root * max(1.0, float(np.max(np.abs(s), initial=0.0)))
+    if tau_lam is None:
+        tau_lam = root * max(1.0, float(np.max(np.abs(lam), initial=0.0)))
+
+    locked = np.zeros(m, dtype=bool)
+    kept = np.zeros(m, dtype=bool)
+    weak = np.zeros(m, dtype=bool)
+    nn = slice(0, dims.nonneg)
+    s_nn, lam_nn = np.maximum(s[nn], 0.0), np.maximum(lam[nn], 0.0)
+    locked[nn] = s_nn * tau_lam < lam_nn * tau_s
+    weak[nn] = (s_nn <= tau_s) & (lam_nn <= tau_lam)
+
+    soc, exp, psd = [], 0, []
+    for kind, size, rows in _block_slices(dims):
+        if np.linalg.norm(lam[rows]) > tau_lam:
+            kept[rows] = True
+            if kind == "soc":
+                soc.append(size)
+            elif kind == "exp":
+                exp += 1
+            else:
+                psd.append(size)
+    return ActiveSet(locked, kept, weak, ConeDims(0, tuple(soc), exp, tuple(psd)),
+                     float(tau_s), float(tau_lam))

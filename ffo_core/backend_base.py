@@ -1,0 +1,76 @@
+"""A small base class that adapters may derive from (they need not: the protocol is duck-typed).
+
+It gives an adapter the registry-facing class methods (``availability``, ``version``), keeps
+the config-string settings, and validates them against the names the adapter declares, so
+that each adapter only writes its conversions, its status map and its ``solve``.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from typing import Any, ClassVar, Iterable
+
+from .errors import ConfigError, SolverError
+from .protocol import Capabilities, ConeConstraints, Equalities, Objective
+
+
+class BackendBase:
+    """Common plumbing of first-party adapters.
+
+    Subclasses set ``name``, ``capabilities``, ``package`` (the import name of the solver,
+    imported lazily by the subclass inside ``solve``) and ``distribution`` (its PyPI name),
+    and implement :meth:`setting_names` and ``solve``.
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    package: ClassVar[str] = ""
+    distribution: ClassVar[str] = ""
+
+    def __init__(self, **settings: Any) -> None:
+        valid = set(self.setting_names())
+        unknown = sorted(set(settings) - valid)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)} for backend {self.name!r}; "
+                f"valid settings: {', '.join(sorted(valid))}")
+        self.settings: dict[str, Any] = dict(settings)
+
+    # -- registry-facing class methods -------------------------------------------------
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """``(True, "")`` if the backend can run here, else ``(False, reason)``."""
+        if cls.package and importlib.util.find_spec(cls.package) is None:
+            return False, (f"Python package {cls.package!r} is not installed "
+                           f"(pip install {cls.distribution or cls.package})")
+        return True, ""
+
+    @classmethod
+    def version(cls) -> str | None:
+        """Version of the underlying solver package, or ``None`` if not installed."""
+        try:
+            return importlib.metadata.version(cls.distribution or cls.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    # -- for subclasses ------------------------------------------------------------------
+    def setting_names(self) -> Iterable[str]:
+        """The solver's own parameter names accepted in the config string."""
+        return ()
+
+    def check_size(self, g: Objective, h: ConeConstraints, e: Equalities) -> None:
+        """Raise :class:`SolverError` when the problem exceeds a declared size limit."""
+        caps = self.capabilities
+        if caps.max_variables is not None and g.n > caps.max_variables:
+            raise SolverError(
+                f"{self.name}: {g.n} variables exceed this installation's limit of "
+                f"{caps.max_variables}", backend=self.name)
+        rows = h.m + e.p
+        if caps.max_constraints is not None and rows > caps.max_constraints:
+            raise SolverError(
+                f"{self.name}: {rows} constraints exceed this installation's limit of "
+                f"{caps.max_constraints}", backend=self.name)
+
+    def __repr__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"<{type(self).__name__} {self.name}{':' + opts if opts else ''}>"

@@ -1,0 +1,214 @@
+"""The fully first-order backward pass (FFOLayer; Zhao, Mo, Ho, Amos, Wang, ICML 2026).
+
+Read this file top to bottom: it is the whole method.  Notation is the protocol's
+(:mod:`ffo_core.protocol`): one sample
+
+    minimize 1/2 y'Py + q'y   s.t.  A y = b (nu),   G y + s = h, s in K (lam in K*),
+
+Lagrangian ``L = 1/2 y'Py + q'y + nu'(Ay - b) + lam'(Gy - h)``, forward solution
+``(y*, nu*, lam*, s*)`` and upstream gradient ``c = dloss/dy``.
+
+1. **Active set** (:mod:`ffo_core.active_set`): nonnegative rows whose slack is numerically
+   zero are *locked*; SOC/EXP/PSD blocks whose multiplier is nonzero are *kept*; the rest are
+   dropped.
+2. **Ghost problem**: the same objective plus ``delta * c'y``, the equalities, the locked rows
+   as equalities ``G_L y = h_L``, and the kept cone blocks.  Solved by the *same backend*
+   through ``solve(g, h, e, extra_linear_term=delta * c)``.
+3. **Finite difference of Lagrangian gradients**.  With ``V(theta, delta)`` the ghost's
+   optimal value, the envelope theorem gives ``dV/dtheta = grad_theta L`` at the ghost's
+   primal-dual optimum, and ``d2V/(d delta d theta) = c' dy*/dtheta``, which is the
+   hypergradient.  Differencing ``grad_data L`` in delta:
+
+       dq = (y_d - y*)/delta
+       dP = (y_d y_d' - y* y*')/(2 delta)                      on P's pattern
+       dA = (nu_d y_d' - nu* y*')/delta,   db = -(nu_d - nu*)/delta   on A's pattern
+       dG = (lam_d y_d' - lam* y*')/delta, dh = -(lam_d - lam*)/delta  ghost rows only
+
+   With ``central=True`` the base point is the ghost at ``-delta`` and the step ``2 delta``;
+   for a QP the ghost solution is affine in delta, so that is exact up to solver accuracy.
+   ``P`` is stored full (both triangles), each stored entry an independent coordinate.
+4. **Choosing delta**: the solver's error ``eps`` in ``y_d`` becomes ``eps/delta`` in the
+   gradient, truncation grows with ``delta``.  We use a scale-aware step
+
+       delta = kappa * (1 + ||y*||) / ||c||
+
+   so ``delta * c`` moves the objective by a fixed fraction of the solution's scale whatever
+   the loss's scale.  ``kappa`` defaults to the classical optimum for the solver's reported
+   accuracy ``acc``: ``sqrt(acc)`` one-sided, ``acc**(1/3)`` central.
+
+The engine maps the data gradient back to parameters with ``M.T`` (:mod:`ffo_core.layer`).
+Nothing here forms or factorises a KKT matrix or a Hessian: the only linear algebra is
+row selection and entrywise products on the data's sparsity pattern.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from .active_set import DEFAULT_ACCURACY, ActiveSet, classify
+from .errors import GhostProblemError
+from .protocol import (Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution,
+                       Status)
+
+
+@dataclass
+class FFOOptions:
+    """Knobs of the first-order backward.
+
+    delta:    absolute perturbation; ``None`` (default) chooses it scale-aware (step 4).
+    kappa:    relative perturbation used when ``delta`` is None; ``None`` derives it from
+              the solver's accuracy (``sqrt(acc)``, or ``acc**(1/3)`` when central),
+              clipped to [1e-7, 1e-2].
+    central:  two ghost solves at ``+delta`` and ``-delta`` (second-order accurate; exact
+              for QPs up to solver accuracy).
+    tau_s, tau_lam: active-set thresholds; ``None`` ties them to the solver's accuracy
+              (see :mod:`ffo_core.active_set`).
+    """
+
+    delta: float | None = None
+    kappa: float | None = None
+    central: bool = False
+    tau_s: float | None = None
+    tau_lam: float | None = None
+
+
+@dataclass
+class DataGradient:
+    """Gradient of the loss with respect to one sample's problem data.
+
+    ``P``, ``A``, ``G`` are aligned with the ``.data`` arrays of the sample's CSC matrices
+    (the fixed sparsity pattern); ``q``, ``b``, ``h`` are dense.
+    """
+
+    P: np.ndarray
+    q: np.ndarray
+    A: np.ndarray
+    b: np.ndarray
+    G: np.ndarray
+    h: np.ndarray
+    diagnostics: dict = field(default_factory=dict)
+
+    def vector(self) -> np.ndarray:
+        """Concatenation in the compiled data order ``[P | q | A | b | G | h]``."""
+        return np.concatenate([self.P, self.q, self.A, self.b, self.G, self.h])
+
+    def __sub__(self, other: "DataGradient") -> "DataGradient":
+        return DataGradient(*(a - b for a, b in zip(self._parts(), other._parts())))
+
+    def __truediv__(self, scalar: float) -> "DataGradient":
+        return DataGradient(*(a / scalar for a in self._parts()))
+
+    def _parts(self):
+        return self.P, self.q, self.A, self.b, self.G, self.h
+
+
+def pattern_rows_cols(M: sp.csc_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column index of every stored entry of a CSC matrix, in storage order."""
+    cols = np.repeat(np.arange(M.shape[1]), np.diff(M.indptr))
+    return M.indices, cols
+
+
+def lagrangian_gradient(g: Objective, h: ConeConstraints, e: Equalities,
+                        y: np.ndarray, nu: np.ndarray, lam: np.ndarray) -> DataGradient:
+    """``grad_data L(y, nu, lam)`` on the data's sparsity pattern.
+
+    ``dL/dP_ij = y_i y_j / 2``, ``dL/dq = y``, ``dL/dA_ij = nu_i y_j``, ``dL/db = -nu``,
+    ``dL/dG_ij = lam_i y_j``, ``dL/dh = -lam``.
+    """
+    if g.P is not None:
+        r, c = pattern_rows_cols(g.P)
+        dP = 0.5 * y[r] * y[c]
+    else:
+        dP = np.zeros(0)
+    r, c = pattern_rows_cols(e.A)
+    dA = nu[r] * y[c]
+    r, c = pattern_rows_cols(h.G)
+    dG = lam[r] * y[c]
+    return DataGradient(dP, y.copy(), dA, -nu, dG, -lam)
+
+
+def choose_delta(y: np.ndarray, c: np.ndarray, accuracy: float | None,
+                 options: FFOOptions) -> float:
+    """Step 4: the perturbation size for upstream gradient ``c`` at solution ``y``."""
+    if options.delta is not None:
+        return float(options.delta)
+    kappa = options.kappa
+    if kappa is None:
+        acc = accuracy if accuracy and accuracy > 0 else DEFAULT_ACCURACY
+        kappa = float(np.clip(acc ** (1 / 3) if options.central else np.sqrt(acc),
+                              1e-7, 1e-2))
+    return kappa * (1.0 + np.linalg.norm(y)) / np.linalg.norm(c)
+
+
+def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
+                active: ActiveSet) -> tuple[ConeConstraints, Equalities]:
+    """Step 2: locked rows join the equalities; kept cone blocks stay cones; rest dropped."""
+    locked = np.flatnonzero(active.locked)
+    kept = np.flatnonzero(active.kept)
+    G = h.G.tocsr()
+    ghost_e = Equalities(sp.vstack([e.A, G[locked]], format="csc"),
+                         np.concatenate([e.b, h.h[locked]]))
+    ghost_h = ConeConstraints(G[kept].tocsc(), h.h[kept], active.kept_dims)
+    return ghost_h, ghost_e
+
+
+def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
+                active: ActiveSet, ghost: tuple[ConeConstraints, Equalities],
+                step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Solve the ghost with ``extra_linear_term = step``; return ``(y, nu, lam)`` full-size.
+
+    ``lam`` has length ``m``: the locked rows' multipliers are the duals of their equality
+    rows, the kept blocks' are the ghost's cone duals, dropped rows are 0.
+    """
+    ghost_h, ghost_e = ghost
+    sol = backend.solve(g, ghost_h, ghost_e, step)
+    if not sol.status.has_solution:
+        pure_lp = g.P is None or g.P.nnz == 0 or not np.any(g.P.data)
+        hint = (" The problem is a pure LP whose solution is not unique under a tilt of "
+                "the objective, so its ghost problem is unbounded; add a small quadratic "
+                "regulariser (e.g. `+ 1e-4 * cp.sum_squares(y)`) or use backward='kkt'."
+                if pure_lp and sol.status in (Status.UNBOUNDED, Status.UNBOUNDED_INACCURATE,
+                                              Status.NUMERICAL_ERROR) else "")
+        raise GhostProblemError(
+            f"the ghost problem of the backward pass ended with status "
+            f"{sol.status.value} ({getattr(backend, 'name', backend)}).{hint}",
+            status=sol.status, backend=getattr(backend, "name", None))
+    p = e.p
+    lam = np.zeros(h.m)
+    lam[active.locked] = sol.eq_dual[p:]
+    lam[active.kept] = sol.ineq_dual
+    return sol.primal, sol.eq_dual[:p], lam
+
+
+def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
+                 sol: Solution, c: np.ndarray, options: FFOOptions | None = None
+                 ) -> DataGradient:
+    """Gradient of ``c'y*`` with respect to the sample's data, first-order only."""
+    options = options or FFOOptions()
+    y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
+    if not np.any(c):
+        zero = lagrangian_gradient(g, h, e, y, nu, lam)
+        return zero - zero
+    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam)
+    delta = choose_delta(y, c, sol.info.accuracy, options)
+    ghost = build_ghost(g, h, e, active)
+
+    upper = lagrangian_gradient(g, h, e, *solve_ghost(backend, g, h, e, active, ghost,
+                                                      delta * c))
+    if options.central:
+        lower = lagrangian_gradient(g, h, e, *solve_ghost(backend, g, h, e, active, ghost,
+                                                          -delta * c))
+        grad = (upper - lower) / (2 * delta)
+    else:
+        base = lagrangian_gradient(g, h, e, y, nu, np.where(active.ghost_rows, lam, 0.0))
+        grad = (upper - base) / delta
+    grad.diagnostics = {"delta": delta, "locked": int(active.locked.sum()),
+                        "kept": int(active.kept.sum()), "weak": int(active.weak.sum()),
+                        "tau_s": active.tau_s, "tau_lam": active.tau_lam}
+    return grad
+
+
+__all__ = ["FFOOptions", "DataGradient", "ffo_backward", "lagrangian_gradient",
+           "choose_delta", "build_ghost", "ConeDims"]
