@@ -30,11 +30,23 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Modules contributing subcommands: each has ``add_subparser(subparsers)`` that adds its
+#: parser and sets ``func``.  Imported lazily so ``ffo backends`` stays fast.
+SUBCOMMAND_MODULES = ("conformance.cli",)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
     parser = argparse.ArgumentParser(prog="ffo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="list backends, whether they can run here, and why")
     p.set_defaults(func=cmd_backends)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        module.add_subparser(sub)
     return parser
 
 
