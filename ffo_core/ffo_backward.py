@@ -60,11 +60,18 @@ class FFOOptions:
     delta:    absolute perturbation; ``None`` (default) chooses it scale-aware (step 4).
     kappa:    relative perturbation used when ``delta`` is None; ``None`` derives it from
               the solver's accuracy (``sqrt(acc)``, or ``acc**(1/3)`` when central),
-              clipped to [1e-7, 1e-2].
+              clipped to [1e-5, 1e-2] (a ghost solve is rarely more accurate than
+              1e-10 relative, whatever the forward accuracy).
     central:  two ghost solves at ``+delta`` and ``-delta`` (second-order accurate; exact
               for QPs up to solver accuracy).
     tau_s, tau_lam: active-set thresholds; ``None`` ties them to the solver's accuracy
               (see :mod:`ffo_core.active_set`).
+    base_check: one-sided differences use the forward solution as base point, so they
+              are only as good as its accuracy *relative to the step*.  After the ghost
+              solve :func:`base_point_error` estimates that ratio; above ``base_check`` the
+              base point is not trusted and a second ghost solve at ``-delta`` makes the
+              difference central (``diagnostics["central_fallback"]``).  ``None`` disables
+              the check (always one solve).
     """
 
     delta: float | None = None
@@ -72,6 +79,7 @@ class FFOOptions:
     central: bool = False
     tau_s: float | None = None
     tau_lam: float | None = None
+    base_check: float | None = 1e-3
 
 
 @dataclass
@@ -138,7 +146,7 @@ def choose_delta(y: np.ndarray, c: np.ndarray, accuracy: float | None,
     if kappa is None:
         acc = accuracy if accuracy and accuracy > 0 else DEFAULT_ACCURACY
         kappa = float(np.clip(acc ** (1 / 3) if options.central else np.sqrt(acc),
-                              1e-7, 1e-2))
+                              1e-5, 1e-2))
     return kappa * (1.0 + np.linalg.norm(y)) / np.linalg.norm(c)
 
 
@@ -182,6 +190,34 @@ def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalitie
     return sol.primal, sol.eq_dual[:p], lam
 
 
+def base_point_error(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
+                     active: ActiveSet, y_up: np.ndarray, step: np.ndarray) -> float:
+    """How much the forward point ``(y*, lam*)`` disagrees with the ghost at ``delta = 0``,
+    relative to the step: the larger of
+
+    * primal: the distance of ``y*`` to the ghost's affine set (equality and locked
+      hyperplanes) over ``||y_d - y*||``;
+    * dual: the force ``||G_D' lam*_D||`` that the *dropped* rows' leftover multipliers
+      exert on ``y*`` (an interior-point solver leaves them at ~gap/slack) over the force
+      ``||delta c||`` of the perturbation.
+
+    Both are ~1e-6..1e-8 for strictly complementary problems solved to 1e-8, and 1e-4..1
+    near degenerate vertices or weakly inactive rows, where one-sided differences fail.
+    """
+    y = sol.primal
+    worst = 0.0
+    G = h.G.tocsr()
+    for M, rhs in ((e.A.tocsr(), e.b), (G[active.locked], h.h[active.locked])):
+        if M.shape[0]:
+            norms = np.sqrt(np.asarray(M.multiply(M).sum(axis=1)).ravel())
+            dist = np.abs(M @ y - rhs) / np.maximum(norms, np.finfo(float).tiny)
+            worst = max(worst, float(dist.max()))
+    primal = worst / max(np.linalg.norm(y_up - y), np.finfo(float).tiny)
+    dropped = ~active.ghost_rows
+    force = np.linalg.norm(G[dropped].T @ sol.ineq_dual[dropped]) if dropped.any() else 0.0
+    return max(primal, force / np.linalg.norm(step))
+
+
 def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
                  sol: Solution, c: np.ndarray, options: FFOOptions | None = None
                  ) -> DataGradient:
@@ -195,9 +231,15 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     delta = choose_delta(y, c, sol.info.accuracy, options)
     ghost = build_ghost(g, h, e, active)
 
-    upper = lagrangian_gradient(g, h, e, *solve_ghost(backend, g, h, e, active, ghost,
-                                                      delta * c))
-    if options.central:
+    y_up, nu_up, lam_up = solve_ghost(backend, g, h, e, active, ghost, delta * c)
+    upper = lagrangian_gradient(g, h, e, y_up, nu_up, lam_up)
+    central = options.central
+    fallback = False
+    base_error = None
+    if not central and options.base_check is not None:
+        base_error = base_point_error(g, h, e, sol, active, y_up, delta * c)
+        fallback = central = base_error > options.base_check
+    if central:
         lower = lagrangian_gradient(g, h, e, *solve_ghost(backend, g, h, e, active, ghost,
                                                           -delta * c))
         grad = (upper - lower) / (2 * delta)
@@ -206,7 +248,8 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
         grad = (upper - base) / delta
     grad.diagnostics = {"delta": delta, "locked": int(active.locked.sum()),
                         "kept": int(active.kept.sum()), "weak": int(active.weak.sum()),
-                        "tau_s": active.tau_s, "tau_lam": active.tau_lam}
+                        "tau_s": active.tau_s, "tau_lam": active.tau_lam,
+                        "central_fallback": bool(fallback), "base_error": base_error}
     return grad
 
 

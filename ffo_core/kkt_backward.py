@@ -19,6 +19,35 @@ direction, i.e. exactly the ``delta -> 0`` limit of the first-order finite diffe
 function of ``(y, nu, lam)``, its directional derivative equals the central difference
 ``[f(x + w) - f(x - w)] / 2`` exactly, which is how we evaluate it (one code path for both
 modes: :func:`ffo_core.ffo_backward.lagrangian_gradient`).
+
+Cone programs (SOC, EXP, PSD blocks; :func:`kkt_backward_cones`).  For each row block ``k``
+put ``v_k = lam_k - s_k``.  Moreau's decomposition (:mod:`ffo_core.kkt_cones`) gives
+``lam_k = Pi_{K_k*}(v_k)`` and ``s_k = lam_k - v_k``, which encode ``s in K``,
+``lam in K*`` and ``s'lam = 0`` at once, so the KKT conditions are the equations
+
+    R(y, nu, v) = [ P y + q + A'nu + G' Pi_{K*}(v) ]
+                  [ A y - b                         ]  = 0
+                  [ G y + Pi_{K*}(v) - v - h        ]
+
+(the residual map of diffcp, written for our QP form rather than the homogeneous
+embedding).  With ``D = D Pi_{K*}(v)`` (block diagonal), perturbing ``q`` by ``delta * c``
+moves ``(y, nu, v)`` at rate ``(z, z_nu, dv)`` solving
+
+    [ P   A'  G'D   ] [ z    ]   [ -c ]
+    [ A   0   0     ] [ z_nu ] = [  0 ]
+    [ G   0   D - I ] [ dv   ]   [  0 ]
+
+and ``lam`` at rate ``z_lam = D dv``.  The hypergradient is, as in the polyhedral case,
+the derivative of ``grad_data L`` along ``(z, z_nu, z_lam)`` (envelope theorem), so both
+modes share :func:`ffo_core.ffo_backward.lagrangian_gradient` and the result is the
+``delta -> 0`` limit of what the first-order path computes.  Only the rows the first-order
+ghost problem keeps enter the system: locked nonnegative rows (``D = 1``) and kept cone
+blocks (``D = D Pi_{K*}(v_k)``); dropped rows have ``D = 0``, so their ``dv`` decouples and
+``z_lam = 0`` there.  Weakly active cone blocks (multiplier and distance to the boundary
+both numerically zero; kept as cones by the first-order ghost) are non-differentiable
+points: this mode takes ``D = 0`` for them, the one-sided derivative in which the block
+stays inactive, and reports them in ``diagnostics["weak"]``.  Problems with zero and
+nonnegative cones only take the polyhedral path above, unchanged.
 """
 from __future__ import annotations
 
@@ -28,19 +57,53 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from .active_set import classify
-from .errors import FFOError, SolverError
+from . import kkt_cones
+from .active_set import ActiveSet, block_slices, classify
+from .errors import SolverError
 from .ffo_backward import DataGradient, FFOOptions, lagrangian_gradient
 from .protocol import ConeConstraints, Equalities, Objective, Solution
 
 
+def _solve_kkt(K: sp.csc_matrix, rhs: np.ndarray, n: int) -> np.ndarray:
+    """Solve the reduced KKT system; if it is singular, regularise the multiplier block.
+
+    Dependent active constraints (LICQ fails: e.g. a budget row implied by locked bounds)
+    make ``K`` singular although ``z`` is still unique when ``P`` is positive definite on
+    the null space of the constraints; only the multipliers are not.  We then solve the
+    quasi-definite ``[[P, C'], [C, -rho I]]`` and refine against ``K`` (a few steps of
+    iterative refinement), which converges to the minimum-norm multipliers and the unique
+    ``z``.  If even that fails (an LP with a non-unique solution) we raise.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", spla.MatrixRankWarning)
+            return spla.splu(K).solve(rhs)
+    except (RuntimeError, spla.MatrixRankWarning):
+        pass
+    scale = max(1.0, float(abs(K).max()))
+    reg = sp.diags(np.r_[np.zeros(n), -1e-10 * scale * np.ones(K.shape[0] - n)])
+    try:
+        lu = spla.splu((K + reg).tocsc())
+    except RuntimeError as exc:
+        raise SolverError(
+            "backward='kkt': the reduced KKT matrix is singular (for an LP, a non-unique "
+            "solution; add a small quadratic regulariser)") from exc
+    w = lu.solve(rhs)
+    for _ in range(5):
+        w = w + lu.solve(rhs - K @ w)
+    if not np.all(np.isfinite(w)) or \
+            np.linalg.norm(K @ w - rhs) > 1e-6 * max(1.0, np.linalg.norm(rhs)):
+        raise SolverError("backward='kkt': the reduced KKT system has no solution (for an "
+                          "LP, a non-unique solution; add a small quadratic regulariser)")
+    return w
+
+
 def kkt_backward(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
                  c: np.ndarray, options: FFOOptions | None = None) -> DataGradient:
-    """Exact gradient of ``c'y*`` with respect to the sample's data (polyhedral problems)."""
+    """Exact gradient of ``c'y*`` with respect to the sample's data."""
     options = options or FFOOptions()
     if h.dims.kinds - {"nonneg"}:
-        raise FFOError("backward='kkt' currently differentiates zero and nonnegative cones "
-                       f"only; this problem has {sorted(h.dims.kinds - {'nonneg'})} cones")
+        return kkt_backward_cones(g, h, e, sol, c, options)
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
     active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam)
     locked = np.flatnonzero(active.locked)
@@ -51,14 +114,7 @@ def kkt_backward(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
                  [e.A, None, None],
                  [GL, None, None]], format="csc")
     rhs = np.concatenate([-c, np.zeros(p + k)])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", spla.MatrixRankWarning)
-            w = spla.splu(K).solve(rhs)
-    except (RuntimeError, spla.MatrixRankWarning) as exc:
-        raise SolverError(
-            "backward='kkt': the reduced KKT matrix is singular (degenerate active set or "
-            "dependent constraints; for an LP, a non-unique solution)") from exc
+    w = _solve_kkt(K, rhs, n)
     z, z_nu = w[:n], w[n:n + p]
     z_lam = np.zeros(h.m)
     z_lam[locked] = w[n + p:]
@@ -67,4 +123,72 @@ def kkt_backward(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
     minus = lagrangian_gradient(g, h, e, y - z, nu - z_nu, lam_L - z_lam)
     grad = (plus - minus) / 2.0
     grad.diagnostics = {"locked": int(k), "weak": int(active.weak.sum())}
+    return grad
+
+
+def cone_jacobian_blocks(h: ConeConstraints, sol: Solution, active: ActiveSet):
+    """``D Pi_{K*}(v)`` for every ghost block: ``(rows, D)`` pairs, ``rows`` a slice of ``G``.
+
+    Locked nonnegative rows give one identity block; kept SOC/EXP/PSD blocks give the
+    derivative of the projection onto their dual cone at ``v = lam - s``; weakly active
+    cone blocks give none (``D = 0``, see the module docstring).
+    """
+    lam, s = np.asarray(sol.ineq_dual), np.asarray(sol.slack)
+    out = []
+    for kind, _, rows in block_slices(h.dims):
+        if not active.kept[rows.start] or active.weak_blocks[rows.start]:
+            continue
+        out.append((rows, kkt_cones.dual_projection_derivative(kind, lam[rows] - s[rows])))
+    return out
+
+
+def kkt_backward_cones(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
+                       c: np.ndarray, options: FFOOptions | None = None) -> DataGradient:
+    """Exact gradient of ``c'y*`` for problems with SOC/EXP/PSD blocks (residual map).
+
+    See the module docstring for the system solved.  Raises :class:`SolverError` when the
+    Jacobian is singular (no unique solution or multiplier, or strict complementarity
+    fails in a way the chosen generalised Jacobian cannot absorb).
+    """
+    options = options or FFOOptions()
+    y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
+    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam)
+    n, p = g.n, e.p
+    blocks = cone_jacobian_blocks(h, sol, active)
+    locked = np.flatnonzero(active.locked)
+    cone_rows = [np.arange(r.start, r.stop) for r, _ in blocks]
+    rows = np.concatenate([locked] + cone_rows).astype(np.int64)
+    k = rows.size
+    D = sp.block_diag([sp.identity(locked.size)] + [Db for _, Db in blocks],
+                      format="csc") if k else sp.csc_matrix((0, 0))
+    Gk = h.G.tocsr()[rows]
+    P = g.P if g.P is not None else sp.csc_matrix((n, n))
+    J = sp.bmat([[P, e.A.T, Gk.T @ D],
+                 [e.A, None, sp.csc_matrix((p, k))],
+                 [Gk, None, D - sp.identity(k)]], format="csc")
+    rhs = np.concatenate([-c, np.zeros(p + k)])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", spla.MatrixRankWarning)
+            w = spla.splu(J).solve(rhs)
+    except (RuntimeError, spla.MatrixRankWarning) as exc:
+        raise SolverError(
+            "backward='kkt': the Jacobian of the KKT residual map is singular (no unique "
+            "solution or multipliers, dependent constraints, or strict complementarity "
+            "fails)") from exc
+    if not np.all(np.isfinite(w)):
+        raise SolverError("backward='kkt': the KKT residual map's Jacobian is numerically "
+                          "singular (non-finite solution)")
+    z, z_nu = w[:n], w[n:n + p]
+    z_lam = np.zeros(h.m)
+    z_lam[rows] = D @ w[n + p:]
+    base = np.zeros(h.m)
+    base[rows] = lam[rows]
+    plus = lagrangian_gradient(g, h, e, y + z, nu + z_nu, base + z_lam)
+    minus = lagrangian_gradient(g, h, e, y - z, nu - z_nu, base - z_lam)
+    grad = (plus - minus) / 2.0
+    grad.diagnostics = {"locked": int(locked.size), "kept": int(sum(r.stop - r.start
+                                                                    for r, _ in blocks)),
+                        "weak": int(active.weak.sum()),
+                        "weak_blocks": int(active.weak_blocks.sum())}
     return grad
