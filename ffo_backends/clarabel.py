@@ -6,6 +6,9 @@ Native conventions and how they map to the protocol (:mod:`ffo_core.protocol`):
   upper triangle, and returns ``z`` with ``Px + q + A'z = 0``, ``z in K*``.  We stack
   ``[A_eq; G]`` with a zero cone first, so ``z = [nu; lam]`` and ``s = [0; s]`` with no sign
   change.
+* Entries that are stored but zero (a parameter that is currently 0, e.g. the off-diagonal
+  of a learnable matrix initialised to the identity) are dropped before the solve: the
+  solver sees the numerical sparsity, the engine keeps the structural pattern for gradients.
 * Clarabel's ``ExponentialConeT`` and ``PSDTriangleConeT`` (upper triangle, column-major,
   sqrt(2)-scaled) are the protocol's layouts already.
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase
+from ffo_core.backend_base import BackendBase, prune
 from ffo_core.errors import ConfigError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective,
@@ -86,9 +89,9 @@ class ClarabelBackend(BackendBase):
               extra_linear_term=None, *, warm_start=None) -> Solution:
         import clarabel
         n = g.n
-        P = sp.triu(g.P, format="csc") if g.P is not None else sp.csc_matrix((n, n))
+        P = sp.triu(prune(g.P), format="csc") if g.P is not None else sp.csc_matrix((n, n))
         q = g.q if extra_linear_term is None else g.q + extra_linear_term
-        A = sp.vstack([e.A, h.G], format="csc")
+        A = sp.vstack([prune(e.A), prune(h.G)], format="csc")
         b = np.concatenate([e.b, h.h])
         solver = clarabel.DefaultSolver(P, q, A, b, self._cones(e, h), self._settings())
         res = solver.solve()

@@ -14,6 +14,18 @@ from .errors import ConfigError, SolverError
 from .protocol import Capabilities, ConeConstraints, Equalities, Objective
 
 
+def prune(M):
+    """A copy of sparse ``M`` without stored zeros (the inputs of ``solve`` stay untouched).
+
+    The engine sends matrices on their *structural* pattern (every entry a parameter can
+    reach); a learnable matrix that is numerically sparse now (an identity, a box) would
+    otherwise be factorised as dense.  Adapters call this before handing data to a solver.
+    """
+    out = M.tocsc(copy=True)
+    out.eliminate_zeros()
+    return out
+
+
 class BackendBase:
     """Common plumbing of first-party adapters.
 
