@@ -15,8 +15,17 @@ smaller of the two in those units), and *weakly active* when both are below thei
 1e-5-accurate solver the thresholds grow to ~3e-3 and a slack of 1e-6 still counts as zero,
 where a fixed 1e-8 cut-off would call the row inactive.
 
-A cone block (SOC, EXP, PSD) is *inactive* when its multiplier is numerically zero,
-``||lam_k|| <= tau_lam`` (its slack is then in the interior), and active otherwise.
+A cone block (SOC, EXP, PSD) is *active* when its multiplier is numerically nonzero,
+``||lam_k|| > tau_lam``, and is then kept as a cone in the ghost problem.  When the
+multiplier is numerically zero the block is *inactive* and dropped if its slack is strictly
+inside the cone, ``margin(s_k) > tau_s`` (:func:`ffo_core.kkt_cones.interior_margin`:
+``t - ||x||`` for SOC, the smallest eigenvalue for PSD, ``min(y, z - y e^(x/y))`` for EXP);
+if the slack is (numerically) on the boundary as well -- a block at the apex with a zero
+multiplier, an EXP slack on the boundary ray ``y = 0``, a PSD slack that is singular -- the
+block is *weakly active*: it is kept as a cone (harmless if it stays inactive, and it stops
+the ghost's solution from leaving the cone if it does not) and reported in ``weak_blocks``.
+A kept block adds no equality to the ghost, so keeping too many blocks cannot make the
+ghost infeasible; it only costs solver time.
 
 Both thresholds can be given explicitly (``tau_s``, ``tau_lam``) to override the defaults.
 """
@@ -26,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kkt_cones import interior_margin
 from .protocol import ConeDims, Solution
 
 #: Accuracy assumed when a solver reports none.
@@ -42,6 +52,13 @@ class ActiveSet:
     kept_dims: ConeDims    # cone sizes of the kept blocks (nonneg=0)
     tau_s: float
     tau_lam: float
+    #: rows of cone blocks kept although weakly active (multiplier and distance to the
+    #: boundary both numerically zero); a subset of ``kept``
+    weak_blocks: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.weak_blocks is None:
+            self.weak_blocks = np.zeros_like(self.kept)
 
     @property
     def ghost_rows(self) -> np.ndarray:
@@ -49,8 +66,9 @@ class ActiveSet:
         return self.locked | self.kept
 
 
-def _block_slices(dims: ConeDims):
-    """(kind, size, slice) of every non-polyhedral cone block, in row order."""
+def block_slices(dims: ConeDims):
+    """(kind, size, slice) of every non-polyhedral cone block, in row order; ``size`` is
+    the SOC dimension, 1 for EXP, the matrix order for PSD."""
     start = dims.nonneg
     blocks = [("soc", k, k) for k in dims.soc] + [("exp", 3, 1)] * dims.exp + \
              [("psd", s * (s + 1) // 2, s) for s in dims.psd]
@@ -81,14 +99,21 @@ def classify(sol: Solution, dims: ConeDims, *, tau_s: float | None = None,
     weak[nn] = (s_nn <= tau_s) & (lam_nn <= tau_lam)
 
     soc, exp, psd = [], 0, []
-    for kind, size, rows in _block_slices(dims):
-        if np.linalg.norm(lam[rows]) > tau_lam:
-            kept[rows] = True
-            if kind == "soc":
-                soc.append(size)
-            elif kind == "exp":
-                exp += 1
-            else:
-                psd.append(size)
+    weak_blocks = np.zeros(m, dtype=bool)
+    for kind, size, rows in block_slices(dims):
+        if np.linalg.norm(lam[rows]) <= tau_lam:
+            if interior_margin(kind, s[rows]) > tau_s:
+                continue                      # inactive: slack strictly inside, dropped
+            weak_blocks[rows] = True          # weakly active: kept, reported
+        kept[rows] = True
+        if kind == "soc":
+            soc.append(size)
+        elif kind == "exp":
+            exp += 1
+        else:
+            psd.append(size)
     return ActiveSet(locked, kept, weak, ConeDims(0, tuple(soc), exp, tuple(psd)),
-                     float(tau_s), float(tau_lam))
+                     float(tau_s), float(tau_lam), weak_blocks)
+
+
+_block_slices = block_slices   # former private name

@@ -112,6 +112,15 @@ class CompiledProblem:
                 Equalities(self.A.matrix(data[s["A"]]), data[s["b"]]))
 
 
+def _protocol_row_order(dims: ConeDims) -> np.ndarray:
+    """For each cone row in protocol order (nonneg, SOC, EXP, PSD), its row in CVXPY's
+    order (nonneg, SOC, PSD, EXP)."""
+    head = dims.nonneg + sum(dims.soc)
+    psd = sum(s * (s + 1) // 2 for s in dims.psd)
+    exp = 3 * dims.exp
+    return np.r_[np.arange(head), head + psd + np.arange(exp), head + np.arange(psd)]
+
+
 def _structural_rows(T: sp.csr_matrix) -> np.ndarray:
     return np.flatnonzero(np.diff(T.indptr))
 
@@ -193,8 +202,15 @@ def compile_problem(problem: cp.Problem, parameters, variables, *,
     offset = TA[n * n_rows:(n + 1) * n_rows]  # b (all rows, zero ones too)
     eq, cone = rows < p, rows >= p
     A_pattern = SparsePattern.from_rows_cols(rows[eq], cols[eq], (p, n))
-    G_pattern = SparsePattern.from_rows_cols(rows[cone] - p, cols[cone], (m, n))
-    blocks += [-TA[rA[eq]], offset[:p], -TA[rA[cone]], offset[p:]]
+    # CVXPY orders the cone rows nonneg, SOC, PSD, EXP; the protocol's order is nonneg,
+    # SOC, EXP, PSD: move each row to its protocol position and re-sort into CSC order.
+    old_of_new = _protocol_row_order(dims)
+    new_of_old = np.argsort(old_of_new)
+    g_rows, g_cols = new_of_old[rows[cone] - p], cols[cone]
+    order = np.lexsort((g_rows, g_cols))
+    G_pattern = SparsePattern.from_rows_cols(g_rows[order], g_cols[order], (m, n))
+    h_rows = offset[p:][old_of_new]
+    blocks += [-TA[rA[eq]], offset[:p], -TA[rA[cone][order]], h_rows]
     M = sp.vstack(blocks, format="csr")
 
     n_theta = int(pp.total_param_size)

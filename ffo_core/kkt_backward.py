@@ -167,18 +167,7 @@ def kkt_backward_cones(g: Objective, h: ConeConstraints, e: Equalities, sol: Sol
                  [e.A, None, sp.csc_matrix((p, k))],
                  [Gk, None, D - sp.identity(k)]], format="csc")
     rhs = np.concatenate([-c, np.zeros(p + k)])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", spla.MatrixRankWarning)
-            w = spla.splu(J).solve(rhs)
-    except (RuntimeError, spla.MatrixRankWarning) as exc:
-        raise SolverError(
-            "backward='kkt': the Jacobian of the KKT residual map is singular (no unique "
-            "solution or multipliers, dependent constraints, or strict complementarity "
-            "fails)") from exc
-    if not np.all(np.isfinite(w)):
-        raise SolverError("backward='kkt': the KKT residual map's Jacobian is numerically "
-                          "singular (non-finite solution)")
+    w, how = _solve_residual_jacobian(J, rhs)
     z, z_nu = w[:n], w[n:n + p]
     z_lam = np.zeros(h.m)
     z_lam[rows] = D @ w[n + p:]
@@ -190,5 +179,52 @@ def kkt_backward_cones(g: Objective, h: ConeConstraints, e: Equalities, sol: Sol
     grad.diagnostics = {"locked": int(locked.size), "kept": int(sum(r.stop - r.start
                                                                     for r, _ in blocks)),
                         "weak": int(active.weak.sum()),
-                        "weak_blocks": int(active.weak_blocks.sum())}
+                        "weak_blocks": int(active.weak_blocks.sum()), "solve": how}
     return grad
+
+
+#: Largest system solved densely (least squares) when the sparse LU finds it singular.
+DENSE_FALLBACK_MAX = 6000
+
+
+def _solve_residual_jacobian(J: sp.csc_matrix, rhs: np.ndarray) -> tuple[np.ndarray, str]:
+    """Solve ``J w = rhs``: sparse LU, or the minimum-norm least-squares solution when ``J``
+    is singular but the system is consistent.
+
+    CVXPY's canonical form often makes ``J`` singular without making the derivative
+    ill-defined: an auxiliary variable that only appears in dropped rows (the epigraph
+    variable ``t`` of an inactive ``||G y + h|| <= t <= c'y + d``) has no unique value, and
+    redundant equalities (``X == X.T`` next to ``X >> 0`` gives duplicated and empty rows)
+    have no unique multipliers.  Such directions carry constant data (CVXPY's own
+    coefficients), so the parameter gradient does not depend on the choice; the
+    minimum-norm one is the convention (diffcp's LSQR makes the same choice).  A system
+    that is inconsistent (its least-squares residual is not at rounding level) means the
+    derivative does not exist: :class:`SolverError`.
+    """
+    scale = max(1.0, float(np.abs(rhs).max(initial=0.0)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", spla.MatrixRankWarning)
+            w = spla.splu(J).solve(rhs)
+        if np.all(np.isfinite(w)):
+            res = np.linalg.norm(J @ w - rhs)
+            if res <= 1e-9 * scale * max(1.0, float(np.abs(w).max())):
+                return w, "lu"
+    except (RuntimeError, spla.MatrixRankWarning):
+        pass
+    if J.shape[0] > DENSE_FALLBACK_MAX:
+        raise SolverError(
+            "backward='kkt': the Jacobian of the KKT residual map is singular (no unique "
+            "solution or multipliers, dependent constraints, or strict complementarity "
+            f"fails), and at {J.shape[0]} rows too large for the dense least-squares "
+            "fallback")
+    Jd = J.toarray()
+    w, *_ = np.linalg.lstsq(Jd, rhs, rcond=None)
+    res = np.linalg.norm(Jd @ w - rhs)
+    if not np.all(np.isfinite(w)) or res > 1e-7 * scale * max(1.0, np.linalg.norm(w)):
+        raise SolverError(
+            "backward='kkt': the Jacobian of the KKT residual map is singular and the "
+            f"derivative system inconsistent (residual {res:.2e}): the solution map is not "
+            "differentiable here (degenerate active set, non-unique solution, or strict "
+            "complementarity fails)")
+    return w, "lstsq"

@@ -1,0 +1,324 @@
+"""Benchmark: the paper's synthetic decision-focused-learning QP, FFOLayer against its peers.
+
+    minimize 1/2 ||Q y||^2 + q'y   s.t.  G y <= h     (Q = I, G y <= h is -1 <= y <= 0, 1'y <= 3)
+
+``--learn q``: only ``q`` is a parameter (the common training case); ``--learn all``: Q, q, G
+and h are all parameters (the paper's setup, dense parameter matrices).  Each (method, n) runs
+in a fresh subprocess under a time and memory cap; it records set-up (layer construction),
+forward and backward time (medians of ``--reps`` runs, batch ``--batch``), peak RSS, and for
+our methods the gradient's agreement with the exact KKT mode.  The bare solver (Clarabel
+called directly on the same forward problems, and on the ghost problems of the backward
+pass) is timed in the same run: ratios to these floors show the layer's own overhead.
+
+    python -m benchmarks.dfl --n 100 500 1000 --learn q all --out docs/benchmarks
+
+Methods: ffo, ffo-central, kkt (ours), cvxpylayers (diffcp, its default), cvxpylayers-clarabel,
+qpth (if importable), bare (the floors).  Prints a table, writes ``dfl.csv`` and ``dfl.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("ffo", "ffo-central", "kkt", "cvxpylayers", "cvxpylayers-clarabel", "qpth", "bare")
+
+
+# -- child side -----------------------------------------------------------------------------
+def _problem(n: int, learn: str):
+    import cvxpy as cp
+    import numpy as np
+    import torch
+    rng = np.random.default_rng(n)
+    y = cp.Variable(n)
+    q = cp.Parameter(n)
+    qv = torch.tensor(rng.standard_normal((BATCH, n)))
+    G0 = np.vstack([-np.eye(n), np.eye(n), np.ones((1, n))])
+    h0 = np.r_[np.ones(n), np.zeros(n), 3.0]
+    if learn == "q":
+        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y),
+                          [y >= -1, y <= 0, cp.sum(y) <= 3])
+        return prob, [q], y, [qv], (np.eye(n), G0, h0)
+    Q, G, h = cp.Parameter((n, n)), cp.Parameter(G0.shape), cp.Parameter(2 * n + 1)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Q @ y) + q @ y), [G @ y <= h])
+    tensors = [torch.eye(n, dtype=torch.float64), qv, torch.tensor(G0), torch.tensor(h0)]
+    return prob, [Q, q, G, h], y, tensors, (np.eye(n), G0, h0)
+
+
+def _peak_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time_layer(make, tensors, reps: int, weights):
+    import torch
+    t0 = time.perf_counter()
+    layer = make()
+    setup = time.perf_counter() - t0
+    fwd, bwd, grads = [], [], None
+    for _ in range(reps):
+        ts = [t.clone().requires_grad_(True) for t in tensors]
+        t0 = time.perf_counter()
+        (sol,) = layer(*ts)
+        t1 = time.perf_counter()
+        (weights * sol).sum().backward()
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+        grads = [t.grad for t in ts]
+    return layer, setup, statistics.median(fwd), statistics.median(bwd), grads, torch
+
+
+def _bare(layer, tensors, reps: int) -> dict:
+    """Clarabel called directly: the forward problems, then the ghost problems."""
+    import clarabel
+    import numpy as np
+    import scipy.sparse as sp
+    from ffo_core.active_set import classify
+    from ffo_core.ffo_backward import build_ghost
+    from ffo_core.layer import _inspect_params
+    cp_ = layer.compiled
+    data = layer._data(tensors, _inspect_params(cp_.params, tensors))
+    samples = [cp_.sample(row) for row in data]
+
+    def native(g, h, e):
+        st = clarabel.DefaultSettings()
+        st.verbose = False
+        P = sp.triu(g.P, format="csc") if g.P is not None else sp.csc_matrix((g.n, g.n))
+        P.eliminate_zeros()
+        A = sp.vstack([e.A, h.G], format="csc")
+        A.eliminate_zeros()
+        cones = ([clarabel.ZeroConeT(e.p)] if e.p else []) + \
+            ([clarabel.NonnegativeConeT(h.m)] if h.m else [])
+        return clarabel.DefaultSolver(P, g.q, A, np.r_[e.b, h.h], cones, st).solve()
+    fwd, ghost_t = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for s in samples:
+            native(*s)
+        fwd.append(time.perf_counter() - t0)
+    sols = [layer.backend.solve(*s) for s in samples]
+    ghosts = []
+    for (g, h, e), sol in zip(samples, sols):
+        gh, ge = build_ghost(g, h, e, classify(sol, h.dims))
+        ghosts.append((g, gh, ge))
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for g, gh, ge in ghosts:
+            native(g, gh, ge)
+        ghost_t.append(time.perf_counter() - t0)
+    return {"fwd": statistics.median(fwd), "bwd": statistics.median(ghost_t)}
+
+
+def child(spec: dict) -> dict:
+    import numpy as np
+    import torch
+    global BATCH
+    BATCH = spec["batch"]
+    n, learn, method, reps = spec["n"], spec["learn"], spec["method"], spec["reps"]
+    torch.set_num_threads(1)
+    prob, params, y, tensors, _ = _problem(n, learn)
+    weights = torch.tensor(np.random.default_rng(0).standard_normal((BATCH, n)))
+    out = {"baseline_mb": _peak_mb()}
+    if method in ("ffo", "ffo-central", "kkt", "bare"):
+        from ffo_core import FFOLayer
+        kw = {"ffo": {}, "ffo-central": {"central": True}, "kkt": {"backward": "kkt"},
+              "bare": {}}[method]
+        layer, setup, fwd, bwd, grads, _ = _time_layer(
+            lambda: FFOLayer(prob, params, [y], **kw), tensors, reps, weights)
+        out.update(setup=setup, fwd=fwd, bwd=bwd, peak_mb=_peak_mb())
+        if method == "bare":
+            out.update(_bare(layer, tensors, reps), setup=0.0)
+        elif method != "kkt":
+            ref = FFOLayer(prob, params, [y], backward="kkt")
+            ts = [t.clone().requires_grad_(True) for t in tensors]
+            (weights * ref(*ts)[0]).sum().backward()
+            a = torch.cat([g.flatten() for g in grads])
+            b = torch.cat([t.grad.flatten() for t in ts])
+            out.update(cos=float(a @ b / (a.norm() * b.norm())),
+                       rel=float((a - b).norm() / b.norm()))
+        return out
+    if method.startswith("cvxpylayers"):
+        import cvxpy as cp
+        from cvxpylayers.torch import CvxpyLayer
+        solver = cp.CLARABEL if method.endswith("clarabel") else None
+        _, setup, fwd, bwd, _, _ = _time_layer(
+            lambda: CvxpyLayer(prob, params, [y], solver=solver), tensors, reps, weights)
+        return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb()}
+    if method == "qpth":
+        from qpth.qp import QPFunction
+        Q0, G0, h0 = _problem(n, learn)[4]
+        Qt = torch.tensor(Q0)
+        args = [Qt, tensors[0] if learn == "q" else tensors[1], torch.tensor(G0),
+                torch.tensor(h0), torch.empty(0, dtype=torch.float64),
+                torch.empty(0, dtype=torch.float64)]
+
+        class Wrap:
+            def __call__(self, *ts):
+                full = list(args)
+                if learn == "q":
+                    full[1] = ts[0]
+                else:
+                    full[0], full[1], full[2], full[3] = ts
+                return (QPFunction(verbose=-1)(*full),)
+        _, setup, fwd, bwd, _, _ = _time_layer(Wrap, tensors, reps, weights)
+        return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb()}
+    raise ValueError(method)
+
+
+BATCH = 8
+
+
+# -- parent side ----------------------------------------------------------------------------
+def run_one(spec: dict, timeout: float, mem_mb: float) -> dict:
+    """Run one (method, n) in a fresh interpreter; kill it past the time or memory cap."""
+    import psutil
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.dfl", "--child",
+                             json.dumps(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ps, start, peak = psutil.Process(proc.pid), time.time(), 0.0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss / 2 ** 20)
+        except psutil.Error:
+            break
+        if peak > mem_mb or time.time() - start > timeout:
+            proc.kill()
+            proc.wait()
+            why = f"killed: RSS > {mem_mb:.0f} MB" if peak > mem_mb else \
+                f"killed: > {timeout:.0f} s"
+            return {"status": why, "peak_mb": peak}
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        last = (stderr.strip().splitlines() or ["?"])[-1]
+        return {"status": f"failed: {last[:120]}"}
+    return {"status": "ok", **json.loads(stdout.strip().splitlines()[-1])}
+
+
+def qpth_available() -> tuple[bool, str]:
+    try:
+        import qpth  # noqa: F401
+        return True, ""
+    except ImportError as exc:
+        return False, f"qpth not importable ({exc}); its PyPI sdist does not build here"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, nargs="+", default=[100, 200, 500, 1000])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--learn", nargs="+", default=["q", "all"], choices=["q", "all"])
+    ap.add_argument("--methods", default="ffo,ffo-central,kkt,cvxpylayers,"
+                    "cvxpylayers-clarabel,qpth,bare")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    ap.add_argument("--mem-mb", type=float, default=12000.0, help="RSS cap per run")
+    ap.add_argument("--out", default="bench_out", help="folder for dfl.csv and dfl.png")
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    ok, why = qpth_available()
+    if "qpth" in methods and not ok:
+        print(f"skipping qpth: {why}")
+        methods.remove("qpth")
+    from tqdm import tqdm
+    rows = []
+    jobs = [(learn, n, m) for learn in args.learn for n in args.n for m in methods]
+    for learn, n, m in tqdm(jobs, desc="benchmark"):
+        spec = {"n": n, "batch": args.batch, "learn": learn, "method": m, "reps": args.reps}
+        res = run_one(spec, args.timeout, args.mem_mb)
+        rows.append({"learn": learn, "n": n, "method": m, **res})
+    _report(rows, Path(args.out), args)
+    return 0
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _report(rows: list[dict], out: Path, args) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    index = {(r["learn"], r["n"], r["method"]): r for r in rows}
+    print(f"\nsynthetic DFL QP, batch {args.batch}, median of {args.reps}; times in seconds, "
+          "memory = peak RSS in MB; ratios: vs cvxpylayers total (same learn, n) and vs the "
+          "bare Clarabel floors (forward solves / ghost solves)")
+    head = (f"{'learn':5} {'n':>5} {'method':21} {'setup':>7} {'fwd':>7} {'bwd':>7} "
+            f"{'total':>7} {'peakMB':>7} {'x cvxpyl':>8} {'fwd/bare':>8} {'bwd/ghost':>9} "
+            f"{'cos':>10} {'rel':>8}  status")
+    print(head)
+    print("-" * len(head))
+    fields = ["learn", "n", "method", "status", "setup", "fwd", "bwd", "total", "peak_mb",
+              "ratio_cvxpylayers", "fwd_over_bare", "bwd_over_ghost", "cos", "rel"]
+    for r in rows:
+        tot = (r.get("fwd") or 0) + (r.get("bwd") or 0) if r.get("status") == "ok" else None
+        r["total"] = tot
+        peer = index.get((r["learn"], r["n"], "cvxpylayers"), {})
+        bare = index.get((r["learn"], r["n"], "bare"), {})
+        peer_tot = (peer.get("fwd") or 0) + (peer.get("bwd") or 0) \
+            if peer.get("status") == "ok" else None
+        r["ratio_cvxpylayers"] = tot / peer_tot if tot and peer_tot else None
+        if r["method"] != "bare" and bare.get("status") == "ok" and tot:
+            r["fwd_over_bare"] = r["fwd"] / bare["fwd"]
+            r["bwd_over_ghost"] = r["bwd"] / bare["bwd"]
+        print(f"{r['learn']:5} {r['n']:>5} {r['method']:21} {_fmt(r.get('setup'))!s:>7} "
+              f"{_fmt(r.get('fwd'))!s:>7} {_fmt(r.get('bwd'))!s:>7} {_fmt(tot)!s:>7} "
+              f"{_fmt(r.get('peak_mb'), '.0f')!s:>7} "
+              f"{_fmt(r.get('ratio_cvxpylayers'), '.2f')!s:>8} "
+              f"{_fmt(r.get('fwd_over_bare'), '.2f')!s:>8} "
+              f"{_fmt(r.get('bwd_over_ghost'), '.2f')!s:>9} "
+              f"{_fmt(r.get('cos'), '.7f')!s:>10} {_fmt(r.get('rel'), '.1e')!s:>8}  "
+              f"{r['status']}")
+    with open(out / "dfl.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(rows, out / "dfl.png")
+    print(f"\nwrote {out / 'dfl.csv'} and {out / 'dfl.png'}")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    learns = sorted({r["learn"] for r in rows})
+    fig, axes = plt.subplots(len(learns), 2, figsize=(11, 4 * len(learns)), squeeze=False)
+    for i, learn in enumerate(learns):
+        for method in METHODS:
+            pts = [r for r in rows if r["learn"] == learn and r["method"] == method
+                   and r.get("status") == "ok"]
+            if not pts:
+                continue
+            ns = [r["n"] for r in pts]
+            axes[i][0].plot(ns, [r["total"] for r in pts], "o-", label=method)
+            if method != "bare":
+                axes[i][1].plot(ns, [r["peak_mb"] for r in pts], "o-", label=method)
+        for j, (ylabel, title) in enumerate([("forward + backward [s]", "time"),
+                                             ("peak RSS [MB]", "memory")]):
+            ax = axes[i][j]
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("n")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"learn {learn}: {title}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

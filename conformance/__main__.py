@@ -1,0 +1,6 @@
+"""``python -m conformance NAME [options]``: the same as ``ffo conformance NAME``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,325 @@
+"""The conformance suite (issue 5): it passes on good backends and fails on broken ones.
+
+* clarabel (first party) and osqp (the example plugin in plugins/ffo-osqp, installed with
+  pip as a user would) pass on the classes/checks that the engine gets right today;
+* every deliberately broken backend below (wrong dual sign, dual scaling, ignored
+  extra_linear_term, a race, noise, a fake warm start, a wrong status map, a broken adapter
+  registered under the reference's own name) makes the suite FAIL, at the check that
+  should catch it: the suite can fail.
+
+Known engine-side failures (not the backends'; reported in the issue note, and confirmed by
+the suite's own "baseline" attribution: the same FFO through the trusted reference solver
+fails too) are listed in KNOWN_ENGINE_FAILURES; test_known_engine_failures xfails on them
+and will XPASS once ffo_core fixes them.  The default one-sided FFO on SOC/EXP/PSD
+instances is inaccurate with a 1e-8 interior-point solver (the step is sized from the
+reported residual, but the solution is only ~sqrt(residual) accurate on curved cones), so
+cone classes are checked here with the central FFO and the other checks, and the full run
+(test_full_suite) tolerates only those.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conformance import Suite, build_zoo
+from conformance.checks import CHECKS, check_shapes, residuals
+from conformance.reference import ReferenceSolver
+from ffo_backends.clarabel import ClarabelBackend
+from ffo_core import Solution, Status, available_backends, register_backend, unregister_backend
+from ffo_core.cli import main as ffo_main
+
+#: (instance, check) pairs that fail because of ffo_core, whatever the backend.
+KNOWN_ENGINE_FAILURES = {
+    ("lp-scaled-n10", "grad-ffo"):
+        "one-sided FFO truncation error on a badly scaled LP (rel[P] 0.67 even with exact "
+        "solves; central is exact): the step ignores the size of dy/d(delta)",
+    ("qp-scaled-n12", "grad-ffo"):
+        "same, badly scaled QP (rel[G] 0.067 with exact solves; central 4e-14)",
+}
+POLYHEDRAL = ["lp", "qp"]
+CONE_CHECKS = [c for c in CHECKS if c != "grad-ffo"]
+TIGHT_CLARABEL = "clarabel:tol_gap_abs=1e-11,tol_gap_rel=1e-11,tol_feas=1e-11"
+
+
+def _unexpected(report, known=KNOWN_ENGINE_FAILURES):
+    bad = [r for r in report.results if r.failed and (r.instance, r.check) not in known]
+    for r in report.results:            # the known ones must be attributed to the engine
+        if r.failed and (r.instance, r.check) in KNOWN_ENGINE_FAILURES \
+                and not r.engine_limited:
+            bad.append(r)
+    return [r.describe() for r in bad]
+
+
+def _failures(report, check=None):
+    return [r for r in report.results if r.failed and (check is None or r.check == check)]
+
+
+# -- the zoo itself -----------------------------------------------------------------------
+
+def test_zoo_size_coverage_and_seeding():
+    zoo = build_zoo(0)
+    assert len(zoo) >= 30
+    assert {i.cls for i in zoo} == {"lp", "qp", "socp", "exp", "sdp"}
+    assert {"well", "batched", "scaled", "degenerate", "infeasible", "unbounded",
+            "layer"} <= {i.variant for i in zoo}
+    a, b = build_zoo(0), build_zoo(0)
+    for x, y in zip(a, b):
+        for s, t in zip(x.samples, y.samples):
+            assert np.array_equal(s.g.q, t.g.q) and np.array_equal(s.h.h, t.h.h)
+    scaled = [i for i in zoo if i.variant == "scaled"]
+    for inst in scaled:
+        data = np.abs(inst.samples[0].h.G.data)
+        assert data.max() / data.min() > 1e6      # entries span ~1e-4..1e4
+
+
+def test_constructed_truth_satisfies_kkt_and_reference_finds_it():
+    """The zoo's KKT constructions are right, and so are the residuals and cone tests
+    (checked on the known optimum, with no solver involved), and the reference finds it."""
+    ref = ReferenceSolver()
+    for inst in build_zoo(0):
+        for smp in inst.samples:
+            if smp.truth is None:
+                continue
+            t = smp.truth
+            truth = Solution(Status.OPTIMAL, t["y"], t["nu"], t["lam"], t["s"])
+            check_shapes(smp, truth)
+            assert max(residuals(smp, truth).values()) < 1e-11, inst.name
+            sol = ref.solve(smp.g, smp.h, smp.e)
+            scale = 1 + np.abs(t["y"]).max()
+            assert np.abs(sol.primal - t["y"]).max() / scale < 1e-5, inst.name
+
+
+# -- good backends pass -------------------------------------------------------------------
+
+def test_clarabel_passes_polyhedral_classes():
+    report = Suite("clarabel", classes=POLYHEDRAL).run()
+    assert not _unexpected(report), "\n".join(_unexpected(report))
+    assert report.count("pass") >= 80
+    skipped = {r.check for r in report.results if r.outcome == "skip"}
+    assert skipped == {"warm-start"}            # Clarabel declares no warm start
+    assert all("warm_start is False" in r.reason for r in report.results
+               if r.outcome == "skip")
+
+
+def test_clarabel_passes_cone_classes_except_one_sided_ffo():
+    report = Suite(TIGHT_CLARABEL, classes=["socp", "exp", "sdp"], checks=CONE_CHECKS).run()
+    assert not _unexpected(report), "\n".join(_unexpected(report))
+    assert report.count("pass") >= 60
+
+
+def test_osqp_plugin_is_installed_as_a_user_would_and_passes():
+    info = available_backends()["osqp"]
+    assert info.available and info.plugin == "osqp"     # found through its entry point
+    assert info.capabilities.warm_start and info.capabilities.cones == {"zero", "nonneg"}
+    report = Suite("osqp", classes=POLYHEDRAL).run()
+    assert not _unexpected(report), "\n".join(_unexpected(report))
+    assert report.count("pass") >= 90                   # warm start checked too
+    assert report.count("skip") == 0
+
+
+def test_osqp_skips_cones_with_reasons():
+    report = Suite("osqp", classes=["socp", "exp", "sdp"]).run()
+    assert report.results and all(r.outcome == "skip" for r in report.results)
+    reasons = {r.reason for r in report.results}
+    assert any("capabilities.cones lacks soc" in x for x in reasons)
+    assert any("does not support the exp cone" in x for x in reasons)     # layer instance
+    assert not report.passed      # nothing was checked: not a pass
+
+
+@pytest.mark.xfail(reason="engine-side (ffo_core) failures, see KNOWN_ENGINE_FAILURES",
+                   strict=False)
+def test_known_engine_failures():
+    for (instance, check), why in KNOWN_ENGINE_FAILURES.items():
+        for backend in ("clarabel", "osqp"):
+            suite = Suite(backend, classes=[instance], checks=[check])
+            result = suite.run_case(suite.instances[0], check)
+            assert result.outcome == "pass", f"{backend}: {why}"
+
+
+# -- the CLI and the pytest plugin --------------------------------------------------------
+
+def test_cli_exit_codes_table_and_json(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    rc = ffo_main(["conformance", "clarabel", "--classes", "qp/batched,qp/infeasible",
+                   "--json", str(path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "qp/batched" in out and "grad-central" in out and "tolerances" in out
+    report = json.loads(path.read_text())
+    assert report["passed"] and report["summary"]["fail"] == 0
+    assert report["tolerances"]["profiles"]["well"]["grad_rel_central"] > 0
+    metric = report["results"][1]["metrics"][0]
+    assert {"name", "value", "tol", "ok"} <= set(metric)
+
+    assert ffo_main(["conformance", "no-such-solver", "--no-progress"]) == 2
+    assert "unknown solver" in capsys.readouterr().err
+    assert ffo_main(["conformance", "clarabel", "--classes", "nope"]) == 2
+
+
+def test_pytest_plugin_runs_the_suite(tmp_path):
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "pytest", "-p", "conformance.pytest_plugin", "--pyargs",
+           "conformance.tests", "--ffo-backend", "osqp", "--ffo-classes", "qp/batched",
+           "-q", "-p", "no:cacheprovider", "--ffo-json", str(tmp_path / "r.json")]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "7 passed" in out.stdout and "ffo conformance: osqp" in out.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["passed"]
+
+
+# -- broken backends fail -----------------------------------------------------------------
+
+class FlippedDuals(ClarabelBackend):
+    """ineq_dual with the wrong sign (a classic adapter bug)."""
+    name = "broken-flipped-duals"
+
+    def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+        sol = super().solve(g, h, e, extra_linear_term, warm_start=warm_start)
+        if sol.ineq_dual is not None:
+            sol.ineq_dual = -sol.ineq_dual
+        return sol
+
+
+class ScaledDuals(ClarabelBackend):
+    """Both duals scaled by 2 (a solver whose Lagrangian has a factor 1/2)."""
+    name = "broken-scaled-duals"
+
+    def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+        sol = super().solve(g, h, e, extra_linear_term, warm_start=warm_start)
+        if sol.ineq_dual is not None:
+            sol.ineq_dual, sol.eq_dual = 2 * sol.ineq_dual, 2 * sol.eq_dual
+        return sol
+
+
+class IgnoresExtraTerm(ClarabelBackend):
+    """Forward solves are perfect; the ghost's extra_linear_term is dropped."""
+    name = "broken-ignores-extra-term"
+
+    def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+        return super().solve(g, h, e, None, warm_start=warm_start)
+
+
+class Racy(ClarabelBackend):
+    """Declares thread_safe (inherited) but keeps the problem on the instance."""
+    name = "broken-racy"
+
+    def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+        self._problem = (g, h, e, extra_linear_term)
+        time.sleep(0.002)
+        return super().solve(*self._problem, warm_start=warm_start)
+
+
+class Noisy(ClarabelBackend):
+    """Adds run-to-run noise far below its tolerance: not deterministic."""
+    name = "broken-noisy"
+
+    def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+        sol = super().solve(g, h, e, extra_linear_term, warm_start=warm_start)
+        if sol.primal is not None:
+            sol.primal = sol.primal * (1 + 1e-9 * np.random.default_rng().standard_normal())
+        return sol
+
+
+def _fake_warm_start_class():
+    from ffo_osqp import OSQPBackend
+
+    class FakeWarmStart(OSQPBackend):
+        """Returns the warm-start point as if it were the solution."""
+        name = "broken-fake-warm-start"
+
+        def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+            if warm_start is not None and warm_start.status.has_solution:
+                return warm_start
+            return super().solve(g, h, e, extra_linear_term)
+    return FakeWarmStart
+
+
+class WrongStatus(ClarabelBackend):
+    """Maps 'infeasible' to a generic numerical error."""
+    name = "broken-status"
+
+    def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+        sol = super().solve(g, h, e, extra_linear_term, warm_start=warm_start)
+        if sol.status in (Status.INFEASIBLE, Status.INFEASIBLE_INACCURATE):
+            sol.status = Status.NUMERICAL_ERROR
+        return sol
+
+
+@pytest.fixture
+def registered():
+    names = []
+
+    def register(cls):
+        register_backend(cls)
+        names.append(cls.name)
+        return cls.name
+    yield register
+    for name in names:
+        unregister_backend(name)
+
+
+@pytest.mark.parametrize("cls, classes, checks, must_fail", [
+    (FlippedDuals, ["qp-eq-ineq-n12", "qp-scaled-n12"], None,
+     {"solution", "grad-ffo", "grad-central"}),
+    (ScaledDuals, ["qp-eq-ineq-n12", "lp-scaled-n10"], None,
+     {"solution", "grad-ffo", "grad-central"}),
+    (IgnoresExtraTerm, ["qp-eq-ineq-n12"], None, {"grad-ffo", "grad-central"}),
+    (Racy, ["qp-batch4"], ["threads"], {"threads"}),
+    (Noisy, ["qp-eq-ineq-n12"], ["deterministic"], {"deterministic"}),
+    (WrongStatus, ["infeasible"], ["status"], {"status"}),
+], ids=lambda v: v.name if isinstance(v, type) else None)
+def test_broken_backend_fails_the_suite(registered, cls, classes, checks, must_fail):
+    name = registered(cls)
+    report = Suite(name, classes=classes, checks=checks).run()
+    assert not report.passed
+    failed = {r.check for r in _failures(report)}
+    assert must_fail <= failed, report.text()
+    # never blamed on the engine, even where the engine has a known limitation too
+    assert not [r for r in _failures(report) if r.engine_limited], report.text()
+    if cls is IgnoresExtraTerm:       # the forward is perfect: only the backward fails
+        assert not [r for r in _failures(report) if r.check in ("solution", "status")]
+
+
+def test_fake_warm_start_fails(registered):
+    name = registered(_fake_warm_start_class())
+    report = Suite(name, classes=["qp-eq-ineq-n12"], checks=["warm-start"]).run()
+    assert [r.check for r in _failures(report)] == ["warm-start"]
+
+
+def test_broken_backend_fails_through_the_cli(registered, capsys):
+    name = registered(FlippedDuals)
+    rc = ffo_main(["conformance", name, "--classes", "qp-eq-ineq-n12", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL" in out and "dual_res" in out
+
+
+def test_broken_adapter_named_clarabel_cannot_corrupt_the_reference(registered):
+    """The reference calls the clarabel package directly: a broken backend registered
+    under the name 'clarabel' is still judged against the truth."""
+    class Impostor(FlippedDuals):
+        name = "clarabel"
+    registered(Impostor)
+    report = Suite("clarabel", classes=["qp-eq-ineq-n12"], checks=["solution"]).run()
+    assert not report.passed and _failures(report, "solution")
+
+
+# -- the full run -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [TIGHT_CLARABEL, "osqp"])
+def test_full_suite(backend):
+    """Every class and check (~5 s each).  Expected failures: KNOWN_ENGINE_FAILURES, and
+    the one-sided FFO (grad-ffo) on cone instances (see the module docstring)."""
+    report = Suite(backend).run()
+    cone_ffo = {(r.instance, r.check) for r in report.results if r.check == "grad-ffo"
+                and r.group.split("/")[0] in ("socp", "exp", "sdp")}
+    unexpected = _unexpected(report, set(KNOWN_ENGINE_FAILURES) | cone_ffo)
+    assert not unexpected, "\n".join(unexpected)
+    assert not [r for r in report.results if r.outcome == "error"]
