@@ -24,6 +24,7 @@ equalities.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cvxpy as cp
@@ -94,6 +95,11 @@ class CompiledProblem:
         names = ("P", "q", "A", "b", "G", "h")
         self.sections = {k: slice(bounds[i], bounds[i + 1]) for i, k in enumerate(names)}
         self.n_data = int(bounds[-1])
+
+    @functools.cached_property
+    def M_csc(self) -> sp.csc_matrix:
+        """``M`` in CSC form, for slicing its columns by parameter."""
+        return self.M.tocsc()
 
     @property
     def p(self) -> int:

@@ -174,7 +174,7 @@ def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
     """Step 2: locked rows join the equalities; kept cone blocks stay cones; rest dropped."""
     locked = np.flatnonzero(active.locked)
     kept = np.flatnonzero(active.kept)
-    G = h.G.tocsr()
+    G = h.G_csr
     ghost_e = Equalities(sp.vstack([e.A, G[locked]], format="csc"),
                          np.concatenate([e.b, h.h[locked]]))
     ghost_h = ConeConstraints(G[kept].tocsc(), h.h[kept], active.kept_dims)
@@ -225,8 +225,8 @@ def base_point_error(g: Objective, h: ConeConstraints, e: Equalities, sol: Solut
     """
     y = sol.primal
     worst = 0.0
-    G = h.G.tocsr()
-    for M, rhs in ((e.A.tocsr(), e.b), (G[active.locked], h.h[active.locked])):
+    G = h.G_csr
+    for M, rhs in ((e.A_csr, e.b), (G[active.locked], h.h[active.locked])):
         if M.shape[0]:
             norms = np.sqrt(np.asarray(M.multiply(M).sum(axis=1)).ravel())
             dist = np.abs(M @ y - rhs) / np.maximum(norms, np.finfo(float).tiny)
