@@ -32,19 +32,37 @@ METHODS = ("ffo", "ffo-central", "kkt", "cvxpylayers", "cvxpylayers-clarabel", "
 
 # -- child side -----------------------------------------------------------------------------
 def _problem(n: int, learn: str):
+    """``(problem, params, y, tensors, (Q, G, h) for qpth or None)`` of one benchmark case."""
     import cvxpy as cp
     import numpy as np
+    import scipy.sparse as sp
     import torch
     rng = np.random.default_rng(n)
     y = cp.Variable(n)
     q = cp.Parameter(n)
     qv = torch.tensor(rng.standard_normal((BATCH, n)))
-    G0 = np.vstack([-np.eye(n), np.eye(n), np.ones((1, n))])
+    G0 = np.vstack([-np.eye(n), np.eye(n), np.ones((1, n))]) if n <= 5000 else None
     h0 = np.r_[np.ones(n), np.zeros(n), 3.0]
+    box = [y >= -1, y <= 0, cp.sum(y) <= 3]
     if learn == "q":
-        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y),
-                          [y >= -1, y <= 0, cp.sum(y) <= 3])
+        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y), box)
         return prob, [q], y, [qv], (np.eye(n), G0, h0)
+    if learn == "socp":       # the paper's SOCP variant: an added norm-ball constraint
+        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y),
+                          box + [cp.norm(y, 2) <= 0.5 * np.sqrt(3.0)])
+        return prob, [q], y, [qv], None
+    if learn == "sparse":     # sparse learnable constraint values on a fixed pattern
+        D = sp.diags([np.ones(n), -0.5 * np.ones(n - 1)], [0, 1], format="csc")
+        d = cp.Parameter(D.nnz)
+        rows, cols = D.nonzero()
+        S = sp.csc_matrix((np.ones(D.nnz), (rows * 0 + np.arange(D.nnz), rows * n + cols)),
+                          shape=(D.nnz, n * n))
+        # y's coefficient matrix as a parameter-affine sparse expression: D(d) y <= h
+        Dy = cp.reshape(S.T @ d, (n, n), order="C") @ y
+        h = cp.Parameter(n)
+        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y), [Dy <= h, y >= -1])
+        tensors = [torch.tensor(D.tocoo().data), qv, torch.ones(n, dtype=torch.float64)]
+        return prob, [d, q, h], y, tensors, None
     Q, G, h = cp.Parameter((n, n)), cp.Parameter(G0.shape), cp.Parameter(2 * n + 1)
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Q @ y) + q @ y), [G @ y <= h])
     tensors = [torch.eye(n, dtype=torch.float64), qv, torch.tensor(G0), torch.tensor(h0)]
@@ -80,6 +98,7 @@ def _bare(layer, tensors, reps: int) -> dict:
     import clarabel
     import numpy as np
     import scipy.sparse as sp
+    from ffo_backends.clarabel import ClarabelBackend
     from ffo_core.active_set import classify
     from ffo_core.ffo_backward import build_ghost
     from ffo_core.layer import _inspect_params
@@ -94,8 +113,7 @@ def _bare(layer, tensors, reps: int) -> dict:
         P.eliminate_zeros()
         A = sp.vstack([e.A, h.G], format="csc")
         A.eliminate_zeros()
-        cones = ([clarabel.ZeroConeT(e.p)] if e.p else []) + \
-            ([clarabel.NonnegativeConeT(h.m)] if h.m else [])
+        cones = ClarabelBackend._cones(e, h)
         return clarabel.DefaultSolver(P, g.q, A, np.r_[e.b, h.h], cones, st).solve()
     fwd, ghost_t = [], []
     for _ in range(reps):
@@ -215,8 +233,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, nargs="+", default=[100, 200, 500, 1000])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--learn", nargs="+", default=["q", "all"], choices=["q", "all"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[8])
+    ap.add_argument("--learn", nargs="+", default=["q", "all"],
+                    choices=["q", "all", "sparse", "socp"],
+                    help="q: only q learnable; all: Q, q, G, h learnable (paper setup); "
+                         "sparse: sparse learnable constraint values; socp: norm-ball added")
     ap.add_argument("--methods", default="ffo,ffo-central,kkt,cvxpylayers,"
                     "cvxpylayers-clarabel,qpth,bare")
     ap.add_argument("--reps", type=int, default=3)
@@ -237,11 +258,13 @@ def main(argv=None) -> int:
         methods.remove("qpth")
     from tqdm import tqdm
     rows = []
-    jobs = [(learn, n, m) for learn in args.learn for n in args.n for m in methods]
-    for learn, n, m in tqdm(jobs, desc="benchmark"):
-        spec = {"n": n, "batch": args.batch, "learn": learn, "method": m, "reps": args.reps}
+    jobs = [(learn, batch, n, m) for learn in args.learn for batch in args.batch
+            for n in args.n for m in methods
+            if not (m == "qpth" and learn in ("sparse", "socp"))]
+    for learn, batch, n, m in tqdm(jobs, desc="benchmark"):
+        spec = {"n": n, "batch": batch, "learn": learn, "method": m, "reps": args.reps}
         res = run_one(spec, args.timeout, args.mem_mb)
-        rows.append({"learn": learn, "n": n, "method": m, **res})
+        rows.append({"learn": learn, "batch": batch, "n": n, "method": m, **res})
     _report(rows, Path(args.out), args)
     return 0
 
@@ -252,29 +275,30 @@ def _fmt(x, spec=".3f"):
 
 def _report(rows: list[dict], out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    index = {(r["learn"], r["n"], r["method"]): r for r in rows}
-    print(f"\nsynthetic DFL QP, batch {args.batch}, median of {args.reps}; times in seconds, "
+    index = {(r["learn"], r["batch"], r["n"], r["method"]): r for r in rows}
+    print(f"\nsynthetic DFL QP, median of {args.reps}; times in seconds, "
           "memory = peak RSS in MB; ratios: vs cvxpylayers total (same learn, n) and vs the "
           "bare Clarabel floors (forward solves / ghost solves)")
-    head = (f"{'learn':5} {'n':>5} {'method':21} {'setup':>7} {'fwd':>7} {'bwd':>7} "
+    head = (f"{'learn':6} {'batch':>5} {'n':>5} {'method':21} {'setup':>7} {'fwd':>7} {'bwd':>7} "
             f"{'total':>7} {'peakMB':>7} {'x cvxpyl':>8} {'fwd/bare':>8} {'bwd/ghost':>9} "
             f"{'cos':>10} {'rel':>8}  status")
     print(head)
     print("-" * len(head))
-    fields = ["learn", "n", "method", "status", "setup", "fwd", "bwd", "total", "peak_mb",
+    fields = ["learn", "batch", "n", "method", "status", "setup", "fwd", "bwd", "total", "peak_mb",
               "ratio_cvxpylayers", "fwd_over_bare", "bwd_over_ghost", "cos", "rel"]
     for r in rows:
         tot = (r.get("fwd") or 0) + (r.get("bwd") or 0) if r.get("status") == "ok" else None
         r["total"] = tot
-        peer = index.get((r["learn"], r["n"], "cvxpylayers"), {})
-        bare = index.get((r["learn"], r["n"], "bare"), {})
+        key = (r["learn"], r["batch"], r["n"])
+        peer = index.get(key + ("cvxpylayers",), {})
+        bare = index.get(key + ("bare",), {})
         peer_tot = (peer.get("fwd") or 0) + (peer.get("bwd") or 0) \
             if peer.get("status") == "ok" else None
         r["ratio_cvxpylayers"] = tot / peer_tot if tot and peer_tot else None
         if r["method"] != "bare" and bare.get("status") == "ok" and tot:
             r["fwd_over_bare"] = r["fwd"] / bare["fwd"]
             r["bwd_over_ghost"] = r["bwd"] / bare["bwd"]
-        print(f"{r['learn']:5} {r['n']:>5} {r['method']:21} {_fmt(r.get('setup'))!s:>7} "
+        print(f"{r['learn']:6} {r['batch']:>5} {r['n']:>5} {r['method']:21} {_fmt(r.get('setup'))!s:>7} "
               f"{_fmt(r.get('fwd'))!s:>7} {_fmt(r.get('bwd'))!s:>7} {_fmt(tot)!s:>7} "
               f"{_fmt(r.get('peak_mb'), '.0f')!s:>7} "
               f"{_fmt(r.get('ratio_cvxpylayers'), '.2f')!s:>8} "
@@ -294,12 +318,12 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    learns = sorted({r["learn"] for r in rows})
+    learns = sorted({(r["learn"], r["batch"]) for r in rows})
     fig, axes = plt.subplots(len(learns), 2, figsize=(11, 4 * len(learns)), squeeze=False)
-    for i, learn in enumerate(learns):
+    for i, (learn, batch) in enumerate(learns):
         for method in METHODS:
-            pts = [r for r in rows if r["learn"] == learn and r["method"] == method
-                   and r.get("status") == "ok"]
+            pts = [r for r in rows if (r["learn"], r["batch"]) == (learn, batch)
+                   and r["method"] == method and r.get("status") == "ok"]
             if not pts:
                 continue
             ns = [r["n"] for r in pts]
@@ -313,7 +337,7 @@ def _plot(rows: list[dict], path: Path) -> None:
             ax.set_yscale("log")
             ax.set_xlabel("n")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"learn {learn}: {title}")
+            ax.set_title(f"{learn}, batch {batch}: {title}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
