@@ -116,6 +116,11 @@ class DataGradient:
     G: np.ndarray
     h: np.ndarray
     diagnostics: dict = field(default_factory=dict)
+    #: ``(y, nu, lam)`` the derivative was taken at, and the direction ``d(y, nu, lam)/d
+    #: delta`` per unit of ``c`` (set by the backward passes; lets a caller assemble dense
+    #: gradients as low-rank products instead of reading the pattern arrays).
+    base: tuple | None = None
+    direction: tuple | None = None
 
     def vector(self) -> np.ndarray:
         """Concatenation in the compiled data order ``[P | q | A | b | G | h]``."""
@@ -298,6 +303,7 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
         direction = tuple((u - f) / delta for u, f in zip(upper, forward))
         base = forward
     grad = lagrangian_gradient_derivative(g, h, e, base, direction)
+    grad.base, grad.direction = base, direction
     grad.diagnostics = {"delta": delta, "central": bool(central),
                         "locked": int(active.locked.sum()), "kept": int(active.kept.sum()),
                         "weak": int(active.weak.sum()), "tau_s": active.tau_s,

@@ -254,9 +254,9 @@ def _low_rank(name: str, y: np.ndarray, dq: np.ndarray, a: np.ndarray | None,
         dQ = (dq y0' + y0 dq') / 2
 
     which on ``G``'s pattern is exactly what the backward computed there.  The base point
-    is the forward solution (duals off the ghost rows zeroed) for the one-sided difference
-    and the KKT derivative; for the central difference it is the midpoint of the two ghost
-    solutions, which for a QP equals the forward solution up to solver accuracy.
+    is ``DataGradient.base`` when the backward reports it (the forward solution with duals
+    off the ghost rows zeroed for the one-sided difference, the midpoint of the two ghost
+    solutions for the central one), else the forward solution.
     """
     if name == "Q":
         return 0.5 * np.stack([dq, y], axis=1), np.stack([y, dq], axis=1)
@@ -360,20 +360,22 @@ class FFOQPLayer(torch.nn.Module):
             exc.batch_index = i
             exc.args = (f"backward pass, batch index {i}: {exc.args[0]}",)
             raise
-        y = sol.primal
+        if grad.base is not None:        # the point the backward differentiated at
+            y, nu0, lam0 = grad.base
+        else:
+            active = classify(sol, h.dims, tau_s=self.options.tau_s,
+                              tau_lam=self.options.tau_lam)
+            y, nu0 = sol.primal, sol.eq_dual
+            lam0 = np.where(active.ghost_rows, sol.ineq_dual, 0.0)
         rec = _Record({"p": grad.q, "h": grad.h, "b": grad.b}, {}, {}, grad.diagnostics)
-        blocks = {"Q": (grad.P, None, None), "G": (grad.G, grad.h, None),
-                  "A": (grad.A, grad.b, sol.eq_dual)}
+        blocks = {"Q": (grad.P, None, None), "G": (grad.G, grad.h, lam0),
+                  "A": (grad.A, grad.b, nu0)}
         for name, (pattern, drhs, dual0) in blocks.items():
             if not needs[name]:
                 continue
             if call.args[name].sparse is not None:
                 rec.pattern[name] = pattern
                 continue
-            if name == "G":
-                active = classify(sol, h.dims, tau_s=self.options.tau_s,
-                                  tau_lam=self.options.tau_lam)
-                dual0 = np.where(active.ghost_rows, sol.ineq_dual, 0.0)
             a = None if drhs is None else -drhs
             rec.factors[name] = _low_rank(name, y, grad.q, a, dual0)
         return rec
