@@ -47,7 +47,7 @@ class ActiveSet:
     """Classification of the rows of ``G`` (length ``m`` boolean masks)."""
 
     locked: np.ndarray     # nonnegative rows that become equalities in the ghost problem
-    kept: np.ndarray       # rows of active SOC/EXP/PSD blocks, kept as cones
+    kept: np.ndarray       # rows of active (or weakly active) SOC/EXP/PSD blocks, kept as cones
     weak: np.ndarray       # nonnegative rows with both s and lam numerically zero
     kept_dims: ConeDims    # cone sizes of the kept blocks (nonneg=0)
     tau_s: float

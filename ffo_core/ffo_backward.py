@@ -306,7 +306,9 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     grad.base, grad.direction = base, direction
     grad.diagnostics = {"delta": delta, "central": bool(central),
                         "locked": int(active.locked.sum()), "kept": int(active.kept.sum()),
-                        "weak": int(active.weak.sum()), "tau_s": active.tau_s,
+                        "weak": int(active.weak.sum()),
+                        "weak_blocks": int(np.asarray(active.weak_blocks).sum()),
+                        "tau_s": active.tau_s,
                         "tau_lam": active.tau_lam, "central_fallback": bool(fallback),
                         "base_error": base_error}
     return grad

@@ -183,7 +183,8 @@ def kkt_backward_cones(g: Objective, h: ConeConstraints, e: Equalities, sol: Sol
     return grad
 
 
-#: Largest system solved densely (least squares) when the sparse LU finds it singular.
+#: Largest system solved densely (least squares) when the sparse LU finds it singular;
+#: larger ones go to LSMR.
 DENSE_FALLBACK_MAX = 6000
 
 
@@ -197,7 +198,8 @@ def _solve_residual_jacobian(J: sp.csc_matrix, rhs: np.ndarray) -> tuple[np.ndar
     redundant equalities (``X == X.T`` next to ``X >> 0`` gives duplicated and empty rows)
     have no unique multipliers.  Such directions carry constant data (CVXPY's own
     coefficients), so the parameter gradient does not depend on the choice; the
-    minimum-norm one is the convention (diffcp's LSQR makes the same choice).  A system
+    minimum-norm one is the convention (diffcp's LSQR makes the same choice): dense
+    least squares up to :data:`DENSE_FALLBACK_MAX` rows, LSMR beyond.  A system
     that is inconsistent (its least-squares residual is not at rounding level) means the
     derivative does not exist: :class:`SolverError`.
     """
@@ -212,19 +214,17 @@ def _solve_residual_jacobian(J: sp.csc_matrix, rhs: np.ndarray) -> tuple[np.ndar
                 return w, "lu"
     except (RuntimeError, spla.MatrixRankWarning):
         pass
-    if J.shape[0] > DENSE_FALLBACK_MAX:
-        raise SolverError(
-            "backward='kkt': the Jacobian of the KKT residual map is singular (no unique "
-            "solution or multipliers, dependent constraints, or strict complementarity "
-            f"fails), and at {J.shape[0]} rows too large for the dense least-squares "
-            "fallback")
-    Jd = J.toarray()
-    w, *_ = np.linalg.lstsq(Jd, rhs, rcond=None)
-    res = np.linalg.norm(Jd @ w - rhs)
+    if J.shape[0] <= DENSE_FALLBACK_MAX:
+        w, *_ = np.linalg.lstsq(J.toarray(), rhs, rcond=None)
+        how = "lstsq"
+    else:                       # too large to densify: iterative least squares (LSMR)
+        w = spla.lsmr(J, rhs, atol=1e-14, btol=1e-14, maxiter=20 * J.shape[0])[0]
+        how = "lsmr"
+    res = np.linalg.norm(J @ w - rhs)
     if not np.all(np.isfinite(w)) or res > 1e-7 * scale * max(1.0, np.linalg.norm(w)):
         raise SolverError(
             "backward='kkt': the Jacobian of the KKT residual map is singular and the "
-            f"derivative system inconsistent (residual {res:.2e}): the solution map is not "
-            "differentiable here (degenerate active set, non-unique solution, or strict "
-            "complementarity fails)")
-    return w, "lstsq"
+            f"derivative system inconsistent ({how} residual {res:.2e}): the solution map "
+            "is not differentiable here (degenerate active set, non-unique solution, or "
+            "strict complementarity fails)")
+    return w, how

@@ -95,14 +95,14 @@ def soc_projection_derivative(v: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- EXP ------
 def _exp_in_cone(x: float, y: float, z: float) -> bool:
     if y > 0.0:
-        return z > 0.0 and x <= y * math.log(z / y)
+        return z > 0.0 and x <= y * (math.log(z) - math.log(y))
     return y == 0.0 and x <= 0.0 and z >= 0.0
 
 
 def _exp_in_polar(x: float, y: float, z: float) -> bool:
     """``(x, y, z)`` in the polar cone ``-EXP*``: ``x > 0, x e^(y/x) <= -e z`` or the ray."""
     if x > 0.0:
-        return z < 0.0 and y <= x * (1.0 + math.log(-z / x))
+        return z < 0.0 and y <= x * (1.0 + math.log(-z) - math.log(x))
     return x == 0.0 and y <= 0.0 and z <= 0.0
 
 
@@ -114,7 +114,7 @@ def _exp_h(v: np.ndarray, rho: float) -> float:
     ``d = (rho, 1, e^rho)`` and the cone's outward normal there,
     ``n = (e^rho, (1-rho) e^rho, -1)`` (``h e^rho = v.(d x n)``).
     """
-    x, y, z = v
+    x, y, z = (float(t) for t in v)       # Python floats: overflow gives inf, no warnings
     e = math.exp(-abs(rho))
     quad = rho * rho - rho + 1.0
     if rho >= 0.0:
@@ -138,7 +138,7 @@ def _exp_boundary_rho(v: np.ndarray) -> float:
     ``h`` has the right sign in the limit.  So ``h`` changes sign over ``I`` and a
     bracketing root finder (Brent) cannot miss the root.
     """
-    x, y, _ = v
+    x, y = float(v[0]), float(v[1])
     lo, hi = -math.inf, math.inf
     if x > 0.0:
         lo = 1.0 - y / x

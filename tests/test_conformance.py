@@ -7,14 +7,9 @@
   registered under the reference's own name) makes the suite FAIL, at the check that
   should catch it: the suite can fail.
 
-Known engine-side failures (not the backends'; reported in the issue note, and confirmed by
-the suite's own "baseline" attribution: the same FFO through the trusted reference solver
-fails too) are listed in KNOWN_ENGINE_FAILURES; test_known_engine_failures xfails on them
-and will XPASS once ffo_core fixes them.  The default one-sided FFO on SOC/EXP/PSD
-instances is inaccurate with a 1e-8 interior-point solver (the step is sized from the
-reported residual, but the solution is only ~sqrt(residual) accurate on curved cones), so
-cone classes are checked here with the central FFO and the other checks, and the full run
-(test_full_suite) tolerates only those.
+Engine-side failures the suite found and ffo_core has since fixed are kept as regression
+cases in FIXED_ENGINE_FAILURES (they must pass now, through both backends).  The full run
+(test_full_suite) tolerates no failure, with Clarabel at its *default* tolerances.
 """
 from __future__ import annotations
 
@@ -35,25 +30,23 @@ from ffo_core import Solution, Status, available_backends, register_backend, unr
 from ffo_core.cli import main as ffo_main
 
 #: (instance, check) pairs that fail because of ffo_core, whatever the backend.
-KNOWN_ENGINE_FAILURES = {
+FIXED_ENGINE_FAILURES = {
     ("lp-scaled-n10", "grad-ffo"):
         "one-sided FFO truncation error on a badly scaled LP (rel[P] 0.67 even with exact "
-        "solves; central is exact): the step ignores the size of dy/d(delta)",
+        "solves) -- fixed by differentiating the Lagrangian gradient exactly along the "
+        "differenced ghost solution",
     ("qp-scaled-n12", "grad-ffo"):
-        "same, badly scaled QP (rel[G] 0.067 with exact solves; central 4e-14)",
+        "same, badly scaled QP (rel[G] 0.067 with exact solves)",
+    ("socp-scaled-n10", "grad-central"):
+        "central step too large for the SOC's curvature (cos 0.71 with exact solves) -- "
+        "fixed by limiting how far a step moves each kept cone block",
 }
 POLYHEDRAL = ["lp", "qp"]
-CONE_CHECKS = [c for c in CHECKS if c != "grad-ffo"]
 TIGHT_CLARABEL = "clarabel:tol_gap_abs=1e-11,tol_gap_rel=1e-11,tol_feas=1e-11"
 
 
-def _unexpected(report, known=KNOWN_ENGINE_FAILURES):
-    bad = [r for r in report.results if r.failed and (r.instance, r.check) not in known]
-    for r in report.results:            # the known ones must be attributed to the engine
-        if r.failed and (r.instance, r.check) in KNOWN_ENGINE_FAILURES \
-                and not r.engine_limited:
-            bad.append(r)
-    return [r.describe() for r in bad]
+def _unexpected(report):
+    return [r.describe() for r in report.results if r.failed]
 
 
 def _failures(report, check=None):
@@ -107,8 +100,8 @@ def test_clarabel_passes_polyhedral_classes():
                if r.outcome == "skip")
 
 
-def test_clarabel_passes_cone_classes_except_one_sided_ffo():
-    report = Suite(TIGHT_CLARABEL, classes=["socp", "exp", "sdp"], checks=CONE_CHECKS).run()
+def test_clarabel_passes_cone_classes():
+    report = Suite("clarabel", classes=["socp", "exp", "sdp"]).run()
     assert not _unexpected(report), "\n".join(_unexpected(report))
     assert report.count("pass") >= 60
 
@@ -132,11 +125,11 @@ def test_osqp_skips_cones_with_reasons():
     assert not report.passed      # nothing was checked: not a pass
 
 
-@pytest.mark.xfail(reason="engine-side (ffo_core) failures, see KNOWN_ENGINE_FAILURES",
-                   strict=False)
-def test_known_engine_failures():
-    for (instance, check), why in KNOWN_ENGINE_FAILURES.items():
+def test_fixed_engine_failures_stay_fixed():
+    for (instance, check), why in FIXED_ENGINE_FAILURES.items():
         for backend in ("clarabel", "osqp"):
+            if backend == "osqp" and instance.startswith("socp"):
+                continue
             suite = Suite(backend, classes=[instance], checks=[check])
             result = suite.run_case(suite.instances[0], check)
             assert result.outcome == "pass", f"{backend}: {why}"
@@ -313,13 +306,10 @@ def test_broken_adapter_named_clarabel_cannot_corrupt_the_reference(registered):
 
 # -- the full run -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", [TIGHT_CLARABEL, "osqp"])
+@pytest.mark.parametrize("backend", ["clarabel", TIGHT_CLARABEL, "osqp"])
 def test_full_suite(backend):
-    """Every class and check (~5 s each).  Expected failures: KNOWN_ENGINE_FAILURES, and
-    the one-sided FFO (grad-ffo) on cone instances (see the module docstring)."""
+    """Every class and check (~5 s each): no failure."""
     report = Suite(backend).run()
-    cone_ffo = {(r.instance, r.check) for r in report.results if r.check == "grad-ffo"
-                and r.group.split("/")[0] in ("socp", "exp", "sdp")}
-    unexpected = _unexpected(report, set(KNOWN_ENGINE_FAILURES) | cone_ffo)
+    unexpected = _unexpected(report)
     assert not unexpected, "\n".join(unexpected)
     assert not [r for r in report.results if r.outcome == "error"]
