@@ -78,13 +78,20 @@ def block_slices(dims: ConeDims):
 
 
 def classify(sol: Solution, dims: ConeDims, *, tau_s: float | None = None,
-             tau_lam: float | None = None) -> ActiveSet:
-    """Active set of ``sol`` for cones ``dims`` (thresholds default to the solver's accuracy)."""
+             tau_lam: float | None = None, rhs: np.ndarray | None = None) -> ActiveSet:
+    """Active set of ``sol`` for cones ``dims`` (thresholds default to the solver's accuracy).
+
+    With ``rhs`` (the constraint's ``h``) the slack threshold of a nonnegative row is scaled
+    by that row's own size, ``max(1, |h_i|, |(G y)_i|)``, instead of the largest slack: a
+    budget row ``1'y <= 3`` with slack ~n/3 no longer inflates the threshold of every unit
+    bound row.
+    """
     s, lam = np.asarray(sol.slack), np.asarray(sol.ineq_dual)
     m = s.shape[0]
     acc = sol.info.accuracy if sol.info.accuracy and sol.info.accuracy > 0 \
         else DEFAULT_ACCURACY
     root = np.sqrt(max(acc, 1e-16))
+    tau_s_given = tau_s
     if tau_s is None:
         tau_s = root * max(1.0, float(np.max(np.abs(s), initial=0.0)))
     if tau_lam is None:
@@ -95,8 +102,12 @@ def classify(sol: Solution, dims: ConeDims, *, tau_s: float | None = None,
     weak = np.zeros(m, dtype=bool)
     nn = slice(0, dims.nonneg)
     s_nn, lam_nn = np.maximum(s[nn], 0.0), np.maximum(lam[nn], 0.0)
-    locked[nn] = s_nn * tau_lam < lam_nn * tau_s
-    weak[nn] = (s_nn <= tau_s) & (lam_nn <= tau_lam)
+    tau_rows = tau_s
+    if rhs is not None and tau_s_given is None:
+        h_nn = np.asarray(rhs)[nn]
+        tau_rows = root * np.maximum(1.0, np.maximum(np.abs(h_nn), np.abs(h_nn - s[nn])))
+    locked[nn] = s_nn * tau_lam < lam_nn * tau_rows
+    weak[nn] = (s_nn <= tau_rows) & (lam_nn <= tau_lam)
 
     soc, exp, psd = [], 0, []
     weak_blocks = np.zeros(m, dtype=bool)

@@ -277,7 +277,8 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     if not np.any(c):
         zero = lagrangian_gradient(g, h, e, y, nu, lam)
         return zero - zero
-    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam)
+    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam,
+                      rhs=h.h)
     curved = bool(active.kept.any())
     central = options.central if options.central is not None else curved
     delta = choose_delta(y, c, sol.info.accuracy, replace(options, central=central))

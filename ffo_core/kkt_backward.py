@@ -105,7 +105,8 @@ def kkt_backward(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
     if h.dims.kinds - {"nonneg"}:
         return kkt_backward_cones(g, h, e, sol, c, options)
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
-    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam)
+    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam,
+                      rhs=h.h)
     locked = np.flatnonzero(active.locked)
     n, p, k = g.n, e.p, locked.size
     GL = h.G.tocsr()[locked]
@@ -152,7 +153,8 @@ def kkt_backward_cones(g: Objective, h: ConeConstraints, e: Equalities, sol: Sol
     """
     options = options or FFOOptions()
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
-    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam)
+    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam,
+                      rhs=h.h)
     n, p = g.n, e.p
     blocks = cone_jacobian_blocks(h, sol, active)
     locked = np.flatnonzero(active.locked)

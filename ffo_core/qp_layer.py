@@ -364,7 +364,7 @@ class FFOQPLayer(torch.nn.Module):
             y, nu0, lam0 = grad.base
         else:
             active = classify(sol, h.dims, tau_s=self.options.tau_s,
-                              tau_lam=self.options.tau_lam)
+                              tau_lam=self.options.tau_lam, rhs=h.h)
             y, nu0 = sol.primal, sol.eq_dual
             lam0 = np.where(active.ghost_rows, sol.ineq_dual, 0.0)
         rec = _Record({"p": grad.q, "h": grad.h, "b": grad.b}, {}, {}, grad.diagnostics)
