@@ -265,7 +265,9 @@ def lagrangian_gradient_derivative(g: Objective, h: ConeConstraints, e: Equaliti
     """
     plus = lagrangian_gradient(g, h, e, *(x + w for x, w in zip(base, direction)))
     minus = lagrangian_gradient(g, h, e, *(x - w for x, w in zip(base, direction)))
-    return (plus - minus) / 2.0
+    grad = (plus - minus) / 2.0
+    grad.base, grad.direction = tuple(base), tuple(direction)
+    return grad
 
 
 def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
@@ -304,7 +306,6 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
         direction = tuple((u - f) / delta for u, f in zip(upper, forward))
         base = forward
     grad = lagrangian_gradient_derivative(g, h, e, base, direction)
-    grad.base, grad.direction = base, direction
     grad.diagnostics = {"delta": delta, "central": bool(central),
                         "locked": int(active.locked.sum()), "kept": int(active.kept.sum()),
                         "weak": int(active.weak.sum()),

@@ -60,7 +60,7 @@ import scipy.sparse.linalg as spla
 from . import kkt_cones
 from .active_set import ActiveSet, block_slices, classify
 from .errors import SolverError
-from .ffo_backward import DataGradient, FFOOptions, lagrangian_gradient
+from .ffo_backward import DataGradient, FFOOptions, lagrangian_gradient_derivative
 from .protocol import ConeConstraints, Equalities, Objective, Solution
 
 
@@ -120,9 +120,7 @@ def kkt_backward(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
     z_lam = np.zeros(h.m)
     z_lam[locked] = w[n + p:]
     lam_L = np.where(active.locked, lam, 0.0)
-    plus = lagrangian_gradient(g, h, e, y + z, nu + z_nu, lam_L + z_lam)
-    minus = lagrangian_gradient(g, h, e, y - z, nu - z_nu, lam_L - z_lam)
-    grad = (plus - minus) / 2.0
+    grad = lagrangian_gradient_derivative(g, h, e, (y, nu, lam_L), (z, z_nu, z_lam))
     grad.diagnostics = {"locked": int(k), "weak": int(active.weak.sum())}
     return grad
 
@@ -175,9 +173,7 @@ def kkt_backward_cones(g: Objective, h: ConeConstraints, e: Equalities, sol: Sol
     z_lam[rows] = D @ w[n + p:]
     base = np.zeros(h.m)
     base[rows] = lam[rows]
-    plus = lagrangian_gradient(g, h, e, y + z, nu + z_nu, base + z_lam)
-    minus = lagrangian_gradient(g, h, e, y - z, nu - z_nu, base - z_lam)
-    grad = (plus - minus) / 2.0
+    grad = lagrangian_gradient_derivative(g, h, e, (y, nu, base), (z, z_nu, z_lam))
     grad.diagnostics = {"locked": int(locked.size), "kept": int(sum(r.stop - r.start
                                                                     for r, _ in blocks)),
                         "weak": int(active.weak.sum()),
