@@ -13,8 +13,9 @@ Native conventions and how they map to the protocol (:mod:`ffo_core.protocol`):
   sqrt(2)-scaled) are the protocol's layouts already.
 
 Settings are Clarabel's ``DefaultSettings`` attribute names (``tol_gap_abs``, ``max_iter``,
-``time_limit`` in seconds, ...).  ``verbose`` defaults to False.  :meth:`ClarabelBackend.with_settings`
-returns a configured copy (how ``FFOLayer(time_limit=...)`` sets the limit).
+``time_limit`` in seconds, ...).  ``verbose`` defaults to False.
+:meth:`ClarabelBackend.with_settings` returns a configured copy (how
+``FFOLayer(time_limit=...)`` sets the limit).
 
 Thread safety: every ``solve`` builds its own ``DefaultSolver``; the adapter keeps no
 mutable state, so one instance may be used from many threads.  Clarabel is an interior

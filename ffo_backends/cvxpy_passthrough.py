@@ -267,6 +267,17 @@ class CvxpyBackend(BackendBase):
             return extra + sorted(self._given)
         return list(self._options) + extra
 
+    def with_settings(self, **settings: Any) -> "CvxpyBackend":
+        """A new backend (own problem cache) for the same solver with ``settings`` added to
+        or replacing this one's; ``time_limit`` is translated where the solver's option is
+        known (:data:`TIME_LIMIT`) and a :class:`ConfigError` otherwise."""
+        if "time_limit" in settings and self.solver not in TIME_LIMIT:
+            raise ConfigError(f"cvxpy:{self.solver}: no known time-limit option for this "
+                              f"solver (known for {', '.join(sorted(TIME_LIMIT))}); pass "
+                              "the solver's own option in the config string instead")
+        return type(self)(self.solver, **{**self.settings, "cache_size": self.cache_size,
+                                          **settings})
+
     def __repr__(self) -> str:
         return f"<CvxpyBackend cvxpy:{self.solver}>"
 

@@ -110,6 +110,15 @@ class EcosBackend(BackendBase):
     def setting_names(self):
         return ECOS_SETTINGS
 
+    def with_settings(self, **settings) -> "EcosBackend":
+        """A new backend with ``settings`` added to or replacing this one's.  ECOS has no
+        time limit: ``time_limit`` is a :class:`ConfigError` (bound the work with
+        ``max_iters`` instead)."""
+        if "time_limit" in settings:
+            raise ConfigError("ECOS has no time limit; bound its work with max_iters "
+                              "(e.g. \"ecos:max_iters=50\") or choose another backend")
+        return type(self)(**{**self.settings, **settings})
+
     def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
               extra_linear_term=None, *, warm_start=None) -> Solution:
         import ecos

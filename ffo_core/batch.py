@@ -1,16 +1,29 @@
-"""Solve many independent samples with one backend, and turn bad statuses into errors.
+"""Solve many independent samples with one backend, and turn bad outcomes into errors.
 
 Samples run in a thread pool when the backend declares itself thread safe (the solvers we
 wrap release the GIL while they work); ``n_jobs=1`` runs them in order.
+
+Every way a solve can go wrong becomes a typed error naming the backend and the batch
+index, never a NaN or a silently wrong value:
+
+* a status without a solution (infeasible, unbounded, iteration/time limit, numerical
+  error): :func:`check_solutions` -> :class:`SolverError`;
+* an inaccurate solution: the ``inaccurate`` policy (``"warn"``, ``"raise"``, ``"ignore"``);
+* an exception raised inside the backend's ``solve``, or a malformed answer (an "optimal"
+  solution with NaN/Inf or missing/misshaped arrays): :class:`GuardedBackend` ->
+  :class:`SolverError` (:class:`GhostProblemError` for the backward pass's ghost solves),
+  the original exception as ``__cause__``.
 """
 from __future__ import annotations
 
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-from .errors import SolverError
+import numpy as np
+
+from .errors import FFOError, GhostProblemError, SolverError
 from .protocol import Backend, Solution, Status
 
 T = TypeVar("T")
@@ -22,6 +35,12 @@ class InaccurateSolutionWarning(UserWarning):
     """A solver returned a solution it flags as inaccurate (``Status.OPTIMAL_INACCURATE``)."""
 
 
+def backend_name(backend: Any) -> str:
+    """The backend's ``name`` (its class name if it has none)."""
+    name = getattr(backend, "name", None)
+    return name if isinstance(name, str) and name else type(backend).__name__
+
+
 def default_jobs(backend: Backend, batch: int) -> int:
     """Threads for a batch: one per core, one if the backend is not thread safe."""
     if not getattr(backend.capabilities, "thread_safe", False):
@@ -30,18 +49,59 @@ def default_jobs(backend: Backend, batch: int) -> int:
 
 
 def run_batch(fn: Callable[[int], T], batch: int, n_jobs: int) -> list[T]:
-    """``[fn(0), ..., fn(batch - 1)]``, in a thread pool when ``n_jobs > 1``."""
+    """``[fn(0), ..., fn(batch - 1)]``, in a thread pool when ``n_jobs > 1``.
+
+    If some calls raise, the exception of the lowest failing index is raised (after the
+    pool has finished: no worker thread outlives the call).
+    """
     if n_jobs <= 1 or batch <= 1:
         return [fn(i) for i in range(batch)]
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:
         return list(pool.map(fn, range(batch)))
 
 
+_ARRAYS = ("primal", "eq_dual", "ineq_dual", "slack")
+
+
+def solution_problem(sol: Any, n: int | None = None, p: int | None = None,
+                     m: int | None = None) -> str | None:
+    """What is wrong with a backend's answer, or ``None`` if it is a usable protocol
+    :class:`Solution`: a ``Status``; when the status has a solution, all four arrays
+    present, 1-D of the expected sizes (where given) and finite."""
+    status = getattr(sol, "status", None)
+    if not isinstance(status, Status):
+        return (f"an answer of type {type(sol).__name__} whose status {status!r} is not a "
+                "protocol Status")
+    if not status.has_solution:
+        return None
+    sizes = {"primal": n, "eq_dual": p, "ineq_dual": m, "slack": m}
+    for field in _ARRAYS:
+        value = getattr(sol, field, None)
+        if value is None:
+            return f"status {status.value} but no {field}"
+        try:
+            arr = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            return f"status {status.value} but a non-numeric {field}"
+        want = sizes[field]
+        if arr.ndim != 1 or (want is not None and arr.shape[0] != want):
+            return (f"status {status.value} but {field} of shape {arr.shape}, expected "
+                    f"({'?' if want is None else want},)")
+        if not np.all(np.isfinite(arr)):
+            return f"status {status.value} but NaN or Inf in {field}"
+    return None
+
+
 def check_solutions(solutions: Sequence[Solution], backend: Backend,
                     inaccurate: str = "warn", what: str = "forward") -> None:
     """Raise :class:`SolverError` naming the first sample without a usable solution."""
-    name = getattr(backend, "name", type(backend).__name__)
+    name = backend_name(backend)
     for i, sol in enumerate(solutions):
+        bad = solution_problem(sol)
+        if bad is not None:
+            raise SolverError(f"{what} solve of batch index {i}: solver {name} returned "
+                              f"{bad}", status=getattr(sol, "status", None),
+                              batch_index=i, backend=name)
         if not sol.status.has_solution:
             meaning = {
                 Status.INFEASIBLE: "the problem is infeasible",
@@ -61,3 +121,79 @@ def check_solutions(solutions: Sequence[Solution], backend: Backend,
             if inaccurate == "raise":
                 raise SolverError(message, status=sol.status, batch_index=i, backend=name)
             warnings.warn(message, InaccurateSolutionWarning, stacklevel=3)
+
+
+class GuardedBackend:
+    """A backend seen through a guard: ``solve`` returns a well-formed protocol
+    :class:`Solution` or raises a typed error naming the backend and ``batch_index``.
+
+    * An exception raised inside the backend's ``solve`` that is not one of ours becomes a
+      :class:`SolverError` (``ghost=True``: :class:`GhostProblemError`) with the original as
+      ``__cause__``.  A :class:`SolverError` of the backend's own gets the batch index (and,
+      for a ghost solve, is re-raised as a :class:`GhostProblemError`); other ``FFOError``\\ s
+      (a :class:`ConfigError` found at solve time) pass unchanged.
+    * A malformed answer (:func:`solution_problem`) is an error of the same class.
+    * ``ghost=True`` also applies the ``inaccurate`` policy to the ghost solve (the forward
+      pass applies it in :func:`check_solutions`).  A status without a solution is returned
+      as it is: the caller decides (the forward pass in :func:`check_solutions`, the ghost
+      in :func:`ffo_core.ffo_backward.solve_ghost`, which explains the usual causes).
+
+    Everything else (``name``, ``capabilities``, settings) is the wrapped backend's.
+    """
+
+    def __init__(self, backend: Backend, batch_index: int | None = None, *,
+                 ghost: bool = False, inaccurate: str = "ignore") -> None:
+        self._backend = backend
+        self.batch_index = batch_index
+        self.ghost = ghost
+        self.inaccurate = inaccurate
+        self.name = backend_name(backend)
+        self.capabilities = backend.capabilities
+
+    def __getattr__(self, attr: str):
+        if attr == "_backend":          # not set yet (copy, pickle): no recursion
+            raise AttributeError(attr)
+        return getattr(self._backend, attr)
+
+    def _where(self) -> str:
+        what = "backward (ghost) solve" if self.ghost else "forward solve"
+        return what if self.batch_index is None else f"{what} of batch index {self.batch_index}"
+
+    def solve(self, g, h, e, *args, **kwargs) -> Solution:
+        error = GhostProblemError if self.ghost else SolverError
+        try:
+            sol = self._backend.solve(g, h, e, *args, **kwargs)
+        except GhostProblemError as exc:
+            if exc.batch_index is None:
+                exc.batch_index = self.batch_index
+            raise
+        except SolverError as exc:
+            if self.ghost:
+                raise GhostProblemError(f"{self._where()}: {exc}", status=exc.status,
+                                        batch_index=self.batch_index,
+                                        backend=exc.backend or self.name) from exc
+            if exc.batch_index is None:
+                exc.batch_index = self.batch_index
+                exc.args = (f"{self._where()}: {exc.args[0] if exc.args else exc}",)
+            exc.backend = exc.backend or self.name
+            raise
+        except FFOError:
+            raise
+        except Exception as exc:
+            raise error(f"{self._where()}: backend {self.name!r} raised "
+                        f"{type(exc).__name__}: {exc}", batch_index=self.batch_index,
+                        backend=self.name) from exc
+        bad = solution_problem(sol, g.n, e.p, h.m)
+        if bad is not None:
+            raise error(f"{self._where()}: backend {self.name!r} returned {bad}",
+                        status=getattr(sol, "status", None), batch_index=self.batch_index,
+                        backend=self.name)
+        if self.ghost and sol.status is Status.OPTIMAL_INACCURATE \
+                and self.inaccurate != "ignore":
+            message = (f"{self._where()}: backend {self.name!r} returned an inaccurate "
+                       f"solution ({sol.info.raw_status})")
+            if self.inaccurate == "raise":
+                raise GhostProblemError(message, status=sol.status,
+                                        batch_index=self.batch_index, backend=self.name)
+            warnings.warn(message, InaccurateSolutionWarning, stacklevel=2)
+        return sol

@@ -5,13 +5,19 @@ training loop can ``except ffo_core.FFOError`` and know it caught *our* report
 of a problem (bad input, solver failure, missing backend), not a bug.
 
     FFOError
-    ├── InvalidParameterError (also ValueError)  bad parameter value/shape/dtype
+    ├── InvalidParameterError (also ValueError)  bad parameter value/shape/dtype/device,
+    │                                            or a value outside its declared attributes
+    ├── InvalidGradientError (also ValueError)   NaN/Inf in the gradient entering backward
     ├── ProblemError (also ValueError)           the CVXPY problem cannot be compiled
     │   └── NotDPPError                          ... because it is not DPP
     ├── ConfigError (also ValueError)            bad solver config string or setting
     ├── BackendUnavailable                       unknown name, missing package/licence
     └── SolverError                              a solve did not give a usable answer
         └── GhostProblemError                    ... the backward (ghost) solve failed
+
+Warnings (not errors; ``warnings.warn`` categories): :class:`GradientHealthWarning` (the
+optional gradient health check of ``FFOLayer(check_every=N)`` found the first-order gradient
+far from the exact one) and ``ffo_core.batch.InaccurateSolutionWarning``.
 """
 from __future__ import annotations
 
@@ -22,6 +28,14 @@ class FFOError(Exception):
 
 class InvalidParameterError(FFOError, ValueError):
     """A parameter tensor is unusable: wrong shape, NaN/Inf, inconsistent batch."""
+
+
+class InvalidGradientError(FFOError, ValueError):
+    """The gradient flowing into a layer's output in the backward pass has NaN or Inf.
+
+    It comes from the loss or from a layer after this one; the layer refuses to turn it into
+    ghost problems (whose data would be NaN) or parameter gradients.
+    """
 
 
 class ProblemError(FFOError, ValueError):
@@ -58,3 +72,8 @@ class SolverError(FFOError):
 
 class GhostProblemError(SolverError):
     """The ghost (active-set-reduced, perturbed) problem of the backward pass failed."""
+
+
+class GradientHealthWarning(UserWarning):
+    """The gradient health check (``FFOLayer(check_every=N)``) measured a cosine similarity
+    between the first-order and the exact KKT gradient below ``check_threshold``."""

@@ -4,25 +4,49 @@ Call conventions (as CvxpyLayer): ``layer(*param_tensors)`` returns a tuple with
 per entry of ``variables``.  A parameter tensor has the parameter's shape (unbatched) or one
 extra leading batch dimension; unbatched parameters are broadcast over the batch, and their
 gradient is the sum of the per-sample gradients.  If no parameter is batched the outputs
-have no batch dimension.  Outputs take the dtype (float32 or float64) and device of the
-inputs; solves run in float64 on the CPU.
+have no batch dimension.  Solves run in float64 on the CPU.  Outputs take torch's promotion
+of the floating inputs' dtypes (float32 with float64 gives float64; float64 when no input is
+floating) and the inputs' device (one device for all, e.g. CUDA: data is copied to the CPU
+and results back); each parameter's gradient takes that parameter's dtype.
+
+Reliability (docs/reliability.md): bad input is refused before anything is solved with an
+:class:`~ffo_core.errors.InvalidParameterError` naming the parameter; every failure of a
+solve is a :class:`~ffo_core.errors.SolverError` naming the backend and the batch index;
+options ``inaccurate``, ``ghost_fallback``, ``time_limit`` and ``check_every`` set the
+policies.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import logging
+import math
+import threading
+import warnings
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
-from .batch import INACCURATE_POLICIES, check_solutions, default_jobs, run_batch
+from .active_set import classify
+from .batch import (INACCURATE_POLICIES, GuardedBackend, backend_name, check_solutions,
+                    default_jobs, run_batch)
 from .compile import CompiledProblem, Slot, compile_problem
-from .errors import ConfigError, InvalidParameterError, ProblemError, SolverError
-from .ffo_backward import FFOOptions, ffo_backward
+from .errors import (ConfigError, GhostProblemError, GradientHealthWarning,
+                     InvalidGradientError, InvalidParameterError, ProblemError, SolverError)
+from .ffo_backward import DataGradient, FFOOptions, choose_delta, ffo_backward
 from .kkt_backward import kkt_backward
-from .protocol import Backend, Solution
+from .protocol import Backend, Solution, Status
 from .registry import available_backends, get_backend
 
 BACKWARDS = ("ffo", "kkt")
+#: ``ghost_fallback`` policies (see :class:`FFOLayer`).
+GHOST_FALLBACKS = ("raise", "smaller-delta", "kkt", "smaller-delta+kkt")
+#: Entries kept in ``FFOLayer.health_log`` (the oldest are dropped).
+HEALTH_LOG_SIZE = 1000
+
+logger = logging.getLogger("ffo_core")
 
 
 def _flatten_f(values: np.ndarray, batch: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -47,20 +71,129 @@ class _Batch:
     param_dtypes: list[torch.dtype]
 
 
-def _inspect_params(slots: list[Slot], tensors) -> _Batch:
-    """Validate shapes, finiteness and batch sizes before anything is solved."""
+@dataclass(frozen=True)
+class _ValueRule:
+    """A declared CVXPY attribute that constrains a parameter's values (``nonneg=True``...).
+
+    Plain data (the layer stays picklable); :meth:`bad` marks the entries of a tensor
+    (batched or not) that violate it.
+    """
+
+    kind: str                                   # nonneg, pos, nonpos, neg, boolean, ...
+    text: str                                   # e.g. "nonneg=True (values >= 0)"
+    mask: np.ndarray | None = None              # boolean/integer: the constrained entries
+    lo: np.ndarray | None = None                # bounds
+    hi: np.ndarray | None = None
+
+    def bad(self, t: torch.Tensor) -> torch.Tensor:
+        kind = self.kind
+        if kind == "nonneg":
+            return t < 0
+        if kind == "pos":
+            return t <= 0
+        if kind == "nonpos":
+            return t > 0
+        if kind == "neg":
+            return t >= 0
+        if kind in ("boolean", "integer"):
+            wrong = (t != 0) & (t != 1) if kind == "boolean" else t != torch.round(t)
+            return wrong & torch.as_tensor(self.mask, device=t.device)
+        out = torch.zeros(t.shape, dtype=torch.bool, device=t.device)      # bounds
+        if self.lo is not None:
+            out |= t < torch.as_tensor(self.lo, device=t.device)
+        if self.hi is not None:
+            out |= t > torch.as_tensor(self.hi, device=t.device)
+        return out
+
+
+#: Attributes whose parameters CVXPY replaces by a smaller one during canonicalisation (the
+#: layer cannot map the user's tensor onto it), or that are complex.
+_REDUCED_ATTRIBUTES = ("PSD", "NSD", "symmetric", "diag", "hermitian", "complex", "imag",
+                       "sparsity")
+_SIGNS = {"nonneg": ">= 0", "pos": "> 0", "nonpos": "<= 0", "neg": "< 0"}
+
+
+def _index_mask(shape: tuple[int, ...], idx) -> np.ndarray:
+    """Boolean mask of the entries CVXPY's ``boolean_idx``/``integer_idx`` name."""
+    if shape == ():
+        return np.array(True)
+    mask = np.zeros(shape, dtype=bool)
+    if isinstance(idx, list):
+        for ix in idx:
+            mask[tuple(ix) if isinstance(ix, (tuple, list)) else ix] = True
+    else:
+        mask[idx] = True
+    return mask
+
+
+def _value_rules(param) -> list[_ValueRule]:
+    """The value constraints a ``cp.Parameter``'s declared attributes impose."""
+    attrs = getattr(param, "attributes", {}) or {}
+    rules = [_ValueRule(attr, f"{attr}=True (values {text})")
+             for attr, text in _SIGNS.items() if attrs.get(attr)]
+    shape = tuple(param.shape)
+    for attr, text in (("boolean", "values 0 or 1"), ("integer", "integer values")):
+        if attrs.get(attr):
+            mask = _index_mask(shape, getattr(param, f"{attr}_idx", None))
+            rules.append(_ValueRule(attr, f"{attr} ({text})", mask=mask))
+    bounds = attrs.get("bounds")
+    if bounds is not None:
+        lo, hi = (None if b is None else np.asarray(b, dtype=float) for b in bounds)
+        rules.append(_ValueRule("bounds", "bounds (values within the declared bounds)",
+                                lo=lo, hi=hi))
+    return rules
+
+
+def _bad_batch_indices(mask: torch.Tensor, batched: bool) -> str:
+    """`` at batch index [i, ...]`` for the samples of a batched tensor with a marked entry."""
+    if not batched:
+        return ""
+    bad = mask.reshape(mask.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+    return f" at batch index {bad[:5]}" + (" (and more)" if len(bad) > 5 else "")
+
+
+def _inspect_params(slots: list[Slot], tensors, rules: list[list[_ValueRule]] | None = None
+                    ) -> _Batch:
+    """Validate types, devices, shapes, finiteness, declared attributes and batch sizes
+    before anything is solved; every error names the parameter.
+
+    dtype policy: floating (float16/bfloat16/float32/float64) and int32/int64 tensors are
+    accepted and solved in float64; the outputs take torch's promotion of the floating
+    inputs' dtypes (float32 with float64 -> float64; float64 when none is floating); each
+    parameter's gradient takes that parameter's own dtype.  Complex, bool and other integer
+    dtypes are refused.  Device policy: all parameters on one device; data is copied to the
+    CPU for the solver and outputs/gradients are returned on that device; the ``meta``
+    device (no data) is refused.
+    """
     if len(tensors) != len(slots):
         raise InvalidParameterError(
             f"the layer takes {len(slots)} parameter tensors "
             f"({', '.join(s.name for s in slots)}), got {len(tensors)}")
-    sizes, batched = {}, []
     for slot, t in zip(slots, tensors):
         if not isinstance(t, torch.Tensor):
             raise InvalidParameterError(f"parameter {slot.name}: expected a torch.Tensor, "
                                         f"got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise InvalidParameterError(f"parameter {slot.name}: {t.layout} tensors are not "
+                                        "supported by FFOLayer; pass a dense tensor "
+                                        "(.to_dense()) or use FFOQPLayer for sparse data")
+        if t.is_complex():
+            raise InvalidParameterError(
+                f"parameter {slot.name}: dtype {t.dtype} is complex; the layer is real "
+                "(pass the real and imaginary parts as two real parameters)")
         if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
             raise InvalidParameterError(f"parameter {slot.name}: dtype {t.dtype} is not "
                                         "a real number type")
+        if t.device.type == "meta":
+            raise InvalidParameterError(f"parameter {slot.name} is on the meta device and "
+                                        "has no values to solve with")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        where = ", ".join(f"{s.name}: {t.device}" for s, t in zip(slots, tensors))
+        raise InvalidParameterError(f"parameters are on different devices ({where}); "
+                                    "move them to one device")
+    sizes, batched = {}, []
+    for k, (slot, t) in enumerate(zip(slots, tensors)):
         shape = tuple(t.shape)
         if shape == slot.shape:
             batched.append(False)
@@ -71,26 +204,57 @@ def _inspect_params(slots: list[Slot], tensors) -> _Batch:
             raise InvalidParameterError(
                 f"parameter {slot.name}: expected shape {slot.shape} or "
                 f"(batch, {', '.join(map(str, slot.shape))}), got {shape}")
-        finite = torch.isfinite(t.detach())
+        values = t.detach()
+        finite = torch.isfinite(values)
         if not bool(finite.all()):
-            where = ""
-            if batched[-1]:
-                bad = (~finite).reshape(shape[0], -1).any(dim=1).nonzero().flatten()
-                where = f" at batch index {bad[:5].tolist()}"
-            raise InvalidParameterError(f"parameter {slot.name} contains NaN or Inf{where}")
+            raise InvalidParameterError(f"parameter {slot.name} contains NaN or Inf"
+                                        f"{_bad_batch_indices(~finite, batched[-1])}")
+        for rule in (rules[k] if rules else ()):
+            bad = rule.bad(values)
+            if bool(bad.any()):
+                first = values[bad].flatten()[0].item()
+                raise InvalidParameterError(
+                    f"parameter {slot.name} violates its declared attribute {rule.text}"
+                    f"{_bad_batch_indices(bad, batched[-1])} (e.g. {first:g})")
     if len(set(sizes.values())) > 1:
         raise InvalidParameterError(f"inconsistent batch sizes: {sizes}")
     batch = next(iter(sizes.values()), 1)
     if batch == 0:
         raise InvalidParameterError("batch size is 0")
     floats = [t.dtype for t in tensors if t.is_floating_point()]
-    dtype = torch.float64 if torch.float64 in floats or not floats else floats[0]
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise InvalidParameterError(f"parameters are on different devices: {devices}")
+    dtype = functools.reduce(torch.promote_types, floats) if floats else torch.float64
     return _Batch(batch, batched, bool(sizes), dtype,
                   devices.pop() if devices else torch.device("cpu"),
                   [t.dtype for t in tensors])
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(a @ b / (na * nb))
+
+
+def _with_time_limit(backend: Backend, seconds: float) -> Backend:
+    """A copy of ``backend`` with a per-solve time limit; ``backend`` is not modified."""
+    name = backend_name(backend)
+    copy = getattr(backend, "with_settings", None)
+    if not callable(copy):
+        raise ConfigError(
+            f"time_limit={seconds:g}: backend {name!r} cannot take a time limit: it has no "
+            "with_settings(**settings) method returning a copy with new settings "
+            "(see docs/reliability.md); set the limit in its own settings instead")
+    try:
+        limited = copy(time_limit=seconds)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"time_limit={seconds:g}: backend {name!r} has no time limit: "
+                          f"{exc}") from exc
+    if limited is backend:
+        raise ConfigError(f"time_limit: backend {name!r}'s with_settings() returned the "
+                          "backend itself; it must return a copy")
+    return limited
 
 
 class FFOLayer(torch.nn.Module):
@@ -104,29 +268,95 @@ class FFOLayer(torch.nn.Module):
             ``"clarabel:tol_gap_abs=1e-10,tol_gap_rel=1e-10"``.
         backward: ``"ffo"`` (first-order, default) or ``"kkt"`` (exact implicit
             differentiation, factorises the reduced KKT matrix).
-        delta, kappa, central, tau_s, tau_lam: see :class:`ffo_core.ffo_backward.FFOOptions`.
+        delta, kappa, central, tau_s, tau_lam: see :class:`ffo_core.ffo_backward.FFOOptions`
+            (``central=None``, the default, is central exactly when the ghost keeps a
+            curved cone block).
         n_jobs: threads for per-sample solves (default: one per core if the backend is
             thread safe).
-        inaccurate: what to do with an inaccurate solve: ``"warn"`` (default),
-            ``"raise"`` (a :class:`SolverError`) or ``"ignore"``.
+        inaccurate: what to do with an inaccurate solve (forward or ghost): ``"warn"``
+            (default, an :class:`~ffo_core.batch.InaccurateSolutionWarning`), ``"raise"``
+            (a :class:`SolverError`; :class:`GhostProblemError` for a ghost) or ``"ignore"``.
+            ``last_status`` holds every sample's status of the last forward pass.
+        ghost_fallback: what to do when a sample's ghost problem fails
+            (:class:`GhostProblemError`: a bad status, an exception in the backend, a
+            malformed or non-finite answer): ``"raise"`` (default), ``"smaller-delta"``
+            (retry with delta/10, then delta/100), ``"kkt"`` (that sample's exact KKT
+            gradient) or ``"smaller-delta+kkt"`` (both, in that order).  Which one was used
+            is ``last_diagnostics[i]["ghost_fallback"]``.
+        time_limit: seconds per solve (forward and ghost), passed to the backend through
+            its ``with_settings(time_limit=...)`` copy (the backend given is not modified);
+            a backend without a time limit is a :class:`ConfigError` here.  A solve that
+            runs out of time is a :class:`SolverError` with status ``time_limit``.
+        check_every: gradient health check: every ``check_every``-th backward call (0 or
+            None: never) compares the first-order gradient of one sample (the first with a
+            nonzero upstream gradient) with the exact KKT gradient, logs the cosine
+            similarity (logger ``"ffo_core"``), appends it to ``health_log`` and warns
+            (:class:`~ffo_core.errors.GradientHealthWarning`) below ``check_threshold``.
+        check_threshold: cosine similarity below which the health check warns (0.99).
+        check_rel_tol: relative error ``||g_ffo - g_kkt|| / ||g_kkt||`` above which the
+            health check also warns (default 0.1; None: cosine only).  A gradient can point
+            the right way with the wrong length (found: cosine 0.994 at 74% error).
 
     The problem is canonicalised once, here; a call only does sparse mat-muls and solves.
-    ``last_diagnostics`` holds, after a backward pass, per-sample details (delta, sizes of
-    the active set, weakly active rows).
+    Bad input is refused before solving (:func:`_inspect_params`); every failure is an
+    :class:`~ffo_core.errors.FFOError` subclass naming the parameter or the batch index
+    (see docs/reliability.md).  ``last_diagnostics`` holds, after a backward pass,
+    per-sample details (delta, sizes of the active set, weakly active rows, fallback).
+    One layer may be called from several threads at once; ``last_*`` then describe the
+    most recent call of any thread.
     """
 
     def __init__(self, problem, parameters, variables, solver: str | Backend = "clarabel", *,
                  backward: str = "ffo", delta: float | None = None,
-                 kappa: float | None = None, central: bool = False,
+                 kappa: float | None = None, central: bool | None = None,
                  tau_s: float | None = None, tau_lam: float | None = None,
-                 n_jobs: int | None = None, inaccurate: str = "warn") -> None:
+                 n_jobs: int | None = None, inaccurate: str = "warn",
+                 ghost_fallback: str = "raise", time_limit: float | None = None,
+                 check_every: int | None = None, check_threshold: float = 0.99,
+                 check_rel_tol: float | None = 0.1) -> None:
         super().__init__()
         if backward not in BACKWARDS:
             raise ConfigError(f"backward must be one of {BACKWARDS}, got {backward!r}")
         if inaccurate not in INACCURATE_POLICIES:
             raise ConfigError(f"inaccurate must be one of {INACCURATE_POLICIES}, "
                               f"got {inaccurate!r}")
-        self.backend = get_backend(solver)
+        if ghost_fallback not in GHOST_FALLBACKS:
+            raise ConfigError(f"ghost_fallback must be one of {GHOST_FALLBACKS}, "
+                              f"got {ghost_fallback!r}")
+        if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool)
+                                   or n_jobs < 1):
+            raise ConfigError(f"n_jobs must be a positive int or None, got {n_jobs!r}")
+        check_every = 0 if check_every is None else check_every
+        if not isinstance(check_every, int) or isinstance(check_every, bool) \
+                or check_every < 0:
+            raise ConfigError(f"check_every must be a nonnegative int or None, "
+                              f"got {check_every!r}")
+        if not _is_number(check_threshold) or not -1.0 <= check_threshold <= 1.0:
+            raise ConfigError(f"check_threshold must be a number in [-1, 1], "
+                              f"got {check_threshold!r}")
+        if check_rel_tol is not None and (not _is_number(check_rel_tol)
+                                          or check_rel_tol <= 0):
+            raise ConfigError(f"check_rel_tol must be a positive number or None, "
+                              f"got {check_rel_tol!r}")
+        if time_limit is not None and (not _is_number(time_limit) or
+                                       not 0 < time_limit < math.inf):
+            raise ConfigError(f"time_limit must be a positive number of seconds or None, "
+                              f"got {time_limit!r}")
+        parameters, variables = list(parameters), list(variables)
+        for prm in parameters:
+            attrs = getattr(prm, "attributes", None) or {}
+            declared = [a for a in _REDUCED_ATTRIBUTES if attrs.get(a)]
+            if declared:
+                raise ProblemError(
+                    f"parameter {prm.name()} is declared with {declared[0]}=True: CVXPY "
+                    "replaces such a parameter by a smaller one during canonicalisation, "
+                    "so a layer cannot take its full tensor; declare it as a plain "
+                    f"cp.Parameter({tuple(prm.shape)}) and pass values with the property "
+                    "(e.g. L @ L.T for PSD, (M + M.T)/2 for symmetric)")
+        backend = get_backend(solver)
+        if time_limit is not None:
+            backend = _with_time_limit(backend, float(time_limit))
+        self.backend = backend
         caps = self.backend.capabilities
         self.compiled: CompiledProblem = compile_problem(
             problem, parameters, variables, quadratic=caps.quadratic_objective)
@@ -138,12 +368,22 @@ class FFOLayer(torch.nn.Module):
             raise ProblemError(f"backend {self.backend.name!r} does not support the "
                                f"{', '.join(sorted(missing))} cone(s) this problem needs; "
                                f"backends that do: {', '.join(able) or 'none'}")
+        self._rules = [_value_rules(prm) for prm in parameters]
         self.backward_mode = backward
         self.options = FFOOptions(delta=delta, kappa=kappa, central=central, tau_s=tau_s,
                                   tau_lam=tau_lam)
         self.n_jobs = n_jobs
         self.inaccurate = inaccurate
+        self.ghost_fallback = ghost_fallback
+        self.time_limit = None if time_limit is None else float(time_limit)
+        self.check_every = check_every
+        self.check_threshold = float(check_threshold)
+        self.check_rel_tol = None if check_rel_tol is None else float(check_rel_tol)
+        self.health_log: deque[dict] = deque(maxlen=HEALTH_LOG_SIZE)
         self.last_diagnostics: list[dict] = []
+        self.last_status: list[Status] = []
+        self._lock = threading.Lock()
+        self._backward_calls = 0
 
     # -- the forward computation, in NumPy ------------------------------------------------
     def _data(self, tensors, info: _Batch) -> np.ndarray:
@@ -159,7 +399,13 @@ class FFOLayer(torch.nn.Module):
             else:
                 theta[slot.offset:slot.offset + slot.size] = \
                     _flatten_f(values[None], 1, slot.shape).T
-        return np.ascontiguousarray((cp_.M @ theta).T)
+        data = np.ascontiguousarray((cp_.M @ theta).T)
+        if not np.all(np.isfinite(data)):
+            bad = np.flatnonzero(~np.isfinite(data).all(axis=1)).tolist()
+            raise InvalidParameterError(
+                f"the parameters overflow the problem data (Inf) at batch index {bad[:5]}: "
+                "their magnitudes are too large for float64 arithmetic")
+        return data
 
     def _jobs(self, batch: int) -> int:
         return self.n_jobs if self.n_jobs is not None else default_jobs(self.backend, batch)
@@ -167,10 +413,82 @@ class FFOLayer(torch.nn.Module):
     def solve_numpy(self, data: np.ndarray) -> list[Solution]:
         """Solve every row of ``data`` (from :meth:`_data`) and check the statuses."""
         cp_ = self.compiled
-        sols = run_batch(lambda i: self.backend.solve(*cp_.sample(data[i])),
-                         data.shape[0], self._jobs(data.shape[0]))
+
+        def one(i: int) -> Solution:
+            return GuardedBackend(self.backend, i).solve(*cp_.sample(data[i]))
+        sols = run_batch(one, data.shape[0], self._jobs(data.shape[0]))
+        self.last_status = [s.status for s in sols]
         check_solutions(sols, self.backend, self.inaccurate)
         return sols
+
+    # -- the backward computation, in NumPy -----------------------------------------------
+    def _first_delta(self, h, sol: Solution, c: np.ndarray) -> float:
+        """The delta :func:`ffo_backward` starts from for this sample (before its own
+        curvature-limited shrinking), the base of the ``smaller-delta`` fallback."""
+        opts = self.options
+        if opts.delta is not None:
+            return float(opts.delta)
+        active = classify(sol, h.dims, tau_s=opts.tau_s, tau_lam=opts.tau_lam)
+        central = opts.central if opts.central is not None else bool(active.kept.any())
+        return float(choose_delta(sol.primal, c, sol.info.accuracy,
+                                  replace(opts, central=central)))
+
+    def _ffo_once(self, i: int, g, h, e, sol: Solution, c: np.ndarray,
+                  options: FFOOptions) -> DataGradient:
+        guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
+        grad = ffo_backward(guard, g, h, e, sol, c, options)
+        if not np.all(np.isfinite(grad.vector())):
+            raise GhostProblemError("the first-order gradient is not finite (the ghost "
+                                    "solution is too far from the forward one for this "
+                                    "delta)", batch_index=i, backend=self.backend.name)
+        return grad
+
+    def _ffo_with_fallback(self, i: int, g, h, e, sol: Solution,
+                           c: np.ndarray) -> DataGradient:
+        """:func:`ffo_backward` for sample ``i``, with the ``ghost_fallback`` policy."""
+        try:
+            grad = self._ffo_once(i, g, h, e, sol, c, self.options)
+            grad.diagnostics["ghost_fallback"] = None
+            return grad
+        except GhostProblemError as exc:
+            if self.ghost_fallback == "raise":
+                raise
+            first = exc
+        tried = [f"delta chosen by default: {first}"]
+        last: SolverError = first
+        if self.ghost_fallback.startswith("smaller-delta"):
+            d0 = self._first_delta(h, sol, c)
+            for k in (1, 2):
+                delta = d0 / 10.0 ** k
+                try:
+                    grad = self._ffo_once(i, g, h, e, sol, c,
+                                          replace(self.options, delta=delta))
+                except GhostProblemError as exc:
+                    tried.append(f"delta={delta:.3g}: {_short(exc)}")
+                    last = exc
+                    continue
+                grad.diagnostics.update(ghost_fallback="smaller-delta", fallback_delta=delta,
+                                        ghost_error=str(first))
+                logger.info("batch index %d: ghost problem failed (%s); smaller delta "
+                            "%.3g succeeded", i, first, delta)
+                return grad
+        if self.ghost_fallback.endswith("kkt"):
+            try:
+                grad = kkt_backward(g, h, e, sol, c, self.options)
+            except SolverError as exc:
+                tried.append(f"KKT fallback: {exc}")
+                raise GhostProblemError(
+                    f"batch index {i}: the ghost problem failed and so did every fallback "
+                    f"({'; '.join(tried)})", status=first.status, batch_index=i,
+                    backend=self.backend.name) from exc
+            grad.diagnostics.update(ghost_fallback="kkt", ghost_error=str(first))
+            logger.info("batch index %d: ghost problem failed (%s); used the KKT gradient",
+                        i, first)
+            return grad
+        raise GhostProblemError(
+            f"batch index {i}: the ghost problem failed and so did every fallback "
+            f"({'; '.join(tried)})", status=last.status, batch_index=i,
+            backend=self.backend.name) from last
 
     def data_gradients(self, data: np.ndarray, sols: list[Solution],
                        c: np.ndarray) -> np.ndarray:
@@ -181,19 +499,98 @@ class FFOLayer(torch.nn.Module):
             g, h, e = cp_.sample(data[i])
             try:
                 if self.backward_mode == "kkt":
-                    return kkt_backward(g, h, e, sols[i], c[i], self.options)
-                return ffo_backward(self.backend, g, h, e, sols[i], c[i], self.options)
+                    grad = kkt_backward(g, h, e, sols[i], c[i], self.options)
+                    if not np.all(np.isfinite(grad.vector())):
+                        raise SolverError("backward='kkt': the gradient is not finite",
+                                          backend=self.backend.name)
+                    return grad
+                return self._ffo_with_fallback(i, g, h, e, sols[i], c[i])
             except SolverError as exc:
                 exc.batch_index = i
-                exc.args = (f"backward pass, batch index {i}: {exc.args[0]}",)
+                text = exc.args[0] if exc.args else str(exc)
+                if "batch index" not in text:
+                    exc.args = (f"backward pass, batch index {i}: {text}",)
                 raise
         grads = run_batch(one, data.shape[0], self._jobs(data.shape[0]))
         self.last_diagnostics = [g.diagnostics for g in grads]
-        return np.stack([g.vector() for g in grads], axis=1)
+        out = np.stack([g.vector() for g in grads], axis=1)
+        with self._lock:
+            self._backward_calls += 1
+            call = self._backward_calls
+        if self.check_every and self.backward_mode == "ffo" and call % self.check_every == 0:
+            self._health_check(call, data, sols, c, out, grads)
+        return out
+
+    def _health_check(self, call: int, data: np.ndarray, sols: list[Solution],
+                      c: np.ndarray, d_data: np.ndarray, grads: list[DataGradient]) -> None:
+        """Compare sample ``i``'s first-order data gradient with the exact KKT one."""
+        nonzero = np.flatnonzero(np.any(c != 0, axis=1))
+        i = int(nonzero[0]) if nonzero.size else 0
+        record: dict[str, Any] = {"call": call, "sample": i,
+                                  "ghost_fallback": grads[i].diagnostics.get("ghost_fallback")}
+        g, h, e = self.compiled.sample(data[i])
+        try:
+            ref = kkt_backward(g, h, e, sols[i], c[i], self.options).vector()
+        except SolverError as exc:
+            record.update(cosine=None, cosine_params=None, rel_err=None, error=str(exc))
+            self.health_log.append(record)
+            logger.warning("gradient health check, backward call %d: no KKT reference for "
+                           "batch index %d (%s)", call, i, exc)
+            return
+        mine = d_data[:, i]
+        keep = np.ones(self.compiled.n_theta + 1, dtype=bool)
+        keep[self.compiled.const_col] = False
+        MT = self.compiled.M.T
+        cos = _cosine(mine, ref)
+        cos_params = _cosine((MT @ mine)[keep], (MT @ ref)[keep])
+        norm = float(np.linalg.norm(ref))
+        rel = float(np.linalg.norm(mine - ref) / norm) if norm > 0 else \
+            float(np.linalg.norm(mine))
+        record.update(cosine=cos, cosine_params=cos_params, rel_err=rel)
+        self.health_log.append(record)
+        problems = []
+        if cos < self.check_threshold:
+            problems.append(f"cosine similarity {cos:.6f} is below "
+                            f"check_threshold={self.check_threshold}")
+        if self.check_rel_tol is not None and rel > self.check_rel_tol:
+            problems.append(f"relative error {rel:.2e} is above "
+                            f"check_rel_tol={self.check_rel_tol}")
+        if problems:
+            message = (f"gradient health check, backward call {call}, batch index {i}: "
+                       f"first-order vs KKT gradient: {' and '.join(problems)} (cosine "
+                       f"{cos:.6f}, relative error {rel:.2e}); consider tighter solver "
+                       "tolerances, central=True, a smaller kappa, or backward='kkt'")
+            logger.warning(message)
+            warnings.warn(message, GradientHealthWarning, stacklevel=2)
+        else:
+            logger.info("gradient health check, backward call %d, batch index %d: cosine "
+                        "%.6f (params %.6f), relative error %.2e", call, i, cos, cos_params,
+                        rel)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") \
+            else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_lock", None)                # locks cannot be copied or pickled
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def forward(self, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        info = _inspect_params(self.compiled.params, params)
+        info = _inspect_params(self.compiled.params, params, self._rules)
         return _FFOFunction.apply(self, info, *params)
+
+
+def _short(exc: SolverError) -> str:
+    """A failure in a few words (the status), for lists of retries."""
+    return f"status {exc.status.value}" if exc.status is not None else str(exc)[:200]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) \
+        and math.isfinite(float(x))
 
 
 class _FFOFunction(torch.autograd.Function):
@@ -224,7 +621,14 @@ class _FFOFunction(torch.autograd.Function):
         for slot, g in zip(cp_.variables, grad_outputs):
             if g is None:
                 continue
-            g = g.detach().to("cpu", torch.float64).numpy()
+            g = g.detach()
+            finite = torch.isfinite(g)
+            if not bool(finite.all()):
+                raise InvalidGradientError(
+                    f"the gradient flowing into the layer's output {slot.name} contains NaN "
+                    f"or Inf{_bad_batch_indices(~finite, info.any_batched)}; it comes from "
+                    "the loss or a later layer, and the layer refuses to propagate it")
+            g = g.to("cpu", torch.float64).numpy()
             if not info.any_batched:
                 g = g[None]
             c[:, slot.offset:slot.offset + slot.size] = _flatten_f(g, info.size, slot.shape)
@@ -237,6 +641,11 @@ class _FFOFunction(torch.autograd.Function):
                 grads.append(None)
                 continue
             flat = d_theta[slot.offset:slot.offset + slot.size].T
+            if not np.all(np.isfinite(flat)):
+                bad = np.flatnonzero(~np.isfinite(flat).all(axis=1)).tolist()
+                raise SolverError(f"the gradient of parameter {slot.name} overflows (Inf) at "
+                                  f"batch index {bad[:5]}", batch_index=bad[0],
+                                  backend=layer.backend.name)
             value = _unflatten_f(np.ascontiguousarray(flat), slot.shape)
             value = value if batched else value.sum(axis=0)
             grads.append(torch.as_tensor(np.ascontiguousarray(value), dtype=dtype,
