@@ -999,12 +999,9 @@ def test_wild_random_data_only_typed_errors(seed, log_scale, zero_frac, feasible
     OUTCOMES["wild"]["ok"] += 1
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (docs/reliability.md): the default "
-                   "delta lets the ghost move a kept cone's multiplier by more than its own "
-                   "norm (the block's active set changes inside the difference); at solution "
-                   "scale ~500 the FFO gradient is 30% off on SCS at 1e-11")
-def test_known_defect_delta_too_large_on_large_socp():
-    """Found by the property test (SOCP, scale 100).  KKT agrees across Clarabel, Clarabel
+def test_default_delta_on_large_scale_socp():
+    """Regression, found by the property test (SOCP, scale 100); fixed by capping the
+    multiplier step of kept cone blocks (``max_curved_step``).  KKT agrees across Clarabel, Clarabel
     1e-10 and SCS 1e-11 to 1e-6.  FFO with the default delta (0.44 on SCS) moves the two
     kept cones' multipliers by 85% and 119% of their norms (slacks: 3e-4 of theirs, so
     ``max_curved_step`` does not trigger) and is 30% off even on SCS at 1e-11; with
