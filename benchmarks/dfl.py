@@ -103,8 +103,8 @@ def _bare(layer, tensors, reps: int) -> dict:
     from ffo_core.ffo_backward import build_ghost
     from ffo_core.layer import _inspect_params
     cp_ = layer.compiled
-    data = layer._data(tensors, _inspect_params(cp_.params, tensors))
-    samples = [cp_.sample(row) for row in data]
+    bound = layer._data(tensors, _inspect_params(cp_.params, tensors))
+    samples = [cp_.sample(bound.data(i)) for i in range(bound.batch)]
 
     def native(g, h, e):
         st = clarabel.DefaultSettings()

@@ -32,6 +32,7 @@ import torch
 from .active_set import classify
 from .batch import (INACCURATE_POLICIES, GuardedBackend, backend_name, check_solutions,
                     default_jobs, run_batch)
+from .param_map import BoundData, bind
 from .compile import CompiledProblem, Slot, compile_problem
 from .errors import (ConfigError, GhostProblemError, GradientHealthWarning,
                      InvalidGradientError, InvalidParameterError, ProblemError, SolverError)
@@ -386,37 +387,33 @@ class FFOLayer(torch.nn.Module):
         self._backward_calls = 0
 
     # -- the forward computation, in NumPy ------------------------------------------------
-    def _data(self, tensors, info: _Batch) -> np.ndarray:
-        """Problem data of every sample, one sparse mat-mul: returns (batch, n_data)."""
+    def _data(self, tensors, info: _Batch) -> BoundData:
+        """The batch's problem data (:mod:`ffo_core.param_map`): shared parameters are
+        mapped once, each sample's data vector is formed when it is solved."""
         cp_ = self.compiled
-        theta = np.zeros((cp_.n_theta + 1, info.size))
-        theta[cp_.const_col] = 1.0
+        values = []
         for slot, t, batched in zip(cp_.params, tensors, info.batched):
-            values = t.detach().to("cpu", torch.float64).numpy()
-            if batched:
-                theta[slot.offset:slot.offset + slot.size] = \
-                    _flatten_f(values, info.size, slot.shape).T
-            else:
-                theta[slot.offset:slot.offset + slot.size] = \
-                    _flatten_f(values[None], 1, slot.shape).T
-        data = np.ascontiguousarray((cp_.M @ theta).T)
-        if not np.all(np.isfinite(data)):
-            bad = np.flatnonzero(~np.isfinite(data).all(axis=1)).tolist()
+            v = t.detach().to("cpu", torch.float64).numpy()
+            values.append(_flatten_f(v, info.size, slot.shape) if batched
+                          else _flatten_f(v[None], 1, slot.shape)[0])
+        bound = bind(cp_, values, info.batched, info.size)
+        bad = bound.overflowing_samples()
+        if bad:
             raise InvalidParameterError(
                 f"the parameters overflow the problem data (Inf) at batch index {bad[:5]}: "
                 "their magnitudes are too large for float64 arithmetic")
-        return data
+        return bound
 
     def _jobs(self, batch: int) -> int:
         return self.n_jobs if self.n_jobs is not None else default_jobs(self.backend, batch)
 
-    def solve_numpy(self, data: np.ndarray) -> list[Solution]:
-        """Solve every row of ``data`` (from :meth:`_data`) and check the statuses."""
+    def solve_numpy(self, bound: BoundData) -> list[Solution]:
+        """Solve every sample of ``bound`` (from :meth:`_data`) and check the statuses."""
         cp_ = self.compiled
 
         def one(i: int) -> Solution:
-            return GuardedBackend(self.backend, i).solve(*cp_.sample(data[i]))
-        sols = run_batch(one, data.shape[0], self._jobs(data.shape[0]))
+            return GuardedBackend(self.backend, i).solve(*cp_.sample(bound.data(i)))
+        sols = run_batch(one, bound.batch, self._jobs(bound.batch))
         self.last_status = [s.status for s in sols]
         check_solutions(sols, self.backend, self.inaccurate)
         return sols
@@ -490,13 +487,13 @@ class FFOLayer(torch.nn.Module):
             f"({'; '.join(tried)})", status=last.status, batch_index=i,
             backend=self.backend.name) from last
 
-    def data_gradients(self, data: np.ndarray, sols: list[Solution],
-                       c: np.ndarray) -> np.ndarray:
-        """Per-sample gradient of ``c[i]'y_i`` w.r.t. the data: returns (n_data, batch)."""
+    def data_gradients(self, bound: BoundData, sols: list[Solution],
+                       c: np.ndarray) -> list[np.ndarray]:
+        """Per-sample gradient of ``c[i]'y_i`` w.r.t. the data (one vector per sample)."""
         cp_ = self.compiled
 
         def one(i: int):
-            g, h, e = cp_.sample(data[i])
+            g, h, e = cp_.sample(bound.data(i))
             try:
                 if self.backward_mode == "kkt":
                     grad = kkt_backward(g, h, e, sols[i], c[i], self.options)
@@ -511,24 +508,25 @@ class FFOLayer(torch.nn.Module):
                 if "batch index" not in text:
                     exc.args = (f"backward pass, batch index {i}: {text}",)
                 raise
-        grads = run_batch(one, data.shape[0], self._jobs(data.shape[0]))
+        grads = run_batch(one, bound.batch, self._jobs(bound.batch))
         self.last_diagnostics = [g.diagnostics for g in grads]
-        out = np.stack([g.vector() for g in grads], axis=1)
+        out = [g.vector() for g in grads]
         with self._lock:
             self._backward_calls += 1
             call = self._backward_calls
         if self.check_every and self.backward_mode == "ffo" and call % self.check_every == 0:
-            self._health_check(call, data, sols, c, out, grads)
+            self._health_check(call, bound, sols, c, out, grads)
         return out
 
-    def _health_check(self, call: int, data: np.ndarray, sols: list[Solution],
-                      c: np.ndarray, d_data: np.ndarray, grads: list[DataGradient]) -> None:
+    def _health_check(self, call: int, bound: BoundData, sols: list[Solution],
+                      c: np.ndarray, d_data: list[np.ndarray],
+                      grads: list[DataGradient]) -> None:
         """Compare sample ``i``'s first-order data gradient with the exact KKT one."""
         nonzero = np.flatnonzero(np.any(c != 0, axis=1))
         i = int(nonzero[0]) if nonzero.size else 0
         record: dict[str, Any] = {"call": call, "sample": i,
                                   "ghost_fallback": grads[i].diagnostics.get("ghost_fallback")}
-        g, h, e = self.compiled.sample(data[i])
+        g, h, e = self.compiled.sample(bound.data(i))
         try:
             ref = kkt_backward(g, h, e, sols[i], c[i], self.options).vector()
         except SolverError as exc:
@@ -537,7 +535,7 @@ class FFOLayer(torch.nn.Module):
             logger.warning("gradient health check, backward call %d: no KKT reference for "
                            "batch index %d (%s)", call, i, exc)
             return
-        mine = d_data[:, i]
+        mine = d_data[i]
         keep = np.ones(self.compiled.n_theta + 1, dtype=bool)
         keep[self.compiled.const_col] = False
         MT = self.compiled.M.T
@@ -597,8 +595,8 @@ class _FFOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer: FFOLayer, info: _Batch, *params):
         cp_ = layer.compiled
-        data = layer._data(params, info)
-        sols = layer.solve_numpy(data)
+        bound = layer._data(params, info)
+        sols = layer.solve_numpy(bound)
         X = np.stack([s.primal for s in sols])
         outs = []
         for slot in cp_.variables:
@@ -607,7 +605,7 @@ class _FFOFunction(torch.autograd.Function):
                 value = value[0]
             outs.append(torch.as_tensor(np.ascontiguousarray(value),
                                         dtype=info.dtype, device=info.device))
-        ctx.layer, ctx.info, ctx.data, ctx.sols = layer, info, data, sols
+        ctx.layer, ctx.info, ctx.bound, ctx.sols = layer, info, bound, sols
         return tuple(outs)
 
     @staticmethod
@@ -632,22 +630,23 @@ class _FFOFunction(torch.autograd.Function):
             if not info.any_batched:
                 g = g[None]
             c[:, slot.offset:slot.offset + slot.size] = _flatten_f(g, info.size, slot.shape)
-        d_data = layer.data_gradients(ctx.data, ctx.sols, c)
-        d_theta = cp_.M.T @ d_data                       # (n_theta + 1, batch)
+        d_data = layer.data_gradients(ctx.bound, ctx.sols, c)
+        per_param = ctx.bound.parameter_gradients(d_data)   # M' d_data, shared ones summed
         grads = []
-        for slot, batched, need, dtype in zip(cp_.params, info.batched, needs,
-                                              info.param_dtypes):
+        for slot, batched, need, dtype, flat in zip(cp_.params, info.batched, needs,
+                                                    info.param_dtypes, per_param):
             if not need:
                 grads.append(None)
                 continue
-            flat = d_theta[slot.offset:slot.offset + slot.size].T
+            flat = flat if batched else flat[None]
             if not np.all(np.isfinite(flat)):
                 bad = np.flatnonzero(~np.isfinite(flat).all(axis=1)).tolist()
-                raise SolverError(f"the gradient of parameter {slot.name} overflows (Inf) at "
-                                  f"batch index {bad[:5]}", batch_index=bad[0],
+                where = f"batch index {bad[:5]}" if batched else "summed over the batch"
+                raise SolverError(f"the gradient of parameter {slot.name} overflows (Inf) "
+                                  f"({where})", batch_index=bad[0] if batched else None,
                                   backend=layer.backend.name)
             value = _unflatten_f(np.ascontiguousarray(flat), slot.shape)
-            value = value if batched else value.sum(axis=0)
+            value = value if batched else value[0]
             grads.append(torch.as_tensor(np.ascontiguousarray(value), dtype=dtype,
                                          device=info.device))
         return (None, None) + tuple(grads)

@@ -47,6 +47,17 @@ class BoundData:
         else:
             self.M_b, self.theta_b = None, None
 
+    def overflowing_samples(self) -> list[int]:
+        """Batch indices whose data is not finite (overflow), checked without forming the
+        whole batch: the shared part once, the batched part on the rows it touches."""
+        if not np.all(np.isfinite(self.base)):
+            return list(range(self.batch))
+        if self.M_b is None or self.M_b.nnz == 0:
+            return []
+        rows = np.flatnonzero(np.diff(self.M_b.indptr))
+        part = self.base[rows, None] + self.M_b[rows] @ self.theta_b
+        return np.flatnonzero(~np.isfinite(part).all(axis=0)).tolist()
+
     def data(self, i: int) -> np.ndarray:
         """Sample ``i``'s data vector (length ``n_data``), a fresh array."""
         if self.M_b is None or self.M_b.nnz == 0:
