@@ -126,6 +126,10 @@ class DataGradient:
         """Concatenation in the compiled data order ``[P | q | A | b | G | h]``."""
         return np.concatenate([self.P, self.q, self.A, self.b, self.G, self.h])
 
+    def is_finite(self) -> bool:
+        """True when every entry is finite (without concatenating)."""
+        return all(np.isfinite(part).all() for part in self._parts())
+
     def __sub__(self, other: "DataGradient") -> "DataGradient":
         return DataGradient(*(a - b for a, b in zip(self._parts(), other._parts())))
 
@@ -140,6 +144,11 @@ def pattern_rows_cols(M: sp.csc_matrix) -> tuple[np.ndarray, np.ndarray]:
     """Row and column index of every stored entry of a CSC matrix, in storage order."""
     cols = np.repeat(np.arange(M.shape[1]), np.diff(M.indptr))
     return M.indices, cols
+
+
+def _by_column(M: sp.csc_matrix, v: np.ndarray) -> np.ndarray:
+    """``v[col]`` for every stored entry of CSC ``M`` (a repeat, cheaper than a gather)."""
+    return np.repeat(v, np.diff(M.indptr))
 
 
 def lagrangian_gradient(g: Objective, h: ConeConstraints, e: Equalities,
@@ -265,14 +274,23 @@ def curved_step(h: ConeConstraints, active: ActiveSet, sol: Solution,
 
 def lagrangian_gradient_derivative(g: Objective, h: ConeConstraints, e: Equalities,
                                    base: tuple, direction: tuple) -> DataGradient:
-    """Derivative of ``grad_data L`` at ``base = (y, nu, lam)`` along ``direction``.
+    """Derivative of ``grad_data L`` at ``base = (y, nu, lam)`` along
+    ``direction = (w_y, w_nu, w_lam)``, on the data's sparsity pattern:
 
-    ``grad_data L`` is a quadratic function of ``(y, nu, lam)``, so its directional
-    derivative is exactly the central difference ``[f(x + w) - f(x - w)] / 2``.
+        dP_ij = (w_y_i y_j + y_i w_y_j)/2,  dq = w_y,
+        dA_ij = w_nu_i y_j + nu_i w_y_j,    db = -w_nu,
+        dG_ij = w_lam_i y_j + lam_i w_y_j,  dh = -w_lam.
     """
-    plus = lagrangian_gradient(g, h, e, *(x + w for x, w in zip(base, direction)))
-    minus = lagrangian_gradient(g, h, e, *(x - w for x, w in zip(base, direction)))
-    grad = (plus - minus) / 2.0
+    y, nu, lam = base
+    wy, wnu, wlam = direction
+
+    def bilinear(M, u, wu):          # (w_u)_i y_j + u_i (w_y)_j on M's pattern
+        r = M.indices
+        return wu[r] * _by_column(M, y) + u[r] * _by_column(M, wy)
+    dP = 0.5 * bilinear(g.P, y, wy) if g.P is not None else np.zeros(0)
+    dA = bilinear(e.A, nu, wnu)
+    dG = bilinear(h.G, lam, wlam)
+    grad = DataGradient(dP, np.array(wy, dtype=float), dA, -wnu, dG, -wlam)
     grad.base, grad.direction = tuple(base), tuple(direction)
     return grad
 

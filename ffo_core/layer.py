@@ -434,7 +434,7 @@ class FFOLayer(torch.nn.Module):
                   options: FFOOptions) -> DataGradient:
         guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
         grad = ffo_backward(guard, g, h, e, sol, c, options)
-        if not np.all(np.isfinite(grad.vector())):
+        if not grad.is_finite():
             raise GhostProblemError("the first-order gradient is not finite (the ghost "
                                     "solution is too far from the forward one for this "
                                     "delta)", batch_index=i, backend=self.backend.name)
@@ -488,8 +488,8 @@ class FFOLayer(torch.nn.Module):
             backend=self.backend.name) from last
 
     def data_gradients(self, bound: BoundData, sols: list[Solution],
-                       c: np.ndarray) -> list[np.ndarray]:
-        """Per-sample gradient of ``c[i]'y_i`` w.r.t. the data (one vector per sample)."""
+                       c: np.ndarray) -> list[DataGradient]:
+        """Per-sample gradient of ``c[i]'y_i`` w.r.t. the data."""
         cp_ = self.compiled
 
         def one(i: int):
@@ -497,7 +497,7 @@ class FFOLayer(torch.nn.Module):
             try:
                 if self.backward_mode == "kkt":
                     grad = kkt_backward(g, h, e, sols[i], c[i], self.options)
-                    if not np.all(np.isfinite(grad.vector())):
+                    if not grad.is_finite():
                         raise SolverError("backward='kkt': the gradient is not finite",
                                           backend=self.backend.name)
                     return grad
@@ -510,17 +510,15 @@ class FFOLayer(torch.nn.Module):
                 raise
         grads = run_batch(one, bound.batch, self._jobs(bound.batch))
         self.last_diagnostics = [g.diagnostics for g in grads]
-        out = [g.vector() for g in grads]
         with self._lock:
             self._backward_calls += 1
             call = self._backward_calls
         if self.check_every and self.backward_mode == "ffo" and call % self.check_every == 0:
-            self._health_check(call, bound, sols, c, out, grads)
-        return out
+            self._health_check(call, bound, sols, c, grads)
+        return grads
 
     def _health_check(self, call: int, bound: BoundData, sols: list[Solution],
-                      c: np.ndarray, d_data: list[np.ndarray],
-                      grads: list[DataGradient]) -> None:
+                      c: np.ndarray, grads: list[DataGradient]) -> None:
         """Compare sample ``i``'s first-order data gradient with the exact KKT one."""
         nonzero = np.flatnonzero(np.any(c != 0, axis=1))
         i = int(nonzero[0]) if nonzero.size else 0
@@ -535,7 +533,7 @@ class FFOLayer(torch.nn.Module):
             logger.warning("gradient health check, backward call %d: no KKT reference for "
                            "batch index %d (%s)", call, i, exc)
             return
-        mine = d_data[i]
+        mine = grads[i].vector()
         keep = np.ones(self.compiled.n_theta + 1, dtype=bool)
         keep[self.compiled.const_col] = False
         MT = self.compiled.M.T

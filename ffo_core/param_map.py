@@ -64,20 +64,38 @@ class BoundData:
             return self.base.copy()
         return self.base + self.M_b @ self.theta_b[:, i]
 
-    def parameter_gradients(self, d_data: list[np.ndarray]) -> list[np.ndarray]:
+    def parameter_gradients(self, grads: list) -> list[np.ndarray]:
         """Per parameter (in the compiled order): ``(size,)`` for a shared parameter (summed
-        over samples), ``(batch, size)`` for a batched one; flat column-major values."""
-        out: list = [None] * len(self.compiled.params)
-        total = d_data[0].copy()
-        for d in d_data[1:]:
-            total += d
+        over samples), ``(batch, size)`` for a batched one; flat column-major values.
+
+        ``grads[i]`` is sample ``i``'s :class:`~ffo_core.ffo_backward.DataGradient`.  Its
+        parts are added in place into one total (no per-sample concatenation of the data
+        vector), and the batched parameters read only the rows of ``M_b`` they touch.
+        """
+        cp_ = self.compiled
+        names = ("P", "q", "A", "b", "G", "h")
+        out: list = [None] * len(cp_.params)
+        total = np.zeros(cp_.n_data)
+        for grad in grads:
+            for name, part in zip(names, grad._parts()):
+                total[cp_.sections[name]] += part
         grad_u = self.M_u.T @ total
         start = 0
         for k, slot, _ in self.slots_u:
             out[k] = grad_u[start:start + slot.size]
             start += slot.size
         if self.slots_b:
-            grad_b = np.stack([self.M_b.T @ d for d in d_data])       # (batch, n_b)
+            rows = np.flatnonzero(np.diff(self.M_b.indptr))
+            M_rows = self.M_b[rows].T.tocsr()
+            pieces = [(cp_.sections[name], names.index(name)) for name in names]
+            grad_b = np.empty((len(grads), M_rows.shape[0]))
+            for i, grad in enumerate(grads):
+                parts = grad._parts()
+                d = np.empty(rows.size)
+                for sec, j in pieces:
+                    inside = (rows >= sec.start) & (rows < sec.stop)
+                    d[inside] = parts[j][rows[inside] - sec.start]
+                grad_b[i] = M_rows @ d
             start = 0
             for k, slot, _ in self.slots_b:
                 out[k] = grad_b[:, start:start + slot.size]

@@ -2,6 +2,7 @@
 import numpy as np
 
 from ffo_core.compile import compile_problem
+from ffo_core.ffo_backward import DataGradient
 from ffo_core.param_map import bind
 from problems import random_qp
 
@@ -22,7 +23,9 @@ def test_bound_data_equals_full_product_and_its_adjoint():
     for i in range(batch):
         assert np.allclose(bound.data(i), full[:, i], rtol=1e-13, atol=1e-13)
     d = [rng.standard_normal(cp_.n_data) for _ in range(batch)]
-    grads = bound.parameter_gradients(d)
+    sec = cp_.sections
+    grads = bound.parameter_gradients(
+        [DataGradient(*(v[sec[k]] for k in ("P", "q", "A", "b", "G", "h"))) for v in d])
     ref = cp_.M.T @ np.stack(d, axis=1)
     for s, g, b in zip(cp_.params, grads, batched):
         expect = ref[s.offset:s.offset + s.size]
