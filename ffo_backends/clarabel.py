@@ -62,11 +62,6 @@ class ClarabelBackend(BackendBase):
         return [a for a in dir(clarabel.DefaultSettings())
                 if not a.startswith("_") and a != "default"]
 
-    def with_settings(self, **settings) -> "ClarabelBackend":
-        """A new backend with ``settings`` added to (or replacing) this one's; this one is
-        unchanged.  ``FFOLayer(time_limit=...)`` uses it (``time_limit`` is Clarabel's)."""
-        return type(self)(**{**self.settings, **settings})
-
     def _settings(self):
         import clarabel
         settings = clarabel.DefaultSettings()

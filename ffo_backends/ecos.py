@@ -117,7 +117,7 @@ class EcosBackend(BackendBase):
         if "time_limit" in settings:
             raise ConfigError("ECOS has no time limit; bound its work with max_iters "
                               "(e.g. \"ecos:max_iters=50\") or choose another backend")
-        return type(self)(**{**self.settings, **settings})
+        return super().with_settings(**settings)
 
     def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
               extra_linear_term=None, *, warm_start=None) -> Solution:

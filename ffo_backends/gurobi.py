@@ -225,11 +225,6 @@ class GurobiBackend(BackendBase):
     def setting_names(self):
         return list(self._param_names()) + list(ALIASES) + list(ADAPTER_OPTIONS)
 
-    def with_settings(self, **settings: Any) -> "GurobiBackend":
-        """A new backend (own environments and model cache) with ``settings`` added to or
-        replacing this one's (``time_limit`` -> ``TimeLimit``); this one is unchanged."""
-        return type(self)(**{**self.settings, "cache_size": self.cache_size, **settings})
-
     # -- per-thread environment and model cache ------------------------------------------
     def _env(self):
         env = getattr(self._local, "env", None)

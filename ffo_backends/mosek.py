@@ -339,11 +339,6 @@ class MosekBackend(BackendBase):
     def setting_names(self):
         return self._param_names() + list(ALIASES)
 
-    def with_settings(self, **settings: Any) -> "MosekBackend":
-        """A new backend with ``settings`` added to or replacing this one's
-        (``time_limit`` -> ``MSK_DPAR_OPTIMIZER_MAX_TIME``); this one is unchanged."""
-        return type(self)(**{**self.settings, **settings})
-
     def _apply_settings(self, task) -> None:
         import mosek
         for key, value in self.settings.items():

@@ -187,11 +187,6 @@ class ScsBackend(BackendBase):
     def setting_names(self):
         return SCS_SETTINGS + tuple(ALIASES) + ADAPTER_OPTIONS
 
-    def with_settings(self, **settings: Any) -> "ScsBackend":
-        """A new backend (own solver cache) with ``settings`` added to or replacing this
-        one's (``time_limit`` -> ``time_limit_secs``); this one is unchanged."""
-        return type(self)(**{**self.settings, "cache_size": self.cache_size, **settings})
-
     # -- solver objects, cached per thread --------------------------------------------------
     def _cache(self) -> OrderedDict:
         cache = getattr(self._local, "cache", None)

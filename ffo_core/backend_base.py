@@ -47,6 +47,14 @@ class BackendBase:
                 f"unknown setting(s) {', '.join(unknown)} for backend {self.name!r}; "
                 f"valid settings: {', '.join(sorted(valid))}")
         self.settings: dict[str, Any] = dict(settings)
+        self._config: dict[str, Any] = dict(settings)   # as given, adapter options included
+
+    def with_settings(self, **settings: Any) -> "BackendBase":
+        """A new backend of the same kind with ``settings`` added to (or replacing) this
+        one's; this one is unchanged (its caches are not shared).  ``FFOLayer(time_limit=)``
+        calls ``with_settings(time_limit=seconds)``: adapters map ``time_limit`` to their
+        solver's own name, and one without a time limit raises :class:`ConfigError`."""
+        return type(self)(**{**self._config, **settings})
 
     # -- registry-facing class methods -------------------------------------------------
     @classmethod
