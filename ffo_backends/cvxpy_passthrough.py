@@ -49,7 +49,6 @@ instance may be shared by threads.
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 import warnings
 from collections import OrderedDict
@@ -59,7 +58,7 @@ from typing import Any, Callable
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase
+from ffo_core.backend_base import BackendBase, data_digest, same_sparse
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective, Solution,
@@ -187,19 +186,6 @@ def kkt_residual(g: Objective, h: ConeConstraints, e: Equalities, y, nu, lam, s)
     obj = abs(float(0.5 * y @ Py + g.q @ y))
     comp = abs(float(s @ lam)) / max(1.0, obj)
     return max(stat, prim / bscale, comp)
-
-
-def _digest(arrays) -> bytes:
-    hsh = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        hsh.update(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
-    return hsh.digest()
-
-
-def _same(X, Y) -> bool:
-    return (X.shape == Y.shape and np.array_equal(X.indptr, Y.indptr)
-            and np.array_equal(X.indices, Y.indices) and np.array_equal(X.data, Y.data))
 
 
 @dataclass
@@ -341,10 +327,10 @@ class CvxpyBackend(BackendBase):
                   np.array(h.dims.soc, dtype=np.int64), np.array(h.dims.psd, dtype=np.int64)]
         for M in mats:
             arrays += [np.array(M.shape), M.data, M.indices, M.indptr]
-        key = _digest(arrays)
+        key = data_digest(arrays)
         hit = cache.get(key)
         if hit is not None and len(hit.matrices) == len(mats) and \
-                all(_same(X, Y) for X, Y in zip(hit.matrices, mats)):
+                all(same_sparse(X, Y) for X, Y in zip(hit.matrices, mats)):
             cache.move_to_end(key)
             return hit
         model = self._build(g, h, e)

@@ -46,7 +46,6 @@ duals negated); GUROBI uses it for simplex only.  An instance may be shared by t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -54,7 +53,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase
+from ffo_core.backend_base import BackendBase, data_digest, same_sparse
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective, Solution,
@@ -137,19 +136,6 @@ def licence_status() -> dict[str, Any]:
                   " variables with a quadratic objective or a cone)") if limited else ""
         _LICENCE.update(ok=True, size_limited=limited, reason=reason)
         return dict(_LICENCE)
-
-
-def _digest(arrays) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
-    return h.digest()
-
-
-def _same_matrix(X, Y) -> bool:
-    return (X.shape == Y.shape and np.array_equal(X.indptr, Y.indptr)
-            and np.array_equal(X.indices, Y.indices) and np.array_equal(X.data, Y.data))
 
 
 @dataclasses.dataclass
@@ -301,10 +287,10 @@ class GurobiBackend(BackendBase):
             arrays = [np.array(dims.soc, dtype=np.int64), np.array([nl, n, e.p])]
             for M in mats:
                 arrays += [M.data, M.indices, M.indptr]
-            key = (_digest(arrays), P is None)
+            key = (data_digest(arrays), P is None)
             hit = cache.get(key)
             if hit is not None and len(hit.matrices) == len(mats) and \
-                    all(_same_matrix(X, Y) for X, Y in zip(hit.matrices, mats)):
+                    all(same_sparse(X, Y) for X, Y in zip(hit.matrices, mats)):
                 cache.move_to_end(key)
                 self._load_vectors(hit, c, e.b, hl, hs)
                 return hit

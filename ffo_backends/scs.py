@@ -49,7 +49,6 @@ settings are read-only after construction.
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -57,7 +56,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase
+from ffo_core.backend_base import BackendBase, data_digest, same_sparse
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, ConeDims, Equalities, Objective,
@@ -157,15 +156,6 @@ def map_status(status_val: int, status_word: str) -> Status:
     return status
 
 
-def _digest(arrays) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.digest()
-
-
 class ScsBackend(BackendBase):
     name = "scs"
     package = "scs"
@@ -216,7 +206,7 @@ class ScsBackend(BackendBase):
         mats = [A.data, A.indices, A.indptr, np.array(A.shape)]
         if P is not None:
             mats += [P.data, P.indices, P.indptr]
-        key = (_digest(mats), tuple(sorted((k, str(v)) for k, v in cone.items())))
+        key = (data_digest(mats), tuple(sorted((k, str(v)) for k, v in cone.items())))
         cache = self._cache()
         entry = cache.get(key)
         if entry is not None and self._same(entry[1], P, A):
@@ -232,13 +222,9 @@ class ScsBackend(BackendBase):
     @staticmethod
     def _same(stored, P, A) -> bool:
         P0, A0 = stored
-        def eq(X, Y):
-            return (X.shape == Y.shape and np.array_equal(X.indptr, Y.indptr)
-                    and np.array_equal(X.indices, Y.indices)
-                    and np.array_equal(X.data, Y.data))
         if (P0 is None) != (P is None):
             return False
-        return eq(A0, A) and (P is None or eq(P0, P))
+        return same_sparse(A0, A) and (P is None or same_sparse(P0, P))
 
     # -- the solve ----------------------------------------------------------------------------
     def solve(self, g: Objective, h: ConeConstraints, e: Equalities,

@@ -6,9 +6,12 @@ that each adapter only writes its conversions, its status map and its ``solve``.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 from typing import Any, ClassVar, Iterable
+
+import numpy as np
 
 from .errors import ConfigError, SolverError
 from .protocol import Capabilities, ConeConstraints, Equalities, Objective
@@ -24,6 +27,23 @@ def prune(M):
     out = M.tocsc(copy=True)
     out.eliminate_zeros()
     return out
+
+
+def data_digest(arrays) -> bytes:
+    """A 16-byte hash of arrays' dtypes, shapes and bytes: the key of a structure cache
+    (adapters confirm a hit with :func:`same_sparse`, so a collision is never a wrong
+    answer)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
+    return digest.digest()
+
+
+def same_sparse(X, Y) -> bool:
+    """True when two compressed sparse matrices are identical (pattern and values)."""
+    return (X.shape == Y.shape and np.array_equal(X.indptr, Y.indptr)
+            and np.array_equal(X.indices, Y.indices) and np.array_equal(X.data, Y.data))
 
 
 class BackendBase:

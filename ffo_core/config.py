@@ -24,6 +24,12 @@ class SolverConfig:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def check_choice(option: str, value: Any, choices: tuple) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {choices}, got {value!r}")
+
+
 def parse_value(text: str) -> Any:
     """``"1e-9"`` -> 1e-9, ``"20000"`` -> 20000, ``"True"`` -> True, else the string."""
     low = text.strip().lower()

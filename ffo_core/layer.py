@@ -34,6 +34,7 @@ from .batch import (INACCURATE_POLICIES, GuardedBackend, backend_name, check_sol
                     default_jobs, run_batch)
 from .param_map import BoundData, bind
 from .compile import CompiledProblem, Slot, compile_problem
+from .config import check_choice
 from .errors import (ConfigError, GhostProblemError, GradientHealthWarning,
                      InvalidGradientError, InvalidParameterError, ProblemError, SolverError)
 from .ffo_backward import DataGradient, FFOOptions, choose_delta, ffo_backward
@@ -316,14 +317,9 @@ class FFOLayer(torch.nn.Module):
                  check_every: int | None = None, check_threshold: float = 0.99,
                  check_rel_tol: float | None = 0.1) -> None:
         super().__init__()
-        if backward not in BACKWARDS:
-            raise ConfigError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-        if inaccurate not in INACCURATE_POLICIES:
-            raise ConfigError(f"inaccurate must be one of {INACCURATE_POLICIES}, "
-                              f"got {inaccurate!r}")
-        if ghost_fallback not in GHOST_FALLBACKS:
-            raise ConfigError(f"ghost_fallback must be one of {GHOST_FALLBACKS}, "
-                              f"got {ghost_fallback!r}")
+        check_choice("backward", backward, BACKWARDS)
+        check_choice("inaccurate", inaccurate, INACCURATE_POLICIES)
+        check_choice("ghost_fallback", ghost_fallback, GHOST_FALLBACKS)
         if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool)
                                    or n_jobs < 1):
             raise ConfigError(f"n_jobs must be a positive int or None, got {n_jobs!r}")

@@ -55,6 +55,7 @@ import torch
 
 from .active_set import classify
 from .batch import INACCURATE_POLICIES, check_solutions, default_jobs, run_batch
+from .config import check_choice
 from .errors import ConfigError, InvalidParameterError, SolverError
 from .ffo_backward import FFOOptions, ffo_backward
 from .kkt_backward import kkt_backward
@@ -300,14 +301,9 @@ class FFOQPLayer(torch.nn.Module):
                  tau_lam: float | None = None, n_jobs: int | None = None,
                  inaccurate: str = "warn", broadcast_grad: str = "sum") -> None:
         super().__init__()
-        if backward not in BACKWARDS:
-            raise ConfigError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-        if inaccurate not in INACCURATE_POLICIES:
-            raise ConfigError(f"inaccurate must be one of {INACCURATE_POLICIES}, "
-                              f"got {inaccurate!r}")
-        if broadcast_grad not in BROADCAST_GRADS:
-            raise ConfigError(f"broadcast_grad must be one of {BROADCAST_GRADS}, "
-                              f"got {broadcast_grad!r}")
+        check_choice("backward", backward, BACKWARDS)
+        check_choice("inaccurate", inaccurate, INACCURATE_POLICIES)
+        check_choice("broadcast_grad", broadcast_grad, BROADCAST_GRADS)
         self.backend = get_backend(solver)
         missing = self.backend.capabilities.missing_cones(ConeDims(nonneg=1), True)
         if missing or not self.backend.capabilities.quadratic_objective:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conformance import Suite, build_zoo
-from conformance.checks import CHECKS, check_shapes, residuals
+from conformance.checks import check_shapes, residuals
 from conformance.reference import ReferenceSolver
 from ffo_backends.clarabel import ClarabelBackend
 from ffo_core import Solution, Status, available_backends, register_backend, unregister_backend

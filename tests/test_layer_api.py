@@ -7,7 +7,7 @@ import torch
 
 from ffo_core import (BackendUnavailable, ConfigError, FFOLayer, GhostProblemError,
                       InvalidParameterError, NotDPPError, ProblemError, SolverError)
-from problems import TIGHT, cosine, layer_grads, random_qp, rel_err
+from problems import TIGHT, random_qp
 
 
 def _check_against_kkt(problem, params, variables, tensors, tol=1e-3):
