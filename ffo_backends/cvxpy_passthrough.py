@@ -58,7 +58,7 @@ from typing import Any, Callable
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase, data_digest, same_sparse
+from ffo_core.backend_base import BackendBase, data_digest, kkt_residual, same_sparse
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective, Solution,
@@ -169,23 +169,6 @@ def mat_to_svec(Z: np.ndarray) -> np.ndarray:
         for i in range(j + 1):
             out.append(Z[i, j] if i == j else np.sqrt(2) * 0.5 * (Z[i, j] + Z[j, i]))
     return np.asarray(out, dtype=float)
-
-
-def kkt_residual(g: Objective, h: ConeConstraints, e: Equalities, y, nu, lam, s) -> float:
-    """Relative primal, stationarity and complementarity residual in protocol terms."""
-    Py = g.P @ y if g.P is not None else np.zeros_like(y)
-    grad = Py + g.q + e.A.T @ nu + h.G.T @ lam
-    scale = max(1.0, float(np.max(np.abs(g.q), initial=0.0)),
-                float(np.max(np.abs(Py), initial=0.0)))
-    stat = float(np.max(np.abs(grad), initial=0.0)) / scale
-    bscale = max(1.0, float(np.max(np.abs(e.b), initial=0.0)),
-                 float(np.max(np.abs(h.h), initial=0.0)))
-    prim = float(np.max(np.abs(e.A @ y - e.b), initial=0.0))
-    if h.dims.nonneg:
-        prim = max(prim, float(np.max(-s[:h.dims.nonneg], initial=0.0)))
-    obj = abs(float(0.5 * y @ Py + g.q @ y))
-    comp = abs(float(s @ lam)) / max(1.0, obj)
-    return max(stat, prim / bscale, comp)
 
 
 @dataclass

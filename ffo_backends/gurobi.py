@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase, data_digest, same_sparse
+from ffo_core.backend_base import BackendBase, data_digest, kkt_residual, same_sparse
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective, Solution,
@@ -453,18 +453,6 @@ class GurobiBackend(BackendBase):
         info.extra["kkt_residual"] = kkt
         return Solution(status=status, primal=y, eq_dual=nu, ineq_dual=lam, slack=slack,
                         info=info)
-
-
-def kkt_residual(g: Objective, h: ConeConstraints, e: Equalities, y, nu, lam, s) -> float:
-    """Relative stationarity and complementarity residual of a point, in protocol terms."""
-    Py = g.P @ y if g.P is not None else np.zeros_like(y)
-    grad = Py + g.q + e.A.T @ nu + h.G.T @ lam
-    scale = max(1.0, float(np.max(np.abs(g.q), initial=0.0)),
-                float(np.max(np.abs(Py), initial=0.0)))
-    stat = float(np.max(np.abs(grad), initial=0.0)) / scale
-    obj = abs(float(0.5 * y @ Py + g.q @ y))
-    comp = abs(float(s @ lam)) / max(1.0, obj)
-    return max(stat, comp)
 
 
 @hookimpl

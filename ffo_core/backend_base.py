@@ -46,6 +46,25 @@ def same_sparse(X, Y) -> bool:
             and np.array_equal(X.indices, Y.indices) and np.array_equal(X.data, Y.data))
 
 
+def kkt_residual(g: Objective, h: ConeConstraints, e: Equalities, y, nu, lam, s) -> float:
+    """Relative primal, stationarity and complementarity residual of a point, in protocol
+    terms: what an adapter can report as ``SolveInfo.accuracy`` when its solver's own
+    figures are not in the protocol's units (checks the nonnegative block's sign only)."""
+    Py = g.P @ y if g.P is not None else np.zeros_like(y)
+    grad = Py + g.q + e.A.T @ nu + h.G.T @ lam
+    scale = max(1.0, float(np.max(np.abs(g.q), initial=0.0)),
+                float(np.max(np.abs(Py), initial=0.0)))
+    stat = float(np.max(np.abs(grad), initial=0.0)) / scale
+    bscale = max(1.0, float(np.max(np.abs(e.b), initial=0.0)),
+                 float(np.max(np.abs(h.h), initial=0.0)))
+    prim = float(np.max(np.abs(e.A @ y - e.b), initial=0.0))
+    if h.dims.nonneg:
+        prim = max(prim, float(np.max(-s[:h.dims.nonneg], initial=0.0)))
+    obj = abs(float(0.5 * y @ Py + g.q @ y))
+    comp = abs(float(s @ lam)) / max(1.0, obj)
+    return max(stat, prim / bscale, comp)
+
+
 class BackendBase:
     """Common plumbing of first-party adapters.
 
