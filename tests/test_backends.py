@@ -49,6 +49,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from conformance.cones import violation as cone_violation   # the suite's own check
 from ffo_core import (ConfigError, FFOLayer, SolverError, Status, available_backends,
                       get_backend)
 from ffo_core.protocol import (ConeConstraints, ConeDims, Equalities, Objective, Solution,
@@ -93,17 +94,6 @@ def _svec(S: np.ndarray) -> np.ndarray:
     k = S.shape[0]
     return np.array([S[i, j] * (1.0 if i == j else SQRT2) for j in range(k)
                      for i in range(j + 1)])
-
-
-def _smat(v: np.ndarray) -> np.ndarray:
-    k = int(round((np.sqrt(8 * v.size + 1) - 1) / 2))
-    S = np.zeros((k, k))
-    t = 0
-    for j in range(k):
-        for i in range(j + 1):
-            S[i, j] = S[j, i] = v[t] / (1.0 if i == j else SQRT2)
-            t += 1
-    return S
 
 
 def random_conic(seed: int, n: int = 6, p: int = 2, nonneg: int = 6, soc=(), exp: int = 0,
@@ -163,44 +153,6 @@ def epigraph(g: Objective, h: ConeConstraints, e: Equalities):
 
 
 # -- cone membership (the protocol's cones and their duals) ----------------------------------
-def _blocks(dims: ConeDims):
-    start = 0
-    yield "nonneg", slice(0, dims.nonneg)
-    start = dims.nonneg
-    for d in dims.soc:
-        yield "soc", slice(start, start + d)
-        start += d
-    for _ in range(dims.exp):
-        yield "exp", slice(start, start + 3)
-        start += 3
-    for k in dims.psd:
-        size = k * (k + 1) // 2
-        yield "psd", slice(start, start + size)
-        start += size
-
-
-def _cone_violation(v: np.ndarray, dims: ConeDims, dual: bool) -> float:
-    """How far ``v`` is from ``K`` (``dual=False``) or ``K*`` (SOC, R+, PSD self-dual)."""
-    worst = 0.0
-    for kind, rows in _blocks(dims):
-        x = v[rows]
-        if kind == "nonneg":
-            worst = max(worst, float(np.max(-x, initial=0.0)))
-        elif kind == "soc":
-            worst = max(worst, float(np.linalg.norm(x[1:]) - x[0]))
-        elif kind == "psd":
-            worst = max(worst, float(-np.min(np.linalg.eigvalsh(_smat(x)))))
-        elif not dual:      # EXP: y e^(x/y) <= z, y > 0 (or x <= 0, y = 0, z >= 0)
-            a, b_, c = x
-            worst = max(worst, float(b_ * np.exp(a / b_) - c) if b_ > 1e-12 else
-                        float(max(a, -b_, -c)))
-        else:               # EXP*: u < 0, -u e^(v/u) <= e w (or u = 0, v >= 0, w >= 0)
-            u, vv, w = x
-            worst = max(worst, float(-u * np.exp(vv / u) - np.e * w) if u < -1e-12 else
-                        float(max(u, -vv, -w)))
-    return max(worst, 0.0)
-
-
 def _kkt(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
          extra=None) -> dict[str, float]:
     """Relative KKT residuals of the protocol (scaled by the data's size)."""
@@ -213,8 +165,8 @@ def _kkt(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
         "equalities": float(np.abs(e.A @ y - e.b).max(initial=0.0)) / (1 + np.abs(e.b).max(
             initial=0.0)),
         "slack": float(np.abs(h.G @ y + s - h.h).max()) / (1 + np.abs(h.h).max()),
-        "s in K": _cone_violation(s, h.dims, dual=False),
-        "lam in K*": _cone_violation(lam, h.dims, dual=True),
+        "s in K": cone_violation(s, h.dims, dual=False),
+        "lam in K*": cone_violation(lam, h.dims, dual=True),
         "complementarity": abs(float(s @ lam)) / scale,
     }
 
