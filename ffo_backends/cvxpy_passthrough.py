@@ -257,7 +257,7 @@ class CvxpyBackend(BackendBase):
         y = cp.Variable(n)
         q = cp.Parameter(n)
         objective = q @ y
-        if g.P is not None and g.P.nnz and np.any(g.P.data):
+        if g.is_quadratic:
             objective = objective + 0.5 * cp.quad_form(y, cp.psd_wrap(sp.csc_matrix(g.P)))
         constraints = []
         b = hp = eq = ineq = exp = None
@@ -299,7 +299,7 @@ class CvxpyBackend(BackendBase):
 
     def _model_for(self, g, h, e) -> _Model:
         mats = [sp.csc_matrix(e.A), sp.csc_matrix(h.G)]
-        if g.P is not None and g.P.nnz and np.any(g.P.data):
+        if g.is_quadratic:
             mats.append(sp.csc_matrix(g.P))
         if not self.cache_size:
             return self._build(g, h, e)

@@ -81,7 +81,7 @@ def ecos_data(g: Objective, h: ConeConstraints, e: Equalities, extra_linear_term
     """``(c, G, h, dims, A, b, perm)`` in ECOS's conventions (``A``, ``b`` None if ``p = 0``)."""
     if h.dims.psd:
         raise SolverError("ecos has no PSD cone", backend="ecos")
-    if g.P is not None and g.P.nnz and np.any(g.P.data):
+    if g.is_quadratic:
         raise SolverError(
             "ecos has no quadratic objective (Capabilities.quadratic_objective=False): the "
             "engine compiles 1/2 y'Py into a second-order cone for it; this solve was given "

@@ -269,7 +269,7 @@ class GurobiBackend(BackendBase):
     def _model_for(self, g, h, e, c) -> _Built:
         n, dims = g.n, h.dims
         P = None
-        if g.P is not None and g.P.nnz and np.any(g.P.data):
+        if g.is_quadratic:
             P = sp.csr_matrix(g.P)
         A = sp.csr_matrix(e.A)
         G = h.G.tocsr()

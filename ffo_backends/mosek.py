@@ -148,7 +148,7 @@ class MosekData:
 def translate(g: Objective, h: ConeConstraints, e: Equalities,
               extra_linear_term=None) -> MosekData:
     """Protocol data -> :class:`MosekData` (no MOSEK import, no licence)."""
-    if g.P is not None and g.P.nnz and np.any(g.P.data):
+    if g.is_quadratic:
         raise SolverError(
             "mosek: this adapter takes no quadratic objective "
             "(Capabilities.quadratic_objective=False; the engine compiles 1/2 y'Py into a "

@@ -206,7 +206,7 @@ def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalitie
     ghost_h, ghost_e = ghost
     sol = backend.solve(g, ghost_h, ghost_e, step)
     if not sol.status.has_solution:
-        pure_lp = g.P is None or g.P.nnz == 0 or not np.any(g.P.data)
+        pure_lp = not g.is_quadratic
         hint = (" The problem is a pure LP whose solution is not unique under a tilt of "
                 "the objective, so its ghost problem is unbounded; add a small quadratic "
                 "regulariser (e.g. `+ 1e-4 * cp.sum_squares(y)`) or use backward='kkt'."

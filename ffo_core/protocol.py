@@ -102,6 +102,11 @@ class Objective:
     def n(self) -> int:
         return self.q.shape[0]
 
+    @property
+    def is_quadratic(self) -> bool:
+        """True when ``P`` has a nonzero entry (stored zeros do not count)."""
+        return self.P is not None and self.P.nnz > 0 and bool(np.any(self.P.data))
+
 
 @dataclass
 class ConeConstraints:
