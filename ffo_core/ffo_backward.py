@@ -42,8 +42,15 @@ Lagrangian ``L = 1/2 y'Py + q'y + nu'(Ay - b) + lam'(Gy - h)``, forward solution
        delta = kappa * (1 + ||y*||) / ||c||
 
    so ``delta * c`` moves the objective by a fixed fraction of the solution's scale whatever
-   the loss's scale.  ``kappa`` defaults to the classical optimum for the solver's reported
-   accuracy ``acc``: ``sqrt(acc)`` one-sided, ``acc**(1/3)`` central.
+   the loss's scale.  When the ghost keeps a curved cone block its solution is nonlinear in
+   delta, and ``kappa`` defaults to the classical optimum for the solver's reported accuracy
+   ``acc``: ``sqrt(acc)`` one-sided, ``acc**(1/3)`` central.  When it keeps none (every
+   polyhedral problem) the ghost is an equality-constrained QP whose solution is *affine* in
+   delta: there is no truncation error at all, so ``kappa = 1``.  A step of the solution's
+   own size divides both the solver's error and the forward point's error (an
+   interior-point solution near a degenerate vertex is only ~sqrt(gap) accurate) by a
+   ~1e4 larger delta than ``sqrt(acc)`` would, and one ghost solve suffices where a small
+   step needed the central difference's second solve to be accurate.
 
 The engine maps the data gradient back to parameters with ``M.T`` (:mod:`ffo_core.layer`).
 Nothing here forms or factorises a KKT matrix or a Hessian: the only linear algebra is
@@ -67,8 +74,9 @@ class FFOOptions:
     """Knobs of the first-order backward.
 
     delta:    absolute perturbation; ``None`` (default) chooses it scale-aware (step 4).
-    kappa:    relative perturbation used when ``delta`` is None; ``None`` derives it from
-              the solver's accuracy (``sqrt(acc)``, or ``acc**(1/3)`` when central),
+    kappa:    relative perturbation used when ``delta`` is None; ``None``: 1 when the ghost
+              keeps no curved cone block (it is then affine in delta, step 4), else derived
+              from the solver's accuracy (``sqrt(acc)``, or ``acc**(1/3)`` when central),
               clipped to [1e-5, 1e-2] (a ghost solve is rarely more accurate than
               1e-10 relative, whatever the forward accuracy).
     central:  two ghost solves at ``+delta`` and ``-delta`` (second-order accurate; exact
@@ -170,12 +178,19 @@ def lagrangian_gradient(g: Objective, h: ConeConstraints, e: Equalities,
     return DataGradient(dP, y.copy(), dA, -nu, dG, -lam)
 
 
+#: ``kappa`` of a ghost without curved cone blocks (affine in delta, step 4).
+AFFINE_KAPPA = 1.0
+
+
 def choose_delta(y: np.ndarray, c: np.ndarray, accuracy: float | None,
-                 options: FFOOptions) -> float:
-    """Step 4: the perturbation size for upstream gradient ``c`` at solution ``y``."""
+                 options: FFOOptions, curved: bool = True) -> float:
+    """Step 4: the perturbation size for upstream gradient ``c`` at solution ``y``;
+    ``curved``: the ghost keeps a curved cone block (else it is affine in delta)."""
     if options.delta is not None:
         return float(options.delta)
     kappa = options.kappa
+    if kappa is None and not curved:
+        kappa = AFFINE_KAPPA
     if kappa is None:
         acc = accuracy if accuracy and accuracy > 0 else DEFAULT_ACCURACY
         kappa = float(np.clip(acc ** (1 / 3) if options.central else np.sqrt(acc),
@@ -308,7 +323,8 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
                       rhs=h.h)
     curved = bool(active.kept.any())
     central = options.central if options.central is not None else curved
-    delta = choose_delta(y, c, sol.info.accuracy, replace(options, central=central))
+    delta = choose_delta(y, c, sol.info.accuracy, replace(options, central=central),
+                         curved)
     ghost = build_ghost(g, h, e, active)
 
     upper = solve_ghost(backend, g, h, e, active, ghost, delta * c)

@@ -424,7 +424,7 @@ class FFOLayer(torch.nn.Module):
         active = classify(sol, h.dims, tau_s=opts.tau_s, tau_lam=opts.tau_lam)
         central = opts.central if opts.central is not None else bool(active.kept.any())
         return float(choose_delta(sol.primal, c, sol.info.accuracy,
-                                  replace(opts, central=central)))
+                                  replace(opts, central=central), bool(active.kept.any())))
 
     def _ffo_once(self, i: int, g, h, e, sol: Solution, c: np.ndarray,
                   options: FFOOptions) -> DataGradient:
