@@ -104,7 +104,7 @@ def _bare(layer, tensors, reps: int) -> dict:
     from ffo_core.layer import _inspect_params
     cp_ = layer.compiled
     bound = layer._data(tensors, _inspect_params(cp_.params, tensors))
-    samples = [cp_.sample(bound.data(i)) for i in range(bound.batch)]
+    samples = [bound.sample(i) for i in range(bound.batch)]
 
     def native(g, h, e):
         st = clarabel.DefaultSettings()

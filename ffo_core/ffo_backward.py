@@ -58,7 +58,7 @@ row selection and entrywise products on the data's sparsity pattern.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -109,33 +109,79 @@ class FFOOptions:
     max_curved_step: float = 1e-2
 
 
-@dataclass
 class DataGradient:
     """Gradient of the loss with respect to one sample's problem data.
 
     ``P``, ``A``, ``G`` are aligned with the ``.data`` arrays of the sample's CSC matrices
     (the fixed sparsity pattern); ``q``, ``b``, ``h`` are dense.
+
+    Made by :meth:`along` (what both backward passes return), the gradient is *low rank*:
+    every matrix part is ``U V'`` on the pattern with ``U``, ``V`` built from ``base`` and
+    ``direction`` (:func:`lagrangian_gradient_derivative`), and the pattern arrays are only
+    formed when first read.  The engine never reads them: it sums the shared parameters'
+    gradient over the batch as one rank-``2 batch`` product and evaluates the batched ones
+    on the entries they touch (:mod:`ffo_core.param_map`).
     """
 
-    P: np.ndarray
-    q: np.ndarray
-    A: np.ndarray
-    b: np.ndarray
-    G: np.ndarray
-    h: np.ndarray
-    diagnostics: dict = field(default_factory=dict)
-    #: ``(y, nu, lam)`` the derivative was taken at, and the direction ``d(y, nu, lam)/d
-    #: delta`` per unit of ``c`` (set by the backward passes; lets a caller assemble dense
-    #: gradients as low-rank products instead of reading the pattern arrays).
-    base: tuple | None = None
-    direction: tuple | None = None
+    def __init__(self, P: np.ndarray, q: np.ndarray, A: np.ndarray, b: np.ndarray,
+                 G: np.ndarray, h: np.ndarray, diagnostics: dict | None = None) -> None:
+        self._matrices = {"P": P, "A": A, "G": G}
+        self.q, self.b, self.h = q, b, h
+        self.diagnostics = diagnostics if diagnostics is not None else {}
+        #: ``(y, nu, lam)`` the derivative was taken at, and the direction ``d(y, nu,
+        #: lam)/d delta`` per unit of ``c`` (set by :meth:`along`; lets a caller assemble
+        #: gradients as low-rank products instead of reading the pattern arrays).
+        self.base: tuple | None = None
+        self.direction: tuple | None = None
+        self._patterns: tuple | None = None
+
+    @classmethod
+    def along(cls, g: Objective, h: ConeConstraints, e: Equalities, base: tuple,
+              direction: tuple) -> "DataGradient":
+        """The derivative of ``grad_data L`` at ``base`` along ``direction`` (see
+        :func:`lagrangian_gradient_derivative`), its matrix parts formed lazily."""
+        y, nu, lam = (np.asarray(v, dtype=float) for v in base)
+        wy, wnu, wlam = (np.asarray(v, dtype=float) for v in direction)
+        grad = cls(None, wy, None, -wnu, None, -wlam)
+        grad.base, grad.direction = (y, nu, lam), (wy, wnu, wlam)
+        grad._patterns = {"P": g.P, "A": e.A, "G": h.G}
+        return grad
+
+    def _matrix(self, name: str) -> np.ndarray:
+        value = self._matrices[name]
+        if value is None:
+            M = self._patterns[name] if self._patterns else None
+            if M is None:
+                value = np.zeros(0)
+            else:
+                (y, nu, lam), (wy, wnu, wlam) = self.base, self.direction
+                u, wu, half = {"P": (y, wy, 0.5), "A": (nu, wnu, 1.0),
+                               "G": (lam, wlam, 1.0)}[name]
+                r = M.indices                    # (w_u)_i y_j + u_i (w_y)_j on M's pattern
+                value = half * (wu[r] * _by_column(M, y) + u[r] * _by_column(M, wy))
+            self._matrices[name] = value
+        return value
+
+    P = property(lambda self: self._matrix("P"))
+    A = property(lambda self: self._matrix("A"))
+    G = property(lambda self: self._matrix("G"))
+
+    @property
+    def low_rank(self) -> bool:
+        """True when ``base``/``direction`` describe every part exactly."""
+        return self.base is not None and self.direction is not None \
+            and self._patterns is not None
 
     def vector(self) -> np.ndarray:
         """Concatenation in the compiled data order ``[P | q | A | b | G | h]``."""
         return np.concatenate([self.P, self.q, self.A, self.b, self.G, self.h])
 
     def is_finite(self) -> bool:
-        """True when every entry is finite (without concatenating)."""
+        """True when every entry is finite (for a low-rank gradient: its factors, without
+        forming the pattern arrays; an overflow of their products is caught where the
+        parameter gradient is assembled)."""
+        if self.low_rank:
+            return all(np.isfinite(v).all() for v in (*self.base, *self.direction))
         return all(np.isfinite(part).all() for part in self._parts())
 
     def __sub__(self, other: "DataGradient") -> "DataGradient":
@@ -296,18 +342,7 @@ def lagrangian_gradient_derivative(g: Objective, h: ConeConstraints, e: Equaliti
         dA_ij = w_nu_i y_j + nu_i w_y_j,    db = -w_nu,
         dG_ij = w_lam_i y_j + lam_i w_y_j,  dh = -w_lam.
     """
-    y, nu, lam = base
-    wy, wnu, wlam = direction
-
-    def bilinear(M, u, wu):          # (w_u)_i y_j + u_i (w_y)_j on M's pattern
-        r = M.indices
-        return wu[r] * _by_column(M, y) + u[r] * _by_column(M, wy)
-    dP = 0.5 * bilinear(g.P, y, wy) if g.P is not None else np.zeros(0)
-    dA = bilinear(e.A, nu, wnu)
-    dG = bilinear(h.G, lam, wlam)
-    grad = DataGradient(dP, np.array(wy, dtype=float), dA, -wnu, dG, -wlam)
-    grad.base, grad.direction = tuple(base), tuple(direction)
-    return grad
+    return DataGradient.along(g, h, e, base, direction)
 
 
 def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,

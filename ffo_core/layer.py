@@ -405,10 +405,8 @@ class FFOLayer(torch.nn.Module):
 
     def solve_numpy(self, bound: BoundData) -> list[Solution]:
         """Solve every sample of ``bound`` (from :meth:`_data`) and check the statuses."""
-        cp_ = self.compiled
-
         def one(i: int) -> Solution:
-            return GuardedBackend(self.backend, i).solve(*cp_.sample(bound.data(i)))
+            return GuardedBackend(self.backend, i).solve(*bound.sample(i))
         sols = run_batch(one, bound.batch, self._jobs(bound.batch))
         self.last_status = [s.status for s in sols]
         check_solutions(sols, self.backend, self.inaccurate)
@@ -486,10 +484,8 @@ class FFOLayer(torch.nn.Module):
     def data_gradients(self, bound: BoundData, sols: list[Solution],
                        c: np.ndarray) -> list[DataGradient]:
         """Per-sample gradient of ``c[i]'y_i`` w.r.t. the data."""
-        cp_ = self.compiled
-
         def one(i: int):
-            g, h, e = cp_.sample(bound.data(i))
+            g, h, e = bound.sample(i, rows=True)
             try:
                 if self.backward_mode == "kkt":
                     grad = kkt_backward(g, h, e, sols[i], c[i], self.options)
@@ -520,7 +516,7 @@ class FFOLayer(torch.nn.Module):
         i = int(nonzero[0]) if nonzero.size else 0
         record: dict[str, Any] = {"call": call, "sample": i,
                                   "ghost_fallback": grads[i].diagnostics.get("ghost_fallback")}
-        g, h, e = self.compiled.sample(bound.data(i))
+        g, h, e = bound.sample(i, rows=True)
         try:
             ref = kkt_backward(g, h, e, sols[i], c[i], self.options).vector()
         except SolverError as exc:

@@ -364,13 +364,12 @@ class FFOQPLayer(torch.nn.Module):
             y, nu0 = sol.primal, sol.eq_dual
             lam0 = np.where(active.ghost_rows, sol.ineq_dual, 0.0)
         rec = _Record({"p": grad.q, "h": grad.h, "b": grad.b}, {}, {}, grad.diagnostics)
-        blocks = {"Q": (grad.P, None, None), "G": (grad.G, grad.h, lam0),
-                  "A": (grad.A, grad.b, nu0)}
-        for name, (pattern, drhs, dual0) in blocks.items():
+        blocks = {"Q": ("P", None, None), "G": ("G", grad.h, lam0), "A": ("A", grad.b, nu0)}
+        for name, (part, drhs, dual0) in blocks.items():
             if not needs[name]:
                 continue
             if call.args[name].sparse is not None:
-                rec.pattern[name] = pattern
+                rec.pattern[name] = getattr(grad, part)      # formed only when needed
                 continue
             a = None if drhs is None else -drhs
             rec.factors[name] = _low_rank(name, y, grad.q, a, dual0)

@@ -3,7 +3,7 @@ import numpy as np
 
 from ffo_core.compile import compile_problem
 from ffo_core.ffo_backward import DataGradient
-from ffo_core.param_map import bind
+from ffo_core.param_map import bind, pattern_values
 from problems import random_qp
 
 
@@ -30,3 +30,69 @@ def test_bound_data_equals_full_product_and_its_adjoint():
     for s, g, b in zip(cp_.params, grads, batched):
         expect = ref[s.offset:s.offset + s.size]
         assert np.allclose(g, expect.T if b else expect.sum(axis=1), rtol=1e-12, atol=1e-12)
+
+
+def _lowrank_grads(cp_, batch, rng):
+    """Random low-rank data gradients (as the backward passes make them) on ``cp_``'s
+    pattern, with their explicit pattern arrays as the reference."""
+    grads = []
+    for _ in range(batch):
+        data = rng.standard_normal(cp_.n_data)
+        g, h, e = cp_.sample(data)
+        base = (rng.standard_normal(cp_.n), rng.standard_normal(cp_.p),
+                rng.standard_normal(cp_.m))
+        direction = tuple(rng.standard_normal(v.shape) for v in base)
+        grads.append(DataGradient.along(g, h, e, base, direction))
+    return grads
+
+
+def test_low_rank_sum_equals_the_explicit_pattern_sum():
+    """The shared parameters' gradient assembled as one rank-2B product (dense and
+    gathered paths) equals M' applied to the sum of the explicit pattern arrays."""
+    qp = random_qp(9, 6, 3, seed=7)
+    cp_ = compile_problem(qp.problem, qp.params, [qp.y])
+    rng = np.random.default_rng(1)
+    batch = 4
+    for batched in ([False] * 6, [False, True, False, True, False, True]):
+        values = [rng.standard_normal((batch, s.size) if b else s.size)
+                  for s, b in zip(cp_.params, batched)]
+        bound = bind(cp_, values, batched, batch)
+        grads = _lowrank_grads(cp_, batch, rng)
+        assert all(g.low_rank for g in grads)
+        ref = cp_.M.T @ np.stack([g.vector() for g in grads], axis=1)
+        got = bound.parameter_gradients(grads)
+        for s, gv, b in zip(cp_.params, got, batched):
+            expect = ref[s.offset:s.offset + s.size]
+            assert np.allclose(gv, expect.T if b else expect.sum(axis=1), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_pattern_values_paths_agree():
+    rng = np.random.default_rng(2)
+    U, V = rng.standard_normal((30, 5)), rng.standard_normal((20, 5))
+    dense = U @ V.T
+    for k in (600, 40):              # nearly full pattern (GEMM path), sparse (gathers)
+        flat = rng.choice(600, size=k, replace=False)
+        r, c = flat // 20, flat % 20
+        assert np.allclose(pattern_values(r, c, U, V), dense[r, c], rtol=1e-14, atol=1e-14)
+
+
+def test_sample_views_equal_the_full_data():
+    qp = random_qp(7, 5, 2, seed=4)
+    cp_ = compile_problem(qp.problem, qp.params, [qp.y])
+    rng = np.random.default_rng(3)
+    batched = [True, False, False, True, False, False]
+    values = [rng.standard_normal((2, s.size) if b else s.size)
+              for s, b in zip(cp_.params, batched)]
+    bound = bind(cp_, values, batched, 2)
+    for i in range(2):
+        ref = cp_.sample(bound.data(i))
+        got = bound.sample(i, rows=True)
+        for a, b in zip(ref, got):
+            for x, y in zip(vars(a).values(), vars(b).values()):
+                if hasattr(x, "toarray"):
+                    assert np.array_equal(x.toarray(), y.toarray())
+                elif isinstance(x, np.ndarray):
+                    assert np.array_equal(x, y)
+        assert np.array_equal(got[1].G_csr.toarray(), ref[1].G.toarray())
+        assert np.array_equal(got[2].A_csr.toarray(), ref[2].A.toarray())
