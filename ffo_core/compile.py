@@ -61,20 +61,6 @@ class SparsePattern:
     def matrix(self, values: np.ndarray) -> sp.csc_matrix:
         return sp.csc_matrix((values, self.indices, self.indptr), shape=self.shape)
 
-    @functools.cached_property
-    def _csr_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(order, indices, indptr)`` of the same pattern by rows: entry ``k`` of the CSR
-        form is entry ``order[k]`` of the CSC form (computed once per pattern)."""
-        order = np.lexsort((self.cols, self.indices)).astype(np.int64)
-        indptr = np.zeros(self.shape[0] + 1, dtype=np.int64)
-        np.cumsum(np.bincount(self.indices, minlength=self.shape[0]), out=indptr[1:])
-        return order, self.cols[order], indptr
-
-    def csr_matrix(self, values: np.ndarray) -> sp.csr_matrix:
-        """The matrix by rows, from CSC-ordered ``values`` (one gather, no sort)."""
-        order, indices, indptr = self._csr_layout
-        return sp.csr_matrix((values[order], indices, indptr), shape=self.shape)
-
 
 @dataclass(frozen=True)
 class Slot:
@@ -123,26 +109,17 @@ class CompiledProblem:
     def m(self) -> int:
         return self.G.shape[0]
 
-    def sample(self, data: np.ndarray, rows: bool = False
-               ) -> tuple[Objective, ConeConstraints, Equalities]:
+    def sample(self, data: np.ndarray) -> tuple[Objective, ConeConstraints, Equalities]:
         """Protocol objects for one sample's data vector (a column of ``M @ Theta``)."""
-        s = self.sections
-        return self.sample_parts({name: data[sec] for name, sec in s.items()}, rows)
+        return self.sample_parts({name: data[sec] for name, sec in self.sections.items()})
 
-    def sample_parts(self, parts: dict, rows: bool = False
-                     ) -> tuple[Objective, ConeConstraints, Equalities]:
+    def sample_parts(self, parts: dict) -> tuple[Objective, ConeConstraints, Equalities]:
         """Protocol objects from the data's sections (``parts["G"]``: ``G``'s values in
-        CSC order, ...; arrays are used as they are, not copied).  ``rows=True`` also fills
-        in the row-wise forms ``G_csr``/``A_csr`` (the backward pass selects rows) from
-        the fixed pattern's precomputed row order: one gather instead of a sort per
-        sample."""
+        CSC order, ...; the arrays are used as they are, not copied)."""
         P = self.P.matrix(parts["P"]) if self.P is not None else None
-        h = ConeConstraints(self.G.matrix(parts["G"]), parts["h"], self.dims)
-        e = Equalities(self.A.matrix(parts["A"]), parts["b"])
-        if rows:                       # primes the cached properties
-            h.__dict__["G_csr"] = self.G.csr_matrix(parts["G"])
-            e.__dict__["A_csr"] = self.A.csr_matrix(parts["A"])
-        return Objective(P, parts["q"]), h, e
+        return (Objective(P, parts["q"]),
+                ConeConstraints(self.G.matrix(parts["G"]), parts["h"], self.dims),
+                Equalities(self.A.matrix(parts["A"]), parts["b"]))
 
 
 def _protocol_row_order(dims: ConeDims) -> np.ndarray:

@@ -485,7 +485,7 @@ class FFOLayer(torch.nn.Module):
                        c: np.ndarray) -> list[DataGradient]:
         """Per-sample gradient of ``c[i]'y_i`` w.r.t. the data."""
         def one(i: int):
-            g, h, e = bound.sample(i, rows=True)
+            g, h, e = bound.sample(i)
             try:
                 if self.backward_mode == "kkt":
                     grad = kkt_backward(g, h, e, sols[i], c[i], self.options)
@@ -516,7 +516,7 @@ class FFOLayer(torch.nn.Module):
         i = int(nonzero[0]) if nonzero.size else 0
         record: dict[str, Any] = {"call": call, "sample": i,
                                   "ghost_fallback": grads[i].diagnostics.get("ghost_fallback")}
-        g, h, e = bound.sample(i, rows=True)
+        g, h, e = bound.sample(i)
         try:
             ref = kkt_backward(g, h, e, sols[i], c[i], self.options).vector()
         except SolverError as exc:

@@ -207,7 +207,7 @@ class BoundData:
             out[self.split.reach_b.rows] = self._reached(i)
         return out
 
-    def sample(self, i: int, rows: bool = False):
+    def sample(self, i: int):
         """Sample ``i``'s protocol objects ``(g, h, e)``
         (:meth:`CompiledProblem.sample_parts`): sections no batched parameter reaches are
         views of the shared ``base`` (solvers must not write to their inputs)."""
@@ -220,7 +220,7 @@ class BoundData:
                 part = parts[name].copy()
                 part[local] = values[reach.pos[name]]
                 parts[name] = part
-        return cp_.sample_parts(parts, rows)
+        return cp_.sample_parts(parts)
 
     def parameter_gradients(self, grads: list) -> list[np.ndarray]:
         """Per parameter (in the compiled order): ``(size,)`` for a shared parameter (summed
