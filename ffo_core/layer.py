@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .active_set import classify
-from .batch import (INACCURATE_POLICIES, GuardedBackend, backend_name, check_solutions,
-                    default_jobs, run_batch)
+from .batch import (INACCURATE_POLICIES, GuardedBackend, ThreadChoice, backend_name,
+                    check_solutions, default_jobs)
 from .param_map import BoundData, bind
 from .compile import CompiledProblem, Slot, compile_problem
 from .config import check_choice
@@ -370,6 +370,7 @@ class FFOLayer(torch.nn.Module):
         self.options = FFOOptions(delta=delta, kappa=kappa, central=central, tau_s=tau_s,
                                   tau_lam=tau_lam)
         self.n_jobs = n_jobs
+        self._threads = {"forward": ThreadChoice(), "backward": ThreadChoice()}
         self.inaccurate = inaccurate
         self.ghost_fallback = ghost_fallback
         self.time_limit = None if time_limit is None else float(time_limit)
@@ -407,7 +408,7 @@ class FFOLayer(torch.nn.Module):
         """Solve every sample of ``bound`` (from :meth:`_data`) and check the statuses."""
         def one(i: int) -> Solution:
             return GuardedBackend(self.backend, i).solve(*bound.sample(i))
-        sols = run_batch(one, bound.batch, self._jobs(bound.batch))
+        sols = self._threads["forward"].run(one, bound.batch, self._jobs(bound.batch))
         self.last_status = [s.status for s in sols]
         check_solutions(sols, self.backend, self.inaccurate)
         return sols
@@ -500,7 +501,7 @@ class FFOLayer(torch.nn.Module):
                 if "batch index" not in text:
                     exc.args = (f"backward pass, batch index {i}: {text}",)
                 raise
-        grads = run_batch(one, bound.batch, self._jobs(bound.batch))
+        grads = self._threads["backward"].run(one, bound.batch, self._jobs(bound.batch))
         self.last_diagnostics = [g.diagnostics for g in grads]
         with self._lock:
             self._backward_calls += 1

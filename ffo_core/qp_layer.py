@@ -54,7 +54,7 @@ import scipy.sparse as sp
 import torch
 
 from .active_set import classify
-from .batch import INACCURATE_POLICIES, check_solutions, default_jobs, run_batch
+from .batch import INACCURATE_POLICIES, ThreadChoice, check_solutions, default_jobs
 from .config import check_choice
 from .errors import ConfigError, InvalidParameterError, SolverError
 from .ffo_backward import FFOOptions, ffo_backward
@@ -313,6 +313,7 @@ class FFOQPLayer(torch.nn.Module):
         self.options = FFOOptions(delta=delta, kappa=kappa, central=central, tau_s=tau_s,
                                   tau_lam=tau_lam)
         self.n_jobs = n_jobs
+        self._threads = {"forward": ThreadChoice(), "backward": ThreadChoice()}
         self.inaccurate = inaccurate
         self.broadcast_grad = broadcast_grad
         self.last_diagnostics: list[dict] = []
@@ -337,8 +338,8 @@ class FFOQPLayer(torch.nn.Module):
 
     def solve(self, call: _Call) -> list[Solution]:
         """Solve every sample and check the statuses (SolverError names the batch index)."""
-        sols = run_batch(lambda i: self.backend.solve(*call.sample(i)), call.batch,
-                         self._jobs(call.batch))
+        sols = self._threads["forward"].run(lambda i: self.backend.solve(*call.sample(i)),
+                                            call.batch, self._jobs(call.batch))
         check_solutions(sols, self.backend, self.inaccurate)
         call.sols = sols
         return sols
@@ -411,8 +412,9 @@ class FFOQPLayer(torch.nn.Module):
 
     def gradients(self, call: _Call, c: np.ndarray, needs: dict) -> dict[str, torch.Tensor]:
         """Input gradients of ``sum_i c[i]'y_i`` for the arguments with ``needs[name]``."""
-        records = run_batch(lambda i: self._one_backward(call, i, c[i], needs), call.batch,
-                            self._jobs(call.batch))
+        records = self._threads["backward"].run(
+            lambda i: self._one_backward(call, i, c[i], needs), call.batch,
+            self._jobs(call.batch))
         self.last_diagnostics = [r.diagnostics for r in records]
         return {name: self._assemble(call, name, records)
                 for name in NAMES if needs[name]}

@@ -1,0 +1,34 @@
+"""The pool-or-one-thread choice (``ffo_core.batch.ThreadChoice``)."""
+import copy
+import pickle
+
+from ffo_core.batch import ThreadChoice, run_batch
+
+
+def test_probes_alternate_then_the_faster_setting_wins():
+    choice = ThreadChoice(probes=2)
+    seen = []
+    for _ in range(4):
+        jobs = choice.choose(2)
+        seen.append(jobs)
+        choice.times.setdefault(jobs, []).append(1.0 if jobs == 1 else 2.0)
+    assert sorted(seen) == [1, 1, 2, 2] and seen[0] == 2
+    assert choice.choose(2) == 1                 # one thread measured faster
+    choice.times[2] = [0.1, 0.1, 0.1]
+    assert choice.choose(2) == 2                 # now the pool is faster
+
+
+def test_one_job_is_never_a_pool_and_results_keep_their_order():
+    choice = ThreadChoice()
+    assert choice.choose(1) == 1
+    out = choice.run(lambda i: i * i, 7, 2)
+    assert out == [i * i for i in range(7)] == run_batch(lambda i: i * i, 7, 1)
+    assert sum(len(v) for v in choice.times.values()) == 1
+
+
+def test_pickles_and_copies_with_its_measurements():
+    choice = ThreadChoice()
+    choice.run(lambda i: i, 4, 2)
+    for other in (pickle.loads(pickle.dumps(choice)), copy.deepcopy(choice)):
+        assert other.times == choice.times
+        assert other.run(lambda i: -i, 3, 2) == [0, -1, -2]
