@@ -100,7 +100,7 @@ def _bare(layer, tensors, reps: int) -> dict:
     import scipy.sparse as sp
     from ffo_backends.clarabel import ClarabelBackend
     from ffo_core.active_set import classify
-    from ffo_core.ffo_backward import build_ghost
+    from ffo_core.ffo_backward import build_ghost, without_stored_zeros
     from ffo_core.layer import _inspect_params
     cp_ = layer.compiled
     bound = layer._data(tensors, _inspect_params(cp_.params, tensors))
@@ -124,7 +124,8 @@ def _bare(layer, tensors, reps: int) -> dict:
     sols = [layer.backend.solve(*s) for s in samples]
     ghosts = []
     for (g, h, e), sol in zip(samples, sols):
-        gh, ge = build_ghost(g, h, e, classify(sol, h.dims))
+        # the ghost exactly as the backward pass hands it to the solver
+        gh, ge = build_ghost(g, *without_stored_zeros(h, e), classify(sol, h.dims, rhs=h.h))
         ghosts.append((g, gh, ge))
     for _ in range(reps):
         t0 = time.perf_counter()

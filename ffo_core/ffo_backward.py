@@ -249,6 +249,22 @@ def choose_delta(y: np.ndarray, c: np.ndarray, accuracy: float | None,
     return kappa * (1.0 + np.linalg.norm(y)) / np.linalg.norm(c)
 
 
+def without_stored_zeros(h: ConeConstraints, e: Equalities
+                         ) -> tuple[ConeConstraints, Equalities]:
+    """``(h, e)`` with the stored zeros of ``G`` and ``A`` dropped (copies).
+
+    The engine's matrices live on the *structural* pattern (every entry a parameter can
+    reach); a learnable dense ``G`` that currently holds a box has 500k stored entries at
+    n = 500 and 1.5k nonzeros.  The ghost problem and the base-point check need only the
+    nonzeros; the data gradient is still taken on the structural pattern."""
+    def drop(M):
+        if M.nnz and not np.all(M.data):
+            M = M.copy()
+            M.eliminate_zeros()
+        return M
+    return replace(h, G=drop(h.G)), replace(e, A=drop(e.A))
+
+
 def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
                 active: ActiveSet) -> tuple[ConeConstraints, Equalities]:
     """Step 2: locked rows join the equalities; kept cone blocks stay cones; rest dropped."""
@@ -366,7 +382,8 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     central = options.central if options.central is not None else curved
     delta = choose_delta(y, c, sol.info.accuracy, replace(options, central=central),
                          curved)
-    ghost = build_ghost(g, h, e, active)
+    h_nz, e_nz = without_stored_zeros(h, e)
+    ghost = build_ghost(g, h_nz, e_nz, active)
 
     upper = solve_ghost(backend, g, h, e, active, ghost, delta * c)
     for _ in range(2):      # curved blocks: keep the step inside their linear range
@@ -378,7 +395,7 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     forward = (y, nu, np.where(active.ghost_rows, lam, 0.0))
     fallback, base_error = False, None
     if not central and options.base_check is not None:
-        base_error = base_point_error(g, h, e, sol, active, upper[0], delta * c)
+        base_error = base_point_error(g, h_nz, e_nz, sol, active, upper[0], delta * c)
         fallback = central = base_error > options.base_check
     if central:
         lower = solve_ghost(backend, g, h, e, active, ghost, -delta * c)

@@ -46,21 +46,40 @@ _CHUNK = 1 << 18
 class _Reach:
     """The data rows some parameters reach, by section: ``local[name]`` are indices into
     the section (pattern entries for P/A/G, vector entries for q/b/h) and ``pos[name]``
-    their positions in ``rows``."""
+    the slice of ``rows`` they fill.  For the matrix sections ``entries[name]`` says
+    where the reached pattern entries sit in ``U V'``: a flat index into the dense
+    product when they fill most of it (``("dense", flat)``), else their ``("rows_cols",
+    rows, cols)`` (computed once per layer and batching mask)."""
 
     rows: np.ndarray
     local: dict
     pos: dict
+    entries: dict
 
     @classmethod
     def of(cls, compiled: CompiledProblem, rows: np.ndarray) -> "_Reach":
-        local, pos = {}, {}
+        local, pos, entries = {}, {}, {}
         for name in SECTIONS:
             sec = compiled.sections[name]
             inside = np.flatnonzero((rows >= sec.start) & (rows < sec.stop))
-            if inside.size:
-                local[name], pos[name] = rows[inside] - sec.start, inside
-        return cls(rows, local, pos)
+            if not inside.size:
+                continue
+            local[name] = rows[inside] - sec.start
+            pos[name] = slice(int(inside[0]), int(inside[-1]) + 1)   # rows are sorted
+            if name in _MATRIX:
+                pat = getattr(compiled, name)
+                r, c = pat.indices[local[name]], pat.cols[local[name]]
+                if _dense(pat.shape, r.size):
+                    entries[name] = ("dense", r.astype(np.int64) * pat.shape[1] + c)
+                else:
+                    entries[name] = ("rows_cols", r, c)
+        return cls(rows, local, pos, entries)
+
+
+def _dense(shape: tuple[int, int], k: int) -> bool:
+    """Evaluate ``k`` entries of a ``shape`` low-rank product through the dense product?"""
+    full = shape[0] * shape[1]
+    return full <= 4 * k and full <= 1 << 26
 
 
 @dataclass
@@ -112,16 +131,20 @@ def pattern_values(rows: np.ndarray, cols: np.ndarray, U: np.ndarray,
     A dense product and a gather when the entries fill most of ``U V'`` (a learnable dense
     matrix); otherwise row-wise gathers in chunks, never a dense ``U V'``.
     """
-    k = rows.size
-    if k == 0:
-        return np.zeros(0)
-    full = U.shape[0] * V.shape[0]
-    if full <= 4 * k and full <= 1 << 26:
-        D = U @ V.T
-        return D.ravel()[rows.astype(np.int64) * V.shape[0] + cols]
-    out = np.empty(k)
+    if _dense((U.shape[0], V.shape[0]), rows.size):
+        return _dense_values(rows.astype(np.int64) * V.shape[0] + cols, U, V)
+    return _gathered_values(rows, cols, U, V)
+
+
+def _dense_values(flat: np.ndarray, U: np.ndarray, V: np.ndarray) -> np.ndarray:
+    return (U @ V.T).ravel()[flat]
+
+
+def _gathered_values(rows: np.ndarray, cols: np.ndarray, U: np.ndarray,
+                     V: np.ndarray) -> np.ndarray:
+    out = np.empty(rows.size)
     step = max(1, _CHUNK // max(1, U.shape[1]))
-    for s in range(0, k, step):
+    for s in range(0, rows.size, step):
         r, c = rows[s:s + step], cols[s:s + step]
         out[s:s + step] = np.einsum("ij,ij->i", U[r], V[c])
     return out
@@ -143,10 +166,6 @@ def _vector(name: str, grad) -> np.ndarray:
     return {"q": grad.q, "b": grad.b, "h": grad.h}[name]
 
 
-def _pattern(compiled: CompiledProblem, name: str):
-    return getattr(compiled, name)
-
-
 def gradient_on(compiled: CompiledProblem, reach: _Reach, grads: list) -> np.ndarray:
     """``sum_i d data_i`` on the data rows of ``reach`` (in ``reach.rows`` order)."""
     out = np.zeros(reach.rows.size)
@@ -156,9 +175,10 @@ def gradient_on(compiled: CompiledProblem, reach: _Reach, grads: list) -> np.nda
         pos = reach.pos[name]
         if name in _MATRIX:
             if low:
-                pat = _pattern(compiled, name)
                 U, V = _factors(name, low)
-                out[pos] += pattern_values(pat.indices[local], pat.cols[local], U, V)
+                how, *where = reach.entries[name]
+                out[pos] += _dense_values(where[0], U, V) if how == "dense" \
+                    else _gathered_values(where[0], where[1], U, V)
             for g in plain:
                 out[pos] += getattr(g, name)[local]
         else:
