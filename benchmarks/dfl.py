@@ -74,21 +74,28 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _time_layer(make, tensors, reps: int, weights):
+#: Untimed calls before the timed ones: one for every method (first-call caches), four for
+#: our layers, which spend their first four calls choosing between a thread pool and one
+#: thread per phase (``ffo_core.batch.ThreadChoice``): the steady state of a training loop.
+WARMUP = {"ours": 4, "peer": 1}
+
+
+def _time_layer(make, tensors, reps: int, weights, warmup: int = 1):
     import torch
     t0 = time.perf_counter()
     layer = make()
     setup = time.perf_counter() - t0
     fwd, bwd, grads = [], [], None
-    for _ in range(reps):
+    for k in range(warmup + reps):
         ts = [t.clone().requires_grad_(True) for t in tensors]
         t0 = time.perf_counter()
         (sol,) = layer(*ts)
         t1 = time.perf_counter()
         (weights * sol).sum().backward()
         t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
+        if k >= warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
         grads = [t.grad for t in ts]
     return layer, setup, statistics.median(fwd), statistics.median(bwd), grads, torch
 
@@ -150,7 +157,7 @@ def child(spec: dict) -> dict:
         kw = {"ffo": {}, "ffo-central": {"central": True}, "kkt": {"backward": "kkt"},
               "bare": {}}[method]
         layer, setup, fwd, bwd, _, _ = _time_layer(
-            lambda: FFOLayer(prob, params, [y], **kw), tensors, reps, weights)
+            lambda: FFOLayer(prob, params, [y], **kw), tensors, reps, weights, WARMUP["ours"])
         out.update(setup=setup, fwd=fwd, bwd=bwd, peak_mb=_peak_mb())
         if method == "bare":
             out.update(_bare(layer, tensors, reps), setup=0.0)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase, prune
+from ffo_core.backend_base import BackendBase, prune, stack_rows, upper_triangle
 from ffo_core.errors import ConfigError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective,
@@ -91,9 +91,9 @@ class ClarabelBackend(BackendBase):
               extra_linear_term=None, *, warm_start=None) -> Solution:
         import clarabel
         n = g.n
-        P = sp.triu(prune(g.P), format="csc") if g.P is not None else sp.csc_matrix((n, n))
+        P = upper_triangle(g.P) if g.P is not None else sp.csc_matrix((n, n))
         q = g.q if extra_linear_term is None else g.q + extra_linear_term
-        A = sp.vstack([prune(e.A), prune(h.G)], format="csc")
+        A = stack_rows(prune(e.A), prune(h.G))
         b = np.concatenate([e.b, h.h])
         solver = clarabel.DefaultSolver(P, q, A, b, self._cones(e, h), self._settings())
         res = solver.solve()

@@ -64,6 +64,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .active_set import DEFAULT_ACCURACY, ActiveSet, block_slices, classify
+from .backend_base import stack_rows
 from .errors import GhostProblemError
 from .protocol import (Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution,
                        Status)
@@ -270,7 +271,7 @@ def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
     """Step 2: locked rows join the equalities; kept cone blocks stay cones; rest dropped."""
     locked = np.flatnonzero(active.locked)
     kept = np.flatnonzero(active.kept)       # CSC row selection: scipy's minor-axis index
-    ghost_e = Equalities(sp.vstack([e.A, h.G[locked]], format="csc"),
+    ghost_e = Equalities(stack_rows(e.A, h.G[locked]),
                          np.concatenate([e.b, h.h[locked]]))
     ghost_h = ConeConstraints(h.G[kept], h.h[kept], active.kept_dims)
     return ghost_h, ghost_e

@@ -878,3 +878,20 @@ def test_mosek_statuses_and_gradients():
     _, g_got = _grads(FFOLayer(prob, params, [y], solver="mosek", central=True), values, w)
     cos = float(g_ref @ g_got / (g_ref.norm() * g_got.norm()))
     assert cos >= 0.9999 and float((g_got - g_ref).norm() / g_ref.norm()) <= 1e-3
+
+
+def test_upper_triangle_and_prune_match_scipy():
+    import scipy.sparse as sp
+    from ffo_core.backend_base import prune, upper_triangle
+    rng = np.random.default_rng(0)
+    D = rng.standard_normal((7, 7)) * (rng.random((7, 7)) < 0.5)
+    D[2, 2] = 0.0
+    M = sp.csc_matrix(D + D.T)
+    M.data[::3] = 0.0                                 # stored zeros
+    U = upper_triangle(M)
+    assert U.has_canonical_format and np.all(U.data)
+    assert np.array_equal(U.toarray(), np.triu(M.toarray()))
+    clean = prune(M)
+    assert clean is not M and np.all(clean.data) and np.array_equal(clean.toarray(),
+                                                                   M.toarray())
+    assert prune(clean) is clean                      # nothing to drop: no copy
