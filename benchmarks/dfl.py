@@ -107,25 +107,26 @@ def _bare(layer, tensors, reps: int) -> dict:
     import scipy.sparse as sp
     from ffo_backends.clarabel import ClarabelBackend
     from ffo_core.active_set import classify
+    from ffo_core.backend_base import prune, stack_rows, upper_triangle
     from ffo_core.ffo_backward import build_ghost, without_stored_zeros
     from ffo_core.layer import _inspect_params
     cp_ = layer.compiled
     bound = layer._data(tensors, _inspect_params(cp_.params, tensors))
     samples = [bound.sample(i) for i in range(bound.batch)]
+    # the numeric problems, as the layer hands them to the solver (stored zeros dropped)
+    numeric = [(g, *bound.nonzero(i, h, e)) for i, (g, h, e) in enumerate(samples)]
 
-    def native(g, h, e):
+    def native(g, h, e):      # the cheapest conversions we know, then Clarabel itself
         st = clarabel.DefaultSettings()
         st.verbose = False
-        P = sp.triu(g.P, format="csc") if g.P is not None else sp.csc_matrix((g.n, g.n))
-        P.eliminate_zeros()
-        A = sp.vstack([e.A, h.G], format="csc")
-        A.eliminate_zeros()
+        P = upper_triangle(g.P) if g.P is not None else sp.csc_matrix((g.n, g.n))
+        A = stack_rows(prune(e.A), prune(h.G))
         cones = ClarabelBackend._cones(e, h)
         return clarabel.DefaultSolver(P, g.q, A, np.r_[e.b, h.h], cones, st).solve()
     fwd, ghost_t = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        for s in samples:
+        for s in numeric:
             native(*s)
         fwd.append(time.perf_counter() - t0)
     sols = [layer.backend.solve(*s) for s in samples]

@@ -64,7 +64,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .active_set import DEFAULT_ACCURACY, ActiveSet, block_slices, classify
-from .backend_base import stack_rows
+from .backend_base import prune, stack_rows
 from .errors import GhostProblemError
 from .protocol import (Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution,
                        Status)
@@ -258,12 +258,7 @@ def without_stored_zeros(h: ConeConstraints, e: Equalities
     reach); a learnable dense ``G`` that currently holds a box has 500k stored entries at
     n = 500 and 1.5k nonzeros.  The ghost problem and the base-point check need only the
     nonzeros; the data gradient is still taken on the structural pattern."""
-    def drop(M):
-        if M.nnz and not np.all(M.data):
-            M = M.copy()
-            M.eliminate_zeros()
-        return M
-    return replace(h, G=drop(h.G)), replace(e, A=drop(e.A))
+    return replace(h, G=prune(h.G)), replace(e, A=prune(e.A))
 
 
 def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
@@ -369,9 +364,13 @@ def lagrangian_gradient_derivative(g: Objective, h: ConeConstraints, e: Equaliti
 
 
 def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
-                 sol: Solution, c: np.ndarray, options: FFOOptions | None = None
+                 sol: Solution, c: np.ndarray, options: FFOOptions | None = None, *,
+                 nonzero: tuple[ConeConstraints, Equalities] | None = None
                  ) -> DataGradient:
-    """Gradient of ``c'y*`` with respect to the sample's data, first-order only."""
+    """Gradient of ``c'y*`` with respect to the sample's data, first-order only.
+
+    ``nonzero``: ``without_stored_zeros(h, e)`` if the caller has it already (the layer
+    prunes a matrix shared by the whole batch once per call, not once per sample)."""
     options = options or FFOOptions()
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
     if not np.any(c):
@@ -383,7 +382,7 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     central = options.central if options.central is not None else curved
     delta = choose_delta(y, c, sol.info.accuracy, replace(options, central=central),
                          curved)
-    h_nz, e_nz = without_stored_zeros(h, e)
+    h_nz, e_nz = nonzero if nonzero is not None else without_stored_zeros(h, e)
     ghost = build_ghost(g, h_nz, e_nz, active)
 
     upper = solve_ghost(backend, g, h, e, active, ghost, delta * c)

@@ -405,9 +405,14 @@ class FFOLayer(torch.nn.Module):
         return self.n_jobs if self.n_jobs is not None else default_jobs(self.backend, batch)
 
     def solve_numpy(self, bound: BoundData) -> list[Solution]:
-        """Solve every sample of ``bound`` (from :meth:`_data`) and check the statuses."""
+        """Solve every sample of ``bound`` (from :meth:`_data`) and check the statuses.
+
+        The solver gets each sample's matrices without their stored zeros (a shared
+        matrix is pruned once per call, :meth:`BoundData.nonzero`); the backward pass
+        works on the structural pattern."""
         def one(i: int) -> Solution:
-            return GuardedBackend(self.backend, i).solve(*bound.sample(i))
+            g, h, e = bound.sample(i)
+            return GuardedBackend(self.backend, i).solve(g, *bound.nonzero(i, h, e))
         sols = self._threads["forward"].run(one, bound.batch, self._jobs(bound.batch))
         self.last_status = [s.status for s in sols]
         check_solutions(sols, self.backend, self.inaccurate)
@@ -426,9 +431,9 @@ class FFOLayer(torch.nn.Module):
                                   replace(opts, central=central), bool(active.kept.any())))
 
     def _ffo_once(self, i: int, g, h, e, sol: Solution, c: np.ndarray,
-                  options: FFOOptions) -> DataGradient:
+                  options: FFOOptions, nonzero=None) -> DataGradient:
         guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
-        grad = ffo_backward(guard, g, h, e, sol, c, options)
+        grad = ffo_backward(guard, g, h, e, sol, c, options, nonzero=nonzero)
         if not grad.is_finite():
             raise GhostProblemError("the first-order gradient is not finite (the ghost "
                                     "solution is too far from the forward one for this "
@@ -436,10 +441,10 @@ class FFOLayer(torch.nn.Module):
         return grad
 
     def _ffo_with_fallback(self, i: int, g, h, e, sol: Solution,
-                           c: np.ndarray) -> DataGradient:
+                           c: np.ndarray, nonzero=None) -> DataGradient:
         """:func:`ffo_backward` for sample ``i``, with the ``ghost_fallback`` policy."""
         try:
-            grad = self._ffo_once(i, g, h, e, sol, c, self.options)
+            grad = self._ffo_once(i, g, h, e, sol, c, self.options, nonzero)
             grad.diagnostics["ghost_fallback"] = None
             return grad
         except GhostProblemError as exc:
@@ -454,7 +459,7 @@ class FFOLayer(torch.nn.Module):
                 delta = d0 / 10.0 ** k
                 try:
                     grad = self._ffo_once(i, g, h, e, sol, c,
-                                          replace(self.options, delta=delta))
+                                          replace(self.options, delta=delta), nonzero)
                 except GhostProblemError as exc:
                     tried.append(f"delta={delta:.3g}: {_short(exc)}")
                     last = exc
@@ -494,7 +499,8 @@ class FFOLayer(torch.nn.Module):
                         raise SolverError("backward='kkt': the gradient is not finite",
                                           backend=self.backend.name)
                     return grad
-                return self._ffo_with_fallback(i, g, h, e, sols[i], c[i])
+                return self._ffo_with_fallback(i, g, h, e, sols[i], c[i],
+                                               bound.nonzero(i, h, e))
             except SolverError as exc:
                 exc.batch_index = i
                 text = exc.args[0] if exc.args else str(exc)

@@ -27,12 +27,15 @@ layer and batching mask (:func:`split_of`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
 
+from .backend_base import prune
 from .compile import CompiledProblem
+from .protocol import ConeConstraints, Equalities
 
 #: The data sections in the compiled order.
 SECTIONS = ("P", "q", "A", "b", "G", "h")
@@ -198,6 +201,8 @@ class BoundData:
         theta_u = np.concatenate([v.reshape(-1) for v, b in zip(values, batched) if not b]
                                  + [[1.0]])
         self.base = self.split.M_u @ theta_u
+        self._nonzero: dict = {}
+        self._lock = threading.Lock()
         if self.split.M_b_rows is not None:
             self.theta_b = np.concatenate([v.reshape(batch, -1)
                                            for v, b in zip(values, batched) if b],
@@ -241,6 +246,22 @@ class BoundData:
                 part[local] = values[reach.pos[name]]
                 parts[name] = part
         return cp_.sample_parts(parts)
+
+    def nonzero(self, i: int, h: ConeConstraints, e: Equalities
+                ) -> tuple[ConeConstraints, Equalities]:
+        """:func:`~ffo_core.ffo_backward.without_stored_zeros` of sample ``i``'s
+        ``(h, e)`` (from :meth:`sample`).  A matrix no batched parameter reaches is the
+        same for every sample: it is pruned once per call and shared."""
+        reached = self.split.reach_b.local if self.split.reach_b is not None else {}
+        G, A = h.G, e.A
+        with self._lock:
+            for name in ("G", "A"):
+                if name not in reached and name not in self._nonzero:
+                    M = h.G if name == "G" else e.A
+                    self._nonzero[name] = prune(M)
+        G = self._nonzero["G"] if "G" not in reached else prune(G)
+        A = self._nonzero["A"] if "A" not in reached else prune(A)
+        return replace(h, G=G), replace(e, A=A)
 
     def parameter_gradients(self, grads: list) -> list[np.ndarray]:
         """Per parameter (in the compiled order): ``(size,)`` for a shared parameter (summed
