@@ -115,11 +115,14 @@ class CompiledProblem:
 
     def sample_parts(self, parts: dict) -> tuple[Objective, ConeConstraints, Equalities]:
         """Protocol objects from the data's sections (``parts["G"]``: ``G``'s values in
-        CSC order, ...; the arrays are used as they are, not copied)."""
-        P = self.P.matrix(parts["P"]) if self.P is not None else None
+        CSC order, or the matrix itself; arrays are used as they are, not copied)."""
+        def matrix(name):
+            value = parts[name]
+            return value if sp.issparse(value) else getattr(self, name).matrix(value)
+        P = matrix("P") if self.P is not None else None
         return (Objective(P, parts["q"]),
-                ConeConstraints(self.G.matrix(parts["G"]), parts["h"], self.dims),
-                Equalities(self.A.matrix(parts["A"]), parts["b"]))
+                ConeConstraints(matrix("G"), parts["h"], self.dims),
+                Equalities(matrix("A"), parts["b"]))
 
 
 def _protocol_row_order(dims: ConeDims) -> np.ndarray:

@@ -27,6 +27,7 @@ layer and batching mask (:func:`split_of`).
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, replace
 
@@ -237,15 +238,27 @@ class BoundData:
         (:meth:`CompiledProblem.sample_parts`): sections no batched parameter reaches are
         views of the shared ``base`` (solvers must not write to their inputs)."""
         cp_ = self.compiled
-        parts = {name: self.base[sec] for name, sec in cp_.sections.items()}
+        parts = dict(self._shared_parts)
         if self.theta_b is not None:
             reach = self.split.reach_b
             values = self._reached(i)
             for name, local in reach.local.items():
-                part = parts[name].copy()
+                part = self.base[cp_.sections[name]].copy()
                 part[local] = values[reach.pos[name]]
                 parts[name] = part
         return cp_.sample_parts(parts)
+
+    @functools.cached_property
+    def _shared_parts(self) -> dict:
+        """Every section as a view of ``base``; the matrices no batched parameter reaches
+        built once per call (the same objects in every sample)."""
+        cp_ = self.compiled
+        parts = {name: self.base[sec] for name, sec in cp_.sections.items()}
+        reached = self.split.reach_b.local if self.split.reach_b is not None else {}
+        for name in ("P", "A", "G"):
+            if name not in reached and getattr(cp_, name) is not None:
+                parts[name] = getattr(cp_, name).matrix(parts[name])
+        return parts
 
     def nonzero(self, i: int, h: ConeConstraints, e: Equalities
                 ) -> tuple[ConeConstraints, Equalities]:
