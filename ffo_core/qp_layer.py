@@ -54,7 +54,8 @@ import scipy.sparse as sp
 import torch
 
 from .active_set import classify
-from .batch import INACCURATE_POLICIES, ThreadChoice, check_solutions, default_jobs
+from .batch import (INACCURATE_POLICIES, GuardedBackend, ThreadChoice, check_solutions,
+                    default_jobs)
 from .config import check_choice
 from .errors import ConfigError, InvalidParameterError, SolverError
 from .ffo_backward import FFOOptions, ffo_backward
@@ -338,8 +339,9 @@ class FFOQPLayer(torch.nn.Module):
 
     def solve(self, call: _Call) -> list[Solution]:
         """Solve every sample and check the statuses (SolverError names the batch index)."""
-        sols = self._threads["forward"].run(lambda i: self.backend.solve(*call.sample(i)),
-                                            call.batch, self._jobs(call.batch))
+        sols = self._threads["forward"].run(
+            lambda i: GuardedBackend(self.backend, i).solve(*call.sample(i)),
+            call.batch, self._jobs(call.batch))
         check_solutions(sols, self.backend, self.inaccurate)
         call.sols = sols
         return sols
@@ -352,7 +354,8 @@ class FFOQPLayer(torch.nn.Module):
             if self.backward_mode == "kkt":
                 grad = kkt_backward(g, h, e, sol, c, self.options)
             else:
-                grad = ffo_backward(self.backend, g, h, e, sol, c, self.options)
+                guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
+                grad = ffo_backward(guard, g, h, e, sol, c, self.options)
         except SolverError as exc:
             exc.batch_index = i
             exc.args = (f"backward pass, batch index {i}: {exc.args[0]}",)

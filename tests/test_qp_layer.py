@@ -395,3 +395,30 @@ def test_infeasible_sample_names_its_batch_index():
     with pytest.raises(SolverError, match="batch index 2") as info:
         FFOQPLayer()(ts[0], ts[1], G, h, ts[4], ts[5])
     assert info.value.batch_index == 2
+
+
+class _Crashing:
+    """Clarabel whose forward (``ghost=False``) or ghost solves raise a foreign error."""
+
+    def __init__(self, ghost: bool):
+        from ffo_core import get_backend
+        self.inner, self.ghost = get_backend("clarabel"), ghost
+        self.name, self.capabilities = "crashing", self.inner.capabilities
+
+    def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+        if (extra_linear_term is not None) == self.ghost:
+            raise RuntimeError("segfault-ish")
+        return self.inner.solve(g, h, e, extra_linear_term)
+
+
+@pytest.mark.parametrize("ghost", [False, True])
+def test_solver_crashes_become_typed_errors_with_the_batch_index(ghost):
+    """FFOQPLayer sees its solver through the same guard as FFOLayer."""
+    from ffo_core.errors import GhostProblemError
+    ts, _ = strict_qp(6, 7, 2, seed=0, batch=3, batched=("p",))
+    ts = [t.requires_grad_(True) for t in ts]
+    layer = FFOQPLayer(_Crashing(ghost))
+    expected = GhostProblemError if ghost else SolverError
+    with pytest.raises(expected, match="batch index 0") as info:
+        layer(*ts).sum().backward()
+    assert isinstance(info.value.__cause__, RuntimeError)
