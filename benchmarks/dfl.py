@@ -276,11 +276,20 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     rows = []
     jobs = [(learn, batch, n, m) for learn in args.learn for batch in args.batch
-            for n in args.n for m in methods
+            for n in sorted(args.n) for m in methods
             if not (m == "qpth" and learn in ("sparse", "socp"))]
+    failed: dict = {}      # (learn, batch, method) -> (smallest n it failed at, why)
     for learn, batch, n, m in tqdm(jobs, desc="benchmark"):
-        spec = {"n": n, "batch": batch, "learn": learn, "method": m, "reps": args.reps}
-        res = run_one(spec, args.timeout, args.mem_mb)
+        key = (learn, batch, m)
+        if key in failed and failed[key][0] < n:
+            # sizes run in increasing order: what failed (killed, crashed) at a smaller n
+            # is not retried at a larger one, which keeps a full sweep affordable
+            res = {"status": f"skipped: {failed[key][1]} at n = {failed[key][0]}"}
+        else:
+            spec = {"n": n, "batch": batch, "learn": learn, "method": m, "reps": args.reps}
+            res = run_one(spec, args.timeout, args.mem_mb)
+            if res["status"] != "ok":
+                failed[key] = (n, res["status"].split(":")[0])
         rows.append({"learn": learn, "batch": batch, "n": n, "method": m, **res})
     _report(rows, Path(args.out), args)
     return 0
