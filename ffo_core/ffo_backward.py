@@ -92,7 +92,11 @@ class FFOOptions:
               solve :func:`base_point_error` estimates that ratio; above ``base_check`` the
               base point is not trusted and a second ghost solve at ``-delta`` makes the
               difference central (``diagnostics["central_fallback"]``).  ``None`` disables
-              the check (always one solve).
+              the check (always one solve).  The estimate tracks the true error (on the
+              DFL QP through Clarabel the error vs the KKT gradient was 0.66x the estimate
+              for every kappa from 1 to 1e5); with the affine step (kappa = 1) it is
+              ~3e-5 there and the fallback does not fire, where with kappa = 1e-4 it was
+              0.3 and every sample needed the second solve.
     max_curved_step: on curved cone blocks the ghost solution is nonlinear in delta and the
               truncation error grows with how far the step moves each kept block's slack
               and multiplier relative to their size.  If the ``+delta`` ghost moves some kept block by more

@@ -81,9 +81,10 @@ class _Reach:
 
 
 def _dense(shape: tuple[int, int], k: int) -> bool:
-    """Evaluate ``k`` entries of a ``shape`` low-rank product through the dense product?"""
+    """Evaluate ``k`` entries of a ``shape`` low-rank product through the dense product?
+    When they fill at least a quarter of it and it takes at most 128 MB."""
     full = shape[0] * shape[1]
-    return full <= 4 * k and full <= 1 << 26
+    return full <= 4 * k and full <= 1 << 24
 
 
 @dataclass
