@@ -189,44 +189,13 @@ class DataGradient:
             return all(np.isfinite(v).all() for v in (*self.base, *self.direction))
         return all(np.isfinite(part).all() for part in self._parts())
 
-    def __sub__(self, other: "DataGradient") -> "DataGradient":
-        return DataGradient(*(a - b for a, b in zip(self._parts(), other._parts())))
-
-    def __truediv__(self, scalar: float) -> "DataGradient":
-        return DataGradient(*(a / scalar for a in self._parts()))
-
     def _parts(self):
         return self.P, self.q, self.A, self.b, self.G, self.h
-
-
-def pattern_rows_cols(M: sp.csc_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column index of every stored entry of a CSC matrix, in storage order."""
-    cols = np.repeat(np.arange(M.shape[1]), np.diff(M.indptr))
-    return M.indices, cols
 
 
 def _by_column(M: sp.csc_matrix, v: np.ndarray) -> np.ndarray:
     """``v[col]`` for every stored entry of CSC ``M`` (a repeat, cheaper than a gather)."""
     return np.repeat(v, np.diff(M.indptr))
-
-
-def lagrangian_gradient(g: Objective, h: ConeConstraints, e: Equalities,
-                        y: np.ndarray, nu: np.ndarray, lam: np.ndarray) -> DataGradient:
-    """``grad_data L(y, nu, lam)`` on the data's sparsity pattern.
-
-    ``dL/dP_ij = y_i y_j / 2``, ``dL/dq = y``, ``dL/dA_ij = nu_i y_j``, ``dL/db = -nu``,
-    ``dL/dG_ij = lam_i y_j``, ``dL/dh = -lam``.
-    """
-    if g.P is not None:
-        r, c = pattern_rows_cols(g.P)
-        dP = 0.5 * y[r] * y[c]
-    else:
-        dP = np.zeros(0)
-    r, c = pattern_rows_cols(e.A)
-    dA = nu[r] * y[c]
-    r, c = pattern_rows_cols(h.G)
-    dG = lam[r] * y[c]
-    return DataGradient(dP, y.copy(), dA, -nu, dG, -lam)
 
 
 #: ``kappa`` of a ghost without curved cone blocks (affine in delta, step 4).  The error
@@ -377,9 +346,9 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     prunes a matrix shared by the whole batch once per call, not once per sample)."""
     options = options or FFOOptions()
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
-    if not np.any(c):
-        zero = lagrangian_gradient(g, h, e, y, nu, lam)
-        return zero - zero
+    if not np.any(c):                      # no loss through this sample: zero direction
+        return DataGradient.along(g, h, e, (y, nu, lam),
+                                  (np.zeros_like(y), np.zeros_like(nu), np.zeros_like(lam)))
     active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam,
                       rhs=h.h)
     curved = bool(active.kept.any())
@@ -419,5 +388,5 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     return grad
 
 
-__all__ = ["FFOOptions", "DataGradient", "ffo_backward", "lagrangian_gradient",
+__all__ = ["FFOOptions", "DataGradient", "ffo_backward", "lagrangian_gradient_derivative",
            "choose_delta", "build_ghost", "ConeDims"]

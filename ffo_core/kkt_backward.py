@@ -17,8 +17,8 @@ direction, i.e. exactly the ``delta -> 0`` limit of the first-order finite diffe
 ``dq = z``, ``dP = (z y' + y z')/2``, ``dA = z_nu y' + nu z'``, ``db = -z_nu``,
 ``dG_L = z_L y' + lam_L z'``, ``dh_L = -z_L``.  Because ``grad_data L`` is a quadratic
 function of ``(y, nu, lam)``, its directional derivative equals the central difference
-``[f(x + w) - f(x - w)] / 2`` exactly, which is how we evaluate it (one code path for both
-modes: :func:`ffo_core.ffo_backward.lagrangian_gradient`).
+``[f(x + w) - f(x - w)] / 2`` exactly; both modes evaluate it with one function,
+:func:`ffo_core.ffo_backward.lagrangian_gradient_derivative`.
 
 Cone programs (SOC, EXP, PSD blocks; :func:`kkt_backward_cones`).  For each row block ``k``
 put ``v_k = lam_k - s_k``.  Moreau's decomposition (:mod:`ffo_core.kkt_cones`) gives
@@ -39,7 +39,7 @@ moves ``(y, nu, v)`` at rate ``(z, z_nu, dv)`` solving
 
 and ``lam`` at rate ``z_lam = D dv``.  The hypergradient is, as in the polyhedral case,
 the derivative of ``grad_data L`` along ``(z, z_nu, z_lam)`` (envelope theorem), so both
-modes share :func:`ffo_core.ffo_backward.lagrangian_gradient` and the result is the
+modes share :func:`ffo_core.ffo_backward.lagrangian_gradient_derivative` and the result is the
 ``delta -> 0`` limit of what the first-order path computes.  Only the rows the first-order
 ghost problem keeps enter the system: locked nonnegative rows (``D = 1``) and kept cone
 blocks (``D = D Pi_{K*}(v_k)``); dropped rows have ``D = 0``, so their ``dv`` decouples and
