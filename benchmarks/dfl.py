@@ -114,7 +114,7 @@ def _bare(layer, tensors, reps: int) -> dict:
     bound = layer._data(tensors, _inspect_params(cp_.params, tensors))
     samples = [bound.sample(i) for i in range(bound.batch)]
     # the numeric problems, as the layer hands them to the solver (stored zeros dropped)
-    numeric = [(g, *bound.nonzero(i, h, e)) for i, (g, h, e) in enumerate(samples)]
+    numeric = [(g, *bound.nonzero(h, e)) for g, h, e in samples]
 
     def native(g, h, e):      # the cheapest conversions we know, then Clarabel itself
         st = clarabel.DefaultSettings()

@@ -412,7 +412,7 @@ class FFOLayer(torch.nn.Module):
         works on the structural pattern."""
         def one(i: int) -> Solution:
             g, h, e = bound.sample(i)
-            return GuardedBackend(self.backend, i).solve(g, *bound.nonzero(i, h, e))
+            return GuardedBackend(self.backend, i).solve(g, *bound.nonzero(h, e))
         sols = self._threads["forward"].run(one, bound.batch, self._jobs(bound.batch))
         self.last_status = [s.status for s in sols]
         check_solutions(sols, self.backend, self.inaccurate)
@@ -500,7 +500,7 @@ class FFOLayer(torch.nn.Module):
                                           backend=self.backend.name)
                     return grad
                 return self._ffo_with_fallback(i, g, h, e, sols[i], c[i],
-                                               bound.nonzero(i, h, e))
+                                               bound.nonzero(h, e))
             except SolverError as exc:
                 exc.batch_index = i
                 text = exc.args[0] if exc.args else str(exc)

@@ -98,6 +98,12 @@ class Split:
     adj_b: sp.csr_matrix | None        # M_b_rows'
     reach_b: _Reach | None
 
+    @property
+    def batched_sections(self) -> set:
+        """Names of the data sections some batched parameter reaches (they differ per
+        sample; every other section is the same for the whole batch)."""
+        return set(self.reach_b.local) if self.reach_b is not None else set()
+
 
 def split_of(compiled: CompiledProblem, batched: tuple[bool, ...]) -> Split:
     """The column split for a batching mask (cached on ``compiled``)."""
@@ -255,27 +261,27 @@ class BoundData:
         built once per call (the same objects in every sample)."""
         cp_ = self.compiled
         parts = {name: self.base[sec] for name, sec in cp_.sections.items()}
-        reached = self.split.reach_b.local if self.split.reach_b is not None else {}
+        reached = self.split.batched_sections
         for name in ("P", "A", "G"):
             if name not in reached and getattr(cp_, name) is not None:
                 parts[name] = getattr(cp_, name).matrix(parts[name])
         return parts
 
-    def nonzero(self, i: int, h: ConeConstraints, e: Equalities
+    def nonzero(self, h: ConeConstraints, e: Equalities
                 ) -> tuple[ConeConstraints, Equalities]:
-        """:func:`~ffo_core.ffo_backward.without_stored_zeros` of sample ``i``'s
-        ``(h, e)`` (from :meth:`sample`).  A matrix no batched parameter reaches is the
-        same for every sample: it is pruned once per call and shared."""
-        reached = self.split.reach_b.local if self.split.reach_b is not None else {}
-        G, A = h.G, e.A
-        with self._lock:
-            for name in ("G", "A"):
-                if name not in reached and name not in self._nonzero:
-                    M = h.G if name == "G" else e.A
+        """:func:`~ffo_core.ffo_backward.without_stored_zeros` of a sample's ``(h, e)``
+        (from :meth:`sample`).  A matrix no batched parameter reaches is the same for
+        every sample: it is pruned once per call and shared."""
+        reached = self.split.batched_sections
+
+        def nonzero(name, M):
+            if name in reached:                  # differs per sample
+                return prune(M)
+            with self._lock:
+                if name not in self._nonzero:
                     self._nonzero[name] = prune(M)
-        G = self._nonzero["G"] if "G" not in reached else prune(G)
-        A = self._nonzero["A"] if "A" not in reached else prune(A)
-        return replace(h, G=G), replace(e, A=A)
+                return self._nonzero[name]
+        return replace(h, G=nonzero("G", h.G)), replace(e, A=nonzero("A", e.A))
 
     def parameter_gradients(self, grads: list) -> list[np.ndarray]:
         """Per parameter (in the compiled order): ``(size,)`` for a shared parameter (summed
