@@ -220,11 +220,7 @@ class CvxpyBackend(BackendBase):
             settings = {canon.get(k.lower(), k): v for k, v in settings.items()}
         self._given = set(settings)
         super().__init__(**settings)
-        cache_size = self.settings.pop("cache_size", 4)
-        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
-            raise ConfigError(f"cvxpy: cache_size must be a nonnegative int, "
-                              f"got {cache_size!r}")
-        self.cache_size = cache_size
+        self.cache_size = self._pop_cache_size(4)
         self.capabilities = solver_capabilities(solver)
         self._local = threading.local()
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase
+from ffo_core.backend_base import BackendBase, linear_cost
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, ConeDims, Equalities, Objective,
@@ -81,14 +81,7 @@ def ecos_data(g: Objective, h: ConeConstraints, e: Equalities, extra_linear_term
     """``(c, G, h, dims, A, b, perm)`` in ECOS's conventions (``A``, ``b`` None if ``p = 0``)."""
     if h.dims.psd:
         raise SolverError("ecos has no PSD cone", backend="ecos")
-    if g.is_quadratic:
-        raise SolverError(
-            "ecos has no quadratic objective (Capabilities.quadratic_objective=False): the "
-            "engine compiles 1/2 y'Py into a second-order cone for it; this solve was given "
-            "a nonzero P", backend="ecos")
-    c = np.array(g.q, dtype=float)
-    if extra_linear_term is not None:
-        c = c + extra_linear_term
+    c = linear_cost(g, extra_linear_term, "ecos")
     perm = ecos_row_order(h.dims)
     G = sp.csc_matrix(h.G.tocsr()[perm], dtype=float)
     hh = np.ascontiguousarray(h.h[perm], dtype=float)

@@ -168,11 +168,7 @@ class GurobiBackend(BackendBase):
             key = ALIASES.get(key, key)
             fixed[canon.get(key.lower(), key)] = value
         super().__init__(**fixed)
-        cache_size = self.settings.pop("cache_size", 4)
-        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
-            raise ConfigError(f"gurobi: cache_size must be a nonnegative int, "
-                              f"got {cache_size!r}")
-        self.cache_size = cache_size
+        self.cache_size = self._pop_cache_size(4)
         self.params = {"OutputFlag": 0, **self.settings}
         # validate values once, on a scratch model, so a bad value is a ConfigError here
         lic = licence_status()

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase
+from ffo_core.backend_base import BackendBase, linear_cost
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, ConeDims, Equalities, Objective,
@@ -148,14 +148,7 @@ class MosekData:
 def translate(g: Objective, h: ConeConstraints, e: Equalities,
               extra_linear_term=None) -> MosekData:
     """Protocol data -> :class:`MosekData` (no MOSEK import, no licence)."""
-    if g.is_quadratic:
-        raise SolverError(
-            "mosek: this adapter takes no quadratic objective "
-            "(Capabilities.quadratic_objective=False; the engine compiles 1/2 y'Py into a "
-            "second-order cone); this solve was given a nonzero P", backend="mosek")
-    c = np.array(g.q, dtype=float)
-    if extra_linear_term is not None:
-        c = c + extra_linear_term
+    c = linear_cost(g, extra_linear_term, "mosek")
     perm = row_order(e.p, h.dims)
     F = -sp.vstack([e.A, h.G], format="csr")[perm]
     gv = np.concatenate([e.b, h.h])[perm].astype(float)

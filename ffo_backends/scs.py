@@ -167,10 +167,7 @@ class ScsBackend(BackendBase):
     def __init__(self, **settings: Any) -> None:
         settings = {ALIASES.get(k, k): v for k, v in settings.items()}
         super().__init__(**settings)
-        cache_size = self.settings.pop("cache_size", 0)
-        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
-            raise ConfigError(f"scs: cache_size must be a nonnegative int, got {cache_size!r}")
-        self.cache_size = cache_size
+        self.cache_size = self._pop_cache_size(0)
         self.solver_settings = {"verbose": False, **self.settings}
         self._local = threading.local()
 

@@ -57,6 +57,19 @@ def upper_triangle(P) -> sp.csc_matrix:
                          shape=P.shape)
 
 
+def linear_cost(g: Objective, extra_linear_term, backend: str) -> np.ndarray:
+    """``q + extra_linear_term`` (a fresh float array) for a backend without a quadratic
+    objective; a nonzero ``P`` is refused with :class:`SolverError` (the engine compiles
+    ``1/2 y'Py`` into a second-order cone for such backends, so one means a caller bug)."""
+    if g.is_quadratic:
+        raise SolverError(
+            f"{backend} has no quadratic objective (Capabilities.quadratic_objective="
+            "False): the engine compiles 1/2 y'Py into a second-order cone for it; this "
+            "solve was given a nonzero P", backend=backend)
+    c = np.array(g.q, dtype=float)
+    return c if extra_linear_term is None else c + extra_linear_term
+
+
 def data_digest(arrays) -> bytes:
     """A 16-byte hash of arrays' dtypes, shapes and bytes: the key of a structure cache
     (adapters confirm a hit with :func:`same_sparse`, so a collision is never a wrong
@@ -115,6 +128,15 @@ class BackendBase:
                 f"valid settings: {', '.join(sorted(valid))}")
         self.settings: dict[str, Any] = dict(settings)
         self._config: dict[str, Any] = dict(settings)   # as given, adapter options included
+
+    def _pop_cache_size(self, default: int) -> int:
+        """Take the adapter option ``cache_size`` (structures cached per thread, 0 = off)
+        out of ``settings`` and check it."""
+        cache_size = self.settings.pop("cache_size", default)
+        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
+            raise ConfigError(f"{self.name}: cache_size must be a nonnegative int, "
+                              f"got {cache_size!r}")
+        return cache_size
 
     def with_settings(self, **settings: Any) -> "BackendBase":
         """A new backend of the same kind with ``settings`` added to (or replacing) this
