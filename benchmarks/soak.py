@@ -35,26 +35,13 @@ FIELDS = ("calls", "elapsed_s", "rss_mb", "threads", "gc_objects", "errors")
 
 
 def build_layer(n: int, m: int, p: int, seed: int, **layer_kw):
-    """A random QP layer and one strictly complementary parameter sample."""
-    import cvxpy as cp
+    """A random QP layer (the conformance zoo's ``qp-layer`` family) and one strictly
+    complementary parameter sample."""
+    from conformance.zoo import qp_layer_case
     from ffo_core import FFOLayer
-    rng = np.random.default_rng(seed)
-    F = np.eye(n) + rng.standard_normal((n, n)) / (2 * np.sqrt(n))
-    y0 = rng.standard_normal(n)
-    G = rng.standard_normal((m, n))
-    act = np.arange(m) < m // 2
-    h = G @ y0 + np.where(act, 0.0, rng.uniform(0.5, 1.5, m))
-    lam = np.where(act, rng.uniform(0.5, 1.5, m), 0.0)
-    A = rng.standard_normal((p, n))
-    q = -(F.T @ F @ y0 + A.T @ rng.standard_normal(p) + G.T @ lam)
-    y = cp.Variable(n)
-    Fp, qp, Gp, hp = (cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter((m, n)),
-                      cp.Parameter(m))
-    Ap, bp = cp.Parameter((p, n)), cp.Parameter(p)
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Fp @ y) + qp @ y),
-                      [Gp @ y <= hp, Ap @ y == bp])
-    layer = FFOLayer(prob, [Fp, qp, Gp, hp, Ap, bp], [y], **layer_kw)
-    return layer, [F, q, G, h, A, A @ y0]
+    case = qp_layer_case(np.random.default_rng(seed), n, m, p, None)
+    prob, params, variables = case.build()
+    return FFOLayer(prob, params, variables, **layer_kw), case.values
 
 
 def run(calls: int, every: int, batch: int, faults: bool, layer_kw: dict) -> list[dict]:

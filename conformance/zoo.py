@@ -315,7 +315,9 @@ def sdp_infeasible(rng) -> Sample:
 
 # -- CVXPY layer cases --------------------------------------------------------------------
 
-def _qp_layer(rng, n: int, m: int, p: int, batch: int | None) -> LayerCase:
+def qp_layer_case(rng, n: int, m: int, p: int, batch: int | None) -> LayerCase:
+    """``0.5||F y||^2 + q'y s.t. G y <= h, A y = b``, every datum a parameter, strictly
+    complementary by construction (half of the rows of ``G`` active)."""
     F = np.eye(n) + rng.standard_normal((n, n)) / (2 * np.sqrt(n))
     y0 = rng.standard_normal(n)
     G = rng.standard_normal((m, n))
@@ -463,9 +465,11 @@ def build_zoo(seed: int = 0) -> list[Instance]:
         expect=EXPECT_INFEASIBLE)
     add("qp-unbounded", "qp", "unbounded", samples=[qp_unbounded(_rng(seed, "qpu"))],
         expect=EXPECT_UNBOUNDED)
-    add("qp-layer", "qp", "layer", layer=_qp_layer(_rng(seed, "qp-layer"), 8, 6, 2, None),
+    add("qp-layer", "qp", "layer",
+        layer=qp_layer_case(_rng(seed, "qp-layer"), 8, 6, 2, None),
         description="FFOLayer, parameters F, q, G, h, A, b")
-    add("qp-layer-batch3", "qp", "layer", layer=_qp_layer(_rng(seed, "qp-layer-b"), 8, 6, 2, 3),
+    add("qp-layer-batch3", "qp", "layer",
+        layer=qp_layer_case(_rng(seed, "qp-layer-b"), 8, 6, 2, 3),
         description="FFOLayer, q and h batched (3), the rest broadcast")
 
     # SOCP
