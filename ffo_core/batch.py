@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
-from .errors import FFOError, GhostProblemError, SolverError
+from .errors import ConfigError, FFOError, GhostProblemError, SolverError
 from .protocol import Backend, Solution, Status
 
 T = TypeVar("T")
@@ -107,6 +107,31 @@ class ThreadChoice:
             with self._lock:
                 self.times.setdefault(jobs, []).append((time.perf_counter() - start) / batch)
         return out
+
+
+class BatchRunner:
+    """How a layer runs its per-sample work (the forward solves, the backward's ghosts).
+
+    ``n_jobs`` threads, or with ``None`` one per core (one if the backend is not thread
+    safe, :func:`default_jobs`) with a measured pool-or-one-thread choice per phase
+    (:class:`ThreadChoice`)."""
+
+    PHASES = ("forward", "backward")
+
+    def __init__(self, backend: Backend, n_jobs: int | None = None) -> None:
+        if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool)
+                                   or n_jobs < 1):
+            raise ConfigError(f"n_jobs must be a positive int or None, got {n_jobs!r}")
+        self.backend, self.n_jobs = backend, n_jobs
+        self._choices = {phase: ThreadChoice() for phase in self.PHASES}
+
+    def jobs(self, batch: int) -> int:
+        """The pool size for a batch of ``batch`` samples."""
+        return self.n_jobs if self.n_jobs is not None else default_jobs(self.backend, batch)
+
+    def run(self, phase: str, fn: Callable[[int], T], batch: int) -> list[T]:
+        """``[fn(0), ..., fn(batch - 1)]`` for ``phase`` (one of :attr:`PHASES`)."""
+        return self._choices[phase].run(fn, batch, self.jobs(batch))
 
 
 _ARRAYS = ("primal", "eq_dual", "ineq_dual", "slack")

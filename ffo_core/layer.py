@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .active_set import classify
-from .batch import (INACCURATE_POLICIES, GuardedBackend, ThreadChoice, backend_name,
-                    check_solutions, default_jobs)
+from .batch import (INACCURATE_POLICIES, BatchRunner, GuardedBackend, backend_name,
+                    check_solutions)
 from .param_map import BoundData, bind
 from .compile import CompiledProblem, Slot, compile_problem
 from .config import check_choice
@@ -320,9 +320,6 @@ class FFOLayer(torch.nn.Module):
         check_choice("backward", backward, BACKWARDS)
         check_choice("inaccurate", inaccurate, INACCURATE_POLICIES)
         check_choice("ghost_fallback", ghost_fallback, GHOST_FALLBACKS)
-        if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool)
-                                   or n_jobs < 1):
-            raise ConfigError(f"n_jobs must be a positive int or None, got {n_jobs!r}")
         check_every = 0 if check_every is None else check_every
         if not isinstance(check_every, int) or isinstance(check_every, bool) \
                 or check_every < 0:
@@ -369,8 +366,7 @@ class FFOLayer(torch.nn.Module):
         self.backward_mode = backward
         self.options = FFOOptions(delta=delta, kappa=kappa, central=central, tau_s=tau_s,
                                   tau_lam=tau_lam)
-        self.n_jobs = n_jobs
-        self._threads = {"forward": ThreadChoice(), "backward": ThreadChoice()}
+        self._runner = BatchRunner(self.backend, n_jobs)
         self.inaccurate = inaccurate
         self.ghost_fallback = ghost_fallback
         self.time_limit = None if time_limit is None else float(time_limit)
@@ -401,9 +397,6 @@ class FFOLayer(torch.nn.Module):
                 "their magnitudes are too large for float64 arithmetic")
         return bound
 
-    def _jobs(self, batch: int) -> int:
-        return self.n_jobs if self.n_jobs is not None else default_jobs(self.backend, batch)
-
     def solve_numpy(self, bound: BoundData) -> list[Solution]:
         """Solve every sample of ``bound`` (from :meth:`_data`) and check the statuses.
 
@@ -413,7 +406,7 @@ class FFOLayer(torch.nn.Module):
         def one(i: int) -> Solution:
             g, h, e = bound.sample(i)
             return GuardedBackend(self.backend, i).solve(g, *bound.nonzero(h, e))
-        sols = self._threads["forward"].run(one, bound.batch, self._jobs(bound.batch))
+        sols = self._runner.run("forward", one, bound.batch)
         self.last_status = [s.status for s in sols]
         check_solutions(sols, self.backend, self.inaccurate)
         return sols
@@ -507,7 +500,7 @@ class FFOLayer(torch.nn.Module):
                 if "batch index" not in text:
                     exc.args = (f"backward pass, batch index {i}: {text}",)
                 raise
-        grads = self._threads["backward"].run(one, bound.batch, self._jobs(bound.batch))
+        grads = self._runner.run("backward", one, bound.batch)
         self.last_diagnostics = [g.diagnostics for g in grads]
         with self._lock:
             self._backward_calls += 1

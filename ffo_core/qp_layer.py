@@ -54,8 +54,7 @@ import scipy.sparse as sp
 import torch
 
 from .active_set import classify
-from .batch import (INACCURATE_POLICIES, GuardedBackend, ThreadChoice, check_solutions,
-                    default_jobs)
+from .batch import INACCURATE_POLICIES, BatchRunner, GuardedBackend, check_solutions
 from .config import check_choice
 from .errors import ConfigError, InvalidParameterError, SolverError
 from .ffo_backward import FFOOptions, ffo_backward
@@ -313,8 +312,7 @@ class FFOQPLayer(torch.nn.Module):
         self.backward_mode = backward
         self.options = FFOOptions(delta=delta, kappa=kappa, central=central, tau_s=tau_s,
                                   tau_lam=tau_lam)
-        self.n_jobs = n_jobs
-        self._threads = {"forward": ThreadChoice(), "backward": ThreadChoice()}
+        self._runner = BatchRunner(self.backend, n_jobs)
         self.inaccurate = inaccurate
         self.broadcast_grad = broadcast_grad
         self.last_diagnostics: list[dict] = []
@@ -322,9 +320,6 @@ class FFOQPLayer(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"solver={self.backend.name!r}, backward={self.backward_mode!r}, "
                 f"central={self.options.central}")
-
-    def _jobs(self, batch: int) -> int:
-        return self.n_jobs if self.n_jobs is not None else default_jobs(self.backend, batch)
 
     # -- forward, in NumPy --------------------------------------------------------------
     def prepare(self, Q, p, G=None, h=None, A=None, b=None) -> _Call:
@@ -339,9 +334,9 @@ class FFOQPLayer(torch.nn.Module):
 
     def solve(self, call: _Call) -> list[Solution]:
         """Solve every sample and check the statuses (SolverError names the batch index)."""
-        sols = self._threads["forward"].run(
-            lambda i: GuardedBackend(self.backend, i).solve(*call.sample(i)),
-            call.batch, self._jobs(call.batch))
+        sols = self._runner.run(
+            "forward", lambda i: GuardedBackend(self.backend, i).solve(*call.sample(i)),
+            call.batch)
         check_solutions(sols, self.backend, self.inaccurate)
         call.sols = sols
         return sols
@@ -415,9 +410,8 @@ class FFOQPLayer(torch.nn.Module):
 
     def gradients(self, call: _Call, c: np.ndarray, needs: dict) -> dict[str, torch.Tensor]:
         """Input gradients of ``sum_i c[i]'y_i`` for the arguments with ``needs[name]``."""
-        records = self._threads["backward"].run(
-            lambda i: self._one_backward(call, i, c[i], needs), call.batch,
-            self._jobs(call.batch))
+        records = self._runner.run(
+            "backward", lambda i: self._one_backward(call, i, c[i], needs), call.batch)
         self.last_diagnostics = [r.diagnostics for r in records]
         return {name: self._assemble(call, name, records)
                 for name in NAMES if needs[name]}

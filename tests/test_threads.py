@@ -32,3 +32,15 @@ def test_pickles_and_copies_with_its_measurements():
     for other in (pickle.loads(pickle.dumps(choice)), copy.deepcopy(choice)):
         assert other.times == choice.times
         assert other.run(lambda i: -i, 3, 2) == [0, -1, -2]
+
+
+def test_both_layers_reject_a_bad_thread_count():
+    import pytest
+    from ffo_core import FFOQPLayer
+    from ffo_core.batch import BatchRunner
+    from ffo_core.errors import ConfigError
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="n_jobs must be a positive int"):
+            FFOQPLayer(n_jobs=bad)
+    runner = BatchRunner(FFOQPLayer().backend, 1)
+    assert runner.run("backward", lambda i: i + 1, 3) == [1, 2, 3]
