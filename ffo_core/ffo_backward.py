@@ -273,8 +273,8 @@ def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalitie
     return sol.primal, sol.eq_dual[:p], lam
 
 
-def base_point_error(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
-                     active: ActiveSet, y_up: np.ndarray, step: np.ndarray) -> float:
+def base_point_error(h: ConeConstraints, sol: Solution, active: ActiveSet,
+                     y_up: np.ndarray, step: np.ndarray) -> float:
     """How much the forward point ``(y*, lam*)`` disagrees with the ghost at ``delta = 0``,
     relative to the step: the larger of
 
@@ -368,7 +368,7 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     forward = (y, nu, np.where(active.ghost_rows, lam, 0.0))
     fallback, base_error = False, None
     if not central and options.base_check is not None:
-        base_error = base_point_error(g, h_nz, e_nz, sol, active, upper[0], delta * c)
+        base_error = base_point_error(h_nz, sol, active, upper[0], delta * c)
         fallback = central = base_error > options.base_check
     if central:
         lower = solve_ghost(backend, g, h, e, active, ghost, -delta * c)
