@@ -32,7 +32,6 @@ registry through the ``ffo`` entry-point group (see :mod:`ffo_core.hookspecs`).
 from __future__ import annotations
 
 import enum
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -120,11 +119,6 @@ class ConeConstraints:
     def m(self) -> int:
         return self.h.shape[0]
 
-    @functools.cached_property
-    def G_csr(self) -> sp.csr_matrix:
-        """``G`` by rows (computed once; for row selection)."""
-        return self.G.tocsr()
-
 
 @dataclass
 class Equalities:
@@ -136,11 +130,6 @@ class Equalities:
     @property
     def p(self) -> int:
         return self.b.shape[0]
-
-    @functools.cached_property
-    def A_csr(self) -> sp.csr_matrix:
-        """``A`` by rows (computed once; for row selection)."""
-        return self.A.tocsr()
 
 
 @dataclass
