@@ -44,3 +44,10 @@ def test_both_layers_reject_a_bad_thread_count():
             FFOQPLayer(n_jobs=bad)
     runner = BatchRunner(FFOQPLayer().backend, 1)
     assert runner.run("backward", lambda i: i + 1, 3) == [1, 2, 3]
+
+
+def test_only_the_probes_are_recorded():
+    choice = ThreadChoice(probes=2)
+    for _ in range(20):
+        choice.run(lambda i: i, 4, 2)
+    assert sorted(len(v) for v in choice.times.values()) == [2, 2]
