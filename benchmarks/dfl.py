@@ -104,10 +104,9 @@ def _bare(layer, tensors, reps: int) -> dict:
     """Clarabel called directly: the forward problems, then the ghost problems."""
     import clarabel
     import numpy as np
-    import scipy.sparse as sp
     from ffo_backends.clarabel import ClarabelBackend
     from ffo_core.active_set import classify
-    from ffo_core.backend_base import prune, stack_rows, upper_triangle
+    from ffo_core.backend_base import prune, stack_rows
     from ffo_core.ffo_backward import build_ghost, without_stored_zeros
     from ffo_core.layer import _inspect_params
     cp_ = layer.compiled
@@ -119,7 +118,7 @@ def _bare(layer, tensors, reps: int) -> dict:
     def native(g, h, e):      # the cheapest conversions we know, then Clarabel itself
         st = clarabel.DefaultSettings()
         st.verbose = False
-        P = upper_triangle(g.P) if g.P is not None else sp.csc_matrix((g.n, g.n))
+        P = g.upper()         # P's triangle, formed once per call for a shared P, as ours
         A = stack_rows(prune(e.A), prune(h.G))
         cones = ClarabelBackend._cones(e, h)
         return clarabel.DefaultSolver(P, g.q, A, np.r_[e.b, h.h], cones, st).solve()

@@ -24,9 +24,8 @@ point method: it has no warm start.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase, prune, stack_rows, upper_triangle
+from ffo_core.backend_base import BackendBase, prune, stack_rows
 from ffo_core.errors import ConfigError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective,
@@ -90,8 +89,7 @@ class ClarabelBackend(BackendBase):
     def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
               extra_linear_term=None, *, warm_start=None) -> Solution:
         import clarabel
-        n = g.n
-        P = upper_triangle(g.P) if g.P is not None else sp.csc_matrix((n, n))
+        P = g.upper()
         q = g.q if extra_linear_term is None else g.q + extra_linear_term
         A = stack_rows(prune(e.A), prune(h.G))
         b = np.concatenate([e.b, h.h])

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase, data_digest, same_sparse, upper_triangle
+from ffo_core.backend_base import BackendBase, data_digest, same_sparse
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (Capabilities, ConeConstraints, ConeDims, Equalities, Objective,
@@ -239,7 +239,7 @@ class ScsBackend(BackendBase):
         A.sort_indices()
         P = None
         if g.P is not None and g.P.nnz:
-            P = upper_triangle(g.P)
+            P = g.upper()
         c = np.asarray(g.q, dtype=float)
         if extra_linear_term is not None:
             c = c + extra_linear_term

@@ -12,49 +12,11 @@ import importlib.util
 from typing import Any, ClassVar, Iterable
 
 import numpy as np
-import scipy.sparse as sp
 
 from .errors import ConfigError, SolverError
 from .protocol import Capabilities, ConeConstraints, Equalities, Objective
-
-
-def prune(M):
-    """Sparse ``M`` as CSC without stored zeros; a copy only when something is dropped or
-    converted (the inputs of ``solve`` stay untouched: never write to the result).
-
-    The engine sends matrices on their *structural* pattern (every entry a parameter can
-    reach); a learnable matrix that is numerically sparse now (an identity, a box) would
-    otherwise be factorised as dense.  Adapters call this before handing data to a solver.
-    """
-    if sp.isspmatrix_csc(M) and M.has_canonical_format and np.all(M.data):
-        return M
-    out = M.tocsc(copy=True)
-    out.eliminate_zeros()
-    return out
-
-
-def stack_rows(*blocks) -> sp.csc_matrix:
-    """``[B1; B2; ...]`` as CSC; blocks without rows are skipped (no copy when only one
-    block has rows and it is CSC already)."""
-    full = [B for B in blocks if B.shape[0]]
-    if len(full) == 1 and sp.isspmatrix_csc(full[0]):
-        return full[0]
-    if not full:
-        return sp.csc_matrix((0, blocks[0].shape[1]))
-    return sp.vstack(full, format="csc")
-
-
-def upper_triangle(P) -> sp.csc_matrix:
-    """The upper triangle (diagonal included) of square sparse ``P`` as CSC, stored zeros
-    dropped: what Clarabel, SCS and OSQP take for the quadratic term.  One pass over a CSC
-    matrix's entries (``scipy.sparse.triu`` goes through COO)."""
-    P = prune(P)
-    cols = np.repeat(np.arange(P.shape[1]), np.diff(P.indptr))
-    keep = P.indices <= cols
-    kept_before = np.zeros(P.nnz + 1, dtype=np.int64)
-    np.cumsum(keep, out=kept_before[1:])
-    return sp.csc_matrix((P.data[keep], P.indices[keep], kept_before[P.indptr]),
-                         shape=P.shape)
+from .sparse_ops import (  # noqa: F401  (re-exported: adapters import them from here)
+    prune, stack_rows, upper_triangle)
 
 
 def linear_cost(g: Objective, extra_linear_term, backend: str) -> np.ndarray:

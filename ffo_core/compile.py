@@ -115,12 +115,13 @@ class CompiledProblem:
 
     def sample_parts(self, parts: dict) -> tuple[Objective, ConeConstraints, Equalities]:
         """Protocol objects from the data's sections (``parts["G"]``: ``G``'s values in
-        CSC order, or the matrix itself; arrays are used as they are, not copied)."""
+        CSC order, or the matrix itself; arrays are used as they are, not copied;
+        ``parts["P_upper"]``, optional: ``P``'s upper triangle, see :class:`Objective`)."""
         def matrix(name):
             value = parts[name]
             return value if sp.issparse(value) else getattr(self, name).matrix(value)
         P = matrix("P") if self.P is not None else None
-        return (Objective(P, parts["q"]),
+        return (Objective(P, parts["q"], parts.get("P_upper")),
                 ConeConstraints(matrix("G"), parts["h"], self.dims),
                 Equalities(matrix("A"), parts["b"]))
 

@@ -64,7 +64,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .active_set import DEFAULT_ACCURACY, ActiveSet, block_slices, classify
-from .backend_base import prune, stack_rows
+from .sparse_ops import prune, select_rows, stack_rows
 from .errors import GhostProblemError
 from .protocol import (Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution,
                        Status)
@@ -234,14 +234,29 @@ def without_stored_zeros(h: ConeConstraints, e: Equalities
     return replace(h, G=prune(h.G)), replace(e, A=prune(e.A))
 
 
+def ghost_source(h: ConeConstraints, e: Equalities
+                 ) -> tuple[ConeConstraints, Equalities, sp.csc_matrix]:
+    """What :func:`build_ghost` selects rows from: ``without_stored_zeros(h, e)`` and the
+    stack ``[A; G]`` of their matrices (``G`` itself when there are no equalities), so
+    that the ghost's equality rows ``[A; G_locked]`` are one row selection, not a
+    selection and a stack.  The layer forms it once per call when no batched parameter
+    reaches ``A`` or ``G``."""
+    h_nz, e_nz = without_stored_zeros(h, e)
+    return h_nz, e_nz, stack_rows(e_nz.A, h_nz.G)
+
+
 def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
-                active: ActiveSet) -> tuple[ConeConstraints, Equalities]:
-    """Step 2: locked rows join the equalities; kept cone blocks stay cones; rest dropped."""
+                active: ActiveSet, stacked: sp.csc_matrix | None = None
+                ) -> tuple[ConeConstraints, Equalities]:
+    """Step 2: locked rows join the equalities; kept cone blocks stay cones; rest dropped.
+    ``stacked``: ``[e.A; h.G]`` if the caller has it (:func:`ghost_source`)."""
     locked = np.flatnonzero(active.locked)
-    kept = np.flatnonzero(active.kept)       # CSC row selection: scipy's minor-axis index
-    ghost_e = Equalities(stack_rows(e.A, h.G[locked]),
-                         np.concatenate([e.b, h.h[locked]]))
-    ghost_h = ConeConstraints(h.G[kept], h.h[kept], active.kept_dims)
+    kept = np.flatnonzero(active.kept)
+    if stacked is None:
+        stacked = stack_rows(e.A, h.G)
+    rows = np.concatenate([np.arange(e.p), e.p + locked]) if e.p else locked
+    ghost_e = Equalities(select_rows(stacked, rows), np.concatenate([e.b, h.h[locked]]))
+    ghost_h = ConeConstraints(select_rows(h.G, kept), h.h[kept], active.kept_dims)
     return ghost_h, ghost_e
 
 
@@ -338,12 +353,12 @@ def lagrangian_gradient_derivative(g: Objective, h: ConeConstraints, e: Equaliti
 
 def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
                  sol: Solution, c: np.ndarray, options: FFOOptions | None = None, *,
-                 nonzero: tuple[ConeConstraints, Equalities] | None = None
+                 source: tuple[ConeConstraints, Equalities, sp.csc_matrix] | None = None
                  ) -> DataGradient:
     """Gradient of ``c'y*`` with respect to the sample's data, first-order only.
 
-    ``nonzero``: ``without_stored_zeros(h, e)`` if the caller has it already (the layer
-    prunes a matrix shared by the whole batch once per call, not once per sample)."""
+    ``source``: ``ghost_source(h, e)`` if the caller has it already (the layer prunes and
+    stacks matrices shared by the whole batch once per call, not once per sample)."""
     options = options or FFOOptions()
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
     if not np.any(c):                      # no loss through this sample: zero direction
@@ -355,8 +370,8 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     central = options.central if options.central is not None else curved
     delta = choose_delta(y, c, sol.info.accuracy, replace(options, central=central),
                          curved)
-    h_nz, e_nz = nonzero if nonzero is not None else without_stored_zeros(h, e)
-    ghost = build_ghost(g, h_nz, e_nz, active)
+    h_nz, e_nz, stacked = source if source is not None else ghost_source(h, e)
+    ghost = build_ghost(g, h_nz, e_nz, active, stacked)
 
     upper = solve_ghost(backend, g, h, e, active, ghost, delta * c)
     for _ in range(2):      # curved blocks: keep the step inside their linear range
@@ -389,4 +404,4 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
 
 
 __all__ = ["FFOOptions", "DataGradient", "ffo_backward", "lagrangian_gradient_derivative",
-           "choose_delta", "build_ghost", "ConeDims"]
+           "choose_delta", "build_ghost", "ghost_source", "ConeDims"]

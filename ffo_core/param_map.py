@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.sparse as sp
 
-from .backend_base import prune
+from .sparse_ops import prune, stack_rows, upper_triangle
 from .compile import CompiledProblem
 from .protocol import ConeConstraints, Equalities
 
@@ -50,10 +50,10 @@ _CHUNK = 1 << 18
 class _Reach:
     """The data rows some parameters reach, by section: ``local[name]`` are indices into
     the section (pattern entries for P/A/G, vector entries for q/b/h) and ``pos[name]``
-    the slice of ``rows`` they fill.  For the matrix sections ``entries[name]`` says
-    where the reached pattern entries sit in ``U V'``: a flat index into the dense
-    product when they fill most of it (``("dense", flat)``), else their ``("rows_cols",
-    rows, cols)`` (computed once per layer and batching mask)."""
+    the slice of ``rows`` they fill.  For the matrix sections ``entries[name]`` says how
+    to evaluate the reached pattern entries of ``U V'`` (computed once per layer and
+    batching mask): ``_DenseBlock`` when they fill most of their bounding block, else
+    their ``("rows_cols", rows, cols)``."""
 
     rows: np.ndarray
     local: dict
@@ -73,11 +73,36 @@ class _Reach:
             if name in _MATRIX:
                 pat = getattr(compiled, name)
                 r, c = pat.indices[local[name]], pat.cols[local[name]]
-                if _dense(pat.shape, r.size):
-                    entries[name] = ("dense", r.astype(np.int64) * pat.shape[1] + c)
-                else:
-                    entries[name] = ("rows_cols", r, c)
+                block = _DenseBlock.of(r, c)
+                entries[name] = block if block is not None else ("rows_cols", r, c)
         return cls(rows, local, pos, entries)
+
+
+@dataclass
+class _DenseBlock:
+    """Pattern entries ``(r, c)`` that fill most of their bounding block ``rows x cols``:
+    they are read from the dense product ``V[cols] U[rows]'`` (the block's transpose, so
+    that its row-major storage is the block's column-major one, the order of CSC entries).
+    ``flat`` indexes that storage; ``None`` when the entries are the whole block in that
+    order (a learnable dense matrix): then the product *is* the answer, no gather."""
+
+    rows: slice
+    cols: slice
+    flat: np.ndarray | None
+
+    @classmethod
+    def of(cls, r: np.ndarray, c: np.ndarray) -> "_DenseBlock | None":
+        r0, r1, c0, c1 = int(r.min()), int(r.max()) + 1, int(c.min()), int(c.max()) + 1
+        if not _dense((r1 - r0, c1 - c0), r.size):
+            return None
+        flat = (c.astype(np.int64) - c0) * (r1 - r0) + (r - r0)
+        if flat.size == (r1 - r0) * (c1 - c0) and np.array_equal(flat, np.arange(flat.size)):
+            flat = None
+        return cls(slice(r0, r1), slice(c0, c1), flat)
+
+    def values(self, U: np.ndarray, V: np.ndarray) -> np.ndarray:
+        block = (V[self.cols] @ U[self.rows].T).ravel()
+        return block if self.flat is None else block[self.flat]
 
 
 def _dense(shape: tuple[int, int], k: int) -> bool:
@@ -92,10 +117,10 @@ class Split:
     """``M``'s columns split into shared (``u``) and batched (``b``) parameters."""
 
     M_u: sp.csc_matrix                 # shared parameters' columns + the constant (last)
-    adj_u: sp.csr_matrix | None        # M_u[reach_u.rows, :-1]': data rows -> shared grads
+    adj_u: "_Adjoint | None"            # M_u[reach_u.rows, :-1]': data rows -> shared grads
     reach_u: _Reach
     M_b_rows: sp.csr_matrix | None     # M_b[reach_b.rows]: theta_b -> the rows it reaches
-    adj_b: sp.csr_matrix | None        # M_b_rows'
+    adj_b: "_Adjoint | None"            # M_b_rows'
     reach_b: _Reach | None
 
     @property
@@ -121,34 +146,50 @@ def split_of(compiled: CompiledProblem, batched: tuple[bool, ...]) -> Split:
     M_u = M[:, np.r_[cols_u, compiled.const_col].astype(np.int64)]
     shared = M_u[:, :-1].tocsr()
     rows_u = np.flatnonzero(np.diff(shared.indptr))
-    adj_u = shared[rows_u].T.tocsr() if cols_u.size else None
+    adj_u = _Adjoint(shared[rows_u].T.tocsr()) if cols_u.size else None
     cols_b = columns(True)
     if cols_b.size:
         M_b = M[:, cols_b].tocsr()
         rows_b = np.flatnonzero(np.diff(M_b.indptr))
         M_b_rows = M_b[rows_b]
         split = Split(M_u, adj_u, _Reach.of(compiled, rows_u), M_b_rows,
-                      M_b_rows.T.tocsr(), _Reach.of(compiled, rows_b))
+                      _Adjoint(M_b_rows.T.tocsr()), _Reach.of(compiled, rows_b))
     else:
         split = Split(M_u, adj_u, _Reach.of(compiled, rows_u), None, None, None)
     cache[batched] = split
     return split
 
 
+class _Adjoint:
+    """A data-rows -> parameter-entries map ``M' v``.  Often it is the identity (every
+    parameter a dense matrix or vector whose entries *are* its data entries, in the same
+    column-major order): then it is not applied at all (3 million multiply-adds per
+    backward call for the paper's setup at n = 1000)."""
+
+    def __init__(self, M: sp.csr_matrix) -> None:
+        self.M = M
+        k = M.shape[0]
+        self.identity = (M.shape == (k, k) and M.nnz == k
+                         and np.array_equal(M.indptr, np.arange(k + 1))
+                         and np.array_equal(M.indices, np.arange(k))
+                         and bool(np.all(M.data == 1.0)))
+
+    def __matmul__(self, v: np.ndarray) -> np.ndarray:
+        return v if self.identity else self.M @ v
+
+
 def pattern_values(rows: np.ndarray, cols: np.ndarray, U: np.ndarray,
                    V: np.ndarray) -> np.ndarray:
     """``sum_j U[rows, j] V[cols, j]``: the entries ``(rows, cols)`` of ``U V'``.
 
-    A dense product and a gather when the entries fill most of ``U V'`` (a learnable dense
-    matrix); otherwise row-wise gathers in chunks, never a dense ``U V'``.
+    A dense product of the entries' bounding block when they fill most of it (a learnable
+    dense matrix, :class:`_DenseBlock`); otherwise row-wise gathers in chunks, never a
+    dense ``U V'``.
     """
-    if _dense((U.shape[0], V.shape[0]), rows.size):
-        return _dense_values(rows.astype(np.int64) * V.shape[0] + cols, U, V)
+    block = _DenseBlock.of(rows, cols) if rows.size else None
+    if block is not None:
+        return block.values(U, V)
     return _gathered_values(rows, cols, U, V)
-
-
-def _dense_values(flat: np.ndarray, U: np.ndarray, V: np.ndarray) -> np.ndarray:
-    return (U @ V.T).ravel()[flat]
 
 
 def _gathered_values(rows: np.ndarray, cols: np.ndarray, U: np.ndarray,
@@ -187,9 +228,9 @@ def gradient_on(compiled: CompiledProblem, reach: _Reach, grads: list) -> np.nda
         if name in _MATRIX:
             if low:
                 U, V = _factors(name, low)
-                how, *where = reach.entries[name]
-                out[pos] += _dense_values(where[0], U, V) if how == "dense" \
-                    else _gathered_values(where[0], where[1], U, V)
+                how = reach.entries[name]
+                out[pos] = how.values(U, V) if isinstance(how, _DenseBlock) \
+                    else _gathered_values(how[1], how[2], U, V)
             for g in plain:
                 out[pos] += getattr(g, name)[local]
         else:
@@ -209,7 +250,7 @@ class BoundData:
         theta_u = np.concatenate([v.reshape(-1) for v, b in zip(values, batched) if not b]
                                  + [[1.0]])
         self.base = self.split.M_u @ theta_u
-        self._nonzero: dict = {}
+        self._per_call: dict = {}
         self._lock = threading.Lock()
         if self.split.M_b_rows is not None:
             self.theta_b = np.concatenate([v.reshape(batch, -1)
@@ -258,13 +299,16 @@ class BoundData:
     @functools.cached_property
     def _shared_parts(self) -> dict:
         """Every section as a view of ``base``; the matrices no batched parameter reaches
-        built once per call (the same objects in every sample)."""
+        built once per call (the same objects in every sample), and a shared ``P``'s upper
+        triangle (``"P_upper"``, what most adapters hand their solver)."""
         cp_ = self.compiled
         parts = {name: self.base[sec] for name, sec in cp_.sections.items()}
         reached = self.split.batched_sections
         for name in ("P", "A", "G"):
             if name not in reached and getattr(cp_, name) is not None:
                 parts[name] = getattr(cp_, name).matrix(parts[name])
+        if "P" not in reached and cp_.P is not None:
+            parts["P_upper"] = upper_triangle(parts["P"])   # one triangle for all solves
         return parts
 
     def nonzero(self, h: ConeConstraints, e: Equalities
@@ -272,16 +316,26 @@ class BoundData:
         """:func:`~ffo_core.ffo_backward.without_stored_zeros` of a sample's ``(h, e)``
         (from :meth:`sample`).  A matrix no batched parameter reaches is the same for
         every sample: it is pruned once per call and shared."""
-        reached = self.split.batched_sections
+        h_nz = replace(h, G=self._once("G", h.G, prune))
+        return h_nz, replace(e, A=self._once("A", e.A, prune))
 
-        def nonzero(name, M):
-            if name in reached:                  # differs per sample
-                return prune(M)
-            with self._lock:
-                if name not in self._nonzero:
-                    self._nonzero[name] = prune(M)
-                return self._nonzero[name]
-        return replace(h, G=nonzero("G", h.G)), replace(e, A=nonzero("A", e.A))
+    def ghost_source(self, h: ConeConstraints, e: Equalities):
+        """:func:`~ffo_core.ffo_backward.ghost_source` of a sample's ``(h, e)``: the
+        stack ``[A; G]`` is formed once per call when both are shared."""
+        h_nz, e_nz = self.nonzero(h, e)
+        stacked = self._once("AG", (e_nz.A, h_nz.G), lambda AG: stack_rows(*AG),
+                             reached=("A", "G"))
+        return h_nz, e_nz, stacked
+
+    def _once(self, key: str, value, make, reached: tuple[str, ...] | None = None):
+        """``make(value)``, formed once per call unless a batched parameter reaches one
+        of the sections ``reached`` (default: ``(key,)``), which makes it per sample."""
+        if self.split.batched_sections & set(reached or (key,)):
+            return make(value)
+        with self._lock:
+            if key not in self._per_call:
+                self._per_call[key] = make(value)
+            return self._per_call[key]
 
     def parameter_gradients(self, grads: list) -> list[np.ndarray]:
         """Per parameter (in the compiled order): ``(size,)`` for a shared parameter (summed

@@ -38,6 +38,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import scipy.sparse as sp
 
+from .sparse_ops import upper_triangle
+
 __all__ = [
     "Backend", "Capabilities", "ConeConstraints", "ConeDims", "Equalities", "Objective",
     "Solution", "SolveInfo", "Status", "CONES",
@@ -92,14 +94,30 @@ class ConeDims:
 
 @dataclass
 class Objective:
-    """``1/2 y'P y + q'y``; ``P`` full symmetric CSC ``(n, n)`` or ``None`` (zero)."""
+    """``1/2 y'P y + q'y``; ``P`` full symmetric CSC ``(n, n)`` or ``None`` (zero).
+
+    ``P_upper``: ``P``'s upper triangle (diagonal included, stored zeros dropped) when the
+    caller has it already; the engine passes one triangle for a ``P`` shared by the whole
+    batch.  Adapters read it through :meth:`upper`, which forms and keeps it on first use.
+    Treat an Objective as immutable: build a new one rather than write into ``P``.
+    """
 
     P: sp.csc_matrix | None
     q: np.ndarray
+    P_upper: sp.csc_matrix | None = field(default=None, repr=False, compare=False)
 
     @property
     def n(self) -> int:
         return self.q.shape[0]
+
+    def upper(self) -> sp.csc_matrix:
+        """``P``'s upper triangle as CSC without stored zeros (all zeros when ``P`` is
+        None): the quadratic term Clarabel, SCS and OSQP take.  Formed once per Objective
+        (a forward solve and its ghost share it)."""
+        if self.P_upper is None:
+            self.P_upper = upper_triangle(self.P) if self.P is not None \
+                else sp.csc_matrix((self.n, self.n))
+        return self.P_upper
 
     @property
     def is_quadratic(self) -> bool:

@@ -61,6 +61,7 @@ from .ffo_backward import FFOOptions, ffo_backward
 from .kkt_backward import kkt_backward
 from .protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
 from .registry import get_backend
+from .sparse_ops import upper_triangle
 from .tensors import (SparseEntries, check_finite, check_real, common_device, dense_to_csc,
                       entries_to_csc, is_sparse, result_dtype, to_numpy)
 
@@ -106,12 +107,22 @@ class _Call:
     # storage position, in the solver's CSC, of every stored entry of a sparse argument
     positions: dict[str, list[np.ndarray]] = field(default_factory=dict)
     sols: list[Solution] = field(default_factory=list)
+    # P[k]'s upper triangle, formed on first use and shared by every solve that uses P[k]
+    P_upper: dict[int, sp.csc_matrix] = field(default_factory=dict)
+
+    def _upper(self, k: int) -> sp.csc_matrix | None:
+        if self.P[k] is None:
+            return None
+        if k not in self.P_upper:           # a race only computes it twice
+            self.P_upper[k] = upper_triangle(self.P[k])
+        return self.P_upper[k]
 
     def sample(self, i: int) -> tuple[Objective, ConeConstraints, Equalities]:
         def pick(seq, batched):
             return seq[i] if batched else seq[0]
         a = self.args
-        return (Objective(pick(self.P, a["Q"].batched), pick(self.q, a["p"].batched)),
+        k = i if a["Q"].batched else 0
+        return (Objective(self.P[k], pick(self.q, a["p"].batched), self._upper(k)),
                 ConeConstraints(pick(self.G, a["G"].batched), pick(self.h, a["h"].batched),
                                 ConeDims(nonneg=self.m)),
                 Equalities(pick(self.A, a["A"].batched), pick(self.b, a["b"].batched)))

@@ -1,9 +1,10 @@
 """The batch data map: shared parameters once, batched ones per sample, exact adjoint."""
 import numpy as np
+import scipy.sparse as sp
 
 from ffo_core.compile import compile_problem
 from ffo_core.ffo_backward import DataGradient
-from ffo_core.param_map import bind, pattern_values
+from ffo_core.param_map import _Adjoint, _DenseBlock, bind, pattern_values
 from problems import random_qp
 
 
@@ -75,6 +76,38 @@ def test_pattern_values_paths_agree():
         flat = rng.choice(600, size=k, replace=False)
         r, c = flat // 20, flat % 20
         assert np.allclose(pattern_values(r, c, U, V), dense[r, c], rtol=1e-14, atol=1e-14)
+
+
+def test_pattern_values_dense_blocks():
+    """Entries read from the dense product of their bounding block: a whole block in CSC
+    (column-major) order is the product itself (no gather); an offset, partial or
+    shuffled set of entries is gathered from it."""
+    rng = np.random.default_rng(5)
+    U, V = rng.standard_normal((30, 4)), rng.standard_normal((20, 4))
+    dense = U @ V.T
+    cc, rr = np.meshgrid(np.arange(3, 15), np.arange(5, 25), indexing="ij")
+    r, c = rr.ravel(), cc.ravel()                     # rows 5..24, cols 3..14, CSC order
+    whole = _DenseBlock.of(r, c)
+    assert whole is not None and whole.flat is None
+    assert np.array_equal(pattern_values(r, c, U, V), dense[r, c])
+    keep = np.sort(rng.choice(r.size, size=r.size * 3 // 4, replace=False))
+    perm = rng.permutation(r.size)
+    for rs, cs in ((r[keep], c[keep]), (r[perm], c[perm])):
+        block = _DenseBlock.of(rs, cs)
+        assert block is not None and block.flat is not None
+        assert np.allclose(pattern_values(rs, cs, U, V), dense[rs, cs], rtol=1e-14,
+                           atol=1e-14)
+
+
+def test_adjoint_skips_only_the_identity():
+    v = np.arange(5.0)
+    assert _Adjoint(sp.identity(5, format="csr")) @ v is v
+    for M in (2.0 * sp.identity(5, format="csr"),                 # scaled
+              sp.csr_matrix(np.eye(5)[[1, 0, 2, 3, 4]]),          # permuted
+              sp.csr_matrix(np.eye(5)[:4])):                      # not square
+        adj = _Adjoint(M)
+        assert not adj.identity
+        assert np.array_equal(adj @ v, M @ v)
 
 
 def test_sample_views_equal_the_full_data():

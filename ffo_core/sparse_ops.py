@@ -1,0 +1,65 @@
+"""Small sparse-matrix operations of the engine and the adapters, on CSC matrices.
+
+Each does one pass over the stored entries and copies only when it must; scipy's general
+routines (``triu``, fancy indexing, ``vstack``) validate and convert more than these
+hot paths need (a per-sample cost of tens of microseconds each in the backward pass).
+Results may share arrays with their inputs: never write to them.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def prune(M):
+    """Sparse ``M`` as CSC without stored zeros; a copy only when something is dropped or
+    converted (the inputs of ``solve`` stay untouched: never write to the result).
+
+    The engine sends matrices on their *structural* pattern (every entry a parameter can
+    reach); a learnable matrix that is numerically sparse now (an identity, a box) would
+    otherwise be factorised as dense.  Adapters call this before handing data to a solver.
+    """
+    if sp.isspmatrix_csc(M) and M.has_canonical_format and np.all(M.data):
+        return M
+    out = M.tocsc(copy=True)
+    out.eliminate_zeros()
+    return out
+
+
+def stack_rows(*blocks) -> sp.csc_matrix:
+    """``[B1; B2; ...]`` as CSC; blocks without rows are skipped (no copy when only one
+    block has rows and it is CSC already)."""
+    full = [B for B in blocks if B.shape[0]]
+    if len(full) == 1 and sp.isspmatrix_csc(full[0]):
+        return full[0]
+    if not full:
+        return no_rows(blocks[0].shape[1])
+    return sp.vstack(full, format="csc")
+
+
+def upper_triangle(P) -> sp.csc_matrix:
+    """The upper triangle (diagonal included) of square sparse ``P`` as CSC, stored zeros
+    dropped: what Clarabel, SCS and OSQP take for the quadratic term.  One pass over a CSC
+    matrix's entries (``scipy.sparse.triu`` goes through COO)."""
+    P = prune(P)
+    cols = np.repeat(np.arange(P.shape[1]), np.diff(P.indptr))
+    keep = P.indices <= cols
+    kept_before = np.zeros(P.nnz + 1, dtype=np.int64)
+    np.cumsum(keep, out=kept_before[1:])
+    return sp.csc_matrix((P.data[keep], P.indices[keep], kept_before[P.indptr]),
+                         shape=P.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def no_rows(n: int) -> sp.csc_matrix:
+    """An empty ``(0, n)`` CSC matrix, one shared object per ``n`` (never write to it)."""
+    return sp.csc_matrix((0, n))
+
+
+def select_rows(M: sp.csc_matrix, rows: np.ndarray) -> sp.csc_matrix:
+    """``M[rows]`` for sorted row indices ``rows`` (scipy's CSC row index, the fastest we
+    measured); :func:`no_rows` when ``rows`` is empty (a ghost usually keeps no cone
+    block: skips a scipy call that costs as much as a real selection)."""
+    return M[rows] if rows.size else no_rows(M.shape[1])
