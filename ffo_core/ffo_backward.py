@@ -59,12 +59,13 @@ row selection and entrywise products on the data's sparsity pattern.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
 from .active_set import DEFAULT_ACCURACY, ActiveSet, block_slices, classify
-from .sparse_ops import prune, select_rows, stack_rows
+from .sparse_ops import prune, row_norms, select_rows, stack_rows
 from .errors import GhostProblemError
 from .protocol import (Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution,
                        Status)
@@ -234,22 +235,30 @@ def without_stored_zeros(h: ConeConstraints, e: Equalities
     return replace(h, G=prune(h.G)), replace(e, A=prune(e.A))
 
 
-def ghost_source(h: ConeConstraints, e: Equalities
-                 ) -> tuple[ConeConstraints, Equalities, sp.csc_matrix]:
-    """What :func:`build_ghost` selects rows from: ``without_stored_zeros(h, e)`` and the
-    stack ``[A; G]`` of their matrices (``G`` itself when there are no equalities), so
-    that the ghost's equality rows ``[A; G_locked]`` are one row selection, not a
-    selection and a stack.  The layer forms it once per call when no batched parameter
-    reaches ``A`` or ``G``."""
-    h_nz, e_nz = without_stored_zeros(h, e)
-    return h_nz, e_nz, stack_rows(e_nz.A, h_nz.G)
+class GhostSource(NamedTuple):
+    """What the ghost problem and the base-point check read of one sample's constraints.
+    Everything but the vectors depends on the matrices only, so the layer forms it once
+    per call for matrices the whole batch shares (:meth:`ffo_core.param_map.BoundData.\
+ghost_source`)."""
+
+    h: ConeConstraints            # without stored zeros (:func:`without_stored_zeros`)
+    e: Equalities                 # without stored zeros
+    stacked: sp.csc_matrix        # [A; G] (G when p = 0): the ghost's equality rows are
+    #                               one selection of these, not a selection and a stack
+    G_row_norms: np.ndarray       # ||G_i||_2 per row, shape (m,)
+    G_T: sp.csr_matrix            # G' (a view of G's arrays)
+
+    @classmethod
+    def of(cls, h: ConeConstraints, e: Equalities) -> "GhostSource":
+        h_nz, e_nz = without_stored_zeros(h, e)
+        return cls(h_nz, e_nz, stack_rows(e_nz.A, h_nz.G), row_norms(h_nz.G), h_nz.G.T)
 
 
 def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
                 active: ActiveSet, stacked: sp.csc_matrix | None = None
                 ) -> tuple[ConeConstraints, Equalities]:
     """Step 2: locked rows join the equalities; kept cone blocks stay cones; rest dropped.
-    ``stacked``: ``[e.A; h.G]`` if the caller has it (:func:`ghost_source`)."""
+    ``stacked``: ``[e.A; h.G]`` if the caller has it (:class:`GhostSource`)."""
     locked = np.flatnonzero(active.locked)
     kept = np.flatnonzero(active.kept)
     if stacked is None:
@@ -288,7 +297,7 @@ def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalitie
     return sol.primal, sol.eq_dual[:p], lam
 
 
-def base_point_error(h: ConeConstraints, sol: Solution, active: ActiveSet,
+def base_point_error(source: GhostSource, sol: Solution, active: ActiveSet,
                      y_up: np.ndarray, step: np.ndarray) -> float:
     """How much the forward point ``(y*, lam*)`` disagrees with the ghost at ``delta = 0``,
     relative to the step: the larger of
@@ -302,20 +311,21 @@ def base_point_error(h: ConeConstraints, sol: Solution, active: ActiveSet,
 
     Both are ~1e-6..1e-8 for strictly complementary problems solved to 1e-8, and 1e-4..1
     near degenerate vertices or weakly inactive rows, where one-sided differences with a
-    small step fail.  One pass over ``G``'s entries for each.
+    small step fail.  One pass over ``G``'s entries (the force); ``source`` holds ``G``'s
+    row norms and transpose.
     """
-    y, G = sol.primal, h.G
-    tiny = np.finfo(float).tiny
     primal = 0.0
-    if active.locked.any():
-        norms = np.sqrt(np.bincount(G.indices, weights=G.data * G.data,
-                                    minlength=G.shape[0])[active.locked])
-        dist = np.abs(sol.slack[active.locked]) / np.maximum(norms, tiny)
-        primal = float(dist.max()) / max(np.linalg.norm(y_up - y), tiny)
-    dropped = ~active.ghost_rows
-    force = np.linalg.norm(G.T @ np.where(dropped, sol.ineq_dual, 0.0)) \
+    locked = active.locked
+    if locked.any():
+        dist = np.abs(sol.slack[locked]) / np.maximum(source.G_row_norms[locked], _TINY)
+        primal = float(dist.max()) / max(np.linalg.norm(y_up - sol.primal), _TINY)
+    dropped = ~(locked | active.kept)
+    force = np.linalg.norm(source.G_T @ np.where(dropped, sol.ineq_dual, 0.0)) \
         if dropped.any() else 0.0
     return max(primal, force / np.linalg.norm(step))
+
+
+_TINY = np.finfo(float).tiny
 
 
 def curved_step(h: ConeConstraints, active: ActiveSet, sol: Solution,
@@ -353,12 +363,12 @@ def lagrangian_gradient_derivative(g: Objective, h: ConeConstraints, e: Equaliti
 
 def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
                  sol: Solution, c: np.ndarray, options: FFOOptions | None = None, *,
-                 source: tuple[ConeConstraints, Equalities, sp.csc_matrix] | None = None
+                 source: GhostSource | None = None
                  ) -> DataGradient:
     """Gradient of ``c'y*`` with respect to the sample's data, first-order only.
 
-    ``source``: ``ghost_source(h, e)`` if the caller has it already (the layer prunes and
-    stacks matrices shared by the whole batch once per call, not once per sample)."""
+    ``source``: ``GhostSource.of(h, e)`` if the caller has it already (the layer prunes
+    and stacks matrices shared by the whole batch once per call, not once per sample)."""
     options = options or FFOOptions()
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
     if not np.any(c):                      # no loss through this sample: zero direction
@@ -370,8 +380,8 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     central = options.central if options.central is not None else curved
     delta = choose_delta(y, c, sol.info.accuracy, replace(options, central=central),
                          curved)
-    h_nz, e_nz, stacked = source if source is not None else ghost_source(h, e)
-    ghost = build_ghost(g, h_nz, e_nz, active, stacked)
+    source = source if source is not None else GhostSource.of(h, e)
+    ghost = build_ghost(g, source.h, source.e, active, source.stacked)
 
     upper = solve_ghost(backend, g, h, e, active, ghost, delta * c)
     for _ in range(2):      # curved blocks: keep the step inside their linear range
@@ -383,7 +393,7 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     forward = (y, nu, np.where(active.ghost_rows, lam, 0.0))
     fallback, base_error = False, None
     if not central and options.base_check is not None:
-        base_error = base_point_error(h_nz, sol, active, upper[0], delta * c)
+        base_error = base_point_error(source, sol, active, upper[0], delta * c)
         fallback = central = base_error > options.base_check
     if central:
         lower = solve_ghost(backend, g, h, e, active, ghost, -delta * c)
@@ -404,4 +414,4 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
 
 
 __all__ = ["FFOOptions", "DataGradient", "ffo_backward", "lagrangian_gradient_derivative",
-           "choose_delta", "build_ghost", "ghost_source", "ConeDims"]
+           "choose_delta", "build_ghost", "GhostSource", "ConeDims"]

@@ -34,7 +34,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.sparse as sp
 
-from .sparse_ops import prune, stack_rows, upper_triangle
+from .ffo_backward import GhostSource
+from .sparse_ops import prune, row_norms, stack_rows, upper_triangle
 from .compile import CompiledProblem
 from .protocol import ConeConstraints, Equalities
 
@@ -319,13 +320,16 @@ class BoundData:
         h_nz = replace(h, G=self._once("G", h.G, prune))
         return h_nz, replace(e, A=self._once("A", e.A, prune))
 
-    def ghost_source(self, h: ConeConstraints, e: Equalities):
-        """:func:`~ffo_core.ffo_backward.ghost_source` of a sample's ``(h, e)``: the
-        stack ``[A; G]`` is formed once per call when both are shared."""
+    def ghost_source(self, h: ConeConstraints, e: Equalities) -> GhostSource:
+        """:class:`~ffo_core.ffo_backward.GhostSource` of a sample's ``(h, e)``: its
+        matrix parts are formed once per call when no batched parameter reaches them."""
         h_nz, e_nz = self.nonzero(h, e)
-        stacked = self._once("AG", (e_nz.A, h_nz.G), lambda AG: stack_rows(*AG),
-                             reached=("A", "G"))
-        return h_nz, e_nz, stacked
+        G = h_nz.G
+        return GhostSource(h_nz, e_nz,
+                           self._once("AG", (e_nz.A, G), lambda AG: stack_rows(*AG),
+                                      reached=("A", "G")),
+                           self._once("G_row_norms", G, row_norms, reached=("G",)),
+                           self._once("G_T", G, lambda M: M.T, reached=("G",)))
 
     def _once(self, key: str, value, make, reached: tuple[str, ...] | None = None):
         """``make(value)``, formed once per call unless a batched parameter reaches one

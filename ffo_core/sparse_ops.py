@@ -63,3 +63,8 @@ def select_rows(M: sp.csc_matrix, rows: np.ndarray) -> sp.csc_matrix:
     measured); :func:`no_rows` when ``rows`` is empty (a ghost usually keeps no cone
     block: skips a scipy call that costs as much as a real selection)."""
     return M[rows] if rows.size else no_rows(M.shape[1])
+
+
+def row_norms(M: sp.csc_matrix) -> np.ndarray:
+    """Euclidean norm of every row of ``M``, shape ``(M.shape[0],)``."""
+    return np.sqrt(np.bincount(M.indices, weights=M.data * M.data, minlength=M.shape[0]))
