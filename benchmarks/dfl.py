@@ -80,28 +80,36 @@ def _peak_mb() -> float:
 WARMUP = {"ours": 4, "peer": 1}
 
 
+def _step(layer, tensors, weights) -> tuple[float, float]:
+    """One training step through ``layer``: (forward seconds, backward seconds)."""
+    ts = [t.clone().requires_grad_(True) for t in tensors]
+    t0 = time.perf_counter()
+    (sol,) = layer(*ts)
+    t1 = time.perf_counter()
+    (weights * sol).sum().backward()
+    return t1 - t0, time.perf_counter() - t1
+
+
 def _time_layer(make, tensors, reps: int, weights, warmup: int = 1):
-    import torch
     t0 = time.perf_counter()
     layer = make()
     setup = time.perf_counter() - t0
-    fwd, bwd, grads = [], [], None
+    fwd, bwd = [], []
     for k in range(warmup + reps):
-        ts = [t.clone().requires_grad_(True) for t in tensors]
-        t0 = time.perf_counter()
-        (sol,) = layer(*ts)
-        t1 = time.perf_counter()
-        (weights * sol).sum().backward()
-        t2 = time.perf_counter()
+        f, b = _step(layer, tensors, weights)
         if k >= warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-        grads = [t.grad for t in ts]
-    return layer, setup, statistics.median(fwd), statistics.median(bwd), grads, torch
+            fwd.append(f)
+            bwd.append(b)
+    return layer, setup, statistics.median(fwd), statistics.median(bwd)
 
 
-def _bare(layer, tensors, reps: int) -> dict:
-    """Clarabel called directly: the forward problems, then the ghost problems."""
+def _bare(layer, tensors, reps: int, weights) -> dict:
+    """Clarabel called directly: the forward problems, then the ghost problems.
+
+    Each repetition also times one step of ``layer`` just before the floors, and the
+    ratios ``paired_fwd``/``paired_bwd`` are medians of the per-repetition ratios: on a
+    shared machine a slow spell then slows both sides of a ratio, where medians taken in
+    different processes minutes apart differ by up to 30%."""
     import clarabel
     import numpy as np
     from ffo_backends.clarabel import ClarabelBackend
@@ -122,24 +130,29 @@ def _bare(layer, tensors, reps: int) -> dict:
         A = stack_rows(prune(e.A), prune(h.G))
         cones = ClarabelBackend._cones(e, h)
         return clarabel.DefaultSolver(P, g.q, A, np.r_[e.b, h.h], cones, st).solve()
-    fwd, ghost_t = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for s in numeric:
-            native(*s)
-        fwd.append(time.perf_counter() - t0)
     sols = [layer.backend.solve(*s) for s in samples]
     ghosts = []
     for (g, h, e), sol in zip(samples, sols):
         # the ghost exactly as the backward pass hands it to the solver
         gh, ge = build_ghost(g, *without_stored_zeros(h, e), classify(sol, h.dims, rhs=h.h))
         ghosts.append((g, gh, ge))
+    fwd, ghost_t, ratio_f, ratio_b = [], [], [], []
     for _ in range(reps):
+        ours_f, ours_b = _step(layer, tensors, weights)
         t0 = time.perf_counter()
+        for s in numeric:
+            native(*s)
+        t1 = time.perf_counter()
         for g, gh, ge in ghosts:
             native(g, gh, ge)
-        ghost_t.append(time.perf_counter() - t0)
-    return {"fwd": statistics.median(fwd), "bwd": statistics.median(ghost_t)}
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        ghost_t.append(t2 - t1)
+        ratio_f.append(ours_f / fwd[-1])
+        ratio_b.append(ours_b / ghost_t[-1])
+    return {"fwd": statistics.median(fwd), "bwd": statistics.median(ghost_t),
+            "paired_fwd": statistics.median(ratio_f),
+            "paired_bwd": statistics.median(ratio_b)}
 
 
 def child(spec: dict) -> dict:
@@ -156,11 +169,11 @@ def child(spec: dict) -> dict:
         from ffo_core import FFOLayer
         kw = {"ffo": {}, "ffo-central": {"central": True}, "kkt": {"backward": "kkt"},
               "bare": {}}[method]
-        layer, setup, fwd, bwd, _, _ = _time_layer(
+        layer, setup, fwd, bwd = _time_layer(
             lambda: FFOLayer(prob, params, [y], **kw), tensors, reps, weights, WARMUP["ours"])
         out.update(setup=setup, fwd=fwd, bwd=bwd, peak_mb=_peak_mb())
         if method == "bare":
-            out.update(_bare(layer, tensors, reps), setup=0.0)
+            out.update(_bare(layer, tensors, reps, weights), setup=0.0)
         elif method != "kkt":
             # agreement with the exact KKT mode on the first two samples (the KKT reference
             # on a 5000-dim SOC takes ~10 s a sample: not worth a whole batch)
@@ -182,7 +195,7 @@ def child(spec: dict) -> dict:
         import cvxpy as cp
         from cvxpylayers.torch import CvxpyLayer
         solver = cp.CLARABEL if method.endswith("clarabel") else None
-        _, setup, fwd, bwd, _, _ = _time_layer(
+        _, setup, fwd, bwd = _time_layer(
             lambda: CvxpyLayer(prob, params, [y], solver=solver), tensors, reps, weights)
         return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb()}
     if method == "qpth":
@@ -201,7 +214,7 @@ def child(spec: dict) -> dict:
                 else:
                     full[0], full[1], full[2], full[3] = ts
                 return (QPFunction(verbose=-1)(*full),)
-        _, setup, fwd, bwd, _, _ = _time_layer(Wrap, tensors, reps, weights)
+        _, setup, fwd, bwd = _time_layer(Wrap, tensors, reps, weights)
         return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb()}
     raise ValueError(method)
 
@@ -320,7 +333,10 @@ def _report(rows: list[dict], out: Path, args) -> None:
         peer_tot = (peer.get("fwd") or 0) + (peer.get("bwd") or 0) \
             if peer.get("status") == "ok" else None
         r["ratio_cvxpylayers"] = tot / peer_tot if tot and peer_tot else None
-        if r["method"] != "bare" and bare.get("status") == "ok" and tot:
+        if r["method"] == "ffo" and bare.get("paired_fwd"):
+            # paired in the bare run's process, repetition by repetition (see _bare)
+            r["fwd_over_bare"], r["bwd_over_ghost"] = bare["paired_fwd"], bare["paired_bwd"]
+        elif r["method"] != "bare" and bare.get("status") == "ok" and tot:
             r["fwd_over_bare"] = r["fwd"] / bare["fwd"]
             r["bwd_over_ghost"] = r["bwd"] / bare["bwd"]
         print(f"{r['learn']:6} {r['batch']:>5} {r['n']:>5} {r['method']:21} {_fmt(r.get('setup'))!s:>7} "
