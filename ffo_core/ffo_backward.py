@@ -311,18 +311,21 @@ def base_point_error(source: GhostSource, sol: Solution, active: ActiveSet,
 
     Both are ~1e-6..1e-8 for strictly complementary problems solved to 1e-8, and 1e-4..1
     near degenerate vertices or weakly inactive rows, where one-sided differences with a
-    small step fail.  One pass over ``G``'s entries (the force); ``source`` holds ``G``'s
-    row norms and transpose.
+    small step fail.  ``source`` holds ``G``'s row norms and transpose.  The force is first
+    bounded by ``sum_D |lam*_i| ||G_i||`` (one dot product); only when that bound could
+    exceed the primal part is it computed exactly (one pass over ``G``'s entries), so the
+    result is exact either way.
     """
     primal = 0.0
-    locked = active.locked
+    locked, norms = active.locked, source.G_row_norms
     if locked.any():
-        dist = np.abs(sol.slack[locked]) / np.maximum(source.G_row_norms[locked], _TINY)
+        dist = np.abs(sol.slack[locked]) / np.maximum(norms[locked], _TINY)
         primal = float(dist.max()) / max(np.linalg.norm(y_up - sol.primal), _TINY)
-    dropped = ~(locked | active.kept)
-    force = np.linalg.norm(source.G_T @ np.where(dropped, sol.ineq_dual, 0.0)) \
-        if dropped.any() else 0.0
-    return max(primal, force / np.linalg.norm(step))
+    leftover = np.where(locked | active.kept, 0.0, sol.ineq_dual)   # dropped rows' lam*
+    scale = np.linalg.norm(step)
+    if float(np.abs(leftover) @ norms) / scale <= primal:
+        return primal
+    return max(primal, float(np.linalg.norm(source.G_T @ leftover)) / scale)
 
 
 _TINY = np.finfo(float).tiny

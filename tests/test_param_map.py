@@ -90,6 +90,10 @@ def test_pattern_values_dense_blocks():
     whole = _DenseBlock.of(r, c)
     assert whole is not None and whole.flat is None
     assert np.array_equal(pattern_values(r, c, U, V), dense[r, c])
+    out = np.full(r.size + 2, np.nan)
+    whole.values(U, V, out=out[1:-1])                 # written in place, neighbours kept
+    assert np.allclose(out[1:-1], dense[r, c], rtol=1e-14, atol=1e-14)
+    assert np.isnan(out[0]) and np.isnan(out[-1])
     keep = np.sort(rng.choice(r.size, size=r.size * 3 // 4, replace=False))
     perm = rng.permutation(r.size)
     for rs, cs in ((r[keep], c[keep]), (r[perm], c[perm])):
@@ -97,6 +101,9 @@ def test_pattern_values_dense_blocks():
         assert block is not None and block.flat is not None
         assert np.allclose(pattern_values(rs, cs, U, V), dense[rs, cs], rtol=1e-14,
                            atol=1e-14)
+        out = np.empty(rs.size)
+        block.values(U, V, out=out)
+        assert np.allclose(out, dense[rs, cs], rtol=1e-14, atol=1e-14)
 
 
 def test_adjoint_skips_only_the_identity():
