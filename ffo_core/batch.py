@@ -71,22 +71,28 @@ class ThreadChoice:
     of a 1000-variable equality QP take 42 ms in one thread and 54-62 ms in two), and a
     ghost problem is mostly set-up: on the DFL QP the backward ran 16 ms with one thread
     and 25 ms with two, while the forward ran 55 ms with one and 31 ms with two.  So the
-    first ``2 * probes`` calls alternate between the pool and one thread, and later calls
-    use whichever had the lower median time per sample in those probes (nothing more is
-    recorded: the choice costs nothing per call after that).  Results never depend on the
-    choice (samples are independent); only the time does.
+    first ``2 * probes`` calls alternate between the pool and one thread; later calls use
+    whichever has the lower time per sample among its last ``probes`` calls (the minimum:
+    a busy machine only ever adds time).  Every ``reprobe_every``-th call runs the other
+    setting once more, so a choice made during a noisy spell, or before the batch size or
+    the problem changed, is revisited in a long training run.  Memory is ``probes`` floats
+    per setting.  Results never depend on the choice (samples are independent); only the
+    time does.
     """
 
-    def __init__(self, probes: int = 2) -> None:
+    def __init__(self, probes: int = 2, reprobe_every: int = 64) -> None:
         self.probes = probes
+        self.reprobe_every = reprobe_every
         self.times: dict[int, list[float]] = {}
+        self.calls = 0
         self._lock = threading.Lock()
 
     def __getstate__(self):                 # a lock cannot be copied or pickled
-        return {"probes": self.probes, "times": {k: list(v) for k, v in self.times.items()}}
+        return {"probes": self.probes, "reprobe_every": self.reprobe_every,
+                "times": {k: list(v) for k, v in self.times.items()}, "calls": self.calls}
 
     def __setstate__(self, state) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"reprobe_every": 64, "calls": 0, **state})
         self._lock = threading.Lock()
 
     def choose(self, n_jobs: int) -> int:
@@ -97,7 +103,11 @@ class ThreadChoice:
             pool, one = self.times.get(n_jobs, []), self.times.get(1, [])
             if len(pool) < self.probes or len(one) < self.probes:
                 return n_jobs if len(pool) <= len(one) else 1
-            return 1 if np.median(one) < np.median(pool) else n_jobs
+            best = 1 if min(one) < min(pool) else n_jobs
+            self.calls += 1
+            if self.reprobe_every and self.calls % self.reprobe_every == 0:
+                return n_jobs if best == 1 else 1
+            return best
 
     def run(self, fn: Callable[[int], T], batch: int, n_jobs: int) -> list[T]:
         """:func:`run_batch` with the chosen thread count, timed."""
@@ -105,10 +115,10 @@ class ThreadChoice:
         start = time.perf_counter()
         out = run_batch(fn, batch, jobs)
         if batch > 1 and n_jobs > 1:
-            with self._lock:            # probes only: the lists stay short, the choice fixed
-                probes = self.times.setdefault(jobs, [])
-                if len(probes) < self.probes:
-                    probes.append((time.perf_counter() - start) / batch)
+            with self._lock:            # the last `probes` times per setting, no more
+                recent = self.times.setdefault(jobs, [])
+                recent.append((time.perf_counter() - start) / batch)
+                del recent[:-self.probes]
         return out
 
 

@@ -51,3 +51,12 @@ def test_only_the_probes_are_recorded():
     for _ in range(20):
         choice.run(lambda i: i, 4, 2)
     assert sorted(len(v) for v in choice.times.values()) == [2, 2]
+
+
+def test_the_other_setting_is_probed_again_and_can_win():
+    choice = ThreadChoice(probes=2, reprobe_every=8)
+    choice.times = {1: [1.0, 1.0], 2: [2.0, 2.0]}
+    seen = [choice.choose(2) for _ in range(16)]
+    assert seen.count(2) == 2 and seen[7] == seen[15] == 2     # every 8th call
+    choice.times[2] = [2.0, 0.5]                    # the pool got faster meanwhile
+    assert choice.choose(2) == 2
