@@ -8,7 +8,9 @@ in a fresh subprocess under a time and memory cap; it records set-up (layer cons
 forward and backward time (medians of ``--reps`` runs, batch ``--batch``), peak RSS, and for
 our methods the gradient's agreement with the exact KKT mode.  The bare solver (Clarabel
 called directly on the same forward problems, and on the ghost problems of the backward
-pass) is timed in the same run: ratios to these floors show the layer's own overhead.
+pass) is timed in the same run: ratios to these floors show the layer's own overhead.  The
+``ffo`` row's ratios are paired: the ``bare`` process alternates one step of the layer with
+the floors, repetition by repetition, and reports the median per-repetition ratio.
 
     python -m benchmarks.dfl --n 100 500 1000 --learn q all --out docs/benchmarks
 
