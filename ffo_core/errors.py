@@ -71,7 +71,12 @@ class SolverError(FFOError):
 
 
 class GhostProblemError(SolverError):
-    """The ghost (active-set-reduced, perturbed) problem of the backward pass failed."""
+    """The ghost (active-set-reduced, perturbed) problem of the backward pass failed.
+
+    ``delta``: the perturbation the failing ghost was solved with, when known (the
+    backward pass adds it, and it appears in the message)."""
+
+    delta: float | None = None
 
 
 class GradientHealthWarning(UserWarning):

@@ -386,20 +386,29 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     source = source if source is not None else GhostSource.of(h, e)
     ghost = build_ghost(g, source.h, source.e, active, source.stacked)
 
-    upper = solve_ghost(backend, g, h, e, active, ghost, delta * c)
+    def ghost_at(step: float):
+        try:
+            return solve_ghost(backend, g, h, e, active, ghost, step * c)
+        except GhostProblemError as exc:
+            if exc.delta is None:               # say which step failed
+                exc.delta = abs(step)
+                exc.args = (f"{exc.args[0] if exc.args else exc} (delta={abs(step):.3g})",)
+            raise
+
+    upper = ghost_at(delta)
     for _ in range(2):      # curved blocks: keep the step inside their linear range
         moved = curved_step(h, active, sol, upper)
         if moved <= options.max_curved_step or options.delta is not None:
             break
         delta *= options.max_curved_step / moved
-        upper = solve_ghost(backend, g, h, e, active, ghost, delta * c)
+        upper = ghost_at(delta)
     forward = (y, nu, np.where(active.ghost_rows, lam, 0.0))
     fallback, base_error = False, None
     if not central and options.base_check is not None:
         base_error = base_point_error(source, sol, active, upper[0], delta * c)
         fallback = central = base_error > options.base_check
     if central:
-        lower = solve_ghost(backend, g, h, e, active, ghost, -delta * c)
+        lower = ghost_at(-delta)
         direction = tuple((u - w) / (2 * delta) for u, w in zip(upper, lower))
         base = tuple((u + w) / 2 for u, w in zip(upper, lower))
     else:

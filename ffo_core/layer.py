@@ -447,7 +447,8 @@ class FFOLayer(torch.nn.Module):
         tried = [f"delta chosen by default: {first}"]
         last: SolverError = first
         if self.ghost_fallback.startswith("smaller-delta"):
-            d0 = self._first_delta(h, sol, c)
+            # from the step that failed (it may have been shrunk for a curved cone)
+            d0 = first.delta if first.delta is not None else self._first_delta(h, sol, c)
             for k in (1, 2):
                 delta = d0 / 10.0 ** k
                 try:

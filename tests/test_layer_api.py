@@ -110,8 +110,9 @@ def test_lp_with_non_unique_solution_raises_clear_error():
     prob = cp.Problem(cp.Minimize(c @ y), [cp.sum(y) >= 1, y >= 0])
     cv = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
     (sol,) = FFOLayer(prob, [c], [y])(cv)
-    with pytest.raises(GhostProblemError, match="quadratic regulariser"):
+    with pytest.raises(GhostProblemError, match="quadratic regulariser") as info:
         (sol * torch.tensor([1.0, -1.0], dtype=torch.float64)).sum().backward()
+    assert info.value.delta > 0 and f"delta={info.value.delta:.3g}" in str(info.value)
 
 
 def test_large_sparse_problem_builds_in_proportion_to_nonzeros():
