@@ -943,22 +943,23 @@ def _property(family_name: str, profile):
     return check
 
 
-@pytest.mark.parametrize("family_name", list(FAMILIES))
-def test_random_feasible_problems_typed_errors_and_kkt_agreement(family_name):
+def _check_family(family_name: str, profile) -> None:
     OUTCOMES.pop(family_name, None)
-    _property(family_name, FAST)()
+    _property(family_name, profile)()
     counts = OUTCOMES[family_name]
     # feasible, strictly complementary by construction: most examples must really compare
     assert counts["ok"] >= 0.75 * sum(counts.values()), counts
 
 
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+def test_random_feasible_problems_typed_errors_and_kkt_agreement(family_name):
+    _check_family(family_name, FAST)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family_name", list(FAMILIES))
 def test_random_feasible_problems_slow_profile(family_name):
-    OUTCOMES.pop(family_name, None)
-    _property(family_name, SLOW)()
-    counts = OUTCOMES[family_name]
-    assert counts["ok"] >= 0.75 * sum(counts.values()), counts
+    _check_family(family_name, SLOW)
 
 
 @settings(FAST, max_examples=40)
