@@ -181,14 +181,13 @@ def solution_problem(sol: Any, n: int | None = None, p: int | None = None,
 
 def check_solutions(solutions: Sequence[Solution], backend: Backend,
                     inaccurate: str = "warn", what: str = "forward") -> None:
-    """Raise :class:`SolverError` naming the first sample without a usable solution."""
+    """Raise :class:`SolverError` naming the first sample without a usable solution.
+
+    ``solutions`` come from :class:`GuardedBackend`, which has already refused malformed
+    answers (:func:`solution_problem`); this applies the status and ``inaccurate``
+    policies."""
     name = backend_name(backend)
     for i, sol in enumerate(solutions):
-        bad = solution_problem(sol)
-        if bad is not None:
-            raise SolverError(f"{what} solve of batch index {i}: solver {name} returned "
-                              f"{bad}", status=getattr(sol, "status", None),
-                              batch_index=i, backend=name)
         if not sol.status.has_solution:
             meaning = {
                 Status.INFEASIBLE: "the problem is infeasible",
