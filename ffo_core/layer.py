@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .active_set import classify
 from .batch import (INACCURATE_POLICIES, BatchRunner, GuardedBackend, backend_name,
                     check_solutions)
 from .param_map import BoundData, bind
@@ -37,7 +36,7 @@ from .compile import CompiledProblem, Slot, compile_problem
 from .config import check_choice
 from .errors import (ConfigError, GhostProblemError, GradientHealthWarning,
                      InvalidGradientError, InvalidParameterError, ProblemError, SolverError)
-from .ffo_backward import DataGradient, FFOOptions, choose_delta, ffo_backward
+from .ffo_backward import DataGradient, FFOOptions, ffo_backward
 from .kkt_backward import kkt_backward
 from .protocol import Backend, Solution, Status
 from .registry import available_backends, get_backend
@@ -412,25 +411,18 @@ class FFOLayer(torch.nn.Module):
         return sols
 
     # -- the backward computation, in NumPy -----------------------------------------------
-    def _first_delta(self, h, sol: Solution, c: np.ndarray) -> float:
-        """The delta :func:`ffo_backward` starts from for this sample (before its own
-        curvature-limited shrinking), the base of the ``smaller-delta`` fallback."""
-        opts = self.options
-        if opts.delta is not None:
-            return float(opts.delta)
-        active = classify(sol, h.dims, tau_s=opts.tau_s, tau_lam=opts.tau_lam)
-        central = opts.central if opts.central is not None else bool(active.kept.any())
-        return float(choose_delta(sol.primal, c, sol.info.accuracy,
-                                  replace(opts, central=central), bool(active.kept.any())))
-
     def _ffo_once(self, i: int, g, h, e, sol: Solution, c: np.ndarray,
                   options: FFOOptions, source=None) -> DataGradient:
         guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
         grad = ffo_backward(guard, g, h, e, sol, c, options, source=source)
         if not grad.is_finite():
-            raise GhostProblemError("the first-order gradient is not finite (the ghost "
-                                    "solution is too far from the forward one for this "
-                                    "delta)", batch_index=i, backend=self.backend.name)
+            delta = grad.diagnostics["delta"]
+            exc = GhostProblemError(f"the first-order gradient is not finite (the ghost "
+                                    f"solution is too far from the forward one for this "
+                                    f"delta) (delta={delta:.3g})", batch_index=i,
+                                    backend=self.backend.name)
+            exc.delta = delta
+            raise exc
         return grad
 
     def _ffo_with_fallback(self, i: int, g, h, e, sol: Solution,
@@ -448,9 +440,8 @@ class FFOLayer(torch.nn.Module):
         last: SolverError = first
         if self.ghost_fallback.startswith("smaller-delta"):
             # from the step that failed (it may have been shrunk for a curved cone)
-            d0 = first.delta if first.delta is not None else self._first_delta(h, sol, c)
             for k in (1, 2):
-                delta = d0 / 10.0 ** k
+                delta = first.delta / 10.0 ** k
                 try:
                     grad = self._ffo_once(i, g, h, e, sol, c,
                                           replace(self.options, delta=delta), source)
