@@ -366,23 +366,21 @@ class BoundData:
         """
         cp_, split = self.compiled, self.split
         out: list = [None] * len(cp_.params)
-        shared = [k for k, b in enumerate(self.batched) if not b]
-        if shared:
-            grad_u = split.adj_u @ gradient_on(cp_, split.reach_u, grads)
+
+        def deal(flat: np.ndarray, flags: bool) -> None:
+            """Hand the last axis of ``flat`` out to the parameters with batching ``flags``,
+            in order (``split_of`` stacked their columns that way)."""
             start = 0
-            for k in shared:
-                size = cp_.params[k].size
-                out[k] = grad_u[start:start + size]
-                start += size
-        batched = [k for k, b in enumerate(self.batched) if b]
-        if batched:
-            grad_b = np.stack([split.adj_b @ gradient_on(cp_, split.reach_b, [g])
-                               for g in grads])
-            start = 0
-            for k in batched:
-                size = cp_.params[k].size
-                out[k] = grad_b[:, start:start + size]
-                start += size
+            for k, b in enumerate(self.batched):
+                if b == flags:
+                    size = cp_.params[k].size
+                    out[k] = flat[..., start:start + size]
+                    start += size
+        if not all(self.batched):
+            deal(split.adj_u @ gradient_on(cp_, split.reach_u, grads), False)
+        if any(self.batched):
+            deal(np.stack([split.adj_b @ gradient_on(cp_, split.reach_b, [g])
+                           for g in grads]), True)
         return out
 
 
