@@ -100,9 +100,9 @@ class FFOOptions:
               0.3 and every sample needed the second solve.
     max_curved_step: on curved cone blocks the ghost solution is nonlinear in delta and the
               truncation error grows with how far the step moves each kept block's slack
-              and multiplier relative to their size.  If the ``+delta`` ghost moves some kept block by more
-              than this fraction, delta is shrunk to match and the ghost re-solved (at most
-              twice).  Measured on a badly scaled SOCP: relative step 1e-1 -> gradient
+              and multiplier relative to their size.  If the ``+delta`` ghost moves some
+              kept block by more than this fraction, delta is shrunk to match and the ghost
+              re-solved (at most twice).  Measured on a badly scaled SOCP: relative step 1e-1 -> gradient
               error 0.14; 1e-3 -> 6e-6.
     """
 
@@ -321,7 +321,7 @@ def base_point_error(source: GhostSource, sol: Solution, active: ActiveSet,
     if locked.any():
         dist = np.abs(sol.slack[locked]) / np.maximum(norms[locked], _TINY)
         primal = float(dist.max()) / max(np.linalg.norm(y_up - sol.primal), _TINY)
-    leftover = np.where(locked | active.kept, 0.0, sol.ineq_dual)   # dropped rows' lam*
+    leftover = np.where(active.ghost_rows, 0.0, sol.ineq_dual)   # dropped rows' lam*
     scale = np.linalg.norm(step)
     if float(np.abs(leftover) @ norms) / scale <= primal:
         return primal

@@ -1,9 +1,11 @@
 """Small sparse-matrix operations of the engine and the adapters, on CSC matrices.
 
-Each does one pass over the stored entries and copies only when it must; scipy's general
-routines (``triu``, fancy indexing, ``vstack``) validate and convert more than these
-hot paths need (a per-sample cost of tens of microseconds each in the backward pass).
-Results may share arrays with their inputs: never write to them.
+Each copies only when it must (``prune`` and ``stack_rows`` return their input when it is
+already what is asked, ``select_rows`` and ``stack_rows`` skip scipy for empty results),
+and ``upper_triangle`` is one pass over a CSC matrix where ``scipy.sparse.triu`` goes
+through COO: these run once or twice per sample in the backward pass, where a scipy call
+costs tens of microseconds.  Results may share arrays with their inputs: never write to
+them.
 """
 from __future__ import annotations
 
