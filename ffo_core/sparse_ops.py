@@ -16,8 +16,10 @@ import scipy.sparse as sp
 
 
 def prune(M):
-    """Sparse ``M`` as CSC without stored zeros; a copy only when something is dropped or
-    converted (the inputs of ``solve`` stay untouched: never write to the result).
+    """Sparse ``M`` as canonical CSC (sorted indices, no duplicates) without stored zeros;
+    a copy only when something is dropped, merged or converted (the inputs of ``solve``
+    stay untouched: never write to the result).  So :func:`upper_triangle`, built on it,
+    hands solvers sorted columns (SCS needs them).
 
     The engine sends matrices on their *structural* pattern (every entry a parameter can
     reach); a learnable matrix that is numerically sparse now (an identity, a box) would
@@ -26,6 +28,7 @@ def prune(M):
     if sp.isspmatrix_csc(M) and M.has_canonical_format and np.all(M.data):
         return M
     out = M.tocsc(copy=True)
+    out.sum_duplicates()                   # sorts the indices too
     out.eliminate_zeros()
     return out
 

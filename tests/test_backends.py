@@ -895,3 +895,10 @@ def test_upper_triangle_and_prune_match_scipy():
     assert clean is not M and np.all(clean.data) and np.array_equal(clean.toarray(),
                                                                    M.toarray())
     assert prune(clean) is clean                      # nothing to drop: no copy
+    # unsorted indices with a duplicate: merged and sorted, so solvers get sorted columns
+    W = sp.csc_matrix((np.array([1.0, 2.0, 0.5, 3.0]), np.array([1, 0, 1, 0]),
+                       np.array([0, 3, 4])), shape=(2, 2))
+    for out in (prune(W), upper_triangle(W)):
+        assert out.has_canonical_format
+    assert np.array_equal(prune(W).toarray(), W.toarray())
+    assert np.array_equal(upper_triangle(W).toarray(), np.triu(W.toarray()))
