@@ -72,6 +72,19 @@ class Slot:
     size: int
 
 
+def flatten_f(values: np.ndarray, batch: int, shape: tuple[int, ...]) -> np.ndarray:
+    """(batch, *shape) -> (batch, size), each sample flattened column-major (CVXPY's order,
+    the order of a :class:`Slot`'s entries)."""
+    nd = len(shape)
+    return np.transpose(values, (0, *range(nd, 0, -1))).reshape(batch, -1)
+
+
+def unflatten_f(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`flatten_f`: (batch, size) -> (batch, *shape), a view."""
+    nd = len(shape)
+    return flat.reshape((flat.shape[0],) + shape[::-1]).transpose((0, *range(nd, 0, -1)))
+
+
 @dataclass
 class CompiledProblem:
     """Everything the layer needs from CVXPY, computed once per layer."""

@@ -32,7 +32,7 @@ import torch
 from .batch import (INACCURATE_POLICIES, BatchRunner, GuardedBackend, backend_name,
                     check_solutions)
 from .param_map import BoundData, bind
-from .compile import CompiledProblem, Slot, compile_problem
+from .compile import CompiledProblem, Slot, compile_problem, flatten_f, unflatten_f
 from .config import check_choice
 from .errors import (ConfigError, GhostProblemError, GradientHealthWarning,
                      InvalidGradientError, InvalidParameterError, ProblemError, SolverError)
@@ -48,18 +48,6 @@ GHOST_FALLBACKS = ("raise", "smaller-delta", "kkt", "smaller-delta+kkt")
 HEALTH_LOG_SIZE = 1000
 
 logger = logging.getLogger("ffo_core")
-
-
-def _flatten_f(values: np.ndarray, batch: int, shape: tuple[int, ...]) -> np.ndarray:
-    """(batch, *shape) -> (batch, size), each sample flattened column-major (CVXPY's order)."""
-    nd = len(shape)
-    return np.transpose(values, (0, *range(nd, 0, -1))).reshape(batch, -1)
-
-
-def _unflatten_f(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Inverse of :func:`_flatten_f`: (batch, size) -> (batch, *shape)."""
-    nd = len(shape)
-    return flat.reshape((flat.shape[0],) + shape[::-1]).transpose((0, *range(nd, 0, -1)))
 
 
 @dataclass
@@ -383,11 +371,7 @@ class FFOLayer(torch.nn.Module):
         """The batch's problem data (:mod:`ffo_core.param_map`): shared parameters are
         mapped once, each sample's data vector is formed when it is solved."""
         cp_ = self.compiled
-        values = []
-        for slot, t, batched in zip(cp_.params, tensors, info.batched):
-            v = t.detach().to("cpu", torch.float64).numpy()
-            values.append(_flatten_f(v, info.size, slot.shape) if batched
-                          else _flatten_f(v[None], 1, slot.shape)[0])
+        values = [t.detach().to("cpu", torch.float64).numpy() for t in tensors]
         bound = bind(cp_, values, info.batched, info.size)
         bad = bound.overflowing_samples()
         if bad:
@@ -582,7 +566,7 @@ class _FFOFunction(torch.autograd.Function):
         X = np.stack([s.primal for s in sols])
         outs = []
         for slot in cp_.variables:
-            value = _unflatten_f(X[:, slot.offset:slot.offset + slot.size], slot.shape)
+            value = unflatten_f(X[:, slot.offset:slot.offset + slot.size], slot.shape)
             if not info.any_batched:
                 value = value[0]
             outs.append(torch.as_tensor(np.ascontiguousarray(value),
@@ -611,27 +595,25 @@ class _FFOFunction(torch.autograd.Function):
             g = g.to("cpu", torch.float64).numpy()
             if not info.any_batched:
                 g = g[None]
-            c[:, slot.offset:slot.offset + slot.size] = _flatten_f(g, info.size, slot.shape)
+            c[:, slot.offset:slot.offset + slot.size] = flatten_f(g, info.size, slot.shape)
         d_data = layer.data_gradients(ctx.bound, ctx.sols, c)
         per_param = ctx.bound.parameter_gradients(d_data)   # M' d_data, shared ones summed
         grads = []
-        for slot, batched, need, dtype, flat in zip(cp_.params, info.batched, needs,
-                                                    info.param_dtypes, per_param):
+        for slot, batched, need, dtype, value in zip(cp_.params, info.batched, needs,
+                                                     info.param_dtypes, per_param):
             if not need:
                 grads.append(None)
                 continue
-            flat = flat if batched else flat[None]
             # a NaN or Inf entry makes the sum non-finite (one pass, no temporary); only
             # then (or on an overflowing sum) are the entries checked one by one
-            if not np.isfinite(flat.sum()) and not np.all(np.isfinite(flat)):
-                bad = np.flatnonzero(~np.isfinite(flat).all(axis=1)).tolist()
+            if not np.isfinite(value.sum()) and not np.all(np.isfinite(value)):
+                rows = value.reshape(value.shape[0] if batched else 1, -1)
+                bad = np.flatnonzero(~np.isfinite(rows).all(axis=1)).tolist()
                 where = f"batch index {bad[:5]}" if batched else "summed over the batch"
                 raise SolverError(f"the gradient of parameter {slot.name} overflows (Inf) "
                                   f"({where})", batch_index=bad[0] if batched else None,
                                   backend=layer.backend.name)
-            value = _unflatten_f(flat, slot.shape)
-            value = value if batched else value[0]
-            # column-major strides as they are: autograd lays the gradient out like its
-            # parameter where it must (copying a 2M-entry matrix here took 7 ms)
+            # strides as they come (row-major for a dense matrix parameter, see
+            # param_map's runs): autograd copies only what its parameter's layout needs
             grads.append(torch.as_tensor(value, dtype=dtype, device=info.device))
         return (None, None) + tuple(grads)

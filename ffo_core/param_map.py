@@ -36,7 +36,7 @@ import scipy.sparse as sp
 
 from .ffo_backward import GhostSource
 from .sparse_ops import prune, row_norms, stack_rows, upper_triangle
-from .compile import CompiledProblem
+from .compile import CompiledProblem, flatten_f, unflatten_f
 from .protocol import ConeConstraints, Equalities
 
 #: The data sections in the compiled order.
@@ -101,6 +101,14 @@ class _DenseBlock:
             flat = None
         return cls(slice(r0, r1), slice(c0, c1), flat)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows.stop - self.rows.start, self.cols.stop - self.cols.start)
+
+    def matrix(self, U: np.ndarray, V: np.ndarray) -> np.ndarray:
+        """The block ``(U V')[rows, cols]``, row-major (a fresh array)."""
+        return U[self.rows] @ V[self.cols].T
+
     def values(self, U: np.ndarray, V: np.ndarray, out: np.ndarray | None = None
                ) -> np.ndarray:
         """The entries' values; with ``out`` (1-D, contiguous) written there, and the
@@ -124,13 +132,35 @@ def _dense(shape: tuple[int, int], k: int) -> bool:
     return full <= 4 * k and full <= 1 << 24
 
 
+@dataclass(frozen=True)
+class _Run:
+    """A shared parameter whose columns of ``M`` are the identity onto consecutive data
+    rows (a dense matrix or vector parameter that *is* its data entries, as every one of
+    the paper's setup is): its ``size`` entries, column-major, are data rows ``rows``.
+
+    The forward adds its values to those rows in place (no product with ``M``, no
+    column-major copy: the transposed view is read once); the backward reads its gradient
+    from the summed data gradient at positions ``pos`` of ``reach_u.rows``.  ``block``
+    names the matrix section when the rows are one whole :class:`_DenseBlock` of the
+    parameter's shape that no other shared parameter reaches: then its gradient is the
+    product ``U[rows] V[cols]'`` computed straight in the parameter's row-major layout
+    (torch would otherwise copy a column-major gradient into it: 4-5 ms for 2000 x 1000)."""
+
+    param: int
+    rows: slice
+    pos: slice
+    block: str | None
+
+
 @dataclass
 class Split:
-    """``M``'s columns split into shared (``u``) and batched (``b``) parameters."""
+    """``M``'s columns split into shared (``u``) and batched (``b``) parameters; the
+    shared ones further into :class:`_Run` s and the rest."""
 
-    M_u: sp.csc_matrix                 # shared parameters' columns + the constant (last)
-    adj_u: "_Adjoint | None"            # M_u[reach_u.rows, :-1]': data rows -> shared grads
-    reach_u: _Reach
+    M_u: sp.csc_matrix                 # the other shared parameters' columns + the constant
+    adj_u: "_Adjoint | None"            # M_u[reach_u.rows, :-1]': data rows -> their grads
+    reach_u: _Reach                    # the rows every shared parameter reaches (runs too)
+    runs: tuple[_Run, ...]
     M_b_rows: sp.csr_matrix | None     # M_b[reach_b.rows]: theta_b -> the rows it reaches
     adj_b: "_Adjoint | None"            # M_b_rows'
     reach_b: _Reach | None
@@ -150,26 +180,55 @@ def split_of(compiled: CompiledProblem, batched: tuple[bool, ...]) -> Split:
     M = compiled.M_csc
     params = compiled.params
 
-    def columns(flags):
-        cols = [np.arange(s.offset, s.offset + s.size) for s, b in zip(params, batched)
-                if b == flags]
+    def columns(ks):
+        cols = [np.arange(params[k].offset, params[k].offset + params[k].size) for k in ks]
         return np.concatenate(cols).astype(np.int64) if cols else np.zeros(0, np.int64)
-    cols_u = columns(False)
-    M_u = M[:, np.r_[cols_u, compiled.const_col].astype(np.int64)]
-    shared = M_u[:, :-1].tocsr()
+    shared_ks = [k for k, b in enumerate(batched) if not b]
+    first_rows = {k: r for k in shared_ks
+                  if (r := _identity_rows(M[:, columns([k])])) is not None}
+    rest = [k for k in shared_ks if k not in first_rows]
+    shared = M[:, columns(shared_ks)].tocsr()
     rows_u = np.flatnonzero(np.diff(shared.indptr))
-    adj_u = _Adjoint(shared[rows_u].T.tocsr()) if cols_u.size else None
-    cols_b = columns(True)
+    reach_u = _Reach.of(compiled, rows_u)
+    M_u = M[:, np.r_[columns(rest), compiled.const_col].astype(np.int64)]
+    adj_u = _Adjoint(M_u[:, :-1].tocsr()[rows_u].T.tocsr()) if rest else None
+    row_nnz = np.diff(shared.indptr)
+    runs = []
+    for k, r0 in first_rows.items():
+        size = params[k].size
+        p0 = int(np.searchsorted(rows_u, r0))
+        pos = slice(p0, p0 + size)
+        block = None
+        for name, how in reach_u.entries.items():
+            if (reach_u.pos[name] == pos and isinstance(how, _DenseBlock)
+                    and how.flat is None and how.shape == params[k].shape
+                    and np.all(row_nnz[r0:r0 + size] == 1)):     # no other parameter
+                block = name
+        runs.append(_Run(k, slice(r0, r0 + size), pos, block))
+    cols_b = columns([k for k, b in enumerate(batched) if b])
     if cols_b.size:
         M_b = M[:, cols_b].tocsr()
         rows_b = np.flatnonzero(np.diff(M_b.indptr))
         M_b_rows = M_b[rows_b]
-        split = Split(M_u, adj_u, _Reach.of(compiled, rows_u), M_b_rows,
+        split = Split(M_u, adj_u, reach_u, tuple(runs), M_b_rows,
                       _Adjoint(M_b_rows.T.tocsr()), _Reach.of(compiled, rows_b))
     else:
-        split = Split(M_u, adj_u, _Reach.of(compiled, rows_u), None, None, None)
+        split = Split(M_u, adj_u, reach_u, tuple(runs), None, None, None)
     cache[batched] = split
     return split
+
+
+def _identity_rows(cols: sp.csc_matrix) -> int | None:
+    """The first data row if column ``j`` of ``cols`` is the unit vector of data row
+    ``first + j`` (every ``j``), else ``None``."""
+    k = cols.shape[1]
+    if k == 0 or cols.nnz != k or not np.array_equal(cols.indptr, np.arange(k + 1)):
+        return None
+    first = int(cols.indices[0])
+    if not (np.array_equal(cols.indices, np.arange(first, first + k))
+            and np.all(cols.data == 1.0)):
+        return None
+    return first
 
 
 class _Adjoint:
@@ -230,12 +289,16 @@ def _vector(name: str, grad) -> np.ndarray:
     return {"q": grad.q, "b": grad.b, "h": grad.h}[name]
 
 
-def gradient_on(compiled: CompiledProblem, reach: _Reach, grads: list) -> np.ndarray:
-    """``sum_i d data_i`` on the data rows of ``reach`` (in ``reach.rows`` order)."""
+def gradient_on(compiled: CompiledProblem, reach: _Reach, grads: list,
+                skip: frozenset = frozenset()) -> np.ndarray:
+    """``sum_i d data_i`` on the data rows of ``reach`` (in ``reach.rows`` order); the
+    sections in ``skip`` are left zero (their caller forms them another way)."""
     out = np.zeros(reach.rows.size)
     low = [g for g in grads if g.low_rank]
     plain = [g for g in grads if not g.low_rank]
     for name, local in reach.local.items():
+        if name in skip:
+            continue
         pos = reach.pos[name]
         if name in _MATRIX:
             if low:
@@ -260,16 +323,24 @@ class BoundData:
                  batched: list[bool], batch: int) -> None:
         self.compiled, self.batch = compiled, batch
         self.batched = tuple(bool(b) for b in batched)
-        self.split = split_of(compiled, self.batched)
-        theta_u = np.concatenate([v.reshape(-1) for v, b in zip(values, batched) if not b]
-                                 + [[1.0]])
-        self.base = self.split.M_u @ theta_u
+        self.split = split = split_of(compiled, self.batched)
+        params = compiled.params
+        run_of = {run.param: run for run in split.runs}
+        theta_u = np.concatenate(
+            [flatten_f(np.asarray(v)[None], 1, params[k].shape)[0]
+             for k, (v, b) in enumerate(zip(values, batched)) if not b and k not in run_of]
+            + [[1.0]])
+        self.base = split.M_u @ theta_u
+        for k, run in run_of.items():       # base[run] += vec_F(value), in one pass
+            v = np.asarray(values[k])
+            rows = self.base[run.rows].reshape(v.shape[::-1])
+            np.add(rows, v.T, out=rows)
         self._per_call: dict = {}
         self._lock = threading.Lock()
-        if self.split.M_b_rows is not None:
-            self.theta_b = np.concatenate([v.reshape(batch, -1)
-                                           for v, b in zip(values, batched) if b],
-                                          axis=1).T.copy()        # (n_b, batch)
+        if split.M_b_rows is not None:
+            self.theta_b = np.concatenate([flatten_f(np.asarray(v), batch, params[k].shape)
+                                           for k, (v, b) in enumerate(zip(values, batched))
+                                           if b], axis=1).T.copy()        # (n_b, batch)
         else:
             self.theta_b = None
 
@@ -357,37 +428,60 @@ class BoundData:
             return self._per_call[key]
 
     def parameter_gradients(self, grads: list) -> list[np.ndarray]:
-        """Per parameter (in the compiled order): ``(size,)`` for a shared parameter (summed
-        over samples), ``(batch, size)`` for a batched one; flat column-major values.
+        """Per parameter (in the compiled order): an array of the parameter's shape for a
+        shared parameter (summed over samples), ``(batch, *shape)`` for a batched one.
+        Strides vary: a :class:`_Run` on a whole dense block comes row-major, the others
+        are column-major views of one flat vector.
 
         ``grads[i]`` is sample ``i``'s :class:`~ffo_core.ffo_backward.DataGradient`.  Only
         the data rows the parameters reach are evaluated: the shared ones as one low-rank
         sum over the batch, the batched ones per sample.
         """
         cp_, split = self.compiled, self.split
-        out: list = [None] * len(cp_.params)
+        params = cp_.params
+        out: list = [None] * len(params)
 
-        def deal(flat: np.ndarray, flags: bool) -> None:
-            """Hand the last axis of ``flat`` out to the parameters with batching ``flags``,
-            in order (``split_of`` stacked their columns that way)."""
-            start = 0
-            for k, b in enumerate(self.batched):
-                if b == flags:
-                    size = cp_.params[k].size
-                    out[k] = flat[..., start:start + size]
-                    start += size
-        if not all(self.batched):
-            deal(split.adj_u @ gradient_on(cp_, split.reach_u, grads), False)
+        def deal(flat: np.ndarray, ks: list[int]) -> None:
+            """Hand the last axis of ``flat`` out to parameters ``ks``, in order
+            (``split_of`` stacked their columns that way), column-major."""
+            rows, start = flat.reshape(-1, flat.shape[-1]), 0     # (batch or 1, total)
+            for k in ks:
+                value = unflatten_f(rows[:, start:start + params[k].size], params[k].shape)
+                out[k] = value if flat.ndim == 2 else value[0]
+                start += params[k].size
+        shared = [k for k, b in enumerate(self.batched) if not b]
+        if shared:
+            blocks = {run.block: run for run in split.runs if run.block is not None}
+            summed = gradient_on(cp_, split.reach_u, grads, skip=frozenset(blocks))
+            run_ks = {run.param for run in split.runs}
+            if split.adj_u is not None:
+                deal(split.adj_u @ summed, [k for k in shared if k not in run_ks])
+            for run in split.runs:
+                if run.block is None:
+                    deal(summed[run.pos], [run.param])
+                else:
+                    out[run.param] = self._block_gradient(run, grads)
         if any(self.batched):
             deal(np.stack([split.adj_b @ gradient_on(cp_, split.reach_b, [g])
-                           for g in grads]), True)
+                           for g in grads]), [k for k, b in enumerate(self.batched) if b])
         return out
 
-
+    def _block_gradient(self, run: _Run, grads: list) -> np.ndarray:
+        """``sum_i d data_i`` on ``run``'s whole dense block, row-major: one product of
+        the batch's low-rank factors, plus any explicit (not low-rank) gradients."""
+        name = run.block
+        how = self.split.reach_u.entries[name]
+        low = [g for g in grads if g.low_rank]
+        total = how.matrix(*_factors(name, low)) if low else np.zeros(how.shape)
+        local = self.split.reach_u.local[name]
+        for g in grads:
+            if not g.low_rank:          # its block entries are column-major
+                total += getattr(g, name)[local].reshape(how.shape[::-1]).T
+        return total
 def bind(compiled: CompiledProblem, values: list[np.ndarray], batched: list[bool],
          batch: int) -> BoundData:
-    """``values[k]``: flat column-major parameter values, ``(size,)`` if shared or
-    ``(batch, size)`` if batched."""
+    """``values[k]``: parameter ``k``'s value, of its shape if shared or ``(batch, *shape)``
+    if batched (any strides)."""
     return BoundData(compiled, values, batched, batch)
 
 

@@ -1,36 +1,95 @@
 """The batch data map: shared parameters once, batched ones per sample, exact adjoint."""
+import cvxpy as cp
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
-from ffo_core.compile import compile_problem
+from ffo_core.compile import compile_problem, flatten_f, unflatten_f
 from ffo_core.ffo_backward import DataGradient
-from ffo_core.param_map import _Adjoint, _DenseBlock, bind, pattern_values
+from ffo_core.param_map import _Adjoint, _DenseBlock, bind, pattern_values, split_of
 from problems import random_qp
 
 
-def test_bound_data_equals_full_product_and_its_adjoint():
+def _bind_flat(cp_, flat, batched, batch):
+    """``bind`` of flat column-major values (``(size,)`` or ``(batch, size)``), which
+    ``bind`` takes in the parameters' own shapes."""
+    shaped = [unflatten_f(v if b else v[None], s.shape) for s, v, b in
+              zip(cp_.params, flat, batched)]
+    return bind(cp_, [v if b else v[0] for v, b in zip(shaped, batched)], batched, batch)
+
+
+def _flat_gradients(cp_, grads, batched, batch):
+    """``parameter_gradients``' arrays (parameter-shaped) as flat column-major ones."""
+    return [flatten_f(g, batch, s.shape) if b else flatten_f(g[None], 1, s.shape)[0]
+            for s, g, b in zip(cp_.params, grads, batched)]
+
+
+def _two_sum_problem():
+    """Parameters that are not all identity runs onto their data: ``A1 + A2`` share data
+    entries, ``2 * G3`` is scaled, ``h`` and ``q`` are identity runs on vector sections."""
+    n, m = 5, 4
+    y = cp.Variable(n)
+    A1, A2, G3 = (cp.Parameter((m, n)) for _ in range(3))
+    h, q = cp.Parameter(m), cp.Parameter(n)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y),
+                      [(A1 + A2) @ y <= h, 2 * G3 @ y == 1.0])
+    return prob, [A1, A2, G3, h, q], y
+
+
+PROBLEMS = {
+    "random_qp": (lambda: (lambda qp: (qp.problem, qp.params, qp.y))(random_qp(7, 5, 2, seed=4)),
+                  ([False, True, False, True, False, True], [False] * 6)),
+    "two_sum": (_two_sum_problem, ([False] * 5, [True, False, False, True, False],
+                                   [False, True, True, False, True])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_bound_data_equals_full_product_and_its_adjoint(name):
+    make, masks = PROBLEMS[name]
+    prob, params, y = make()
+    cp_ = compile_problem(prob, params, [y])
+    rng = np.random.default_rng(0)
+    batch = 3
+    for batched in masks:
+        values = [rng.standard_normal((batch, s.size) if b else s.size)
+                  for s, b in zip(cp_.params, batched)]
+        bound = _bind_flat(cp_, values, batched, batch)
+        theta = np.zeros((cp_.n_theta + 1, batch))
+        theta[cp_.const_col] = 1.0
+        for s, v, b in zip(cp_.params, values, batched):
+            theta[s.offset:s.offset + s.size] = v.T if b else v[:, None]
+        full = cp_.M @ theta
+        for i in range(batch):
+            assert np.allclose(bound.data(i), full[:, i], rtol=1e-13, atol=1e-13)
+        d = [rng.standard_normal(cp_.n_data) for _ in range(batch)]
+        sec = cp_.sections
+        grads = bound.parameter_gradients(
+            [DataGradient(*(v[sec[k]] for k in ("P", "q", "A", "b", "G", "h"))) for v in d])
+        ref = cp_.M.T @ np.stack(d, axis=1)
+        for s, g, b, shaped in zip(cp_.params, _flat_gradients(cp_, grads, batched, batch),
+                                   batched, grads):
+            assert shaped.shape == ((batch,) if b else ()) + s.shape
+            expect = ref[s.offset:s.offset + s.size]
+            assert np.allclose(g, expect.T if b else expect.sum(axis=1), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_runs_are_found_only_where_the_map_is_the_identity():
+    """``A1 + A2`` share their data rows (runs, but no whole block of their own); ``2 G3``
+    is no run; ``h`` and ``q`` are runs on vector sections."""
+    prob, params, y = _two_sum_problem()
+    cp_ = compile_problem(prob, params, [y])
+    runs = {r.param: r for r in split_of(cp_, (False,) * 5).runs}
+    assert 2 not in runs and {0, 1, 3, 4} <= set(runs)
+    assert runs[0].block is None and runs[1].block is None and runs[3].block is None
     qp = random_qp(7, 5, 2, seed=4)
     cp_ = compile_problem(qp.problem, qp.params, [qp.y])
-    rng = np.random.default_rng(0)
-    batch, batched = 3, [False, True, False, True, False, True]
-    values = [rng.standard_normal((batch, s.size) if b else s.size)
-              for s, b in zip(cp_.params, batched)]
-    bound = bind(cp_, values, batched, batch)
-    theta = np.zeros((cp_.n_theta + 1, batch))
-    theta[cp_.const_col] = 1.0
-    for s, v, b in zip(cp_.params, values, batched):
-        theta[s.offset:s.offset + s.size] = v.T if b else v[:, None]
-    full = cp_.M @ theta
-    for i in range(batch):
-        assert np.allclose(bound.data(i), full[:, i], rtol=1e-13, atol=1e-13)
-    d = [rng.standard_normal(cp_.n_data) for _ in range(batch)]
-    sec = cp_.sections
-    grads = bound.parameter_gradients(
-        [DataGradient(*(v[sec[k]] for k in ("P", "q", "A", "b", "G", "h"))) for v in d])
-    ref = cp_.M.T @ np.stack(d, axis=1)
-    for s, g, b in zip(cp_.params, grads, batched):
-        expect = ref[s.offset:s.offset + s.size]
-        assert np.allclose(g, expect.T if b else expect.sum(axis=1), rtol=1e-12, atol=1e-12)
+    runs = {r.param: r for r in split_of(cp_, (False,) * 6).runs}
+    # F's and A's entries interleave in the equality section (CSC order of [F -I; A 0]),
+    # so only G, alone in the cone section, is a whole block
+    assert {cp_.params[k].name: r.block for k, r in runs.items()} == \
+        {"q": None, "G": "G", "h": None, "b": None}
 
 
 def _lowrank_grads(cp_, batch, rng):
@@ -47,22 +106,32 @@ def _lowrank_grads(cp_, batch, rng):
     return grads
 
 
-def test_low_rank_sum_equals_the_explicit_pattern_sum():
+@pytest.mark.parametrize("explicit", [False, True])
+def test_low_rank_sum_equals_the_explicit_pattern_sum(explicit):
     """The shared parameters' gradient assembled as one rank-2B product (dense and
-    gathered paths) equals M' applied to the sum of the explicit pattern arrays."""
+    gathered paths, and a whole block computed row-major) equals M' applied to the sum of
+    the explicit pattern arrays; with ``explicit`` one sample's gradient is given as those
+    arrays (as the KKT fallback gives it), which is added to the product."""
     qp = random_qp(9, 6, 3, seed=7)
     cp_ = compile_problem(qp.problem, qp.params, [qp.y])
     rng = np.random.default_rng(1)
     batch = 4
+    sec = cp_.sections
     for batched in ([False] * 6, [False, True, False, True, False, True]):
         values = [rng.standard_normal((batch, s.size) if b else s.size)
                   for s, b in zip(cp_.params, batched)]
-        bound = bind(cp_, values, batched, batch)
+        bound = _bind_flat(cp_, values, batched, batch)
         grads = _lowrank_grads(cp_, batch, rng)
         assert all(g.low_rank for g in grads)
+        if explicit:
+            v = grads[1].vector()
+            grads[1] = DataGradient(*(v[sec[k]] for k in ("P", "q", "A", "b", "G", "h")))
+            assert not grads[1].low_rank
         ref = cp_.M.T @ np.stack([g.vector() for g in grads], axis=1)
         got = bound.parameter_gradients(grads)
-        for s, gv, b in zip(cp_.params, got, batched):
+        if not batched[2]:          # G: a whole block, its gradient comes row-major
+            assert got[2].flags.c_contiguous and got[2].shape == cp_.params[2].shape
+        for s, gv, b in zip(cp_.params, _flat_gradients(cp_, got, batched, batch), batched):
             expect = ref[s.offset:s.offset + s.size]
             assert np.allclose(gv, expect.T if b else expect.sum(axis=1), rtol=1e-12,
                                atol=1e-12)
@@ -124,7 +193,7 @@ def test_sample_views_equal_the_full_data():
     batched = [True, False, False, True, False, False]
     values = [rng.standard_normal((2, s.size) if b else s.size)
               for s, b in zip(cp_.params, batched)]
-    bound = bind(cp_, values, batched, 2)
+    bound = _bind_flat(cp_, values, batched, 2)
     for i in range(2):
         ref = cp_.sample(bound.data(i))
         got = bound.sample(i)
