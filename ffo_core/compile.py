@@ -58,8 +58,23 @@ class SparsePattern:
     def nnz(self) -> int:
         return self.indices.shape[0]
 
+    @functools.cached_property
+    def canonical(self) -> bool:
+        """Rows strictly increasing within every column (sorted, no duplicates)."""
+        step = np.diff(self.indices.astype(np.int64))
+        starts = self.indptr[1:-1]
+        inner = np.ones(step.size, dtype=bool)
+        inner[starts[(starts > 0) & (starts <= step.size)] - 1] = False   # column breaks
+        return bool(np.all(step[inner] > 0))
+
     def matrix(self, values: np.ndarray) -> sp.csc_matrix:
-        return sp.csc_matrix((values, self.indices, self.indptr), shape=self.shape)
+        """The CSC matrix with these entry values (arrays shared, not copied); flagged
+        canonical when the pattern is, so scipy and :func:`~ffo_core.sparse_ops.prune`
+        do not scan the indices again (3 million of them for the paper's n = 1000)."""
+        M = sp.csc_matrix((values, self.indices, self.indptr), shape=self.shape)
+        if self.canonical:
+            M.has_canonical_format = True
+        return M
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from .ffo_backward import DataGradient, FFOOptions, ffo_backward
 from .kkt_backward import kkt_backward
 from .protocol import Backend, Solution, Status
 from .registry import available_backends, get_backend
+from .tensors import check_finite
 
 BACKWARDS = ("ffo", "kkt")
 #: ``ghost_fallback`` policies (see :class:`FFOLayer`).
@@ -194,10 +195,7 @@ def _inspect_params(slots: list[Slot], tensors, rules: list[list[_ValueRule]] | 
                 f"parameter {slot.name}: expected shape {slot.shape} or "
                 f"(batch, {', '.join(map(str, slot.shape))}), got {shape}")
         values = t.detach()
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            raise InvalidParameterError(f"parameter {slot.name} contains NaN or Inf"
-                                        f"{_bad_batch_indices(~finite, batched[-1])}")
+        check_finite(slot.name, values, batched[-1])    # one pass, no mask when finite
         for rule in (rules[k] if rules else ()):
             bad = rule.bad(values)
             if bool(bad.any()):

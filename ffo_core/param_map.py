@@ -351,8 +351,8 @@ class BoundData:
     def overflowing_samples(self) -> list[int]:
         """Batch indices whose data is not finite (overflow), checked without forming the
         whole batch: the shared part once, the batched part on the rows it touches."""
-        if not np.all(np.isfinite(self.base)):
-            return list(range(self.batch))
+        if not np.isfinite(self.base.sum()) and not np.all(np.isfinite(self.base)):
+            return list(range(self.batch))       # (a sum first: one pass, no mask)
         if self.theta_b is None or self.split.M_b_rows.nnz == 0:
             return []
         rows = self.split.reach_b.rows

@@ -895,6 +895,15 @@ def test_upper_triangle_and_prune_match_scipy():
     assert clean is not M and np.all(clean.data) and np.array_equal(clean.toarray(),
                                                                    M.toarray())
     assert prune(clean) is clean                      # nothing to drop: no copy
+    # canonical input: only the nonzero entries are gathered (first, last and a whole
+    # column of zeros dropped); the input is untouched
+    Z = sp.csc_matrix(np.ones((3, 4)))
+    Z.data[[0, 4, 5, 6, 11]] = 0.0                    # column 1 all zeros (entries 3..5)
+    Z.data[3] = 0.0
+    before = Z.data.copy()
+    clean = prune(Z)
+    assert clean.has_canonical_format and np.all(clean.data)
+    assert np.array_equal(clean.toarray(), Z.toarray()) and np.array_equal(Z.data, before)
     # unsorted indices with a duplicate: merged and sorted, so solvers get sorted columns
     W = sp.csc_matrix((np.array([1.0, 2.0, 0.5, 3.0]), np.array([1, 0, 1, 0]),
                        np.array([0, 3, 4])), shape=(2, 2))

@@ -203,3 +203,15 @@ def test_sample_views_equal_the_full_data():
                     assert np.array_equal(x.toarray(), y.toarray())
                 elif isinstance(x, np.ndarray):
                     assert np.array_equal(x, y)
+
+
+def test_pattern_matrices_are_flagged_canonical_only_when_they_are():
+    """A compiled pattern (sorted rows within each column, no duplicates) hands out
+    matrices flagged canonical, so nothing rescans their indices; any other is left to
+    scipy's own check."""
+    from ffo_core.compile import SparsePattern
+    good = SparsePattern.from_rows_cols([0, 2, 1, 0, 1], [0, 0, 1, 2, 2], (3, 3))
+    assert good.canonical and good.matrix(np.arange(5.0)).has_canonical_format
+    for rows in ([2, 0, 1, 0, 1], [0, 0, 1, 0, 1]):       # unsorted; duplicated
+        bad = SparsePattern.from_rows_cols(rows, [0, 0, 1, 2, 2], (3, 3))
+        assert not bad.canonical and not bad.matrix(np.arange(5.0)).has_canonical_format
