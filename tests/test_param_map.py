@@ -186,7 +186,13 @@ def test_adjoint_skips_only_the_identity():
         assert np.array_equal(adj @ v, M @ v)
 
 
-def test_sample_views_equal_the_full_data():
+@pytest.mark.parametrize("keep", [True, False])
+def test_sample_views_equal_the_full_data(keep, monkeypatch):
+    """Per-sample protocol objects equal the full data map, whether the batch's reached
+    rows are kept from the overflow check (small batches) or formed per sample."""
+    import ffo_core.param_map as param_map
+    if not keep:
+        monkeypatch.setattr(param_map, "_KEEP_REACHED", 0)
     qp = random_qp(7, 5, 2, seed=4)
     cp_ = compile_problem(qp.problem, qp.params, [qp.y])
     rng = np.random.default_rng(3)
@@ -194,6 +200,8 @@ def test_sample_views_equal_the_full_data():
     values = [rng.standard_normal((2, s.size) if b else s.size)
               for s, b in zip(cp_.params, batched)]
     bound = _bind_flat(cp_, values, batched, 2)
+    assert bound.overflowing_samples() == []
+    assert (bound._reached_all is not None) == keep
     for i in range(2):
         ref = cp_.sample(bound.data(i))
         got = bound.sample(i)
