@@ -22,8 +22,16 @@ of ``B`` passes over the pattern.  (For the paper's setup at n = 1000, where Q a
 shared dense parameters and only q is batched, that is one pass over 3 million entries
 instead of eight, and the batched ``q`` reads no pattern at all.)
 
+Most shared parameters of real layers *are* their data entries: a dense matrix alone in
+its constraint, a vector.  Those (:class:`_Run`) skip ``M_u`` altogether: the forward adds
+their values to their data rows in place, and the backward reads their gradient off the
+summed data gradient, a whole dense block computed straight in the parameter's row-major
+layout (what torch stores; a column-major gradient would be copied by autograd).
+
 The column split depends only on which parameters are batched, so it is computed once per
-layer and batching mask (:func:`split_of`).
+layer and batching mask (:func:`split_of`).  Parameter values come in and gradients go out
+in the parameters' own shapes; internally ``theta`` is column-major, CVXPY's order
+(:func:`~ffo_core.compile.flatten_f`).
 """
 from __future__ import annotations
 
@@ -236,10 +244,10 @@ def _identity_rows(cols: sp.csc_matrix) -> int | None:
 
 
 class _Adjoint:
-    """A data-rows -> parameter-entries map ``M' v``.  Often it is the identity (every
-    parameter a dense matrix or vector whose entries *are* its data entries, in the same
-    column-major order): then it is not applied at all (3 million multiply-adds per
-    backward call for the paper's setup at n = 1000)."""
+    """A data-rows -> parameter-entries map ``M' v``.  When it is the identity it is not
+    applied at all: a batched dense parameter, or shared ones whose entries *are* their
+    data entries but interleave with other entries of their section (consecutive ones are
+    :class:`_Run` s and never reach an adjoint)."""
 
     def __init__(self, M: sp.csr_matrix) -> None:
         self.M = M
