@@ -40,7 +40,7 @@ from .ffo_backward import DataGradient, FFOOptions, ffo_backward
 from .kkt_backward import kkt_backward
 from .protocol import Backend, Solution, Status
 from .registry import available_backends, get_backend
-from .tensors import check_finite
+from .tensors import all_finite, check_finite
 
 BACKWARDS = ("ffo", "kkt")
 #: ``ghost_fallback`` policies (see :class:`FFOLayer`).
@@ -602,9 +602,7 @@ class _FFOFunction(torch.autograd.Function):
             if not need:
                 grads.append(None)
                 continue
-            # a NaN or Inf entry makes the sum non-finite (one pass, no temporary); only
-            # then (or on an overflowing sum) are the entries checked one by one
-            if not np.isfinite(value.sum()) and not np.all(np.isfinite(value)):
+            if not all_finite(value):
                 rows = value.reshape(value.shape[0] if batched else 1, -1)
                 bad = np.flatnonzero(~np.isfinite(rows).all(axis=1)).tolist()
                 where = f"batch index {bad[:5]}" if batched else "summed over the batch"

@@ -46,6 +46,7 @@ from .ffo_backward import GhostSource
 from .sparse_ops import prune, row_norms, stack_rows, upper_triangle
 from .compile import CompiledProblem, flatten_f, unflatten_f
 from .protocol import ConeConstraints, Equalities
+from .tensors import all_finite
 
 #: The data sections in the compiled order.
 SECTIONS = ("P", "q", "A", "b", "G", "h")
@@ -342,7 +343,11 @@ class BoundData:
             [flatten_f(np.asarray(v)[None], 1, params[k].shape)[0]
              for k, (v, b) in enumerate(zip(values, batched)) if not b and k not in run_of]
             + [[1.0]])
-        self.base = split.M_u @ theta_u
+        if split.M_u.shape[1] > 1:
+            self.base = split.M_u @ theta_u
+        else:           # every shared parameter is a run: the constant column alone
+            self.base = np.zeros(split.M_u.shape[0])
+            self.base[split.M_u.indices] = split.M_u.data     # (a scipy product: 50 us)
         for k, run in run_of.items():       # base[run] += vec_F(value), in one pass
             v = np.asarray(values[k])
             rows = self.base[run.rows].reshape(v.shape[::-1])
@@ -361,20 +366,27 @@ class BoundData:
         """Sample ``i``'s data on the rows batched parameters reach."""
         if self._reached_all is not None:
             return self._reached_all[:, i]
-        return self.base[self.split.reach_b.rows] + self.split.M_b_rows @ self.theta_b[:, i]
+        return self.base[self.split.reach_b.rows] + self._batched(self.theta_b[:, i])
+
+    def _batched(self, theta: np.ndarray) -> np.ndarray:
+        """``M_b_rows @ theta``; ``theta`` itself when that map is the identity (a
+        batched vector or dense matrix parameter, as nearly always)."""
+        return theta if self.split.adj_b.identity else self.split.M_b_rows @ theta
 
     def overflowing_samples(self) -> list[int]:
         """Batch indices whose data is not finite (overflow), checked without forming the
         whole batch: the shared part once, the batched part on the rows it touches (that
         part is kept for :meth:`sample` when it is small, ``_KEEP_REACHED``)."""
-        if not np.isfinite(self.base.sum()) and not np.all(np.isfinite(self.base)):
-            return list(range(self.batch))       # (a sum first: one pass, no mask)
+        if not all_finite(self.base):
+            return list(range(self.batch))
         if self.theta_b is None or self.split.M_b_rows.nnz == 0:
             return []
         rows = self.split.reach_b.rows
-        part = self.base[rows, None] + self.split.M_b_rows @ self.theta_b
+        part = self.base[rows, None] + self._batched(self.theta_b)
         if part.size <= _KEEP_REACHED:      # kept: per-sample products cost ~40 us each
             self._reached_all = part
+        if all_finite(part):
+            return []
         return np.flatnonzero(~np.isfinite(part).all(axis=0)).tolist()
 
     def data(self, i: int) -> np.ndarray:

@@ -4,6 +4,7 @@ as SciPy CSC (and gradients back onto their pattern) without a dense copy.
 Validation (:func:`check_real`, :func:`check_finite`, :func:`result_dtype`,
 :func:`common_device`) is what every layer applies to its input tensors before anything is
 solved; errors are :class:`~ffo_core.errors.InvalidParameterError` naming the argument.
+:func:`all_finite` is the NumPy check behind it, also used on mapped data and gradients.
 
 Sparse tensors (:class:`SparseEntries`, :func:`entries_to_csc`): a torch COO, CSR or CSC
 tensor, 2-D or batched 3-D, is read as its list of stored entries ``(batch, row, col,
@@ -59,14 +60,28 @@ def _stored_values(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return t, None
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in ``a``: its sum first (one pass, no mask; a NaN or Inf makes it
+    non-finite), the entries one by one only when the sum is not finite (it may just have
+    overflowed)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(a.sum()):
+            return True
+    return bool(np.all(np.isfinite(a)))
+
+
 def check_finite(name: str, t: torch.Tensor, batched: bool, what: str = "parameter") -> None:
     """Raise naming ``name`` (and the first bad batch indices) if ``t`` has NaN or Inf."""
     values, batch = _stored_values(t.detach())
     if not values.is_floating_point() or values.numel() == 0:
         return
-    low, high = torch.aminmax(values)          # one pass, no mask; NaN propagates
-    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
-        return
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        if all_finite(values.numpy()):         # 5 us where the torch ops below take
+            return                             # 110 us on a small tensor
+    else:
+        low, high = torch.aminmax(values)      # one pass, no mask; NaN propagates
+        if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+            return
     finite = torch.isfinite(values)
     where = ""
     if batched:

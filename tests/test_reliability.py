@@ -1021,3 +1021,19 @@ def test_default_delta_on_large_scale_socp():
     rel = float((grads["ffo"] - grads["kkt"]).norm() / grads["kkt"].norm())
     assert rel <= 1e-2, rel
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_finite_check_reads_every_entry_and_survives_an_overflowing_sum(dtype):
+    """The input check sums first (one pass) and looks entry by entry only when the sum is
+    not finite: a NaN or Inf anywhere is refused with its batch index, and finite values
+    whose sum overflows are accepted."""
+    from ffo_core.tensors import check_finite
+    big = torch.finfo(dtype).max / 2
+    check_finite("x", torch.full((2, 4), big, dtype=dtype), True)   # sum overflows: fine
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones((3, 4), dtype=dtype)
+        t[2, 1] = bad
+        with pytest.raises(InvalidParameterError, match=r"x contains NaN or Inf at batch "
+                                                          r"index \[2\]"):
+            check_finite("x", t, True)
