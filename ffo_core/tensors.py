@@ -89,7 +89,8 @@ def check_finite(name: str, t: torch.Tensor, batched: bool, what: str = "paramet
             bad = torch.unique(batch[~finite])
         else:
             bad = (~finite).reshape(values.shape[0], -1).any(dim=1).nonzero().flatten()
-        where = f" at batch index {bad[:5].tolist()}"
+        bad = bad.tolist()
+        where = f" at batch index {bad[:5]}" + (" (and more)" if len(bad) > 5 else "")
     raise InvalidParameterError(f"{what} {name} contains NaN or Inf{where}")
 
 

@@ -1037,3 +1037,15 @@ def test_finite_check_reads_every_entry_and_survives_an_overflowing_sum(dtype):
         with pytest.raises(InvalidParameterError, match=r"x contains NaN or Inf at batch "
                                                           r"index \[2\]"):
             check_finite("x", t, True)
+
+
+def test_finite_check_names_the_first_five_bad_samples_and_says_when_there_are_more():
+    from ffo_core.tensors import check_finite
+    t = torch.ones((8, 3), dtype=torch.float64)
+    t[1:7, 0] = float("nan")
+    with pytest.raises(InvalidParameterError,
+                       match=r"at batch index \[1, 2, 3, 4, 5\] \(and more\)$"):
+        check_finite("x", t, True)
+    t[6, 0] = 1.0
+    with pytest.raises(InvalidParameterError, match=r"at batch index \[1, 2, 3, 4, 5\]$"):
+        check_finite("x", t, True)
