@@ -52,6 +52,11 @@ Lagrangian ``L = 1/2 y'Py + q'y + nu'(Ay - b) + lam'(Gy - h)``, forward solution
    ~1e4 larger delta than ``sqrt(acc)`` would, and one ghost solve suffices where a small
    step needed the central difference's second solve to be accurate.
 
+5. **Batches** (:func:`ffo_backward_batch`, what the layers call): the steps above for every
+   sample, in three passes over the batch -- plan (steps 1, 4, and the ghost of step 2),
+   solve (the ghosts, in the layer's thread pool), finish (step 3) -- rather than sample by
+   sample.  Each sample gets exactly the result of a lone :func:`ffo_backward`.
+
 The engine maps the data gradient back to parameters with ``M.T`` (:mod:`ffo_core.layer`).
 Nothing here forms or factorises a KKT matrix or a Hessian: the only linear algebra is
 row selection and entrywise products on the data's sparsity pattern.
@@ -59,7 +64,7 @@ row selection and entrywise products on the data's sparsity pattern.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -371,51 +376,157 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     """Gradient of ``c'y*`` with respect to the sample's data, first-order only.
 
     ``source``: ``GhostSource.of(h, e)`` if the caller has it already (the layer prunes
-    and stacks matrices shared by the whole batch once per call, not once per sample)."""
+    and stacks matrices shared by the whole batch once per call, not once per sample).
+    Raises :class:`GhostProblemError` (with ``delta``) when a ghost solve fails."""
+    (out,) = ffo_backward_batch([FFOSample(backend, g, h, e, sol, c, source)], options)
+    if isinstance(out, GhostProblemError):
+        raise out
+    return out
+
+
+class FFOSample(NamedTuple):
+    """One sample of :func:`ffo_backward_batch`: the backend its ghosts go to (the layers
+    pass a per-sample guard that names the batch index), its data, forward solution and
+    upstream gradient ``c = dloss/dy``; ``source`` as in :func:`ffo_backward`."""
+
+    backend: Backend
+    g: Objective
+    h: ConeConstraints
+    e: Equalities
+    sol: Solution
+    c: np.ndarray
+    source: GhostSource | None = None
+
+
+def ffo_backward_batch(samples: Sequence[FFOSample], options: FFOOptions | None = None,
+                       run: Callable[[Callable[[int], None], int], object] | None = None
+                       ) -> list[DataGradient | GhostProblemError]:
+    """:func:`ffo_backward` of every sample, in three passes over the batch:
+
+    1. plan (:func:`_plan`): steps 1, 4 and 2's construction -- the active set, delta and
+       the ghost problem of every sample;
+    2. solve (:func:`_solve`): every sample's ghost at ``+delta`` (and ``-delta`` when the
+       difference is central), through ``run(fn, count)``, which calls ``fn(i)`` for
+       every index (the layers pass their thread pool; default: in order);
+    3. finish (:func:`_finish`): the base-point check (its fallback solve at ``-delta``
+       when it fails, rarely) and step 3.
+
+    Each sample goes through exactly the steps, in the order, of a lone call; only the
+    interleaving across samples differs.  Running one kind of step over the whole batch
+    keeps the interpreter's and the CPU's caches on that step instead of cycling through
+    a solver's set-up between each: measured on the DFL QP (n = 200, 500; batch 8, 32) the
+    backward's own time fell by 15-20%.  Memory: every sample's ghost problem is alive
+    until pass 3 (the layer splits large batches, :meth:`ffo_core.layer.FFOLayer.\
+data_gradients`).
+
+    Returns one entry per sample: its :class:`DataGradient`, or the
+    :class:`GhostProblemError` (with ``delta``) its ghost solve raised, for the caller's
+    fallback policy.  Other errors propagate.
+    """
     options = options or FFOOptions()
-    y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
-    if not np.any(c):                      # no loss through this sample: zero direction
-        return DataGradient.along(g, h, e, (y, nu, lam),
+    plans: list = [_plan(s, options) for s in samples]
+
+    def solve(i: int) -> None:
+        if isinstance(plans[i], _Ghost):
+            try:
+                _solve(plans[i], options)
+            except GhostProblemError as exc:
+                plans[i] = exc
+
+    if run is None:
+        for i in range(len(plans)):
+            solve(i)
+    else:
+        run(solve, len(plans))
+    out = []
+    for plan in plans:
+        if isinstance(plan, _Ghost):
+            try:
+                plan = _finish(plan, options)
+            except GhostProblemError as exc:
+                plan = exc
+        out.append(plan)
+    return out
+
+
+@dataclass
+class _Ghost:
+    """One sample's backward between the passes of :func:`ffo_backward_batch`."""
+
+    s: FFOSample
+    active: ActiveSet
+    central: bool                   # decided up front (curved blocks, or asked for)
+    delta: float
+    source: GhostSource
+    ghost: tuple[ConeConstraints, Equalities]
+    upper: tuple | None = None      # ghost solution (y, nu, lam) at +delta
+    lower: tuple | None = None      # ... at -delta (central differences)
+
+
+def _plan(s: FFOSample, options: FFOOptions) -> "_Ghost | DataGradient":
+    """Pass 1: steps 1 and 4, and the ghost problem of step 2; a zero gradient when
+    ``c = 0`` (no loss through this sample: nothing to solve)."""
+    y, nu, lam = s.sol.primal, s.sol.eq_dual, s.sol.ineq_dual
+    if not np.any(s.c):
+        return DataGradient.along(s.g, s.h, s.e, (y, nu, lam),
                                   (np.zeros_like(y), np.zeros_like(nu), np.zeros_like(lam)))
-    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam,
-                      rhs=h.h)
+    active = classify(s.sol, s.h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam,
+                      rhs=s.h.h)
     curved = bool(active.kept.any())
     central = options.central if options.central is not None else curved
-    delta = choose_delta(y, c, sol.info.accuracy, replace(options, central=central),
+    delta = choose_delta(y, s.c, s.sol.info.accuracy, replace(options, central=central),
                          curved)
-    source = source if source is not None else GhostSource.of(h, e)
-    ghost = build_ghost(g, source.h, source.e, active, source.stacked)
+    source = s.source if s.source is not None else GhostSource.of(s.h, s.e)
+    ghost = build_ghost(s.g, source.h, source.e, active, source.stacked)
+    return _Ghost(s, active, bool(central), delta, source, ghost)
 
-    def ghost_at(step: float):
-        try:
-            return solve_ghost(backend, g, h, e, active, ghost, step * c)
-        except GhostProblemError as exc:
-            if exc.delta is None:               # say which step failed
-                exc.delta = abs(step)
-                exc.args = (f"{exc.args[0] if exc.args else exc} (delta={abs(step):.3g})",)
-            raise
 
-    upper = ghost_at(delta)
-    for _ in range(2):      # curved blocks: keep the step inside their linear range
-        moved = curved_step(h, active, sol, upper)
+def _ghost_at(plan: _Ghost, step: float) -> tuple:
+    """The ghost solution at ``delta = step``; a failure says which step failed."""
+    s = plan.s
+    try:
+        return solve_ghost(s.backend, s.g, s.h, s.e, plan.active, plan.ghost, step * s.c)
+    except GhostProblemError as exc:
+        if exc.delta is None:
+            exc.delta = abs(step)
+            exc.args = (f"{exc.args[0] if exc.args else exc} (delta={abs(step):.3g})",)
+        raise
+
+
+def _solve(plan: _Ghost, options: FFOOptions) -> None:
+    """Pass 2: the ghost at ``+delta``, shrinking delta while it moves a curved block out
+    of its linear range (at most twice), and at ``-delta`` when central."""
+    plan.upper = _ghost_at(plan, plan.delta)
+    for _ in range(2):
+        moved = curved_step(plan.s.h, plan.active, plan.s.sol, plan.upper)
         if moved <= options.max_curved_step or options.delta is not None:
             break
-        delta *= options.max_curved_step / moved
-        upper = ghost_at(delta)
+        plan.delta *= options.max_curved_step / moved
+        plan.upper = _ghost_at(plan, plan.delta)
+    if plan.central:
+        plan.lower = _ghost_at(plan, -plan.delta)
+
+
+def _finish(plan: _Ghost, options: FFOOptions) -> DataGradient:
+    """Pass 3: the base-point check of a one-sided difference (central at ``-delta`` when
+    the forward point is not trusted), then step 3."""
+    s, active, delta = plan.s, plan.active, plan.delta
+    y, nu, lam = s.sol.primal, s.sol.eq_dual, s.sol.ineq_dual
     forward = (y, nu, np.where(active.ghost_rows, lam, 0.0))
     fallback, base_error = False, None
-    if not central and options.base_check is not None:
-        base_error = base_point_error(source, sol, active, upper[0], delta * c)
-        fallback = central = base_error > options.base_check
-    if central:
-        lower = ghost_at(-delta)
-        direction = tuple((u - w) / (2 * delta) for u, w in zip(upper, lower))
-        base = tuple((u + w) / 2 for u, w in zip(upper, lower))
+    if not plan.central and options.base_check is not None:
+        base_error = base_point_error(plan.source, s.sol, active, plan.upper[0], delta * s.c)
+        fallback = base_error > options.base_check
+        if fallback:
+            plan.lower = _ghost_at(plan, -delta)
+    if plan.lower is not None:
+        direction = tuple((u - w) / (2 * delta) for u, w in zip(plan.upper, plan.lower))
+        base = tuple((u + w) / 2 for u, w in zip(plan.upper, plan.lower))
     else:
-        direction = tuple((u - f) / delta for u, f in zip(upper, forward))
+        direction = tuple((u - f) / delta for u, f in zip(plan.upper, forward))
         base = forward
-    grad = lagrangian_gradient_derivative(g, h, e, base, direction)
-    grad.diagnostics = {"delta": delta, "central": bool(central),
+    grad = lagrangian_gradient_derivative(s.g, s.h, s.e, base, direction)
+    grad.diagnostics = {"delta": delta, "central": plan.lower is not None,
                         "locked": int(active.locked.sum()), "kept": int(active.kept.sum()),
                         "weak": int(active.weak.sum()),
                         "weak_blocks": int(np.asarray(active.weak_blocks).sum()),
@@ -425,5 +536,6 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     return grad
 
 
-__all__ = ["FFOOptions", "DataGradient", "ffo_backward", "lagrangian_gradient_derivative",
+__all__ = ["FFOOptions", "DataGradient", "ffo_backward", "ffo_backward_batch", "FFOSample",
+           "lagrangian_gradient_derivative",
            "choose_delta", "build_ghost", "GhostSource", "ConeDims"]

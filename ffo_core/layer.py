@@ -36,7 +36,8 @@ from .compile import CompiledProblem, Slot, compile_problem, flatten_f, unflatte
 from .config import check_choice
 from .errors import (ConfigError, GhostProblemError, GradientHealthWarning,
                      InvalidGradientError, InvalidParameterError, ProblemError, SolverError)
-from .ffo_backward import DataGradient, FFOOptions, ffo_backward
+from .ffo_backward import (DataGradient, FFOOptions, FFOSample, ffo_backward,
+                           ffo_backward_batch)
 from .kkt_backward import kkt_backward
 from .protocol import Backend, Solution, Status
 from .registry import available_backends, get_backend
@@ -47,6 +48,9 @@ BACKWARDS = ("ffo", "kkt")
 GHOST_FALLBACKS = ("raise", "smaller-delta", "kkt", "smaller-delta+kkt")
 #: Entries kept in ``FFOLayer.health_log`` (the oldest are dropped).
 HEALTH_LOG_SIZE = 1000
+#: Per-sample data (bytes, estimated by :meth:`BoundData.sample_bytes`) the first-order
+#: backward keeps alive at once: it stages the batch in chunks of at most this much.
+BACKWARD_CHUNK_BYTES = 256 << 20
 
 logger = logging.getLogger("ffo_core")
 
@@ -132,6 +136,15 @@ def _value_rules(param) -> list[_ValueRule]:
         rules.append(_ValueRule("bounds", "bounds (values within the declared bounds)",
                                 lo=lo, hi=hi))
     return rules
+
+
+def _with_batch_index(exc: SolverError, i: int) -> SolverError:
+    """``exc`` naming batch index ``i`` (its message too, unless it does already)."""
+    exc.batch_index = i
+    text = exc.args[0] if exc.args else str(exc)
+    if "batch index" not in text:
+        exc.args = (f"backward pass, batch index {i}: {text}",)
+    return exc
 
 
 def _bad_batch_indices(mask: torch.Tensor, batched: bool) -> str:
@@ -393,31 +406,32 @@ class FFOLayer(torch.nn.Module):
         return sols
 
     # -- the backward computation, in NumPy -----------------------------------------------
-    def _ffo_once(self, i: int, g, h, e, sol: Solution, c: np.ndarray,
-                  options: FFOOptions, source=None) -> DataGradient:
-        guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
-        grad = ffo_backward(guard, g, h, e, sol, c, options, source=source)
-        if not grad.is_finite():
-            delta = grad.diagnostics["delta"]
-            exc = GhostProblemError(f"the first-order gradient is not finite (the ghost "
-                                    f"solution is too far from the forward one for this "
-                                    f"delta) (delta={delta:.3g})", batch_index=i,
-                                    backend=self.backend.name)
-            exc.delta = delta
-            raise exc
+    def _finite(self, i: int, grad: DataGradient) -> DataGradient | GhostProblemError:
+        """``grad``, or the error that says it is not finite (a ghost solution too far
+        from the forward one for its delta), for the ``ghost_fallback`` policy."""
+        if grad.is_finite():
+            return grad
+        delta = grad.diagnostics["delta"]
+        exc = GhostProblemError(f"the first-order gradient is not finite (the ghost "
+                                f"solution is too far from the forward one for this "
+                                f"delta) (delta={delta:.3g})", batch_index=i,
+                                backend=self.backend.name)
+        exc.delta = delta
+        return exc
+
+    def _ffo_once(self, i: int, s: FFOSample, options: FFOOptions) -> DataGradient:
+        grad = self._finite(i, ffo_backward(s.backend, s.g, s.h, s.e, s.sol, s.c, options,
+                                            source=s.source))
+        if isinstance(grad, GhostProblemError):
+            raise grad
         return grad
 
-    def _ffo_with_fallback(self, i: int, g, h, e, sol: Solution,
-                           c: np.ndarray, source=None) -> DataGradient:
-        """:func:`ffo_backward` for sample ``i``, with the ``ghost_fallback`` policy."""
-        try:
-            grad = self._ffo_once(i, g, h, e, sol, c, self.options, source)
-            grad.diagnostics["ghost_fallback"] = None
-            return grad
-        except GhostProblemError as exc:
-            if self.ghost_fallback == "raise":
-                raise
-            first = exc
+    def _ffo_fallback(self, i: int, s: FFOSample, first: GhostProblemError) -> DataGradient:
+        """Sample ``i`` (``s``) after its ghost failed with ``first``: the
+        ``ghost_fallback`` policy."""
+        if self.ghost_fallback == "raise":
+            raise first
+        g, h, e, sol, c = s.g, s.h, s.e, s.sol, s.c
         tried = [f"delta chosen by default: {first}"]
         last: SolverError = first
         if self.ghost_fallback.startswith("smaller-delta"):
@@ -425,8 +439,7 @@ class FFOLayer(torch.nn.Module):
             for k in (1, 2):
                 delta = first.delta / 10.0 ** k
                 try:
-                    grad = self._ffo_once(i, g, h, e, sol, c,
-                                          replace(self.options, delta=delta), source)
+                    grad = self._ffo_once(i, s, replace(self.options, delta=delta))
                 except GhostProblemError as exc:
                     tried.append(f"delta={delta:.3g}: {_short(exc)}")
                     last = exc
@@ -454,27 +467,59 @@ class FFOLayer(torch.nn.Module):
             f"({'; '.join(tried)})", status=last.status, batch_index=i,
             backend=self.backend.name) from last
 
+    def _ffo_chunk(self, bound: BoundData, sols: list[Solution], c: np.ndarray,
+                   indices: range) -> list[DataGradient]:
+        """First-order data gradients of the samples ``indices``, staged over the chunk
+        (:func:`ffo_backward_batch`; its ghost solves in this layer's thread pool), then
+        the fallback policy for each sample whose ghost failed."""
+        samples = []
+        for i in indices:
+            g, h, e = bound.sample(i)
+            guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
+            samples.append(FFOSample(guard, g, h, e, sols[i], c[i], bound.ghost_source(h, e)))
+        results = ffo_backward_batch(
+            samples, self.options, run=lambda fn, k: self._runner.run("backward", fn, k))
+        grads = []
+        for i, s, grad in zip(indices, samples, results):
+            if isinstance(grad, DataGradient):
+                grad = self._finite(i, grad)
+            if isinstance(grad, DataGradient):
+                grad.diagnostics["ghost_fallback"] = None
+            else:
+                try:
+                    grad = self._ffo_fallback(i, s, grad)
+                except SolverError as exc:
+                    raise _with_batch_index(exc, i)
+            grads.append(grad)
+        return grads
+
     def data_gradients(self, bound: BoundData, sols: list[Solution],
                        c: np.ndarray) -> list[DataGradient]:
-        """Per-sample gradient of ``c[i]'y_i`` w.r.t. the data."""
-        def one(i: int):
-            g, h, e = bound.sample(i)
-            try:
-                if self.backward_mode == "kkt":
+        """Per-sample gradient of ``c[i]'y_i`` w.r.t. the data.
+
+        The first-order mode stages the batch (:func:`ffo_backward_batch`) in chunks that
+        keep at most ``BACKWARD_CHUNK_BYTES`` of per-sample data alive at once (every
+        sample's data and ghost problem live until its chunk is done): the whole batch
+        unless batched parameters reach large matrices."""
+        if self.backward_mode == "kkt":
+            def one(i: int) -> DataGradient:
+                g, h, e = bound.sample(i)
+                try:
                     grad = kkt_backward(g, h, e, sols[i], c[i], self.options)
-                    if not grad.is_finite():
-                        raise SolverError("backward='kkt': the gradient is not finite",
-                                          backend=self.backend.name)
-                    return grad
-                return self._ffo_with_fallback(i, g, h, e, sols[i], c[i],
-                                               bound.ghost_source(h, e))
-            except SolverError as exc:
-                exc.batch_index = i
-                text = exc.args[0] if exc.args else str(exc)
-                if "batch index" not in text:
-                    exc.args = (f"backward pass, batch index {i}: {text}",)
-                raise
-        grads = self._runner.run("backward", one, bound.batch)
+                except SolverError as exc:
+                    raise _with_batch_index(exc, i)
+                if not grad.is_finite():
+                    raise _with_batch_index(SolverError(
+                        "backward='kkt': the gradient is not finite",
+                        backend=self.backend.name), i)
+                return grad
+            grads = self._runner.run("backward", one, bound.batch)
+        else:
+            step = max(1, BACKWARD_CHUNK_BYTES // max(1, bound.sample_bytes()))
+            grads = []
+            for start in range(0, bound.batch, step):
+                grads += self._ffo_chunk(bound, sols, c,
+                                         range(start, min(start + step, bound.batch)))
         self.last_diagnostics = [g.diagnostics for g in grads]
         with self._lock:
             self._backward_calls += 1

@@ -396,6 +396,18 @@ class BoundData:
             out[self.split.reach_b.rows] = self._reached(i)
         return out
 
+    def sample_bytes(self) -> int:
+        """Rough bytes one sample holds in the first-order backward beyond what the batch
+        shares: its copy of every section a batched parameter reaches, and for a matrix
+        section also its pruned copy, ``[A; G]`` and the ghost's rows (about 48 bytes per
+        structural entry; 8 per vector entry)."""
+        cp_ = self.compiled
+        size = 0
+        for name in self.split.batched_sections:
+            sec = cp_.sections[name]
+            size += (sec.stop - sec.start) * (48 if name in ("P", "A", "G") else 8)
+        return size
+
     def sample(self, i: int):
         """Sample ``i``'s protocol objects ``(g, h, e)``
         (:meth:`CompiledProblem.sample_parts`): sections no batched parameter reaches are

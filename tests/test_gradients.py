@@ -126,3 +126,101 @@ def test_gradients_only_for_inputs_that_require_them():
     sol.sum().backward()
     assert ts[1].grad is not None
     assert all(t.grad is None for j, t in enumerate(ts) if j != 1)
+
+
+def _compiled_sample(problem, params, variables, values):
+    """``(g, h, e, c_slot)`` of one sample of ``problem`` at parameter ``values``."""
+    from ffo_core.compile import compile_problem
+    comp = compile_problem(problem, params, variables)
+    theta = np.zeros(comp.n_theta + 1)
+    theta[comp.const_col] = 1
+    for slot, v in zip(comp.params, values):
+        theta[slot.offset:slot.offset + slot.size] = np.asarray(v, float).ravel(order="F")
+    slot = comp.variables[0]
+    return (*comp.sample(comp.M @ theta), slice(slot.offset, slot.offset + slot.size))
+
+
+def test_batch_backward_is_the_per_sample_backward():
+    """ffo_backward_batch (three passes over the batch, its solves in any order) gives
+    each sample exactly what a lone ffo_backward gives: the same gradient to the last bit
+    and the same diagnostics, for polyhedral samples (one-sided, and central after a
+    failed base-point check), a curved one (SOC kept: central up front) and a
+    sample without loss (c = 0)."""
+    import cvxpy as cp
+    from ffo_core.ffo_backward import FFOOptions, FFOSample, ffo_backward, ffo_backward_batch
+    from ffo_core.registry import get_backend
+    backend = get_backend("clarabel")
+    qp = random_qp(10, 8, 3, seed=3)
+    y = cp.Variable(4)
+    a = cp.Parameter(4)
+    socp = cp.Problem(cp.Minimize(cp.sum_squares(y - a)), [cp.norm(y, 2) <= 1, y >= -2])
+    rng = np.random.default_rng(0)
+    samples = []
+    for problem, params, var, values in (
+            (qp.problem, qp.params, qp.y, qp.values),
+            (socp, [a], y, [np.array([2.0, -1.0, 0.5, 1.0])]),
+            (qp.problem, qp.params, qp.y, qp.values)):
+        g, h, e, where = _compiled_sample(problem, params, [var], values)
+        c = np.zeros(g.n)
+        c[where] = rng.standard_normal(where.stop - where.start)
+        samples.append(FFOSample(backend, g, h, e, backend.solve(g, h, e), c))
+    samples.append(samples[0]._replace(c=np.zeros_like(samples[0].c)))
+    for options in (FFOOptions(), FFOOptions(base_check=0.0)):
+        order = []
+
+        def backwards(fn, count):                 # the solves in reverse order
+            for i in reversed(range(count)):
+                order.append(i)
+                fn(i)
+        batch = ffo_backward_batch(samples, options, run=backwards)
+        assert order == [3, 2, 1, 0]
+        for s, got in zip(samples, batch):
+            alone = ffo_backward(s.backend, s.g, s.h, s.e, s.sol, s.c, options)
+            assert np.array_equal(got.vector(), alone.vector())
+            assert got.diagnostics == alone.diagnostics
+        assert batch[1].diagnostics["central"] and batch[1].diagnostics["kept"] > 0
+        assert batch[0].diagnostics["central_fallback"] == (options.base_check == 0.0)
+        assert not np.any(batch[3].vector())
+
+
+def test_batch_backward_hands_back_a_failed_ghost_and_goes_on():
+    """A sample whose ghost solve fails holds its GhostProblemError (with the failing
+    delta); the other samples still get their gradients."""
+    from ffo_core.errors import GhostProblemError
+    from ffo_core.ffo_backward import FFOOptions, FFOSample, ffo_backward_batch
+    from ffo_core.protocol import Solution, Status
+    from ffo_core.registry import get_backend
+    backend = get_backend("clarabel")
+
+    class Refuses:                                # every ghost is "infeasible"
+        name, capabilities = backend.name, backend.capabilities
+
+        def solve(self, *args, **kwargs):
+            return Solution(Status.INFEASIBLE)
+    qp = random_qp(10, 8, 3, seed=4)
+    g, h, e, where = _compiled_sample(qp.problem, qp.params, [qp.y], qp.values)
+    c = np.zeros(g.n)
+    c[where] = 1.0
+    sol = backend.solve(g, h, e)
+    good = FFOSample(backend, g, h, e, sol, c)
+    out = ffo_backward_batch([good, good._replace(backend=Refuses()), good], FFOOptions())
+    assert isinstance(out[1], GhostProblemError) and out[1].delta > 0
+    assert "delta=" in str(out[1])
+    assert np.array_equal(out[0].vector(), out[2].vector()) and np.any(out[0].vector())
+
+
+def test_layer_gradient_does_not_depend_on_the_backward_chunk_size(monkeypatch):
+    """The layer stages its backward in chunks of BACKWARD_CHUNK_BYTES of per-sample data;
+    one sample per chunk gives the same gradients as the whole batch at once."""
+    import ffo_core.layer as layer_mod
+    qp = random_qp(10, 8, 3, seed=5)
+    rng = np.random.default_rng(2)
+    ts = qp.tensors(batch=5)
+    ts[2] = ts[2] + torch.tensor(1e-3 * rng.standard_normal(ts[2].shape))   # batched G
+    w = _weights(10)
+    layer = FFOLayer(qp.problem, qp.params, [qp.y], n_jobs=1)
+    _, whole = layer_grads(layer, ts, w)
+    monkeypatch.setattr(layer_mod, "BACKWARD_CHUNK_BYTES", 1)
+    _, single = layer_grads(layer, ts, w)
+    for name, a, b in zip(NAMES, whole, single):
+        assert torch.equal(a, b), name
