@@ -32,6 +32,7 @@ registry through the ``ffo`` entry-point group (see :mod:`ffo_core.hookspecs`).
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -84,9 +85,10 @@ class ConeDims:
         return (self.nonneg + sum(self.soc) + 3 * self.exp
                 + sum(s * (s + 1) // 2 for s in self.psd))
 
-    @property
+    @functools.cached_property
     def kinds(self) -> frozenset[str]:
-        """The cone names (from :data:`CONES`) with at least one row."""
+        """The cone names (from :data:`CONES`) with at least one row (formed once: every
+        solve asks)."""
         present = {"nonneg": self.nonneg > 0, "soc": bool(self.soc),
                    "exp": self.exp > 0, "psd": bool(self.psd)}
         return frozenset(k for k, v in present.items() if v)

@@ -346,6 +346,26 @@ def test_malformed_answers_are_solver_errors_not_values(proj, hook, what):
         layer(mark(a, 1), u)
 
 
+def test_solution_check_finds_each_bad_array_and_accepts_huge_finite_values():
+    """solution_problem sums each array first: NaN or Inf anywhere is named by its field,
+    and finite values whose sums overflow are a valid answer, lists and ints as well."""
+    from ffo_core.batch import solution_problem
+    rng = np.random.default_rng(0)
+    fields = {"primal": rng.standard_normal(4), "eq_dual": np.zeros(0),
+              "ineq_dual": rng.standard_normal(6), "slack": rng.standard_normal(6)}
+    assert solution_problem(Solution(Status.OPTIMAL, **fields), 4, 0, 6) is None
+    for name in ("primal", "ineq_dual", "slack"):
+        for bad in (np.nan, np.inf, -np.inf):
+            broken = dict(fields, **{name: fields[name].copy()})
+            broken[name][1] = bad
+            assert solution_problem(Solution(Status.OPTIMAL, **broken), 4, 0, 6) == \
+                f"status optimal but NaN or Inf in {name}"
+    huge = {k: np.full(v.shape, 1e308) for k, v in fields.items()}
+    assert solution_problem(Solution(Status.OPTIMAL, **huge), 4, 0, 6) is None
+    listed = {k: [int(x) for x in np.round(v)] for k, v in fields.items()}
+    assert solution_problem(Solution(Status.OPTIMAL, **listed), 4, 0, 6) is None
+
+
 def test_time_limit_hit_is_a_solver_error(proj):
     layer = FFOLayer(*proj, time_limit=1e-9)
     a, u = projection_values(2)
