@@ -384,6 +384,11 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
     return out
 
 
+#: Per-sample data (bytes, as the layers estimate it: ``sample_bytes()``) that a layer's
+#: first-order backward keeps alive at once; it stages its batch in chunks of at most this.
+BACKWARD_CHUNK_BYTES = 256 << 20
+
+
 class FFOSample(NamedTuple):
     """One sample of :func:`ffo_backward_batch`: the backend its ghosts go to (the layers
     pass a per-sample guard that names the batch index), its data, forward solution and

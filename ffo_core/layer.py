@@ -36,8 +36,8 @@ from .compile import CompiledProblem, Slot, compile_problem, flatten_f, unflatte
 from .config import check_choice
 from .errors import (ConfigError, GhostProblemError, GradientHealthWarning,
                      InvalidGradientError, InvalidParameterError, ProblemError, SolverError)
-from .ffo_backward import (DataGradient, FFOOptions, FFOSample, ffo_backward,
-                           ffo_backward_batch)
+from .ffo_backward import (BACKWARD_CHUNK_BYTES, DataGradient, FFOOptions, FFOSample,
+                           ffo_backward, ffo_backward_batch)
 from .kkt_backward import kkt_backward
 from .protocol import Backend, Solution, Status
 from .registry import available_backends, get_backend
@@ -48,9 +48,6 @@ BACKWARDS = ("ffo", "kkt")
 GHOST_FALLBACKS = ("raise", "smaller-delta", "kkt", "smaller-delta+kkt")
 #: Entries kept in ``FFOLayer.health_log`` (the oldest are dropped).
 HEALTH_LOG_SIZE = 1000
-#: Per-sample data (bytes, estimated by :meth:`BoundData.sample_bytes`) the first-order
-#: backward keeps alive at once: it stages the batch in chunks of at most this much.
-BACKWARD_CHUNK_BYTES = 256 << 20
 
 logger = logging.getLogger("ffo_core")
 

@@ -47,7 +47,7 @@ unless the user passed a dense ``n x n`` matrix.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -56,8 +56,9 @@ import torch
 from .active_set import classify
 from .batch import INACCURATE_POLICIES, BatchRunner, GuardedBackend, check_solutions
 from .config import check_choice
-from .errors import ConfigError, InvalidParameterError, SolverError
-from .ffo_backward import FFOOptions, ffo_backward
+from .errors import ConfigError, GhostProblemError, InvalidParameterError, SolverError
+from .ffo_backward import (BACKWARD_CHUNK_BYTES, FFOOptions, FFOSample, GhostSource,
+                           ffo_backward_batch)
 from .kkt_backward import kkt_backward
 from .protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
 from .registry import get_backend
@@ -109,6 +110,7 @@ class _Call:
     sols: list[Solution] = field(default_factory=list)
     # P[k]'s upper triangle, formed on first use and shared by every solve that uses P[k]
     P_upper: dict[int, sp.csc_matrix] = field(default_factory=dict)
+    _source: GhostSource | None = None      # see ghost_source
 
     def _upper(self, k: int) -> sp.csc_matrix | None:
         if self.P[k] is None:
@@ -116,6 +118,27 @@ class _Call:
         if k not in self.P_upper:           # a race only computes it twice
             self.P_upper[k] = upper_triangle(self.P[k])
         return self.P_upper[k]
+
+    def ghost_source(self, h: ConeConstraints, e: Equalities) -> GhostSource | None:
+        """:class:`GhostSource` of a sample's ``(h, e)`` (from :meth:`sample`), its matrix
+        parts formed once per call when the batch shares ``G`` and ``A``; ``None`` (formed
+        per sample by the backward) when either is batched."""
+        if self.args["G"].batched or self.args["A"].batched:
+            return None
+        if self._source is None:            # a race only computes it twice
+            self._source = GhostSource.of(h, e)
+        s = self._source
+        return s._replace(h=replace(s.h, h=h.h), e=replace(s.e, b=e.b))
+
+    def sample_bytes(self) -> int:
+        """Rough bytes one sample holds in the first-order backward beyond what the batch
+        shares: for each batched matrix, its pruned copy, ``[A; G]`` and the ghost's rows
+        (about 36 bytes per stored entry)."""
+        size = 0
+        for name, mats in (("Q", self.P), ("G", self.G), ("A", self.A)):
+            if self.args[name].batched and mats and mats[0] is not None:
+                size += 36 * mats[0].nnz
+        return size
 
     def sample(self, i: int) -> tuple[Objective, ConeConstraints, Equalities]:
         def pick(seq, batched):
@@ -353,19 +376,43 @@ class FFOQPLayer(torch.nn.Module):
         return sols
 
     # -- backward, in NumPy -------------------------------------------------------------
-    def _one_backward(self, call: _Call, i: int, c: np.ndarray, needs: dict) -> _Record:
-        g, h, e = call.sample(i)
-        sol = call.sols[i]
-        try:
-            if self.backward_mode == "kkt":
-                grad = kkt_backward(g, h, e, sol, c, self.options)
-            else:
-                guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
-                grad = ffo_backward(guard, g, h, e, sol, c, self.options)
-        except SolverError as exc:
+    def _grads(self, call: _Call, c: np.ndarray) -> list:
+        """Every sample's data gradient: the KKT mode sample by sample, the first-order
+        mode staged over chunks of the batch (:func:`ffo_backward_batch`, as
+        :meth:`ffo_core.layer.FFOLayer.data_gradients`)."""
+        def named(exc: SolverError, i: int) -> SolverError:
             exc.batch_index = i
             exc.args = (f"backward pass, batch index {i}: {exc.args[0]}",)
-            raise
+            return exc
+        if self.backward_mode == "kkt":
+            def one(i: int):
+                g, h, e = call.sample(i)
+                try:
+                    return kkt_backward(g, h, e, call.sols[i], c[i], self.options)
+                except SolverError as exc:
+                    raise named(exc, i)
+            return self._runner.run("backward", one, call.batch)
+        grads: list = []
+        step = max(1, BACKWARD_CHUNK_BYTES // max(1, call.sample_bytes()))
+        for start in range(0, call.batch, step):
+            samples = []
+            for i in range(start, min(start + step, call.batch)):
+                g, h, e = call.sample(i)
+                guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
+                samples.append(FFOSample(guard, g, h, e, call.sols[i], c[i],
+                                         call.ghost_source(h, e)))
+            out = ffo_backward_batch(samples, self.options,
+                                     run=lambda fn, k: self._runner.run("backward", fn, k))
+            for i, grad in enumerate(out, start):
+                if isinstance(grad, GhostProblemError):
+                    raise named(grad, i)
+                grads.append(grad)
+        return grads
+
+    def _record(self, call: _Call, i: int, grad, needs: dict) -> _Record:
+        """What sample ``i``'s data gradient ``grad`` gives the assembly of the inputs'."""
+        g, h, e = call.sample(i)
+        sol = call.sols[i]
         if grad.base is not None:        # the point the backward differentiated at
             y, nu0, lam0 = grad.base
         else:
@@ -421,8 +468,8 @@ class FFOQPLayer(torch.nn.Module):
 
     def gradients(self, call: _Call, c: np.ndarray, needs: dict) -> dict[str, torch.Tensor]:
         """Input gradients of ``sum_i c[i]'y_i`` for the arguments with ``needs[name]``."""
-        records = self._runner.run(
-            "backward", lambda i: self._one_backward(call, i, c[i], needs), call.batch)
+        records = [self._record(call, i, grad, needs)
+                   for i, grad in enumerate(self._grads(call, c))]
         self.last_diagnostics = [r.diagnostics for r in records]
         return {name: self._assemble(call, name, records)
                 for name in NAMES if needs[name]}

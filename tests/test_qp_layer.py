@@ -422,3 +422,29 @@ def test_solver_crashes_become_typed_errors_with_the_batch_index(ghost):
     with pytest.raises(expected, match="batch index 0") as info:
         layer(*ts).sum().backward()
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_shared_ghost_parts_and_backward_chunks_change_no_gradient(monkeypatch):
+    """The backward forms G's and A's ghost parts once per call when the batch shares them
+    and stages the batch in chunks (BACKWARD_CHUNK_BYTES); neither changes a gradient:
+    shared G and A against the same values repeated per sample (parts formed per sample),
+    and one sample per chunk against the whole batch."""
+    import ffo_core.qp_layer as qp_mod
+    shared, _ = strict_qp(12, 9, 3, seed=11, batch=4, batched=("p", "h"))
+    repeated = list(shared)
+    for k in (2, 4):                                       # G and A, batched copies
+        repeated[k] = shared[k].expand(4, *shared[k].shape).clone()
+    w = weights((4, 12))
+    layer = FFOQPLayer()
+    _, g_shared = grads(layer, shared, w)
+    _, g_rep = grads(layer, repeated, w)
+    for k, name in enumerate(NAMES):
+        if k in (2, 4):
+            assert torch.allclose(g_rep[k].sum(0), g_shared[k], rtol=1e-12, atol=1e-14), name
+        else:
+            assert torch.equal(g_rep[k], g_shared[k]), name
+    monkeypatch.setattr(qp_mod, "BACKWARD_CHUNK_BYTES", 1)
+    for tensors, whole in ((shared, g_shared), (repeated, g_rep)):
+        _, chunked = grads(layer, tensors, w)
+        for name, a, b in zip(NAMES, chunked, whole):
+            assert torch.equal(a, b), name
