@@ -419,10 +419,10 @@ def ffo_backward_batch(samples: Sequence[FFOSample], options: FFOOptions | None 
     Each sample goes through exactly the steps, in the order, of a lone call; only the
     interleaving across samples differs.  Running one kind of step over the whole batch
     keeps the interpreter's and the CPU's caches on that step instead of cycling through
-    a solver's set-up between each: measured on the DFL QP (n = 200, 500; batch 8, 32) the
-    backward's own time fell by 15-20%.  Memory: every sample's ghost problem is alive
-    until pass 3 (the layer splits large batches, :meth:`ffo_core.layer.FFOLayer.\
-data_gradients`).
+    a solver's set-up between each: measured on the DFL QP (n = 200-1000, batch 8 and 32,
+    paired against the bare ghost solves) the backward fell by 7-15%.  Memory: every
+    sample's ghost problem is alive until pass 3 (the layers split large batches,
+    :data:`BACKWARD_CHUNK_BYTES`).
 
     Returns one entry per sample: its :class:`DataGradient`, or the
     :class:`GhostProblemError` (with ``delta``) its ghost solve raised, for the caller's

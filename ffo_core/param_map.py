@@ -520,6 +520,8 @@ class BoundData:
             if not g.low_rank:          # its block entries are column-major
                 total += getattr(g, name)[local].reshape(how.shape[::-1]).T
         return total
+
+
 def bind(compiled: CompiledProblem, values: list[np.ndarray], batched: list[bool],
          batch: int) -> BoundData:
     """``values[k]``: parameter ``k``'s value, of its shape if shared or ``(batch, *shape)``
