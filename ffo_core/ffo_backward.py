@@ -69,7 +69,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from .active_set import DEFAULT_ACCURACY, ActiveSet, block_slices, classify
+from .active_set import DEFAULT_ACCURACY, ActiveSet, block_slices, classify_batch
 from .sparse_ops import prune, row_norms, select_rows, stack_rows
 from .errors import GhostProblemError
 from .protocol import (Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution,
@@ -429,7 +429,9 @@ def ffo_backward_batch(samples: Sequence[FFOSample], options: FFOOptions | None 
     fallback policy.  Other errors propagate.
     """
     options = options or FFOOptions()
-    plans: list = [_plan(s, options) for s in samples]
+    live = [k for k, s in enumerate(samples) if np.any(s.c)]
+    actives = dict(zip(live, _active_sets([samples[k] for k in live], options)))
+    plans: list = [_plan(s, actives.get(k), options) for k, s in enumerate(samples)]
 
     def solve(i: int) -> None:
         if isinstance(plans[i], _Ghost):
@@ -468,15 +470,30 @@ class _Ghost:
     lower: tuple | None = None      # ... at -delta (central differences)
 
 
-def _plan(s: FFOSample, options: FFOOptions) -> "_Ghost | DataGradient":
-    """Pass 1: steps 1 and 4, and the ghost problem of step 2; a zero gradient when
-    ``c = 0`` (no loss through this sample: nothing to solve)."""
+def _active_sets(samples: Sequence[FFOSample], options: FFOOptions) -> list[ActiveSet]:
+    """Step 1 of every sample: one :func:`~ffo_core.active_set.classify_batch` per cone
+    layout (a layer's samples share one), each result exactly a lone ``classify``."""
+    groups: dict[ConeDims, list[int]] = {}
+    for k, s in enumerate(samples):
+        groups.setdefault(s.h.dims, []).append(k)
+    out: list = [None] * len(samples)
+    for dims, ks in groups.items():
+        found = classify_batch([samples[k].sol for k in ks], dims, tau_s=options.tau_s,
+                               tau_lam=options.tau_lam, rhs=[samples[k].h.h for k in ks])
+        for k, active in zip(ks, found):
+            out[k] = active
+    return out
+
+
+def _plan(s: FFOSample, active: ActiveSet | None,
+          options: FFOOptions) -> "_Ghost | DataGradient":
+    """Pass 1: step 4 and the ghost problem of step 2 for the active set of step 1
+    (:func:`_active_sets`); a zero gradient when ``c = 0`` (no loss through this sample:
+    nothing to solve, ``active`` is None)."""
     y, nu, lam = s.sol.primal, s.sol.eq_dual, s.sol.ineq_dual
     if not np.any(s.c):
         return DataGradient.along(s.g, s.h, s.e, (y, nu, lam),
                                   (np.zeros_like(y), np.zeros_like(nu), np.zeros_like(lam)))
-    active = classify(s.sol, s.h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam,
-                      rhs=s.h.h)
     curved = bool(active.kept.any())
     central = options.central if options.central is not None else curved
     delta = choose_delta(y, s.c, s.sol.info.accuracy, replace(options, central=central),

@@ -705,3 +705,38 @@ def test_socp_delta_example_runs(tmp_path):
     out = tmp_path / "socp_delta.png"
     ex.plot([res], np.logspace(-6, -2, 3), str(out))
     assert out.stat().st_size > 10_000
+
+
+def test_classify_batch_is_classify_per_sample():
+    """classify_batch gives every sample exactly its lone classify (no threshold or row
+    leaks across the batch), for every threshold option, samples of very different scales
+    and accuracies (None and 0 mean the default) and mixed cones; the thresholds are the
+    documented sqrt(acc) * max(1, ||.||_inf)."""
+    from ffo_core.active_set import DEFAULT_ACCURACY, classify_batch
+    from ffo_core.protocol import Solution, SolveInfo, Status
+    dims = ConeDims(nonneg=6, soc=(3,), exp=1, psd=(2,))
+    rng = np.random.default_rng(4)
+    sols, rhs = [], []
+    for k, acc in enumerate((1e-8, 1e-4, None, 0.0, 1e-12)):
+        scale = 10.0 ** (2 * k - 4)
+        s = scale * np.abs(rng.standard_normal(dims.rows))
+        lam = scale * np.abs(rng.standard_normal(dims.rows))
+        off = rng.random(dims.rows) < 0.5
+        s[off], lam[~off] = 1e-9 * scale, 1e-9 * scale
+        sols.append(Solution(Status.OPTIMAL, np.zeros(2), np.zeros(0), lam, s,
+                             SolveInfo(accuracy=acc)))
+        rhs.append(scale * rng.standard_normal(dims.rows))
+    for kw in (dict(), dict(rhs=rhs), dict(tau_s=1e-3, rhs=rhs), dict(tau_lam=1e-2)):
+        batch = classify_batch(sols, dims, **kw)
+        for i, (sol, got) in enumerate(zip(sols, batch)):
+            one = dict(kw, rhs=kw["rhs"][i]) if "rhs" in kw else kw
+            alone = classify(sol, dims, **one)
+            for mask in ("locked", "kept", "weak", "weak_blocks"):
+                assert np.array_equal(getattr(got, mask), getattr(alone, mask)), (kw, i)
+            assert (got.tau_s, got.tau_lam, got.kept_dims) == \
+                (alone.tau_s, alone.tau_lam, alone.kept_dims)
+            if not kw:
+                root = np.sqrt(sol.info.accuracy or DEFAULT_ACCURACY)
+                assert got.tau_s == root * max(1.0, np.abs(sol.slack).max())
+                assert got.tau_lam == root * max(1.0, np.abs(sol.ineq_dual).max())
+        assert any(a.locked.any() for a in batch) and not all(a.locked.all() for a in batch)
