@@ -218,6 +218,16 @@ def check_solutions(solutions: Sequence[Solution], backend: Backend,
             warnings.warn(message, InaccurateSolutionWarning, stacklevel=3)
 
 
+def with_batch_index(exc: SolverError, i: int) -> SolverError:
+    """``exc`` naming batch index ``i`` (its message too, as ``backward pass, batch index
+    i: ...``, unless it names one already); returned for ``raise``."""
+    exc.batch_index = i
+    text = exc.args[0] if exc.args else str(exc)
+    if "batch index" not in text:
+        exc.args = (f"backward pass, batch index {i}: {text}",)
+    return exc
+
+
 class GuardedBackend:
     """A backend seen through a guard: ``solve`` returns a well-formed protocol
     :class:`Solution` or raises a typed error naming the backend and ``batch_index``.

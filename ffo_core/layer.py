@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .batch import (INACCURATE_POLICIES, BatchRunner, GuardedBackend, backend_name,
-                    check_solutions)
+                    check_solutions, with_batch_index)
 from .param_map import BoundData, bind
 from .compile import CompiledProblem, Slot, compile_problem, flatten_f, unflatten_f
 from .config import check_choice
@@ -133,15 +133,6 @@ def _value_rules(param) -> list[_ValueRule]:
         rules.append(_ValueRule("bounds", "bounds (values within the declared bounds)",
                                 lo=lo, hi=hi))
     return rules
-
-
-def _with_batch_index(exc: SolverError, i: int) -> SolverError:
-    """``exc`` naming batch index ``i`` (its message too, unless it does already)."""
-    exc.batch_index = i
-    text = exc.args[0] if exc.args else str(exc)
-    if "batch index" not in text:
-        exc.args = (f"backward pass, batch index {i}: {text}",)
-    return exc
 
 
 def _bad_batch_indices(mask: torch.Tensor, batched: bool) -> str:
@@ -486,7 +477,7 @@ class FFOLayer(torch.nn.Module):
                 try:
                     grad = self._ffo_fallback(i, s, grad)
                 except SolverError as exc:
-                    raise _with_batch_index(exc, i)
+                    raise with_batch_index(exc, i)
             grads.append(grad)
         return grads
 
@@ -504,9 +495,9 @@ class FFOLayer(torch.nn.Module):
                 try:
                     grad = kkt_backward(g, h, e, sols[i], c[i], self.options)
                 except SolverError as exc:
-                    raise _with_batch_index(exc, i)
+                    raise with_batch_index(exc, i)
                 if not grad.is_finite():
-                    raise _with_batch_index(SolverError(
+                    raise with_batch_index(SolverError(
                         "backward='kkt': the gradient is not finite",
                         backend=self.backend.name), i)
                 return grad

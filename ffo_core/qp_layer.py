@@ -54,7 +54,8 @@ import scipy.sparse as sp
 import torch
 
 from .active_set import classify
-from .batch import INACCURATE_POLICIES, BatchRunner, GuardedBackend, check_solutions
+from .batch import (INACCURATE_POLICIES, BatchRunner, GuardedBackend, check_solutions,
+                    with_batch_index)
 from .config import check_choice
 from .errors import ConfigError, GhostProblemError, InvalidParameterError, SolverError
 from .ffo_backward import (BACKWARD_CHUNK_BYTES, FFOOptions, FFOSample, GhostSource,
@@ -380,17 +381,13 @@ class FFOQPLayer(torch.nn.Module):
         """Every sample's data gradient: the KKT mode sample by sample, the first-order
         mode staged over chunks of the batch (:func:`ffo_backward_batch`, as
         :meth:`ffo_core.layer.FFOLayer.data_gradients`)."""
-        def named(exc: SolverError, i: int) -> SolverError:
-            exc.batch_index = i
-            exc.args = (f"backward pass, batch index {i}: {exc.args[0]}",)
-            return exc
         if self.backward_mode == "kkt":
             def one(i: int):
                 g, h, e = call.sample(i)
                 try:
                     return kkt_backward(g, h, e, call.sols[i], c[i], self.options)
                 except SolverError as exc:
-                    raise named(exc, i)
+                    raise with_batch_index(exc, i)
             return self._runner.run("backward", one, call.batch)
         grads: list = []
         step = max(1, BACKWARD_CHUNK_BYTES // max(1, call.sample_bytes()))
@@ -405,17 +402,17 @@ class FFOQPLayer(torch.nn.Module):
                                      run=lambda fn, k: self._runner.run("backward", fn, k))
             for i, grad in enumerate(out, start):
                 if isinstance(grad, GhostProblemError):
-                    raise named(grad, i)
+                    raise with_batch_index(grad, i)
                 grads.append(grad)
         return grads
 
     def _record(self, call: _Call, i: int, grad, needs: dict) -> _Record:
         """What sample ``i``'s data gradient ``grad`` gives the assembly of the inputs'."""
-        g, h, e = call.sample(i)
         sol = call.sols[i]
         if grad.base is not None:        # the point the backward differentiated at
             y, nu0, lam0 = grad.base
         else:
+            _, h, _ = call.sample(i)
             active = classify(sol, h.dims, tau_s=self.options.tau_s,
                               tau_lam=self.options.tau_lam, rhs=h.h)
             y, nu0 = sol.primal, sol.eq_dual
