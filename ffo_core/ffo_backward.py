@@ -408,8 +408,8 @@ def ffo_backward_batch(samples: Sequence[FFOSample], options: FFOOptions | None 
                        ) -> list[DataGradient | GhostProblemError]:
     """:func:`ffo_backward` of every sample, in three passes over the batch:
 
-    1. plan (:func:`_plan`): steps 1, 4 and 2's construction -- the active set, delta and
-       the ghost problem of every sample;
+    1. plan: step 1 for all samples at once (:func:`_active_sets`), then step 4 and 2's
+       construction (:func:`_plan`) -- the active set, delta and ghost of every sample;
     2. solve (:func:`_solve`): every sample's ghost at ``+delta`` (and ``-delta`` when the
        difference is central), through ``run(fn, count)``, which calls ``fn(i)`` for
        every index (the layers pass their thread pool; default: in order);
