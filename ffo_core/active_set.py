@@ -45,7 +45,8 @@ DEFAULT_ACCURACY = 1e-8
 
 @dataclass
 class ActiveSet:
-    """Classification of the rows of ``G`` (length ``m`` boolean masks)."""
+    """Classification of the rows of ``G`` (length ``m`` boolean masks; read-only: the
+    samples of one :func:`classify_batch` call share the arrays, each mask a row view)."""
 
     locked: np.ndarray     # nonnegative rows that become equalities in the ghost problem
     kept: np.ndarray       # rows of active (or weakly active) SOC/EXP/PSD blocks, kept as cones
