@@ -20,8 +20,19 @@ Settings are Clarabel's ``DefaultSettings`` attribute names (``tol_gap_abs``, ``
 Thread safety: every ``solve`` builds its own ``DefaultSolver``; the adapter keeps no
 mutable state, so one instance may be used from many threads.  Clarabel is an interior
 point method: it has no warm start.
+
+Structure reuse (:meth:`ClarabelBackend.resolve`, the protocol's optional second solve of
+one problem): a ghost solve (one with an ``extra_linear_term``) keeps its ``DefaultSolver``
+in its Solution's ``info.extra``, and ``resolve`` with that Solution and the same problem
+objects updates ``q`` instead of setting up again.  The engine asks for it only for the
+second solve of one sample's ghost (central differences, a shrunk curved step), in the
+thread of the first, so a sample's answer never depends on what another sample solved; it
+differs from a fresh solve's by what Clarabel's kept equilibration changes (1e-14..3e-12 on
+the DFL ghosts; up to the solver's tolerance in general).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -94,7 +105,30 @@ class ClarabelBackend(BackendBase):
         A = stack_rows(prune(e.A), prune(h.G))
         b = np.concatenate([e.b, h.h])
         solver = clarabel.DefaultSolver(P, q, A, b, self._cones(e, h), self._settings())
-        res = solver.solve()
+        kept = _Kept(solver, g, h, e) if extra_linear_term is not None else None
+        return self._answer(solver.solve(), g, h, e, kept)
+
+    def resolve(self, previous: Solution | None, g: Objective, h: ConeConstraints,
+                e: Equalities, extra_linear_term: np.ndarray) -> Solution:
+        """``solve(g, h, e, extra_linear_term)``, reusing the set-up of ``previous`` when it
+        is this adapter's answer to a solve of these same ``(g, h, e)`` objects with
+        another extra linear term (the engine's second solve of one ghost problem): only
+        ``q`` changes, so Clarabel's ``update(q=...)`` replaces a new ``DefaultSolver``
+        (measured on the DFL ghosts: n = 500 equality QP 343 -> 62 us, SOCP n = 200
+        619 -> 397 us, n = 1000 3516 -> 2612 us; solutions equal to 1e-14..3e-12).
+        Anything else is a fresh :meth:`solve`."""
+        kept = previous.info.extra.get(_KEPT) if previous is not None else None
+        if not (isinstance(kept, _Kept) and kept.g is g and kept.h is h and kept.e is e
+                and kept.solver.is_data_update_allowed()):
+            return self.solve(g, h, e, extra_linear_term)
+        kept.solver.update(q=g.q + extra_linear_term)
+        return self._answer(kept.solver.solve(), g, h, e, kept)
+
+    @staticmethod
+    def _answer(res, g: Objective, h: ConeConstraints, e: Equalities,
+                kept: "_Kept | None") -> Solution:
+        """Clarabel's result as a protocol Solution; ``kept`` goes into ``info.extra`` (a
+        ghost solve's solver, for :meth:`resolve`)."""
         raw = str(res.status)
         status = STATUS_MAP.get(raw, Status.NUMERICAL_ERROR)
         gap = abs(res.obj_val - res.obj_val_dual) / max(1.0, abs(res.obj_val))
@@ -104,13 +138,28 @@ class ClarabelBackend(BackendBase):
             # SOC/EXP/PSD instances: true error <= sqrt of the reported figure)
             accuracy = float(np.sqrt(accuracy))
         info = SolveInfo(iterations=int(res.iterations), solve_time=float(res.solve_time),
-                         accuracy=accuracy, raw_status=raw)
+                         accuracy=accuracy, raw_status=raw,
+                         extra={} if kept is None else {_KEPT: kept})
         if not status.has_solution:
             return Solution(status=status, info=info)
         rows = e.p + h.m
         z, s = _floats(res.z, rows), _floats(res.s, rows)
         return Solution(status=status, primal=_floats(res.x, g.n), eq_dual=z[:e.p],
                         ineq_dual=z[e.p:], slack=s[e.p:], info=info)
+
+
+#: ``SolveInfo.extra`` key of a ghost solve's kept solver (see ``ClarabelBackend.resolve``).
+_KEPT = "clarabel_solver"
+
+
+class _Kept(NamedTuple):
+    """A solver kept with the exact problem objects it was set up for.  It lives as long
+    as the Solution that holds it: the engine drops a ghost's after its last solve."""
+
+    solver: object
+    g: Objective
+    h: ConeConstraints
+    e: Equalities
 
 
 def _floats(values, size: int) -> np.ndarray:

@@ -265,9 +265,20 @@ class GuardedBackend:
         return what if self.batch_index is None else f"{what} of batch index {self.batch_index}"
 
     def solve(self, g, h, e, *args, **kwargs) -> Solution:
+        return self._guarded(lambda: self._backend.solve(g, h, e, *args, **kwargs), g, h, e)
+
+    def resolve(self, previous, g, h, e, extra_linear_term) -> Solution:
+        """The backend's ``resolve`` (:mod:`ffo_core.protocol`, optional), guarded like
+        :meth:`solve`; a plain ``solve`` when the backend has none."""
+        again = getattr(self._backend, "resolve", None)
+        if again is None:
+            return self.solve(g, h, e, extra_linear_term)
+        return self._guarded(lambda: again(previous, g, h, e, extra_linear_term), g, h, e)
+
+    def _guarded(self, call: Callable[[], Any], g, h, e) -> Solution:
         error = GhostProblemError if self.ghost else SolverError
         try:
-            sol = self._backend.solve(g, h, e, *args, **kwargs)
+            sol = call()
         except GhostProblemError as exc:
             if exc.batch_index is None:
                 exc.batch_index = self.batch_index
@@ -300,5 +311,5 @@ class GuardedBackend:
             if self.inaccurate == "raise":
                 raise GhostProblemError(message, status=sol.status,
                                         batch_index=self.batch_index, backend=self.name)
-            warnings.warn(message, InaccurateSolutionWarning, stacklevel=2)
+            warnings.warn(message, InaccurateSolutionWarning, stacklevel=3)
         return sol

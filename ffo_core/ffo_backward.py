@@ -276,14 +276,20 @@ def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
 
 def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
                 active: ActiveSet, ghost: tuple[ConeConstraints, Equalities],
-                step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Solve the ghost with ``extra_linear_term = step``; return ``(y, nu, lam)`` full-size.
+                step: np.ndarray, previous: Solution | None = None
+                ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Solution]:
+    """Solve the ghost with ``extra_linear_term = step``; return ``(y, nu, lam)`` full-size
+    and the backend's Solution.
 
     ``lam`` has length ``m``: the locked rows' multipliers are the duals of their equality
-    rows, the kept blocks' are the ghost's cone duals, dropped rows are 0.
+    rows, the kept blocks' are the ghost's cone duals, dropped rows are 0.  ``previous``:
+    the Solution of this same ghost at another step, for a backend that can reuse its
+    set-up (the protocol's optional ``resolve``; a plain ``solve`` otherwise).
     """
     ghost_h, ghost_e = ghost
-    sol = backend.solve(g, ghost_h, ghost_e, step)
+    again = getattr(backend, "resolve", None) if previous is not None else None
+    sol = again(previous, g, ghost_h, ghost_e, step) if again is not None \
+        else backend.solve(g, ghost_h, ghost_e, step)
     if not sol.status.has_solution:
         pure_lp = not g.is_quadratic
         hint = (" The problem is a pure LP whose solution is not unique under a tilt of "
@@ -299,7 +305,7 @@ def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalitie
     lam = np.zeros(h.m)
     lam[active.locked] = sol.eq_dual[p:]
     lam[active.kept] = sol.ineq_dual
-    return sol.primal, sol.eq_dual[:p], lam
+    return (sol.primal, sol.eq_dual[:p], lam), sol
 
 
 def base_point_error(source: GhostSource, sol: Solution, active: ActiveSet,
@@ -503,11 +509,14 @@ def _plan(s: FFOSample, active: ActiveSet | None,
     return _Ghost(s, active, bool(central), delta, source, ghost)
 
 
-def _ghost_at(plan: _Ghost, step: float) -> tuple:
-    """The ghost solution at ``delta = step``; a failure says which step failed."""
+def _ghost_at(plan: _Ghost, step: float, previous: Solution | None = None
+              ) -> tuple[tuple, Solution]:
+    """The ghost solution at ``delta = step`` (:func:`solve_ghost`; ``previous``: this
+    ghost's Solution at another step); a failure says which step failed."""
     s = plan.s
     try:
-        return solve_ghost(s.backend, s.g, s.h, s.e, plan.active, plan.ghost, step * s.c)
+        return solve_ghost(s.backend, s.g, s.h, s.e, plan.active, plan.ghost, step * s.c,
+                           previous)
     except GhostProblemError as exc:
         if exc.delta is None:
             exc.delta = abs(step)
@@ -517,16 +526,18 @@ def _ghost_at(plan: _Ghost, step: float) -> tuple:
 
 def _solve(plan: _Ghost, options: FFOOptions) -> None:
     """Pass 2: the ghost at ``+delta``, shrinking delta while it moves a curved block out
-    of its linear range (at most twice), and at ``-delta`` when central."""
-    plan.upper = _ghost_at(plan, plan.delta)
+    of its linear range (at most twice), and at ``-delta`` when central.  Each solve after
+    the first hands the backend the previous Solution (``resolve``: Clarabel then updates
+    ``q`` instead of setting the same ghost up again); it is dropped when this returns."""
+    plan.upper, sol = _ghost_at(plan, plan.delta)
     for _ in range(2):
         moved = curved_step(plan.s.h, plan.active, plan.s.sol, plan.upper)
         if moved <= options.max_curved_step or options.delta is not None:
             break
         plan.delta *= options.max_curved_step / moved
-        plan.upper = _ghost_at(plan, plan.delta)
+        plan.upper, sol = _ghost_at(plan, plan.delta, sol)
     if plan.central:
-        plan.lower = _ghost_at(plan, -plan.delta)
+        plan.lower, _ = _ghost_at(plan, -plan.delta, sol)
 
 
 def _finish(plan: _Ghost, options: FFOOptions) -> DataGradient:
@@ -539,8 +550,8 @@ def _finish(plan: _Ghost, options: FFOOptions) -> DataGradient:
     if not plan.central and options.base_check is not None:
         base_error = base_point_error(plan.source, s.sol, active, plan.upper[0], delta * s.c)
         fallback = base_error > options.base_check
-        if fallback:
-            plan.lower = _ghost_at(plan, -delta)
+        if fallback:                   # a fresh solve: pass 2 kept no Solution
+            plan.lower, _ = _ghost_at(plan, -delta)
     if plan.lower is not None:
         direction = tuple((u - w) / (2 * delta) for u, w in zip(plan.upper, plan.lower))
         base = tuple((u + w) / 2 for u, w in zip(plan.upper, plan.lower))

@@ -205,7 +205,19 @@ class Capabilities:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What a solver adapter implements.  ``solve`` must not modify its inputs."""
+    """What a solver adapter implements.  ``solve`` must not modify its inputs.
+
+    Optional (not part of this Protocol's checks; the engine looks it up with ``getattr``):
+
+        resolve(previous: Solution | None, g, h, e, extra_linear_term) -> Solution
+
+    the answer ``solve(g, h, e, extra_linear_term)`` gives, to solver accuracy, for a
+    backend that can reuse what it set up for ``previous``: the engine passes the Solution
+    of the same ``(g, h, e)`` objects at another extra linear term (the second solve of one
+    ghost problem, in the same thread).  It must fall back to a fresh solve whenever
+    ``previous`` is not its own answer to those objects.  The Clarabel adapter keeps its
+    solver in ``previous.info.extra`` and updates ``q``.
+    """
 
     name: str
     capabilities: Capabilities

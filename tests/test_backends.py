@@ -911,3 +911,32 @@ def test_upper_triangle_and_prune_match_scipy():
         assert out.has_canonical_format
     assert np.array_equal(prune(W).toarray(), W.toarray())
     assert np.array_equal(upper_triangle(W).toarray(), np.triu(W.toarray()))
+
+
+def test_clarabel_resolve_reuses_a_ghost_solver_only_for_the_same_problem():
+    """resolve(previous, g, h, e, term) updates q in the solver ``previous`` kept when it
+    answered these same objects with another extra term (a ghost solved again), and gives
+    the fresh solve's answer to solver accuracy; other objects, or no previous, get a fresh
+    solve, bit for bit; forward solves (no extra term) keep no solver."""
+    from ffo_backends.clarabel import _KEPT
+    backend = get_backend("clarabel")
+    n = 4
+    g = Objective(sp.identity(n, format="csc"), np.array([3.0, -1.0, 0.5, 2.0]))
+    h = ConeConstraints(sp.vstack([sp.csc_matrix((1, n)), -sp.identity(n)], format="csc"),
+                        np.r_[1.0, np.zeros(n)], ConeDims(soc=(n + 1,)))   # ||y|| <= 1
+    e = Equalities(sp.csc_matrix(np.ones((1, n))), np.array([0.5]))
+    assert _KEPT not in backend.solve(g, h, e).info.extra
+    up = backend.solve(g, h, e, 1e-3 * np.ones(n))
+    kept = up.info.extra[_KEPT]
+    term = np.array([-1e-3, 2e-3, 0.0, 1e-3])
+    again = backend.resolve(up, g, h, e, term)
+    assert again.info.extra[_KEPT].solver is kept.solver          # no new set-up
+    fresh = backend.solve(g, h, e, term)
+    for field in ("primal", "eq_dual", "ineq_dual", "slack"):
+        assert np.allclose(getattr(again, field), getattr(fresh, field), atol=1e-8), field
+    e2 = Equalities(e.A.copy(), e.b.copy())                       # equal, not the same
+    for previous, problem in ((up, (g, h, e2)), (None, (g, h, e))):
+        other = backend.resolve(previous, *problem, term)
+        assert other.info.extra[_KEPT].solver is not kept.solver
+        for field in ("primal", "eq_dual", "ineq_dual", "slack"):
+            assert np.array_equal(getattr(other, field), getattr(fresh, field)), field

@@ -224,3 +224,43 @@ def test_layer_gradient_does_not_depend_on_the_backward_chunk_size(monkeypatch):
     _, single = layer_grads(layer, ts, w)
     for name, a, b in zip(NAMES, whole, single):
         assert torch.equal(a, b), name
+
+
+def test_second_solve_of_a_ghost_goes_through_resolve():
+    """With central differences each ghost is solved twice; the second solve hands the
+    backend the first's Solution (``resolve``), through the layer's guard, and the
+    gradient still matches the KKT mode; a backend without ``resolve`` gets two plain
+    solves and the same gradient to solver accuracy."""
+    from ffo_core.registry import get_backend
+
+    class Counting:
+        def __init__(self, with_resolve: bool):
+            self.inner = get_backend("clarabel")
+            self.name, self.capabilities = "counting", self.inner.capabilities
+            self.calls = {"solve": 0, "ghost": 0, "resolve": 0}
+            if with_resolve:
+                self.resolve = self._resolve
+
+        def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+            self.calls["ghost" if extra_linear_term is not None else "solve"] += 1
+            return self.inner.solve(g, h, e, extra_linear_term)
+
+        def _resolve(self, previous, g, h, e, extra_linear_term):
+            self.calls["resolve"] += 1
+            return self.inner.resolve(previous, g, h, e, extra_linear_term)
+    qp = random_qp(10, 8, 3, seed=6)
+    ts = qp.tensors(batch=3)
+    w = _weights(10)
+    _, ref = layer_grads(FFOLayer(qp.problem, qp.params, [qp.y], solver=TIGHT,
+                                  backward="kkt"), ts, w)
+    got = {}
+    for with_resolve in (True, False):
+        backend = Counting(with_resolve)
+        layer = FFOLayer(qp.problem, qp.params, [qp.y], solver=backend, central=True,
+                         n_jobs=1)
+        _, got[with_resolve] = layer_grads(layer, ts, w)
+        assert backend.calls == ({"solve": 3, "ghost": 3, "resolve": 3} if with_resolve
+                                 else {"solve": 3, "ghost": 6, "resolve": 0})
+    for name, a, b, c in zip(NAMES, got[True], got[False], ref):
+        assert rel_err(a, c) <= 1e-5, name
+        assert rel_err(a, b) <= 1e-8, name

@@ -1069,3 +1069,35 @@ def test_finite_check_names_the_first_five_bad_samples_and_says_when_there_are_m
     t[6, 0] = 1.0
     with pytest.raises(InvalidParameterError, match=r"at batch index \[1, 2, 3, 4, 5\]$"):
         check_finite("x", t, True)
+
+
+def test_guarded_resolve_is_guarded_like_solve_and_falls_back_to_solve():
+    """GuardedBackend.resolve turns a backend's crash in ``resolve`` into a typed error
+    naming the batch index (a GhostProblemError for a ghost), refuses a malformed answer,
+    and is a plain guarded solve for a backend without ``resolve``."""
+    from ffo_core.batch import GuardedBackend
+    from ffo_core.protocol import ConeConstraints, ConeDims, Equalities, Objective
+    import scipy.sparse as sp
+    g = Objective(sp.identity(2, format="csc"), np.array([1.0, -1.0]))
+    h = ConeConstraints(sp.csc_matrix(np.eye(2)), np.ones(2), ConeDims(nonneg=2))
+    e = Equalities(sp.csc_matrix((0, 2)), np.zeros(0))
+    term = np.array([0.1, 0.0])
+
+    class Crashing(Faulty):
+        def resolve(self, previous, g, h, e, extra_linear_term):
+            raise RuntimeError("kept solver gone")
+
+    class Short(Faulty):
+        def resolve(self, previous, g, h, e, extra_linear_term):
+            sol = self.inner.solve(g, h, e, extra_linear_term)
+            sol.primal = sol.primal[:1]
+            return sol
+    with pytest.raises(GhostProblemError, match=r"batch index 3: backend 'crash' raised "
+                                                 r"RuntimeError: kept solver gone"):
+        GuardedBackend(Crashing(name="crash"), 3, ghost=True).resolve(None, g, h, e, term)
+    with pytest.raises(GhostProblemError, match=r"primal of shape \(1,\), expected \(2,\)"):
+        GuardedBackend(Short(name="short"), 1, ghost=True).resolve(None, g, h, e, term)
+    plain = Faulty()
+    sol = GuardedBackend(plain, 0, ghost=True).resolve(None, g, h, e, term)
+    assert plain.calls == {"forward": 0, "ghost": 1}
+    assert np.allclose(sol.primal, plain.inner.solve(g, h, e, term).primal)
