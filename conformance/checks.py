@@ -35,8 +35,8 @@ from .reference import ReferenceSolver, kkt_reference
 from .zoo import Instance, Sample
 
 #: Check names, in report order.
-CHECKS = ("status", "solution", "grad-ffo", "grad-central", "warm-start", "deterministic",
-          "threads")
+CHECKS = ("status", "solution", "grad-ffo", "grad-central", "warm-start", "resolve",
+          "deterministic", "threads")
 
 APPLICABLE = {
     "optimal": CHECKS,
@@ -507,6 +507,47 @@ def check_warm_start(run: InstanceRun) -> list[Metric]:
     return out
 
 
+def check_resolve(run: InstanceRun) -> list[Metric]:
+    """The optional ``resolve`` (:mod:`ffo_core.protocol`): handed its own answer at one
+    extra linear term and the same objects, it must give the fresh solve at another term;
+    handed ``None``, or an answer to other (equal but distinct) objects, it must not reuse
+    anything stale either.  Each compared with a fresh ``solve`` at the profile's distance."""
+    again = getattr(run.backend, "resolve", None)
+    if again is None:
+        raise Skip("the backend has no resolve (optional: structure reuse for a second "
+                   "solve of one problem)")
+    tol = run.profile
+    run.usable_solutions()
+    metrics: dict[str, Metric] = {}
+    for i, smp in enumerate(run.inst.samples):
+        rng = np.random.default_rng(100 + i)
+        size = T.WARM_START_PERTURBATION * (1 + _inf(smp.g.q))
+        first_term, term = (size * rng.standard_normal(smp.g.n) for _ in range(2))
+        first = run.backend.solve(smp.g, smp.h, smp.e, first_term)
+        fresh = run.backend.solve(smp.g, smp.h, smp.e, term)
+        if not (first.status.has_solution and fresh.status.has_solution):
+            raise Fail(f"sample {i}: a solve with an extra linear term ended "
+                       f"{first.status.value}/{fresh.status.value}")
+        copies = (Objective(smp.g.P, smp.g.q.copy()),
+                  type(smp.h)(smp.h.G.copy(), smp.h.h.copy(), smp.h.dims),
+                  type(smp.e)(smp.e.A.copy(), smp.e.b.copy()))
+        cases = [("own", first, (smp.g, smp.h, smp.e), fresh),
+                 ("none", None, (smp.g, smp.h, smp.e), fresh),
+                 ("copies", first, copies, fresh)]
+        if smp.g.P is not None and smp.g.P.nnz:       # other data: a stale set-up shows
+            changed = (Objective(2.0 * smp.g.P, smp.g.q), smp.h, smp.e)
+            cases.append(("changed_P", first, changed, run.backend.solve(*changed, term)))
+        for label, previous, problem, want in cases:
+            got = again(previous, *problem, term)
+            if not (got.status.has_solution and want.status.has_solution):
+                raise Fail(f"sample {i}: resolve ({label}) ended {got.status.value}, the "
+                           f"fresh solve {want.status.value}")
+            check_shapes(smp, got)
+            for k, v in distances(got, want).items():
+                _worst(metrics, f"{k}_{label}", v, tol.distance)
+    return list(metrics.values())
+
+
 def _same(a: Solution, b: Solution) -> float:
     if a.status != b.status:
         return math.inf
@@ -589,6 +630,7 @@ _FUNCS = {
     "grad-ffo": lambda run: check_gradient(run, central=False),
     "grad-central": lambda run: check_gradient(run, central=True),
     "warm-start": check_warm_start,
+    "resolve": check_resolve,
     "deterministic": check_deterministic,
     "threads": check_threads,
 }

@@ -19,7 +19,8 @@ examples:
 classes: lp, qp, socp, exp, sdp; variants (also usable in --classes): well, batched,
 scaled, degenerate, infeasible, unbounded, layer; a group such as qp/scaled; or an
 instance name (see --list).
-checks: status, solution, grad-ffo, grad-central, warm-start, deterministic, threads.
+checks: status, solution, grad-ffo, grad-central, warm-start, resolve, deterministic,
+threads.
 exit status: 0 pass, 1 a failure or error, 2 unusable backend or arguments.
 """
 
@@ -28,7 +29,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "conformance", help="run the conformance suite on a backend",
         description="Run ffo's conformance suite (problem zoo; solution, gradient, status, "
-                    "warm-start, determinism and thread checks) on backend NAME and print "
+                    "warm-start, resolve, determinism and thread checks) on backend NAME and print "
                     "a problem-class x check table.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("backend", metavar="NAME", nargs="?",

@@ -114,7 +114,9 @@ def test_osqp_plugin_is_installed_as_a_user_would_and_passes():
     report = Suite("osqp", classes=POLYHEDRAL).run()
     assert not _unexpected(report), "\n".join(_unexpected(report))
     assert report.count("pass") >= 90                   # warm start checked too
-    assert report.count("skip") == 0
+    skipped = [r for r in report.results if r.outcome == "skip"]
+    assert {r.check for r in skipped} == {"resolve"}     # the plugin has no resolve
+    assert all("has no resolve" in r.reason for r in skipped)
 
 
 def test_osqp_skips_cones_with_reasons():
@@ -316,3 +318,34 @@ def test_full_suite(backend):
     unexpected = _unexpected(report)
     assert not unexpected, "\n".join(unexpected)
     assert not [r for r in report.results if r.outcome == "error"]
+
+
+class StaleResolve(ClarabelBackend):
+    """Reuses its kept solver for any previous answer, whatever the problem now is."""
+    name = "broken-stale-resolve"
+
+    def resolve(self, previous, g, h, e, extra_linear_term):
+        from ffo_backends.clarabel import _KEPT
+        kept = previous.info.extra.get(_KEPT) if previous is not None else None
+        if kept is None:
+            return self.solve(g, h, e, extra_linear_term)
+        return super().resolve(previous, kept.g, kept.h, kept.e, extra_linear_term)
+
+
+class ResolveIgnoresTerm(ClarabelBackend):
+    """Answers resolve with the previous solution, as if the term had not changed."""
+    name = "broken-resolve-ignores-term"
+
+    def resolve(self, previous, g, h, e, extra_linear_term):
+        return previous if previous is not None else self.solve(g, h, e, extra_linear_term)
+
+
+@pytest.mark.parametrize("cls", [StaleResolve, ResolveIgnoresTerm], ids=lambda c: c.name)
+def test_broken_resolve_fails_the_resolve_check(registered, cls):
+    """Clarabel's own resolve passes the check; one that reuses a solver set up for other
+    data, or ignores the new term, fails it."""
+    good = Suite("clarabel", classes=["qp-eq-ineq-n12", "socp"], checks=["resolve"]).run()
+    assert good.passed and good.count("pass") >= 2, good.text()
+    name = registered(cls)
+    report = Suite(name, classes=["qp-eq-ineq-n12"], checks=["resolve"]).run()
+    assert [r.check for r in _failures(report)] == ["resolve"], report.text()
