@@ -29,8 +29,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "conformance", help="run the conformance suite on a backend",
         description="Run ffo's conformance suite (problem zoo; solution, gradient, status, "
-                    "warm-start, resolve, determinism and thread checks) on backend NAME and print "
-                    "a problem-class x check table.",
+                    "warm-start, resolve, determinism and thread checks) on backend NAME "
+                    "and print a problem-class x check table.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("backend", metavar="NAME", nargs="?",
                    help='backend config string, e.g. clarabel or "scs:eps_abs=1e-9"')

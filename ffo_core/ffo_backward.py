@@ -395,6 +395,14 @@ def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equaliti
 BACKWARD_CHUNK_BYTES = 256 << 20
 
 
+def backward_chunks(batch: int, sample_bytes: int) -> list[range]:
+    """The batch indices in chunks that hold at most :data:`BACKWARD_CHUNK_BYTES` of
+    per-sample data (``sample_bytes`` each; at least one sample per chunk): what a layer
+    hands :func:`ffo_backward_batch` at a time."""
+    step = max(1, BACKWARD_CHUNK_BYTES // max(1, sample_bytes))
+    return [range(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
 class FFOSample(NamedTuple):
     """One sample of :func:`ffo_backward_batch`: the backend its ghosts go to (the layers
     pass a per-sample guard that names the batch index), its data, forward solution and
@@ -570,5 +578,5 @@ def _finish(plan: _Ghost, options: FFOOptions) -> DataGradient:
 
 
 __all__ = ["FFOOptions", "DataGradient", "ffo_backward", "ffo_backward_batch", "FFOSample",
-           "lagrangian_gradient_derivative",
+           "backward_chunks", "lagrangian_gradient_derivative",
            "choose_delta", "build_ghost", "GhostSource", "ConeDims"]

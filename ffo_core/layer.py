@@ -36,7 +36,7 @@ from .compile import CompiledProblem, Slot, compile_problem, flatten_f, unflatte
 from .config import check_choice
 from .errors import (ConfigError, GhostProblemError, GradientHealthWarning,
                      InvalidGradientError, InvalidParameterError, ProblemError, SolverError)
-from .ffo_backward import (BACKWARD_CHUNK_BYTES, DataGradient, FFOOptions, FFOSample,
+from .ffo_backward import (DataGradient, FFOOptions, FFOSample, backward_chunks,
                            ffo_backward, ffo_backward_batch)
 from .kkt_backward import kkt_backward
 from .protocol import Backend, Solution, Status
@@ -503,11 +503,9 @@ class FFOLayer(torch.nn.Module):
                 return grad
             grads = self._runner.run("backward", one, bound.batch)
         else:
-            step = max(1, BACKWARD_CHUNK_BYTES // max(1, bound.sample_bytes()))
             grads = []
-            for start in range(0, bound.batch, step):
-                grads += self._ffo_chunk(bound, sols, c,
-                                         range(start, min(start + step, bound.batch)))
+            for indices in backward_chunks(bound.batch, bound.sample_bytes()):
+                grads += self._ffo_chunk(bound, sols, c, indices)
         self.last_diagnostics = [g.diagnostics for g in grads]
         with self._lock:
             self._backward_calls += 1

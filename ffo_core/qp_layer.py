@@ -58,7 +58,7 @@ from .batch import (INACCURATE_POLICIES, BatchRunner, GuardedBackend, check_solu
                     with_batch_index)
 from .config import check_choice
 from .errors import ConfigError, GhostProblemError, InvalidParameterError, SolverError
-from .ffo_backward import (BACKWARD_CHUNK_BYTES, FFOOptions, FFOSample, GhostSource,
+from .ffo_backward import (FFOOptions, FFOSample, GhostSource, backward_chunks,
                            ffo_backward_batch)
 from .kkt_backward import kkt_backward
 from .protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
@@ -390,17 +390,16 @@ class FFOQPLayer(torch.nn.Module):
                     raise with_batch_index(exc, i)
             return self._runner.run("backward", one, call.batch)
         grads: list = []
-        step = max(1, BACKWARD_CHUNK_BYTES // max(1, call.sample_bytes()))
-        for start in range(0, call.batch, step):
+        for indices in backward_chunks(call.batch, call.sample_bytes()):
             samples = []
-            for i in range(start, min(start + step, call.batch)):
+            for i in indices:
                 g, h, e = call.sample(i)
                 guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
                 samples.append(FFOSample(guard, g, h, e, call.sols[i], c[i],
                                          call.ghost_source(h, e)))
             out = ffo_backward_batch(samples, self.options,
                                      run=lambda fn, k: self._runner.run("backward", fn, k))
-            for i, grad in enumerate(out, start):
+            for i, grad in zip(indices, out):
                 if isinstance(grad, GhostProblemError):
                     raise with_batch_index(grad, i)
                 grads.append(grad)

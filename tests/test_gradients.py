@@ -212,7 +212,7 @@ def test_batch_backward_hands_back_a_failed_ghost_and_goes_on():
 def test_layer_gradient_does_not_depend_on_the_backward_chunk_size(monkeypatch):
     """The layer stages its backward in chunks of BACKWARD_CHUNK_BYTES of per-sample data;
     one sample per chunk gives the same gradients as the whole batch at once."""
-    import ffo_core.layer as layer_mod
+    import ffo_core.ffo_backward as ffo_mod
     qp = random_qp(10, 8, 3, seed=5)
     rng = np.random.default_rng(2)
     ts = qp.tensors(batch=5)
@@ -220,7 +220,7 @@ def test_layer_gradient_does_not_depend_on_the_backward_chunk_size(monkeypatch):
     w = _weights(10)
     layer = FFOLayer(qp.problem, qp.params, [qp.y], n_jobs=1)
     _, whole = layer_grads(layer, ts, w)
-    monkeypatch.setattr(layer_mod, "BACKWARD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(ffo_mod, "BACKWARD_CHUNK_BYTES", 1)
     _, single = layer_grads(layer, ts, w)
     for name, a, b in zip(NAMES, whole, single):
         assert torch.equal(a, b), name
@@ -264,3 +264,15 @@ def test_second_solve_of_a_ghost_goes_through_resolve():
     for name, a, b, c in zip(NAMES, got[True], got[False], ref):
         assert rel_err(a, c) <= 1e-5, name
         assert rel_err(a, b) <= 1e-8, name
+
+
+def test_backward_chunks_cover_the_batch_within_the_byte_budget(monkeypatch):
+    """backward_chunks splits a batch into consecutive ranges of at most
+    BACKWARD_CHUNK_BYTES // sample_bytes samples (at least one each), covering it once."""
+    import ffo_core.ffo_backward as ffo_mod
+    from ffo_core.ffo_backward import backward_chunks
+    monkeypatch.setattr(ffo_mod, "BACKWARD_CHUNK_BYTES", 100)
+    assert backward_chunks(7, 30) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert backward_chunks(4, 0) == [range(0, 4)]              # nothing batched: one chunk
+    assert backward_chunks(3, 500) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert backward_chunks(0, 30) == []

@@ -429,7 +429,7 @@ def test_shared_ghost_parts_and_backward_chunks_change_no_gradient(monkeypatch):
     and stages the batch in chunks (BACKWARD_CHUNK_BYTES); neither changes a gradient:
     shared G and A against the same values repeated per sample (parts formed per sample),
     and one sample per chunk against the whole batch."""
-    import ffo_core.qp_layer as qp_mod
+    import ffo_core.ffo_backward as ffo_mod
     shared, _ = strict_qp(12, 9, 3, seed=11, batch=4, batched=("p", "h"))
     repeated = list(shared)
     for k in (2, 4):                                       # G and A, batched copies
@@ -443,7 +443,7 @@ def test_shared_ghost_parts_and_backward_chunks_change_no_gradient(monkeypatch):
             assert torch.allclose(g_rep[k].sum(0), g_shared[k], rtol=1e-12, atol=1e-14), name
         else:
             assert torch.equal(g_rep[k], g_shared[k]), name
-    monkeypatch.setattr(qp_mod, "BACKWARD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(ffo_mod, "BACKWARD_CHUNK_BYTES", 1)
     for tensors, whole in ((shared, g_shared), (repeated, g_rep)):
         _, chunked = grads(layer, tensors, w)
         for name, a, b in zip(NAMES, chunked, whole):
