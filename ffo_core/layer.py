@@ -41,7 +41,7 @@ from .ffo_backward import (DataGradient, FFOOptions, FFOSample, backward_chunks,
 from .kkt_backward import kkt_backward
 from .protocol import Backend, Solution, Status
 from .registry import available_backends, get_backend
-from .tensors import all_finite, check_finite
+from .tensors import all_finite, bad_batch_indices, check_finite
 
 BACKWARDS = ("ffo", "kkt")
 #: ``ghost_fallback`` policies (see :class:`FFOLayer`).
@@ -135,14 +135,6 @@ def _value_rules(param) -> list[_ValueRule]:
     return rules
 
 
-def _bad_batch_indices(mask: torch.Tensor, batched: bool) -> str:
-    """`` at batch index [i, ...]`` for the samples of a batched tensor with a marked entry."""
-    if not batched:
-        return ""
-    bad = mask.reshape(mask.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
-    return f" at batch index {bad[:5]}" + (" (and more)" if len(bad) > 5 else "")
-
-
 def _inspect_params(slots: list[Slot], tensors, rules: list[list[_ValueRule]] | None = None
                     ) -> _Batch:
     """Validate types, devices, shapes, finiteness, declared attributes and batch sizes
@@ -203,7 +195,7 @@ def _inspect_params(slots: list[Slot], tensors, rules: list[list[_ValueRule]] | 
                 first = values[bad].flatten()[0].item()
                 raise InvalidParameterError(
                     f"parameter {slot.name} violates its declared attribute {rule.text}"
-                    f"{_bad_batch_indices(bad, batched[-1])} (e.g. {first:g})")
+                    f"{bad_batch_indices(bad, batched[-1])} (e.g. {first:g})")
     if len(set(sizes.values())) > 1:
         raise InvalidParameterError(f"inconsistent batch sizes: {sizes}")
     batch = next(iter(sizes.values()), 1)
@@ -619,7 +611,7 @@ class _FFOFunction(torch.autograd.Function):
             if not all_finite(values):          # 5 us; torch.isfinite and all took 70
                 raise InvalidGradientError(
                     f"the gradient flowing into the layer's output {slot.name} contains NaN "
-                    f"or Inf{_bad_batch_indices(~torch.isfinite(g), info.any_batched)}; it "
+                    f"or Inf{bad_batch_indices(~torch.isfinite(g), info.any_batched)}; it "
                     "comes from the loss or a later layer, and the layer refuses to "
                     "propagate it")
             g = values

@@ -70,6 +70,21 @@ def all_finite(a: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(a)))
 
 
+def at_batch_indices(bad: Sequence[int]) -> str:
+    """`` at batch index [i, ...]`` naming the first five of ``bad`` (and saying when there
+    are more): how every input check names the samples it refuses."""
+    return f" at batch index {list(bad[:5])}" + (" (and more)" if len(bad) > 5 else "")
+
+
+def bad_batch_indices(mask: torch.Tensor, batched: bool) -> str:
+    """:func:`at_batch_indices` for the samples (leading dimension) of a batched tensor
+    with a marked entry in ``mask``; ``""`` when the tensor is not batched."""
+    if not batched:
+        return ""
+    return at_batch_indices(mask.reshape(mask.shape[0], -1).any(dim=1).nonzero()
+                            .flatten().tolist())
+
+
 def check_finite(name: str, t: torch.Tensor, batched: bool, what: str = "parameter") -> None:
     """Raise naming ``name`` (and the first bad batch indices) if ``t`` has NaN or Inf."""
     values, batch = _stored_values(t.detach())
@@ -83,14 +98,10 @@ def check_finite(name: str, t: torch.Tensor, batched: bool, what: str = "paramet
         if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
             return
     finite = torch.isfinite(values)
-    where = ""
-    if batched:
-        if batch is not None:
-            bad = torch.unique(batch[~finite])
-        else:
-            bad = (~finite).reshape(values.shape[0], -1).any(dim=1).nonzero().flatten()
-        bad = bad.tolist()
-        where = f" at batch index {bad[:5]}" + (" (and more)" if len(bad) > 5 else "")
+    if batched and batch is not None:       # sparse: the stored entries' batch indices
+        where = at_batch_indices(torch.unique(batch[~finite]).tolist())
+    else:
+        where = bad_batch_indices(~finite, batched)
     raise InvalidParameterError(f"{what} {name} contains NaN or Inf{where}")
 
 
