@@ -746,14 +746,20 @@ def test_mosek_row_order_and_domains():
     assert sorted(perm.tolist()) == list(range(15))
 
 
+#: The reference for the epigraph instances of every cone: Clarabel 0.11 stops at
+#: AlmostSolved (17 iterations, residual 1.4e-9) on seed 0's at REF's 1e-10, where 0.10
+#: reached Solved; at 1e-9 both versions solve it.  The checks below are at 1e-7.
+REF_EPIGRAPH = "clarabel:tol_gap_abs=1e-9,tol_gap_rel=1e-9,tol_feas=1e-9"
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_mosek_translation_keeps_the_optimum_and_its_duals(seed, reference):
+def test_mosek_translation_keeps_the_optimum_and_its_duals(seed):
     """At Clarabel's optimum (y, s, nu, lam) of a problem with every cone, the translated
     MOSEK problem ``min c'x s.t. Fx + g in D`` has ``Fx + g`` in D, the permuted duals in D*,
     MOSEK's dual equation ``F' doty = c`` and complementarity: signs, cone orders and the
     PSD layout are all MOSEK's documented ones."""
     g, h, e = epigraph(*random_conic(seed, nonneg=3, soc=(3,), exp=2, psd=(3, 2)))
-    ref = reference.solve(g, h, e)
+    ref = get_backend(REF_EPIGRAPH).solve(g, h, e)
     assert ref.status is Status.OPTIMAL
     data = mosek_mod.translate(g, h, e)
     y = ref.primal
