@@ -746,7 +746,7 @@ def test_mosek_row_order_and_domains():
     assert sorted(perm.tolist()) == list(range(15))
 
 
-#: The reference for the epigraph instances of every cone: Clarabel 0.11 stops at
+#: The reference of the translation test below: Clarabel 0.11 stops at
 #: AlmostSolved (17 iterations, residual 1.4e-9) on seed 0's at REF's 1e-10, where 0.10
 #: reached Solved; at 1e-9 both versions solve it.  The checks below are at 1e-7.
 REF_EPIGRAPH = "clarabel:tol_gap_abs=1e-9,tol_gap_rel=1e-9,tol_feas=1e-9"
