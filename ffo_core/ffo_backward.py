@@ -70,7 +70,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .active_set import DEFAULT_ACCURACY, ActiveSet, block_slices, classify_batch
-from .sparse_ops import prune, row_norms, select_rows, stack_rows
+from .sparse_ops import no_rows, prune, row_norms, select_rows_batch, stack_rows
 from .errors import GhostProblemError
 from .protocol import (Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution,
                        Status)
@@ -263,15 +263,38 @@ def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
                 active: ActiveSet, stacked: sp.csc_matrix | None = None
                 ) -> tuple[ConeConstraints, Equalities]:
     """Step 2: locked rows join the equalities; kept cone blocks stay cones; rest dropped.
-    ``stacked``: ``[e.A; h.G]`` if the caller has it (:class:`GhostSource`)."""
-    locked = np.flatnonzero(active.locked)
-    kept = np.flatnonzero(active.kept)
-    if stacked is None:
-        stacked = stack_rows(e.A, h.G)
-    rows = np.concatenate([np.arange(e.p), e.p + locked]) if e.p else locked
-    ghost_e = Equalities(select_rows(stacked, rows), np.concatenate([e.b, h.h[locked]]))
-    ghost_h = ConeConstraints(select_rows(h.G, kept), h.h[kept], active.kept_dims)
-    return ghost_h, ghost_e
+    ``stacked``: ``[e.A; h.G]`` if the caller has it (:class:`GhostSource`).  One sample
+    of :func:`build_ghosts`."""
+    source = GhostSource(h, e, stacked if stacked is not None else stack_rows(e.A, h.G),
+                         None, None)
+    return build_ghosts([source], [active])[0]
+
+
+def build_ghosts(sources: Sequence[GhostSource], actives: Sequence[ActiveSet]
+                 ) -> list[tuple[ConeConstraints, Equalities]]:
+    """:func:`build_ghost` of every sample, ``sources[k]`` and ``actives[k]`` being sample
+    ``k``'s: the ghost's equality rows ``[A; G_locked]`` are one row selection of the
+    source's ``stacked``, its cone rows one of ``G``, and the samples that share a source
+    (a layer's batch whose matrices are not batched) have theirs selected together
+    (:func:`~ffo_core.sparse_ops.select_rows_batch`; the same matrices as one selection
+    per sample, bit for bit)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, source in enumerate(sources):
+        groups.setdefault((id(source.stacked), id(source.h.G)), []).append(k)
+    out: list = [None] * len(sources)
+    for ks in groups.values():
+        stacked, G, p = sources[ks[0]].stacked, sources[ks[0]].h.G, sources[ks[0]].e.p
+        locked = np.stack([actives[k].locked for k in ks])          # (group, m)
+        kept = np.stack([actives[k].kept for k in ks])
+        rows = np.concatenate([np.ones((len(ks), p), dtype=bool), locked], axis=1) \
+            if p else locked
+        equalities = select_rows_batch(stacked, rows)
+        cones = select_rows_batch(G, kept) if kept.any() else [no_rows(G.shape[1])] * len(ks)
+        for j, k in enumerate(ks):
+            h, e = sources[k].h, sources[k].e
+            out[k] = (ConeConstraints(cones[j], h.h[kept[j]], actives[k].kept_dims),
+                      Equalities(equalities[j], np.concatenate([e.b, h.h[locked[j]]])))
+    return out
 
 
 def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
@@ -423,7 +446,7 @@ def ffo_backward_batch(samples: Sequence[FFOSample], options: FFOOptions | None 
     """:func:`ffo_backward` of every sample, in three passes over the batch:
 
     1. plan: step 1 for all samples at once (:func:`_active_sets`), then step 4 and 2's
-       construction (:func:`_plan`) -- the active set, delta and ghost of every sample;
+       construction (:func:`_plans`) -- the active set, delta and ghost of every sample;
     2. solve (:func:`_solve`): every sample's ghost at ``+delta`` (and ``-delta`` when the
        difference is central), through ``run(fn, count)``, which calls ``fn(i)`` for
        every index (the layers pass their thread pool; default: in order);
@@ -445,7 +468,7 @@ def ffo_backward_batch(samples: Sequence[FFOSample], options: FFOOptions | None 
     options = options or FFOOptions()
     live = [k for k, s in enumerate(samples) if np.any(s.c)]
     actives = dict(zip(live, _active_sets([samples[k] for k in live], options)))
-    plans: list = [_plan(s, actives.get(k), options) for k, s in enumerate(samples)]
+    plans = _plans(samples, actives, options)
 
     def solve(i: int) -> None:
         if isinstance(plans[i], _Ghost):
@@ -479,7 +502,7 @@ class _Ghost:
     central: bool                   # decided up front (curved blocks, or asked for)
     delta: float
     source: GhostSource
-    ghost: tuple[ConeConstraints, Equalities]
+    ghost: tuple[ConeConstraints, Equalities] | None     # set once the batch's are built
     upper: tuple | None = None      # ghost solution (y, nu, lam) at +delta
     lower: tuple | None = None      # ... at -delta (central differences)
 
@@ -499,22 +522,33 @@ def _active_sets(samples: Sequence[FFOSample], options: FFOOptions) -> list[Acti
     return out
 
 
-def _plan(s: FFOSample, active: ActiveSet | None,
-          options: FFOOptions) -> "_Ghost | DataGradient":
-    """Pass 1: step 4 and the ghost problem of step 2 for the active set of step 1
-    (:func:`_active_sets`); a zero gradient when ``c = 0`` (no loss through this sample:
-    nothing to solve, ``active`` is None)."""
-    y, nu, lam = s.sol.primal, s.sol.eq_dual, s.sol.ineq_dual
-    if not np.any(s.c):
-        return DataGradient.along(s.g, s.h, s.e, (y, nu, lam),
-                                  (np.zeros_like(y), np.zeros_like(nu), np.zeros_like(lam)))
-    curved = bool(active.kept.any())
-    central = options.central if options.central is not None else curved
-    delta = choose_delta(y, s.c, s.sol.info.accuracy, replace(options, central=central),
-                         curved)
-    source = s.source if s.source is not None else GhostSource.of(s.h, s.e)
-    ghost = build_ghost(s.g, source.h, source.e, active, source.stacked)
-    return _Ghost(s, active, bool(central), delta, source, ghost)
+def _plans(samples: Sequence[FFOSample], actives: dict[int, ActiveSet],
+           options: FFOOptions) -> list["_Ghost | DataGradient"]:
+    """Pass 1: step 4 and the ghost problem of step 2 (:func:`build_ghosts`, the samples
+    that share matrices together) for the active sets of step 1 (:func:`_active_sets`,
+    ``actives[k]`` for sample ``k``); a zero gradient for a sample with ``c = 0`` (no
+    loss through it: nothing to solve, it has no active set)."""
+    plans: list = [None] * len(samples)
+    live, sources = [], []
+    as_central = {flag: replace(options, central=flag) for flag in (False, True)}
+    for k, s in enumerate(samples):
+        y, nu, lam = s.sol.primal, s.sol.eq_dual, s.sol.ineq_dual
+        if k not in actives:
+            plans[k] = DataGradient.along(s.g, s.h, s.e, (y, nu, lam), (
+                np.zeros_like(y), np.zeros_like(nu), np.zeros_like(lam)))
+            continue
+        active = actives[k]
+        curved = bool(active.kept.any())
+        central = bool(options.central if options.central is not None else curved)
+        delta = choose_delta(y, s.c, s.sol.info.accuracy, as_central[central], curved)
+        source = s.source if s.source is not None else GhostSource.of(s.h, s.e)
+        plans[k] = _Ghost(s, active, central, delta, source, None)
+        live.append(k)
+        sources.append(source)
+    ghosts = build_ghosts(sources, [actives[k] for k in live])
+    for k, ghost in zip(live, ghosts):
+        plans[k].ghost = ghost
+    return plans
 
 
 def _ghost_at(plan: _Ghost, step: float, previous: Solution | None = None

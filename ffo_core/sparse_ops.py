@@ -1,7 +1,8 @@
 """Small sparse-matrix operations of the engine and the adapters, on CSC matrices.
 
 Each copies only when it must (``prune`` and ``stack_rows`` return their input when it is
-already what is asked, ``select_rows`` and ``stack_rows`` skip scipy for empty results),
+already what is asked, ``select_rows`` and ``stack_rows`` skip scipy for empty results,
+``select_rows_batch`` selects a whole batch's rows in one pass),
 and ``upper_triangle`` is one pass over a CSC matrix where ``scipy.sparse.triu`` goes
 through COO: these run once or twice per sample in the backward pass, where a scipy call
 costs tens of microseconds.  Results may share arrays with their inputs: never write to
@@ -78,6 +79,53 @@ def select_rows(M: sp.csc_matrix, rows: np.ndarray) -> sp.csc_matrix:
     measured); :func:`no_rows` when ``rows`` is empty (a ghost usually keeps no cone
     block: skips a scipy call that costs as much as a real selection)."""
     return M[rows] if rows.size else no_rows(M.shape[1])
+
+
+#: Entries of the ``(batch, nnz)`` work arrays :func:`select_rows_batch` forms at once
+#: (about 9 bytes each); larger batches are taken in slices of samples.
+SELECT_BATCH_ENTRIES = 1 << 22
+
+
+def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix]:
+    """``[select_rows(M, flatnonzero(mask)) for mask in masks]`` for canonical CSC ``M``
+    (sorted indices, as :func:`prune` leaves it) and a ``(batch, M.shape[0])`` bool array:
+    each result has exactly the arrays of scipy's ``M[rows]`` (sorted indices, ``M``'s
+    index dtype), so a solver sees the same input either way.
+
+    The selection of the whole batch is a few elementwise operations on ``(batch, nnz)``
+    arrays -- which entries each sample keeps, their running count (the new column
+    pointers) and each kept row's new position -- so per sample only the ``csc_matrix``
+    constructor remains: measured at n = 100 on the DFL QP's ``[A; G]`` (501 entries),
+    102 us per sample for scipy's row index against about 25 here at batch 32, most of it
+    the constructor's checks.  The results share one data and one index array per slice
+    of the batch (read-only, like every result of this module)."""
+    masks = np.asarray(masks, dtype=bool)
+    batch, rows = masks.shape
+    n, nnz = M.shape[1], M.nnz
+    step = max(1, SELECT_BATCH_ENTRIES // max(1, nnz))
+    out: list[sp.csc_matrix] = []
+    for start in range(0, batch, step):
+        part = masks[start:start + step]
+        keep = part[:, M.indices]                         # (b, nnz): entry stays
+        before = np.zeros((part.shape[0], nnz + 1), dtype=M.indptr.dtype)
+        np.cumsum(keep, axis=1, out=before[:, 1:])        # kept entries before each one
+        indptr = before[:, M.indptr]                      # (b, n + 1) new column starts
+        position = np.cumsum(part, axis=1, dtype=M.indices.dtype) - 1   # new row numbers
+        sample, entry = np.nonzero(keep)                  # sample by sample, in order
+        data = M.data[entry]
+        indices = position[sample, M.indices[entry]]
+        ends = np.cumsum(indptr[:, -1])
+        counts = position[:, -1] + 1 if rows else np.zeros(part.shape[0], dtype=int)
+        for b in range(part.shape[0]):
+            if not counts[b]:
+                out.append(no_rows(n))
+                continue
+            lo, hi = ends[b] - indptr[b, -1], ends[b]
+            A = sp.csc_matrix((data[lo:hi], indices[lo:hi], indptr[b]),
+                              shape=(int(counts[b]), n))
+            A.has_canonical_format = True      # a subset of a canonical matrix
+            out.append(A)
+    return out
 
 
 def row_norms(M: sp.csc_matrix) -> np.ndarray:

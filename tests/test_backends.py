@@ -919,6 +919,36 @@ def test_upper_triangle_and_prune_match_scipy():
     assert np.array_equal(upper_triangle(W).toarray(), np.triu(W.toarray()))
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_select_rows_batch_gives_scipys_row_selection_bit_for_bit(index_dtype, monkeypatch):
+    """Every sample's selection has exactly the arrays (values, dtypes, shape) of scipy's
+    ``M[rows]``: empty, full and random masks, empty columns, a matrix without rows, and
+    batches taken in slices (the work-array cap patched down to one sample per slice)."""
+    import scipy.sparse as sp
+    import ffo_core.sparse_ops as so
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        rows, n = int(rng.integers(0, 25)), int(rng.integers(1, 12))
+        M = sp.random(rows, n, density=rng.uniform(0.0, 0.6), format="csc",
+                      random_state=rng)
+        M.sort_indices()
+        M = sp.csc_matrix((M.data, M.indices.astype(index_dtype),
+                           M.indptr.astype(index_dtype)), shape=M.shape)
+        masks = rng.random((5, rows)) < rng.uniform(0.0, 1.0)
+        masks[0] = False
+        masks[1] = True
+        if trial % 2:
+            monkeypatch.setattr(so, "SELECT_BATCH_ENTRIES", 1)
+        else:
+            monkeypatch.undo()
+        for mask, got in zip(masks, so.select_rows_batch(M, masks)):
+            want = so.select_rows(M, np.flatnonzero(mask))
+            assert got.shape == want.shape and got.has_canonical_format
+            for name in ("data", "indices", "indptr"):
+                a, b = getattr(got, name), getattr(want, name)
+                assert a.dtype == b.dtype and np.array_equal(a, b), (trial, name)
+
+
 def test_clarabel_resolve_reuses_a_ghost_solver_only_for_the_same_problem():
     """resolve(previous, g, h, e, term) updates q in the solver ``previous`` kept when it
     answered these same objects with another extra term (a ghost solved again), and gives

@@ -144,10 +144,11 @@ def test_batch_backward_is_the_per_sample_backward():
     """ffo_backward_batch (three passes over the batch, its solves in any order) gives
     each sample exactly what a lone ffo_backward gives: the same gradient to the last bit
     and the same diagnostics, for polyhedral samples (one-sided, and central after a
-    failed base-point check), a curved one (SOC kept: central up front) and a
-    sample without loss (c = 0)."""
+    failed base-point check), a curved one (SOC kept: central up front), a
+    sample without loss (c = 0) and two that share their matrices' GhostSource."""
     import cvxpy as cp
-    from ffo_core.ffo_backward import FFOOptions, FFOSample, ffo_backward, ffo_backward_batch
+    from ffo_core.ffo_backward import (FFOOptions, FFOSample, GhostSource, ffo_backward,
+                                       ffo_backward_batch)
     from ffo_core.registry import get_backend
     backend = get_backend("clarabel")
     qp = random_qp(10, 8, 3, seed=3)
@@ -165,6 +166,10 @@ def test_batch_backward_is_the_per_sample_backward():
         c[where] = rng.standard_normal(where.stop - where.start)
         samples.append(FFOSample(backend, g, h, e, backend.solve(g, h, e), c))
     samples.append(samples[0]._replace(c=np.zeros_like(samples[0].c)))
+    # two samples that share one GhostSource (as a layer's batch with shared matrices):
+    # their ghosts are selected together (build_ghosts)
+    shared = GhostSource.of(samples[0].h, samples[0].e)
+    samples += [samples[0]._replace(source=shared), samples[2]._replace(source=shared)]
     for options in (FFOOptions(), FFOOptions(base_check=0.0)):
         order = []
 
@@ -173,14 +178,17 @@ def test_batch_backward_is_the_per_sample_backward():
                 order.append(i)
                 fn(i)
         batch = ffo_backward_batch(samples, options, run=backwards)
-        assert order == [3, 2, 1, 0]
+        assert order == [5, 4, 3, 2, 1, 0]
         for s, got in zip(samples, batch):
-            alone = ffo_backward(s.backend, s.g, s.h, s.e, s.sol, s.c, options)
+            alone = ffo_backward(s.backend, s.g, s.h, s.e, s.sol, s.c, options,
+                                 source=s.source)
             assert np.array_equal(got.vector(), alone.vector())
             assert got.diagnostics == alone.diagnostics
         assert batch[1].diagnostics["central"] and batch[1].diagnostics["kept"] > 0
         assert batch[0].diagnostics["central_fallback"] == (options.base_check == 0.0)
         assert not np.any(batch[3].vector())
+        for k, j in ((4, 0), (5, 2)):            # a shared source changes nothing
+            assert np.array_equal(batch[k].vector(), batch[j].vector())
 
 
 def test_batch_backward_hands_back_a_failed_ghost_and_goes_on():
