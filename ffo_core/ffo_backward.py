@@ -349,17 +349,44 @@ def base_point_error(source: GhostSource, sol: Solution, active: ActiveSet,
     bounded by ``sum_D |lam*_i| ||G_i||`` (one dot product); only when that bound could
     exceed the primal part is it computed exactly (one pass over ``G``'s entries), so the
     result is exact either way.
+
+    One sample of :func:`base_point_errors`.
     """
-    primal = 0.0
-    locked, norms = active.locked, source.G_row_norms
-    if locked.any():
-        dist = np.abs(sol.slack[locked]) / np.maximum(norms[locked], _TINY)
-        primal = float(dist.max()) / max(np.linalg.norm(y_up - sol.primal), _TINY)
-    leftover = np.where(active.ghost_rows, 0.0, sol.ineq_dual)   # dropped rows' lam*
-    scale = np.linalg.norm(step)
-    if float(np.abs(leftover) @ norms) / scale <= primal:
-        return primal
-    return max(primal, float(np.linalg.norm(source.G_T @ leftover)) / scale)
+    return float(base_point_errors([source], [sol], [active], [y_up], [step])[0])
+
+
+def base_point_errors(sources: Sequence[GhostSource], sols: Sequence[Solution],
+                      actives: Sequence[ActiveSet], y_ups: Sequence[np.ndarray],
+                      steps: Sequence[np.ndarray]) -> np.ndarray:
+    """:func:`base_point_error` of every sample (``sources[k]``, ``sols[k]``, ... being
+    sample ``k``'s), shape ``(batch,)``.  Samples that share ``G`` (one source's row norms
+    and transpose) are checked together, as elementwise operations on ``(group, m)``
+    arrays and one product ``G' [leftover_1 ...]`` for those whose bound needs the exact
+    force; each sample's figure is the same whatever else is in its group."""
+    out = np.zeros(len(sources))
+    groups: dict[int, list[int]] = {}
+    for k, source in enumerate(sources):
+        groups.setdefault(id(source.h.G), []).append(k)
+    for ks in groups.values():
+        norms, G_T = sources[ks[0]].G_row_norms, sources[ks[0]].G_T
+        locked = np.stack([actives[k].locked for k in ks])                   # (group, m)
+        ghost_rows = locked | np.stack([actives[k].kept for k in ks])
+        slack = np.stack([sols[k].slack for k in ks])
+        lam = np.stack([sols[k].ineq_dual for k in ks])
+        moved = np.linalg.norm(np.stack([y_ups[k] - sols[k].primal for k in ks]), axis=1)
+        scale = np.linalg.norm(np.stack([steps[k] for k in ks]), axis=1)
+        dist = np.where(locked, np.abs(slack) / np.maximum(norms, _TINY), 0.0)
+        primal = np.max(dist, axis=1, initial=0.0) / np.maximum(moved, _TINY)
+        leftover = np.where(ghost_rows, 0.0, lam)                # dropped rows' lam*
+        error = primal
+        # row sums, not a matrix-vector product: BLAS may order a row's terms differently
+        # for different group sizes, and a sample's figure must not depend on its group
+        exact = (np.abs(leftover) * norms).sum(axis=1) / scale > primal
+        if exact.any():
+            force = np.linalg.norm(G_T @ leftover[exact].T, axis=0) / scale[exact]
+            error[exact] = np.maximum(primal[exact], force)
+        out[ks] = error
+    return out
 
 
 _TINY = np.finfo(float).tiny
@@ -450,8 +477,9 @@ def ffo_backward_batch(samples: Sequence[FFOSample], options: FFOOptions | None 
     2. solve (:func:`_solve`): every sample's ghost at ``+delta`` (and ``-delta`` when the
        difference is central), through ``run(fn, count)``, which calls ``fn(i)`` for
        every index (the layers pass their thread pool; default: in order);
-    3. finish (:func:`_finish`): the base-point check (its fallback solve at ``-delta``
-       when it fails, rarely) and step 3.
+    3. finish: the base-point check of all samples at once (:func:`_base_errors`), then
+       per sample (:func:`_finish`) its fallback solve at ``-delta`` when it failed
+       (rarely) and step 3.
 
     Each sample goes through exactly the steps, in the order, of a lone call; only the
     interleaving across samples differs.  Running one kind of step over the whole batch
@@ -482,11 +510,12 @@ def ffo_backward_batch(samples: Sequence[FFOSample], options: FFOOptions | None 
             solve(i)
     else:
         run(solve, len(plans))
+    base_errors = _base_errors(plans, options)
     out = []
-    for plan in plans:
+    for k, plan in enumerate(plans):
         if isinstance(plan, _Ghost):
             try:
-                plan = _finish(plan, options)
+                plan = _finish(plan, options, base_errors.get(k))
             except GhostProblemError as exc:
                 plan = exc
         out.append(plan)
@@ -582,15 +611,29 @@ def _solve(plan: _Ghost, options: FFOOptions) -> None:
         plan.lower, _ = _ghost_at(plan, -plan.delta, sol)
 
 
-def _finish(plan: _Ghost, options: FFOOptions) -> DataGradient:
-    """Pass 3: the base-point check of a one-sided difference (central at ``-delta`` when
-    the forward point is not trusted), then step 3."""
+def _base_errors(plans: Sequence, options: FFOOptions) -> dict[int, float]:
+    """Pass 3's base-point check (:func:`base_point_errors`) of every one-sided plan whose
+    ghost was solved, by index into ``plans``; none when ``options.base_check`` is None."""
+    checked = [k for k, plan in enumerate(plans) if isinstance(plan, _Ghost)
+               and not plan.central and options.base_check is not None]
+    if not checked:
+        return {}
+    errors = base_point_errors(
+        [plans[k].source for k in checked], [plans[k].s.sol for k in checked],
+        [plans[k].active for k in checked], [plans[k].upper[0] for k in checked],
+        [plans[k].delta * plans[k].s.c for k in checked])
+    return dict(zip(checked, errors.tolist()))
+
+
+def _finish(plan: _Ghost, options: FFOOptions, base_error: float | None) -> DataGradient:
+    """Pass 3: for a one-sided difference whose base-point check (:func:`_base_errors`)
+    gave ``base_error`` above ``options.base_check``, the ghost at ``-delta`` too (the
+    difference becomes central); then step 3."""
     s, active, delta = plan.s, plan.active, plan.delta
     y, nu, lam = s.sol.primal, s.sol.eq_dual, s.sol.ineq_dual
     forward = (y, nu, np.where(active.ghost_rows, lam, 0.0))
-    fallback, base_error = False, None
-    if not plan.central and options.base_check is not None:
-        base_error = base_point_error(plan.source, s.sol, active, plan.upper[0], delta * s.c)
+    fallback = False
+    if base_error is not None:
         fallback = base_error > options.base_check
         if fallback:                   # a fresh solve: pass 2 kept no Solution
             plan.lower, _ = _ghost_at(plan, -delta)
