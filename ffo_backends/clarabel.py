@@ -32,6 +32,7 @@ the DFL ghosts; up to the solver's tolerance in general).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -132,7 +133,7 @@ class ClarabelBackend(BackendBase):
         raw = str(res.status)
         status = STATUS_MAP.get(raw, Status.NUMERICAL_ERROR)
         gap = abs(res.obj_val - res.obj_val_dual) / max(1.0, abs(res.obj_val))
-        accuracy = float(max(res.r_prim, res.r_dual, gap)) if np.isfinite(gap) else None
+        accuracy = float(max(res.r_prim, res.r_dual, gap)) if math.isfinite(gap) else None
         if accuracy is not None and h.dims.kinds - {"nonneg"}:
             # on curved cones the point is only ~sqrt(residual) accurate (measured on 12
             # SOC/EXP/PSD instances: true error <= sqrt of the reported figure)
@@ -142,10 +143,9 @@ class ClarabelBackend(BackendBase):
                          extra={} if kept is None else {_KEPT: kept})
         if not status.has_solution:
             return Solution(status=status, info=info)
-        rows = e.p + h.m
-        z, s = _floats(res.z, rows), _floats(res.s, rows)
+        z = _floats(res.z, e.p + h.m)
         return Solution(status=status, primal=_floats(res.x, g.n), eq_dual=z[:e.p],
-                        ineq_dual=z[e.p:], slack=s[e.p:], info=info)
+                        ineq_dual=z[e.p:], slack=_floats(res.s[e.p:], h.m), info=info)
 
 
 #: ``SolveInfo.extra`` key of a ghost solve's kept solver (see ``ClarabelBackend.resolve``).

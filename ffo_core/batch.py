@@ -179,10 +179,9 @@ def solution_problem(sol: Any, n: int | None = None, p: int | None = None,
             return (f"status {status.value} but {field} of shape {arr.shape}, expected "
                     f"({'?' if want is None else want},)")
         arrays.append(arr)
-    with np.errstate(over="ignore", invalid="ignore"):     # one sum per array first: a
-        if np.isfinite(sum(float(a.sum()) for a in arrays)):  # NaN or Inf makes it
-            return None                      # non-finite (m = 1000: 12 -> 9 us, no masks)
-    for field, arr in zip(_ARRAYS, arrays):              # or it overflowed: look closer
+    if np.isfinite(np.concatenate(arrays)).all():   # one check of the four joined (an
+        return None                                # errstate around per-array sums costs
+    for field, arr in zip(_ARRAYS, arrays):        # 7 us by itself): then find which
         if not np.all(np.isfinite(arr)):
             return f"status {status.value} but NaN or Inf in {field}"
     return None

@@ -191,8 +191,8 @@ class DataGradient:
         """True when every entry is finite (for a low-rank gradient: its factors, without
         forming the pattern arrays; an overflow of their products is caught where the
         parameter gradient is assembled)."""
-        if self.low_rank:
-            return all(np.isfinite(v).all() for v in (*self.base, *self.direction))
+        if self.low_rank:           # one check of the six factors joined: 7 against 21 us
+            return bool(np.isfinite(np.concatenate((*self.base, *self.direction))).all())
         return all(np.isfinite(part).all() for part in self._parts())
 
     def _parts(self):
@@ -645,9 +645,10 @@ def _finish(plan: _Ghost, options: FFOOptions, base_error: float | None) -> Data
         base = forward
     grad = lagrangian_gradient_derivative(s.g, s.h, s.e, base, direction)
     grad.diagnostics = {"delta": delta, "central": plan.lower is not None,
-                        "locked": int(active.locked.sum()), "kept": int(active.kept.sum()),
-                        "weak": int(active.weak.sum()),
-                        "weak_blocks": int(np.asarray(active.weak_blocks).sum()),
+                        "locked": int(np.count_nonzero(active.locked)),
+                        "kept": int(np.count_nonzero(active.kept)),
+                        "weak": int(np.count_nonzero(active.weak)),
+                        "weak_blocks": int(np.count_nonzero(active.weak_blocks)),
                         "tau_s": active.tau_s,
                         "tau_lam": active.tau_lam, "central_fallback": bool(fallback),
                         "base_error": base_error}

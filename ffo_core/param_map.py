@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -443,8 +443,9 @@ class BoundData:
         """:func:`~ffo_core.ffo_backward.without_stored_zeros` of a sample's ``(h, e)``
         (from :meth:`sample`).  A matrix no batched parameter reaches is the same for
         every sample: it is pruned once per call and shared."""
-        h_nz = replace(h, G=self._once("G", h.G, prune))
-        return h_nz, replace(e, A=self._once("A", e.A, prune))
+        # the constructors, not dataclasses.replace (3 us each, twice per sample)
+        return (ConeConstraints(self._once("G", h.G, prune), h.h, h.dims),
+                Equalities(self._once("A", e.A, prune), e.b))
 
     def ghost_source(self, h: ConeConstraints, e: Equalities) -> GhostSource:
         """:class:`~ffo_core.ffo_backward.GhostSource` of a sample's ``(h, e)``: its
