@@ -223,3 +223,33 @@ def test_pattern_matrices_are_flagged_canonical_only_when_they_are():
     for rows in ([2, 0, 1, 0, 1], [0, 0, 1, 0, 1]):       # unsorted; duplicated
         bad = SparsePattern.from_rows_cols(rows, [0, 0, 1, 2, 2], (3, 3))
         assert not bad.canonical and not bad.matrix(np.arange(5.0)).has_canonical_format
+
+
+def test_constant_sections_are_formed_once_per_layer_and_the_others_each_call():
+    """What is formed of data no parameter reaches (matrices, P's triangle, ``[A; G]``,
+    G's row norms and transpose) is kept from call to call, the very same objects; a
+    section a shared parameter reaches is formed again in every call, from its values."""
+    n, m = 4, 3
+    y = cp.Variable(n)
+    q, G = cp.Parameter(n), cp.Parameter((m, n))
+    fixed = cp.Problem(cp.Minimize(cp.sum_squares(y) + q @ y), [y >= -1, cp.sum(y) == 1])
+    learnt = cp.Problem(cp.Minimize(cp.sum_squares(y) + q @ y), [G @ y <= 1, y >= -1])
+    rng = np.random.default_rng(1)
+    cp_fixed = compile_problem(fixed, [q], [y])
+    first, second = (bind(cp_fixed, [rng.standard_normal(n)], [False], 1) for _ in range(2))
+    assert split_of(cp_fixed, (False,)).constant_sections == {"P", "A", "b", "G", "h"}
+    (g1, h1, e1), (g2, h2, e2) = first.sample(0), second.sample(0)
+    assert not np.array_equal(g1.q, g2.q)
+    assert h1.G is h2.G and e1.A is e2.A and g1.P_upper is g2.P_upper
+    s1, s2 = first.ghost_source(h1, e1), second.ghost_source(h2, e2)
+    assert all(a is b for a, b in zip(s1[2:], s2[2:]))        # [A; G], norms, G'
+    cp_learnt = compile_problem(learnt, [q, G], [y])
+    values = [[rng.standard_normal(n), rng.standard_normal((m, n))] for _ in range(2)]
+    first, second = (bind(cp_learnt, v, [False, False], 1) for v in values)
+    (_, h1, e1), (_, h2, e2) = first.sample(0), second.sample(0)
+    assert h1.G is not h2.G
+    for values_k, h in zip(values, (h1, h2)):
+        np.testing.assert_array_equal(h.G.toarray()[:m], values_k[1])
+    s1, s2 = first.ghost_source(h1, e1), second.ghost_source(h2, e2)
+    assert s1.stacked is not s2.stacked and not np.array_equal(s1.G_row_norms,
+                                                               s2.G_row_norms)
