@@ -284,8 +284,8 @@ def build_ghosts(sources: Sequence[GhostSource], actives: Sequence[ActiveSet]
     out: list = [None] * len(sources)
     for ks in groups.values():
         stacked, G, p = sources[ks[0]].stacked, sources[ks[0]].h.G, sources[ks[0]].e.p
-        locked = np.stack([actives[k].locked for k in ks])          # (group, m)
-        kept = np.stack([actives[k].kept for k in ks])
+        locked = np.array([actives[k].locked for k in ks])          # (group, m)
+        kept = np.array([actives[k].kept for k in ks])
         rows = np.concatenate([np.ones((len(ks), p), dtype=bool), locked], axis=1) \
             if p else locked
         equalities = select_rows_batch(stacked, rows)
@@ -369,14 +369,14 @@ def base_point_errors(sources: Sequence[GhostSource], sols: Sequence[Solution],
         groups.setdefault(id(source.h.G), []).append(k)
     for ks in groups.values():
         norms, G_T = sources[ks[0]].G_row_norms, sources[ks[0]].G_T
-        locked = np.stack([actives[k].locked for k in ks])                   # (group, m)
-        ghost_rows = locked | np.stack([actives[k].kept for k in ks])
-        slack = np.stack([sols[k].slack for k in ks])
-        lam = np.stack([sols[k].ineq_dual for k in ks])
-        moved = np.linalg.norm(np.stack([y_ups[k] - sols[k].primal for k in ks]), axis=1)
-        scale = np.linalg.norm(np.stack([steps[k] for k in ks]), axis=1)
+        locked = np.array([actives[k].locked for k in ks])                   # (group, m)
+        ghost_rows = locked | np.array([actives[k].kept for k in ks])
+        slack = np.array([sols[k].slack for k in ks])
+        lam = np.array([sols[k].ineq_dual for k in ks])
+        moved = np.linalg.norm(np.array([y_ups[k] - sols[k].primal for k in ks]), axis=1)
+        scale = np.linalg.norm(np.array([steps[k] for k in ks]), axis=1)
         dist = np.where(locked, np.abs(slack) / np.maximum(norms, _TINY), 0.0)
-        primal = np.max(dist, axis=1, initial=0.0) / np.maximum(moved, _TINY)
+        primal = dist.max(axis=1, initial=0.0) / np.maximum(moved, _TINY)
         leftover = np.where(ghost_rows, 0.0, lam)                # dropped rows' lam*
         error = primal
         # row sums, not a matrix-vector product: BLAS may order a row's terms differently
