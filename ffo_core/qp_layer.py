@@ -47,7 +47,7 @@ unless the user passed a dense ``n x n`` matrix.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -129,7 +129,7 @@ class _Call:
         if self._source is None:            # a race only computes it twice
             self._source = GhostSource.of(h, e)
         s = self._source
-        return s._replace(h=replace(s.h, h=h.h), e=replace(s.e, b=e.b))
+        return s._replace(h=ConeConstraints(s.h.G, h.h, s.h.dims), e=Equalities(s.e.A, e.b))
 
     def sample_bytes(self) -> int:
         """Rough bytes one sample holds in the first-order backward beyond what the batch
