@@ -81,9 +81,11 @@ def select_rows(M: sp.csc_matrix, rows: np.ndarray) -> sp.csc_matrix:
     return M[rows] if rows.size else no_rows(M.shape[1])
 
 
-#: Entries of the ``(batch, nnz)`` work arrays :func:`select_rows_batch` forms at once
-#: (about 9 bytes each); larger batches are taken in slices of samples.
-SELECT_BATCH_ENTRIES = 1 << 22
+#: Entries of the ``(batch, nnz)`` work arrays :func:`select_rows_batch` forms at once;
+#: larger batches are taken in slices of samples.  Each entry costs up to about 40 bytes
+#: (its keep flag and running count, and when kept its two indices, value and new row),
+#: so a slice holds at most about 40 MB.
+SELECT_BATCH_ENTRIES = 1 << 20
 
 
 def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix]:
