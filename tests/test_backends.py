@@ -976,3 +976,28 @@ def test_clarabel_resolve_reuses_a_ghost_solver_only_for_the_same_problem():
         assert other.info.extra[_KEPT].solver is not kept.solver
         for field in ("primal", "eq_dual", "ineq_dual", "slack"):
             assert np.array_equal(getattr(other, field), getattr(fresh, field)), field
+
+
+def test_osqp_plugin_resolve_reuses_a_ghost_workspace_only_for_the_same_problem():
+    """The example plugin's resolve: handed its own ghost answer and the same objects it
+    updates q in that OSQP workspace (no new setup) and agrees with a fresh solve to
+    OSQP's tolerance; handed equal copies, or nothing, it sets up afresh."""
+    from ffo_osqp.backend import _KEPT
+    backend = get_backend("osqp")
+    n = 4
+    g = Objective(sp.identity(n, format="csc"), np.array([3.0, -1.0, 0.5, 2.0]))
+    h = ConeConstraints(-sp.identity(n, format="csc"), np.ones(n), ConeDims(nonneg=n))
+    e = Equalities(sp.csc_matrix(np.ones((1, n))), np.array([0.5]))
+    assert _KEPT not in backend.solve(g, h, e).info.extra        # forward: nothing kept
+    up = backend.solve(g, h, e, 1e-3 * np.ones(n))
+    kept = up.info.extra[_KEPT]
+    term = np.array([-1e-3, 2e-3, 0.0, 1e-3])
+    again = backend.resolve(up, g, h, e, term)
+    assert again.info.extra[_KEPT].solver is kept.solver         # no new setup
+    fresh = backend.solve(g, h, e, term)
+    for field in ("primal", "eq_dual", "ineq_dual", "slack"):
+        assert np.allclose(getattr(again, field), getattr(fresh, field), atol=1e-7), field
+    e2 = Equalities(e.A.copy(), e.b.copy())                      # equal, not the same
+    for previous, problem in ((up, (g, h, e2)), (None, (g, h, e))):
+        assert backend.resolve(previous, *problem, term).info.extra[_KEPT].solver \
+            is not kept.solver

@@ -27,6 +27,12 @@ Only the zero and nonnegative cones exist in OSQP: SOC/EXP/PSD problems are decl
 unsupported in ``capabilities``, so ffo refuses them up front (and the conformance suite
 skips them, saying why).
 
+Structure reuse (``resolve``, the protocol's optional second solve of one problem): a
+solve with an ``extra_linear_term`` (a ghost problem) keeps its OSQP workspace in its
+Solution's ``info.extra``; ``resolve`` with that Solution and the same problem objects calls
+``update(q=...)`` and solves again, warm from the previous iterate, with no new setup or
+factorisation.
+
 Settings are OSQP's own names (``eps_abs``, ``eps_rel``, ``max_iter``, ``polishing``,
 ``time_limit``, ...), given in the config string: ``"osqp:eps_abs=1e-10,max_iter=200000"``.
 The defaults below are tighter than OSQP's (1e-3) because a layer's backward pass needs
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -71,6 +78,22 @@ DEFAULT_SETTINGS = {
 }
 
 
+#: ``SolveInfo.extra`` key of a ghost solve's kept workspace (see ``OSQPBackend.resolve``).
+_KEPT = "osqp_solver"
+
+
+class _Kept(NamedTuple):
+    """An OSQP workspace kept with the exact problem objects it was set up for (and the
+    upper triangle of ``P`` it was given).  It lives as long as the Solution holding it:
+    ffo drops a ghost's after its last solve."""
+
+    solver: object
+    P: sp.csc_matrix
+    g: Objective
+    h: ConeConstraints
+    e: Equalities
+
+
 def _inf(v: np.ndarray) -> float:
     return float(np.max(np.abs(v), initial=0.0))
 
@@ -84,7 +107,8 @@ class OSQPBackend:
         cones=frozenset({"zero", "nonneg"}),
         quadratic_objective=True,
         warm_start=True,          # x and y are passed to OSQP's warm_start
-        thread_safe=True,         # each solve builds its own OSQP workspace
+        thread_safe=True,         # each solve builds its own OSQP workspace (resolve
+        #                           reuses one only for its own ghost, in ffo's one thread)
     )
 
     @classmethod
@@ -147,16 +171,40 @@ class OSQPBackend:
                     and np.shape(warm_start.ineq_dual) == (m,):
                 y0 = np.concatenate([warm_start.eq_dual, warm_start.ineq_dual])
             solver.warm_start(x=np.asarray(warm_start.primal, float), y=y0)
-        res = solver.solve(raise_error=False)
+        kept = _Kept(solver, P, g, h, e) if extra_linear_term is not None else None
+        return self._answer(solver.solve(raise_error=False), P, g, q, h, e, kept)
 
+    def resolve(self, previous: Solution | None, g: Objective, h: ConeConstraints,
+                e: Equalities, extra_linear_term: np.ndarray) -> Solution:
+        """``solve(g, h, e, extra_linear_term)``, reusing the workspace of ``previous`` when
+        it is this backend's answer to a solve of these same ``(g, h, e)`` objects with
+        another extra linear term (ffo's second solve of one ghost problem: central
+        differences): only ``q`` changes, so ``OSQP.update(q=...)`` replaces a new setup
+        and its KKT factorisation, and OSQP starts from the previous solution.  The answer
+        differs from a fresh solve's by OSQP's tolerance.  Anything else is a fresh
+        :meth:`solve`."""
+        kept = previous.info.extra.get(_KEPT) if previous is not None else None
+        if not (isinstance(kept, _Kept) and kept.g is g and kept.h is h and kept.e is e):
+            return self.solve(g, h, e, extra_linear_term)
+        q = g.q + extra_linear_term
+        kept.solver.update(q=q)
+        return self._answer(kept.solver.solve(raise_error=False), kept.P, g, q, h, e, kept)
+
+    def _answer(self, res, P, g: Objective, q: np.ndarray, h: ConeConstraints,
+                e: Equalities, kept: "_Kept | None") -> Solution:
+        """OSQP's result as a protocol Solution; ``kept`` (a ghost solve's workspace, for
+        :meth:`resolve`) goes into ``info.extra``."""
         raw = str(res.info.status)
         status = STATUS_MAP.get(raw, Status.NUMERICAL_ERROR)
+        extra = {"polished": int(getattr(res.info, "status_polish", 0)) == 1}
+        if kept is not None:
+            extra[_KEPT] = kept
         info = SolveInfo(iterations=int(res.info.iter), solve_time=float(res.info.run_time),
-                         raw_status=raw,
-                         extra={"polished": int(getattr(res.info, "status_polish", 0)) == 1})
+                         raw_status=raw, extra=extra)
         if not status.has_solution:
             return Solution(status=status, info=info)
 
+        p = e.p
         x, yd = np.asarray(res.x, float), np.asarray(res.y, float)
         nu, lam = yd[:p].copy(), np.maximum(yd[p:], 0.0)
         s = np.maximum(h.h - h.G @ x, 0.0)
