@@ -41,7 +41,7 @@ from .ffo_backward import (DataGradient, FFOOptions, FFOSample, backward_chunks,
 from .kkt_backward import kkt_backward
 from .protocol import Backend, Solution, Status
 from .registry import available_backends, get_backend
-from .tensors import all_finite, bad_batch_indices, check_finite
+from .tensors import all_finite, at_batch_indices, bad_batch_indices, check_finite
 
 BACKWARDS = ("ffo", "kkt")
 #: ``ghost_fallback`` policies (see :class:`FFOLayer`).
@@ -367,7 +367,7 @@ class FFOLayer(torch.nn.Module):
         bad = bound.overflowing_samples()
         if bad:
             raise InvalidParameterError(
-                f"the parameters overflow the problem data (Inf) at batch index {bad[:5]}: "
+                f"the parameters overflow the problem data (Inf){at_batch_indices(bad)}: "
                 "their magnitudes are too large for float64 arithmetic")
         return bound
 

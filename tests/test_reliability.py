@@ -249,8 +249,12 @@ def test_parameters_overflowing_the_data_are_refused():
     prob = cp.Problem(cp.Minimize(cp.sum_squares(y) + (1e10 * q) @ y), [y >= -1])
     backend = Faulty()
     layer = FFOLayer(prob, [q], [y], solver=backend)
-    with pytest.raises(InvalidParameterError, match=r"overflow.*batch index \[1\]"):
+    with pytest.raises(InvalidParameterError, match=r"overflow.*batch index \[1\]:"):
         layer(torch.tensor([[1.0, 1.0], [1e300, 0.0]], dtype=F64))
+    many = torch.full((7, 2), 1e300, dtype=F64)          # every sample: the first five named
+    with pytest.raises(InvalidParameterError,
+                       match=r"batch index \[0, 1, 2, 3, 4\] \(and more\):"):
+        layer(many)
     assert backend.calls["forward"] == 0
 
 
