@@ -455,7 +455,8 @@ class BoundData:
                 ) -> tuple[ConeConstraints, Equalities]:
         """:func:`~ffo_core.ffo_backward.without_stored_zeros` of a sample's ``(h, e)``
         (from :meth:`sample`).  A matrix no batched parameter reaches is the same for
-        every sample: it is pruned once per call and shared."""
+        every sample: it is pruned once per call and shared (once per layer when no
+        parameter reaches it, :meth:`_once`)."""
         # the constructors, not dataclasses.replace (3 us each, twice per sample)
         return (ConeConstraints(self._once("G", h.G, prune), h.h, h.dims),
                 Equalities(self._once("A", e.A, prune), e.b))

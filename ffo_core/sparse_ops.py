@@ -97,9 +97,9 @@ def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix
     The selection of the whole batch is a few elementwise operations on ``(batch, nnz)``
     arrays -- which entries each sample keeps, their running count (the new column
     pointers) and each kept row's new position -- so per sample only the ``csc_matrix``
-    constructor remains: measured at n = 100 on the DFL QP's ``[A; G]`` (501 entries),
-    102 us per sample for scipy's row index against about 25 here at batch 32, most of it
-    the constructor's checks.  The results share one data and one index array per slice
+    constructor remains: measured at n = 100 on the DFL QP's ``[A; G]``, 83-85 us per
+    sample for scipy's row index against 27 here at batch 32 (35 at batch 8), most of it
+    the constructor's checks (16 us).  The results share one data and one index array per slice
     of the batch (read-only, like every result of this module)."""
     masks = np.asarray(masks, dtype=bool)
     batch, rows = masks.shape
