@@ -89,10 +89,11 @@ SELECT_BATCH_ENTRIES = 1 << 20
 
 
 def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix]:
-    """``[select_rows(M, flatnonzero(mask)) for mask in masks]`` for canonical CSC ``M``
-    (sorted indices, as :func:`prune` leaves it) and a ``(batch, M.shape[0])`` bool array:
-    each result has exactly the arrays of scipy's ``M[rows]`` (sorted indices, ``M``'s
-    index dtype), so a solver sees the same input either way.
+    """``[select_rows(M, flatnonzero(mask)) for mask in masks]`` for CSC ``M`` and a
+    ``(batch, M.shape[0])`` bool array: for canonical ``M`` (sorted indices, no duplicates,
+    as :func:`prune` leaves it; any other ``M`` is made so first, on a copy) each result
+    has exactly the arrays of scipy's ``M[rows]`` (sorted indices, ``M``'s index dtype),
+    so a solver sees the same input either way.
 
     The selection of the whole batch is a few elementwise operations on ``(batch, nnz)``
     arrays -- which entries each sample keeps, their running count (the new column
@@ -102,6 +103,9 @@ def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix
     the constructor's checks (16 us).  The results share one data and one index array per slice
     of the batch (read-only, like every result of this module)."""
     masks = np.asarray(masks, dtype=bool)
+    if not M.has_canonical_format:         # the results are flagged canonical below
+        M = M.copy()
+        M.sum_duplicates()
     batch, rows = masks.shape
     n, nnz = M.shape[1], M.nnz
     step = max(1, SELECT_BATCH_ENTRIES // max(1, nnz))

@@ -947,6 +947,15 @@ def test_select_rows_batch_gives_scipys_row_selection_bit_for_bit(index_dtype, m
             for name in ("data", "indices", "indptr"):
                 a, b = getattr(got, name), getattr(want, name)
                 assert a.dtype == b.dtype and np.array_equal(a, b), (trial, name)
+    # a matrix with unsorted and duplicate entries is made canonical first (a copy)
+    W = sp.csc_matrix((np.array([1.0, 2.0, 0.5, 3.0]), np.array([2, 0, 2, 1]),
+                       np.array([0, 3, 4])), shape=(3, 2))
+    before = W.indices.copy()
+    masks = np.array([[True, False, True], [False, True, True]])
+    for mask, got in zip(masks, so.select_rows_batch(W, masks)):
+        assert got.has_sorted_indices and np.all(np.diff(got.indices[:got.indptr[1]]) > 0)
+        assert np.array_equal(got.toarray(), W.toarray()[mask])
+    assert np.array_equal(W.indices, before)
 
 
 def test_clarabel_resolve_reuses_a_ghost_solver_only_for_the_same_problem():
