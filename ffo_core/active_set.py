@@ -79,6 +79,10 @@ def block_slices(dims: ConeDims):
         start += rows
 
 
+#: The cone sizes of a ghost that keeps no cone block (most ghosts).
+_NO_CONES = ConeDims()
+
+
 def classify(sol: Solution, dims: ConeDims, *, tau_s: float | None = None,
              tau_lam: float | None = None, rhs: np.ndarray | None = None) -> ActiveSet:
     """Active set of ``sol`` for cones ``dims`` (thresholds default to the solver's accuracy).
@@ -119,6 +123,7 @@ def classify_batch(sols: Sequence[Solution], dims: ConeDims, *,
     locked = np.zeros((batch, m), dtype=bool)
     kept = np.zeros((batch, m), dtype=bool)
     weak = np.zeros((batch, m), dtype=bool)
+    weak_blocks_all = np.zeros((batch, m), dtype=bool)
     s_nn, lam_nn = np.maximum(S[:, nn], 0.0), np.maximum(Lam[:, nn], 0.0)
     tau_rows = taus_s
     if rhs is not None and tau_s_given is None:
@@ -131,7 +136,7 @@ def classify_batch(sols: Sequence[Solution], dims: ConeDims, *,
     for i in range(batch):
         t_s, t_lam = float(taus_s[i, 0]), float(taus_lam[i, 0])
         soc, exp, psd = [], 0, []
-        weak_blocks = np.zeros(m, dtype=bool)
+        weak_blocks = weak_blocks_all[i]
         for kind, size, rows in block_slices(dims):
             if np.linalg.norm(Lam[i, rows]) <= t_lam:
                 if interior_margin(kind, S[i, rows]) > t_s:
@@ -144,8 +149,9 @@ def classify_batch(sols: Sequence[Solution], dims: ConeDims, *,
                 exp += 1
             else:
                 psd.append(size)
-        out.append(ActiveSet(locked[i], kept[i], weak[i],
-                             ConeDims(0, tuple(soc), exp, tuple(psd)), t_s, t_lam,
+        kept_dims = ConeDims(0, tuple(soc), exp, tuple(psd)) if soc or exp or psd \
+            else _NO_CONES                 # shared: its `kinds` is formed once, not per ghost
+        out.append(ActiveSet(locked[i], kept[i], weak[i], kept_dims, t_s, t_lam,
                              weak_blocks))
     return out
 

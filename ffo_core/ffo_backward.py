@@ -559,7 +559,7 @@ def _plans(samples: Sequence[FFOSample], actives: dict[int, ActiveSet],
     loss through it: nothing to solve, it has no active set)."""
     plans: list = [None] * len(samples)
     live, sources = [], []
-    as_central = {flag: replace(options, central=flag) for flag in (False, True)}
+    as_central: dict[bool, FFOOptions] = {}           # options with `central` decided
     for k, s in enumerate(samples):
         y, nu, lam = s.sol.primal, s.sol.eq_dual, s.sol.ineq_dual
         if k not in actives:
@@ -569,6 +569,8 @@ def _plans(samples: Sequence[FFOSample], actives: dict[int, ActiveSet],
         active = actives[k]
         curved = bool(active.kept.any())
         central = bool(options.central if options.central is not None else curved)
+        if central not in as_central:
+            as_central[central] = replace(options, central=central)
         delta = choose_delta(y, s.c, s.sol.info.accuracy, as_central[central], curved)
         source = s.source if s.source is not None else GhostSource.of(s.h, s.e)
         plans[k] = _Ghost(s, active, central, delta, source, None)
