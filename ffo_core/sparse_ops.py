@@ -1,10 +1,10 @@
 """Small sparse-matrix operations of the engine and the adapters, on CSC matrices.
 
 Each copies only when it must (``prune`` and ``stack_rows`` return their input when it is
-already what is asked, ``select_rows`` and ``stack_rows`` skip scipy for empty results,
-``select_rows_batch`` selects a whole batch's rows in one pass),
-and ``upper_triangle`` is one pass over a CSC matrix where ``scipy.sparse.triu`` goes
-through COO: these run once or twice per sample in the backward pass, where a scipy call
+already what is asked, ``stack_rows`` and ``select_rows_batch`` skip scipy for empty
+results), ``select_rows_batch`` selects a whole batch's rows in one pass, and
+``upper_triangle`` is one pass over a CSC matrix where ``scipy.sparse.triu`` goes through
+COO: these run once or twice per sample in the backward pass, where a scipy call
 costs tens of microseconds.  Results may share arrays with their inputs: never write to
 them.
 """
@@ -74,13 +74,6 @@ def no_rows(n: int) -> sp.csc_matrix:
     return sp.csc_matrix((0, n))
 
 
-def select_rows(M: sp.csc_matrix, rows: np.ndarray) -> sp.csc_matrix:
-    """``M[rows]`` for sorted row indices ``rows`` (scipy's CSC row index, the fastest we
-    measured); :func:`no_rows` when ``rows`` is empty (a ghost usually keeps no cone
-    block: skips a scipy call that costs as much as a real selection)."""
-    return M[rows] if rows.size else no_rows(M.shape[1])
-
-
 #: Entries of the ``(batch, nnz)`` work arrays :func:`select_rows_batch` forms at once;
 #: larger batches are taken in slices of samples.  Each entry costs up to about 40 bytes
 #: (its keep flag and running count, and when kept its two indices, value and new row),
@@ -89,19 +82,20 @@ SELECT_BATCH_ENTRIES = 1 << 20
 
 
 def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix]:
-    """``[select_rows(M, flatnonzero(mask)) for mask in masks]`` for CSC ``M`` and a
+    """``[M[flatnonzero(mask)] for mask in masks]`` for CSC ``M`` and a
     ``(batch, M.shape[0])`` bool array: for canonical ``M`` (sorted indices, no duplicates,
     as :func:`prune` leaves it; any other ``M`` is made so first, on a copy) each result
     has exactly the arrays of scipy's ``M[rows]`` (sorted indices, ``M``'s index dtype),
-    so a solver sees the same input either way.
+    so a solver sees the same input either way; :func:`no_rows` for an empty mask (most
+    ghosts keep no cone block, and a scipy call costs as much as a real selection).
 
     The selection of the whole batch is a few elementwise operations on ``(batch, nnz)``
     arrays -- which entries each sample keeps, their running count (the new column
     pointers) and each kept row's new position -- so per sample only the ``csc_matrix``
     constructor remains: measured at n = 100 on the DFL QP's ``[A; G]``, 83-85 us per
     sample for scipy's row index against 27 here at batch 32 (35 at batch 8), most of it
-    the constructor's checks (16 us).  The results share one data and one index array per slice
-    of the batch (read-only, like every result of this module)."""
+    the constructor's checks (16 us).  The results share one data and one index array per
+    slice of the batch (read-only, like every result of this module)."""
     masks = np.asarray(masks, dtype=bool)
     if not M.has_canonical_format:         # the results are flagged canonical below
         M = M.copy()

@@ -942,7 +942,8 @@ def test_select_rows_batch_gives_scipys_row_selection_bit_for_bit(index_dtype, m
         else:
             monkeypatch.undo()
         for mask, got in zip(masks, so.select_rows_batch(M, masks)):
-            want = so.select_rows(M, np.flatnonzero(mask))
+            rows_kept = np.flatnonzero(mask)
+            want = M[rows_kept] if rows_kept.size else so.no_rows(n)
             assert got.shape == want.shape and got.has_canonical_format
             for name in ("data", "indices", "indptr"):
                 a, b = getattr(got, name), getattr(want, name)
