@@ -17,6 +17,7 @@ the floors, repetition by repetition, and reports the median per-repetition rati
 Methods: ffo, ffo-central, kkt (ours), cvxpylayers (diffcp, its default), cvxpylayers-clarabel,
 qpth (if importable), bare (the floors).  Prints a table, writes ``dfl.csv`` and ``dfl.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ def _problem(n: int, learn: str):
     import numpy as np
     import scipy.sparse as sp
     import torch
+
     rng = np.random.default_rng(n)
     y = cp.Variable(n)
     q = cp.Parameter(n)
@@ -49,16 +51,19 @@ def _problem(n: int, learn: str):
     if learn == "q":
         prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y), box)
         return prob, [q], y, [qv], (np.eye(n), G0, h0)
-    if learn == "socp":       # the paper's SOCP variant: an added norm-ball constraint
-        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y),
-                          box + [cp.norm(y, 2) <= 0.5 * np.sqrt(3.0)])
+    if learn == "socp":  # the paper's SOCP variant: an added norm-ball constraint
+        prob = cp.Problem(
+            cp.Minimize(0.5 * cp.sum_squares(y) + q @ y),
+            box + [cp.norm(y, 2) <= 0.5 * np.sqrt(3.0)],
+        )
         return prob, [q], y, [qv], None
-    if learn == "sparse":     # sparse learnable constraint values on a fixed pattern
+    if learn == "sparse":  # sparse learnable constraint values on a fixed pattern
         D = sp.diags([np.ones(n), -0.5 * np.ones(n - 1)], [0, 1], format="csc")
         d = cp.Parameter(D.nnz)
         rows, cols = D.nonzero()
-        S = sp.csc_matrix((np.ones(D.nnz), (rows * 0 + np.arange(D.nnz), rows * n + cols)),
-                          shape=(D.nnz, n * n))
+        S = sp.csc_matrix(
+            (np.ones(D.nnz), (rows * 0 + np.arange(D.nnz), rows * n + cols)), shape=(D.nnz, n * n)
+        )
         # y's coefficient matrix as a parameter-affine sparse expression: D(d) y <= h
         Dy = cp.reshape(S.T @ d, (n, n), order="C") @ y
         h = cp.Parameter(n)
@@ -73,6 +78,7 @@ def _problem(n: int, learn: str):
 
 def _peak_mb() -> float:
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -114,24 +120,27 @@ def _bare(layer, tensors, reps: int, weights) -> dict:
     different processes minutes apart differed by 1.7x for one row (1.92 vs 3.27)."""
     import clarabel
     import numpy as np
+
     from ffo_backends.clarabel import ClarabelBackend
     from ffo_core.active_set import classify
     from ffo_core.backend_base import prune, stack_rows
     from ffo_core.ffo_backward import build_ghost, without_stored_zeros
     from ffo_core.layer import _inspect_params
+
     cp_ = layer.compiled
     bound = layer._data(tensors, _inspect_params(cp_.params, tensors))
     samples = [bound.sample(i) for i in range(bound.batch)]
     # the numeric problems, as the layer hands them to the solver (stored zeros dropped)
     numeric = [(g, *bound.nonzero(h, e)) for g, h, e in samples]
 
-    def native(g, h, e):      # the cheapest conversions we know, then Clarabel itself
+    def native(g, h, e):  # the cheapest conversions we know, then Clarabel itself
         st = clarabel.DefaultSettings()
         st.verbose = False
-        P = g.upper()         # P's triangle, formed once per call for a shared P, as ours
+        P = g.upper()  # P's triangle, formed once per call for a shared P, as ours
         A = stack_rows(prune(e.A), prune(h.G))
         cones = ClarabelBackend._cones(e, h)
         return clarabel.DefaultSolver(P, g.q, A, np.r_[e.b, h.h], cones, st).solve()
+
     sols = [layer.backend.solve(*s) for s in samples]
     ghosts = []
     for (g, h, e), sol in zip(samples, sols):
@@ -152,14 +161,18 @@ def _bare(layer, tensors, reps: int, weights) -> dict:
         ghost_t.append(t2 - t1)
         ratio_f.append(ours_f / fwd[-1])
         ratio_b.append(ours_b / ghost_t[-1])
-    return {"fwd": statistics.median(fwd), "bwd": statistics.median(ghost_t),
-            "paired_fwd": statistics.median(ratio_f),
-            "paired_bwd": statistics.median(ratio_b)}
+    return {
+        "fwd": statistics.median(fwd),
+        "bwd": statistics.median(ghost_t),
+        "paired_fwd": statistics.median(ratio_f),
+        "paired_bwd": statistics.median(ratio_b),
+    }
 
 
 def child(spec: dict) -> dict:
     import numpy as np
     import torch
+
     global BATCH
     BATCH = spec["batch"]
     n, learn, method, reps = spec["n"], spec["learn"], spec["method"], spec["reps"]
@@ -169,10 +182,13 @@ def child(spec: dict) -> dict:
     out = {"baseline_mb": _peak_mb()}
     if method in ("ffo", "ffo-central", "kkt", "bare"):
         from ffo_core import FFOLayer
-        kw = {"ffo": {}, "ffo-central": {"central": True}, "kkt": {"backward": "kkt"},
-              "bare": {}}[method]
+
+        kw = {"ffo": {}, "ffo-central": {"central": True}, "kkt": {"backward": "kkt"}, "bare": {}}[
+            method
+        ]
         layer, setup, fwd, bwd = _time_layer(
-            lambda: FFOLayer(prob, params, [y], **kw), tensors, reps, weights, WARMUP["ours"])
+            lambda: FFOLayer(prob, params, [y], **kw), tensors, reps, weights, WARMUP["ours"]
+        )
         out.update(setup=setup, fwd=fwd, bwd=bwd, peak_mb=_peak_mb())
         if method == "bare":
             out.update(_bare(layer, tensors, reps, weights), setup=0.0)
@@ -180,8 +196,10 @@ def child(spec: dict) -> dict:
             # agreement with the exact KKT mode on the first two samples (the KKT reference
             # on a 5000-dim SOC takes ~10 s a sample: not worth a whole batch)
             keep = min(2, BATCH)
-            sub = [t[:keep] if t.dim() and t.shape[0] == BATCH and p.ndim < t.dim() else t
-                   for t, p in zip(tensors, params)]
+            sub = [
+                t[:keep] if t.dim() and t.shape[0] == BATCH and p.ndim < t.dim() else t
+                for t, p in zip(tensors, params)
+            ]
             ours = FFOLayer(prob, params, [y], **kw)
             refl = FFOLayer(prob, params, [y], backward="kkt")
             pair = []
@@ -190,23 +208,32 @@ def child(spec: dict) -> dict:
                 (weights[:keep] * lay(*ts)[0]).sum().backward()
                 pair.append(torch.cat([t.grad.flatten() for t in ts]))
             a, b = pair
-            out.update(cos=float(a @ b / (a.norm() * b.norm())),
-                       rel=float((a - b).norm() / b.norm()))
+            out.update(
+                cos=float(a @ b / (a.norm() * b.norm())), rel=float((a - b).norm() / b.norm())
+            )
         return out
     if method.startswith("cvxpylayers"):
         import cvxpy as cp
         from cvxpylayers.torch import CvxpyLayer
+
         solver = cp.CLARABEL if method.endswith("clarabel") else None
         _, setup, fwd, bwd = _time_layer(
-            lambda: CvxpyLayer(prob, params, [y], solver=solver), tensors, reps, weights)
+            lambda: CvxpyLayer(prob, params, [y], solver=solver), tensors, reps, weights
+        )
         return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb()}
     if method == "qpth":
         from qpth.qp import QPFunction
+
         Q0, G0, h0 = _problem(n, learn)[4]
         Qt = torch.tensor(Q0)
-        args = [Qt, tensors[0] if learn == "q" else tensors[1], torch.tensor(G0),
-                torch.tensor(h0), torch.empty(0, dtype=torch.float64),
-                torch.empty(0, dtype=torch.float64)]
+        args = [
+            Qt,
+            tensors[0] if learn == "q" else tensors[1],
+            torch.tensor(G0),
+            torch.tensor(h0),
+            torch.empty(0, dtype=torch.float64),
+            torch.empty(0, dtype=torch.float64),
+        ]
 
         class Wrap:
             def __call__(self, *ts):
@@ -216,6 +243,7 @@ def child(spec: dict) -> dict:
                 else:
                     full[0], full[1], full[2], full[3] = ts
                 return (QPFunction(verbose=-1)(*full),)
+
         _, setup, fwd, bwd = _time_layer(Wrap, tensors, reps, weights)
         return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb()}
     raise ValueError(method)
@@ -228,21 +256,26 @@ BATCH = 8
 def run_one(spec: dict, timeout: float, mem_mb: float) -> dict:
     """Run one (method, n) in a fresh interpreter; kill it past the time or memory cap."""
     import psutil
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.dfl", "--child",
-                             json.dumps(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.dfl", "--child", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     ps, start, peak = psutil.Process(proc.pid), time.time(), 0.0
     while proc.poll() is None:
         try:
-            peak = max(peak, ps.memory_info().rss / 2 ** 20)
+            peak = max(peak, ps.memory_info().rss / 2**20)
         except psutil.Error:
             break
         if peak > mem_mb or time.time() - start > timeout:
             proc.kill()
             proc.wait()
-            why = f"killed: RSS > {mem_mb:.0f} MB" if peak > mem_mb else \
-                f"killed: > {timeout:.0f} s"
+            why = (
+                f"killed: RSS > {mem_mb:.0f} MB" if peak > mem_mb else f"killed: > {timeout:.0f} s"
+            )
             return {"status": why, "peak_mb": peak}
         time.sleep(0.05)
     stdout, stderr = proc.communicate()
@@ -255,6 +288,7 @@ def run_one(spec: dict, timeout: float, mem_mb: float) -> dict:
 def qpth_available() -> tuple[bool, str]:
     try:
         import qpth  # noqa: F401
+
         return True, ""
     except ImportError as exc:
         return False, f"qpth not importable ({exc}); its PyPI sdist does not build here"
@@ -265,12 +299,17 @@ def main(argv=None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, nargs="+", default=[100, 200, 500, 1000])
     ap.add_argument("--batch", type=int, nargs="+", default=[8])
-    ap.add_argument("--learn", nargs="+", default=["q", "all"],
-                    choices=["q", "all", "sparse", "socp"],
-                    help="q: only q learnable; all: Q, q, G, h learnable (paper setup); "
-                         "sparse: sparse learnable constraint values; socp: norm-ball added")
-    ap.add_argument("--methods", default="ffo,ffo-central,kkt,cvxpylayers,"
-                    "cvxpylayers-clarabel,qpth,bare")
+    ap.add_argument(
+        "--learn",
+        nargs="+",
+        default=["q", "all"],
+        choices=["q", "all", "sparse", "socp"],
+        help="q: only q learnable; all: Q, q, G, h learnable (paper setup); "
+        "sparse: sparse learnable constraint values; socp: norm-ball added",
+    )
+    ap.add_argument(
+        "--methods", default="ffo,ffo-central,kkt,cvxpylayers,cvxpylayers-clarabel,qpth,bare"
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     ap.add_argument("--mem-mb", type=float, default=12000.0, help="RSS cap per run")
@@ -288,11 +327,17 @@ def main(argv=None) -> int:
         print(f"skipping qpth: {why}")
         methods.remove("qpth")
     from tqdm import tqdm
+
     rows = []
-    jobs = [(learn, batch, n, m) for learn in args.learn for batch in args.batch
-            for n in sorted(args.n) for m in methods
-            if not (m == "qpth" and learn in ("sparse", "socp"))]
-    failed: dict = {}      # (learn, batch, method) -> (smallest n it failed at, why)
+    jobs = [
+        (learn, batch, n, m)
+        for learn in args.learn
+        for batch in args.batch
+        for n in sorted(args.n)
+        for m in methods
+        if not (m == "qpth" and learn in ("sparse", "socp"))
+    ]
+    failed: dict = {}  # (learn, batch, method) -> (smallest n it failed at, why)
     for learn, batch, n, m in tqdm(jobs, desc="benchmark"):
         key = (learn, batch, m)
         if key in failed and failed[key][0] < n:
@@ -316,24 +361,44 @@ def _fmt(x, spec=".3f"):
 def _report(rows: list[dict], out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     index = {(r["learn"], r["batch"], r["n"], r["method"]): r for r in rows}
-    print(f"\nsynthetic DFL QP, median of {args.reps}; times in seconds, "
-          "memory = peak RSS in MB; ratios: vs cvxpylayers total (same learn, n) and vs the "
-          "bare Clarabel floors (forward solves / ghost solves)")
-    head = (f"{'learn':6} {'batch':>5} {'n':>5} {'method':21} {'setup':>7} {'fwd':>7} {'bwd':>7} "
-            f"{'total':>7} {'peakMB':>7} {'x cvxpyl':>8} {'fwd/bare':>8} {'bwd/ghost':>9} "
-            f"{'cos':>10} {'rel':>8}  status")
+    print(
+        f"\nsynthetic DFL QP, median of {args.reps}; times in seconds, "
+        "memory = peak RSS in MB; ratios: vs cvxpylayers total (same learn, n) and vs the "
+        "bare Clarabel floors (forward solves / ghost solves)"
+    )
+    head = (
+        f"{'learn':6} {'batch':>5} {'n':>5} {'method':21} {'setup':>7} {'fwd':>7} {'bwd':>7} "
+        f"{'total':>7} {'peakMB':>7} {'x cvxpyl':>8} {'fwd/bare':>8} {'bwd/ghost':>9} "
+        f"{'cos':>10} {'rel':>8}  status"
+    )
     print(head)
     print("-" * len(head))
-    fields = ["learn", "batch", "n", "method", "status", "setup", "fwd", "bwd", "total", "peak_mb",
-              "ratio_cvxpylayers", "fwd_over_bare", "bwd_over_ghost", "cos", "rel"]
+    fields = [
+        "learn",
+        "batch",
+        "n",
+        "method",
+        "status",
+        "setup",
+        "fwd",
+        "bwd",
+        "total",
+        "peak_mb",
+        "ratio_cvxpylayers",
+        "fwd_over_bare",
+        "bwd_over_ghost",
+        "cos",
+        "rel",
+    ]
     for r in rows:
         tot = (r.get("fwd") or 0) + (r.get("bwd") or 0) if r.get("status") == "ok" else None
         r["total"] = tot
         key = (r["learn"], r["batch"], r["n"])
         peer = index.get(key + ("cvxpylayers",), {})
         bare = index.get(key + ("bare",), {})
-        peer_tot = (peer.get("fwd") or 0) + (peer.get("bwd") or 0) \
-            if peer.get("status") == "ok" else None
+        peer_tot = (
+            (peer.get("fwd") or 0) + (peer.get("bwd") or 0) if peer.get("status") == "ok" else None
+        )
         r["ratio_cvxpylayers"] = tot / peer_tot if tot and peer_tot else None
         if r["method"] == "ffo" and bare.get("paired_fwd"):
             # paired in the bare run's process, repetition by repetition (see _bare)
@@ -341,14 +406,17 @@ def _report(rows: list[dict], out: Path, args) -> None:
         elif r["method"] != "bare" and bare.get("status") == "ok" and tot:
             r["fwd_over_bare"] = r["fwd"] / bare["fwd"]
             r["bwd_over_ghost"] = r["bwd"] / bare["bwd"]
-        print(f"{r['learn']:6} {r['batch']:>5} {r['n']:>5} {r['method']:21} {_fmt(r.get('setup'))!s:>7} "
-              f"{_fmt(r.get('fwd'))!s:>7} {_fmt(r.get('bwd'))!s:>7} {_fmt(tot)!s:>7} "
-              f"{_fmt(r.get('peak_mb'), '.0f')!s:>7} "
-              f"{_fmt(r.get('ratio_cvxpylayers'), '.2f')!s:>8} "
-              f"{_fmt(r.get('fwd_over_bare'), '.2f')!s:>8} "
-              f"{_fmt(r.get('bwd_over_ghost'), '.2f')!s:>9} "
-              f"{_fmt(r.get('cos'), '.7f')!s:>10} {_fmt(r.get('rel'), '.1e')!s:>8}  "
-              f"{r['status']}")
+        print(
+            f"{r['learn']:6} {r['batch']:>5} {r['n']:>5} {r['method']:21} "
+            f"{_fmt(r.get('setup'))!s:>7} "
+            f"{_fmt(r.get('fwd'))!s:>7} {_fmt(r.get('bwd'))!s:>7} {_fmt(tot)!s:>7} "
+            f"{_fmt(r.get('peak_mb'), '.0f')!s:>7} "
+            f"{_fmt(r.get('ratio_cvxpylayers'), '.2f')!s:>8} "
+            f"{_fmt(r.get('fwd_over_bare'), '.2f')!s:>8} "
+            f"{_fmt(r.get('bwd_over_ghost'), '.2f')!s:>9} "
+            f"{_fmt(r.get('cos'), '.7f')!s:>10} {_fmt(r.get('rel'), '.1e')!s:>8}  "
+            f"{r['status']}"
+        )
     with open(out / "dfl.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -359,22 +427,30 @@ def _report(rows: list[dict], out: Path, args) -> None:
 
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     learns = sorted({(r["learn"], r["batch"]) for r in rows})
     fig, axes = plt.subplots(len(learns), 2, figsize=(11, 4 * len(learns)), squeeze=False)
     for i, (learn, batch) in enumerate(learns):
         for method in METHODS:
-            pts = [r for r in rows if (r["learn"], r["batch"]) == (learn, batch)
-                   and r["method"] == method and r.get("status") == "ok"]
+            pts = [
+                r
+                for r in rows
+                if (r["learn"], r["batch"]) == (learn, batch)
+                and r["method"] == method
+                and r.get("status") == "ok"
+            ]
             if not pts:
                 continue
             ns = [r["n"] for r in pts]
             axes[i][0].plot(ns, [r["total"] for r in pts], "o-", label=method)
             if method != "bare":
                 axes[i][1].plot(ns, [r["peak_mb"] for r in pts], "o-", label=method)
-        for j, (ylabel, title) in enumerate([("forward + backward [s]", "time"),
-                                             ("peak RSS [MB]", "memory")]):
+        for j, (ylabel, title) in enumerate(
+            [("forward + backward [s]", "time"), ("peak RSS [MB]", "memory")]
+        ):
             ax = axes[i][j]
             ax.set_xscale("log")
             ax.set_yscale("log")

@@ -28,6 +28,7 @@ backward are reported.  Not a test; run it by hand:
 
 It prints a table and writes ``docs/benchmarks/qp_large.csv``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,23 +44,37 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ffoqp", "ffoqp-kkt", "ffoqp-sparse", "qpth", "ffolayer")
-FIELDS = ("method", "n", "batch", "dtype", "status", "forward_s", "backward_s", "total_s",
-          "peak_rss_mb", "data_rss_mb", "note")
+FIELDS = (
+    "method",
+    "n",
+    "batch",
+    "dtype",
+    "status",
+    "forward_s",
+    "backward_s",
+    "total_s",
+    "peak_rss_mb",
+    "data_rss_mb",
+    "note",
+)
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 # -- one measurement, in a fresh process -----------------------------------------------------
 def _problem(n: int, batch: int, dtype, seed: int = 0):
     import torch
+
     g = torch.Generator().manual_seed(seed)
     Q = torch.eye(n, dtype=dtype)
-    G = torch.cat([torch.eye(n, dtype=dtype), -torch.eye(n, dtype=dtype),
-                   torch.ones(1, n, dtype=dtype)])
-    h = torch.cat([torch.zeros(n, dtype=dtype), torch.ones(n, dtype=dtype),
-                   torch.tensor([3.0], dtype=dtype)])
+    G = torch.cat(
+        [torch.eye(n, dtype=dtype), -torch.eye(n, dtype=dtype), torch.ones(1, n, dtype=dtype)]
+    )
+    h = torch.cat(
+        [torch.zeros(n, dtype=dtype), torch.ones(n, dtype=dtype), torch.tensor([3.0], dtype=dtype)]
+    )
     q = torch.randn(batch, n, generator=g, dtype=dtype)
     y_true = torch.randn(batch, n, generator=g, dtype=dtype)
     return Q, q, G, h, y_true
@@ -68,24 +83,30 @@ def _problem(n: int, batch: int, dtype, seed: int = 0):
 def _runner(method: str, n: int, batch: int, dtype, solver: str):
     """A function ``(Q, q, G, h) -> y`` for the method, and its construction time."""
     import torch
+
     start = time.perf_counter()
     empty = torch.empty(0, dtype=dtype)
     if method.startswith("ffoqp"):
         from ffo_core import FFOQPLayer
-        layer = FFOQPLayer(solver=solver, backward="kkt" if method == "ffoqp-kkt" else "ffo",
-                           inaccurate="ignore")
+
+        layer = FFOQPLayer(
+            solver=solver, backward="kkt" if method == "ffoqp-kkt" else "ffo", inaccurate="ignore"
+        )
 
         def run(Q, q, G, h):
             return layer(Q, q, G, h, empty, empty)
     elif method == "qpth":
         from qpth.qp import QPFunction
+
         fn = QPFunction(verbose=-1)
 
         def run(Q, q, G, h):
             return fn(Q, q, G, h, empty, empty)
     elif method == "ffolayer":
         import cvxpy as cp
+
         from ffo_core import FFOLayer
+
         m = 2 * n + 1
         Qp, qp = cp.Parameter((n, n)), cp.Parameter(n)
         Gp, hp = cp.Parameter((m, n)), cp.Parameter(m)
@@ -100,12 +121,12 @@ def _runner(method: str, n: int, batch: int, dtype, solver: str):
     return run, time.perf_counter() - start
 
 
-def worker(method: str, n: int, batch: int, dtype_name: str, solver: str,
-           repeats: int) -> dict:
+def worker(method: str, n: int, batch: int, dtype_name: str, solver: str, repeats: int) -> dict:
     import torch
+
     dtype = getattr(torch, dtype_name)
     run, build_s = _runner(method, n, batch, dtype, solver)
-    if method != "ffolayer":                      # warm-up: imports, registry, first solve
+    if method != "ffolayer":  # warm-up: imports, registry, first solve
         Qw, qw, Gw, hw, _ = _problem(8, 2, dtype)
         run(Qw, qw, Gw, hw)
     Q, q, G, h, y_true = _problem(n, batch, dtype)
@@ -125,9 +146,14 @@ def worker(method: str, n: int, batch: int, dtype_name: str, solver: str,
         assert all(t.grad is not None for t in leaves)
         del y, leaves
     note = f"build {build_s:.1f}s" if method == "ffolayer" else ""
-    return {"forward_s": min(fwd), "backward_s": min(bwd),
-            "total_s": min(f + b for f, b in zip(fwd, bwd)),
-            "peak_rss_mb": _rss_mb(), "data_rss_mb": data_rss, "note": note}
+    return {
+        "forward_s": min(fwd),
+        "backward_s": min(bwd),
+        "total_s": min(f + b for f, b in zip(fwd, bwd)),
+        "peak_rss_mb": _rss_mb(),
+        "data_rss_mb": data_rss,
+        "note": note,
+    }
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -137,14 +163,31 @@ def measure(method: str, n: int, args) -> dict:
     if limit is not None and n > limit:
         flag = "--qpth-max-n" if method == "qpth" else "--ffolayer-max-n"
         return {**row, "status": "skipped", "note": f"not run: n > {flag} {limit}"}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, str(n),
-           "--batch", str(args.batch), "--dtype", args.dtype, "--solver", args.solver,
-           "--repeats", str(args.repeats)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        method,
+        str(n),
+        "--batch",
+        str(args.batch),
+        "--dtype",
+        args.dtype,
+        "--solver",
+        args.solver,
+        "--repeats",
+        str(args.repeats),
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    )
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                              env=env, cwd=ROOT)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT
+        )
     except subprocess.TimeoutExpired:
         return {**row, "status": "timeout", "note": f"> {args.timeout:.0f} s"}
     if done.returncode != 0:
@@ -176,32 +219,41 @@ def main(argv=None) -> None:
 
     if args.worker:
         method, n = args.worker[0], int(args.worker[1])
-        print(json.dumps(worker(method, n, args.batch, args.dtype, args.solver,
-                                args.repeats)))
+        print(json.dumps(worker(method, n, args.batch, args.dtype, args.solver, args.repeats)))
         return
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"batch {args.batch}, {args.dtype}, solver {args.solver}")
-    header = f"{'method':<13}{'n':>6}  {'status':<9}{'fwd s':>8}{'bwd s':>8}" \
-             f"{'total s':>9}{'peak MB':>9}{'data MB':>9}  note"
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"batch {args.batch}, {args.dtype}, solver {args.solver}"
+    )
+    header = (
+        f"{'method':<13}{'n':>6}  {'status':<9}{'fwd s':>8}{'bwd s':>8}"
+        f"{'total s':>9}{'peak MB':>9}{'data MB':>9}  note"
+    )
     print(header)
     rows = []
     for n in args.n:
         for method in args.methods:
             row = measure(method, n, args)
             rows.append(row)
-            print(f"{method:<13}{n:>6}  {row['status']:<9}"
-                  f"{_fmt(row.get('forward_s'), '8.2f')}{_fmt(row.get('backward_s'), '8.2f')}"
-                  f"{_fmt(row.get('total_s'), '9.2f')}{_fmt(row.get('peak_rss_mb'), '9.0f')}"
-                  f"{_fmt(row.get('data_rss_mb'), '9.0f')}  {row.get('note', '')}",
-                  flush=True)
+            print(
+                f"{method:<13}{n:>6}  {row['status']:<9}"
+                f"{_fmt(row.get('forward_s'), '8.2f')}{_fmt(row.get('backward_s'), '8.2f')}"
+                f"{_fmt(row.get('total_s'), '9.2f')}{_fmt(row.get('peak_rss_mb'), '9.0f')}"
+                f"{_fmt(row.get('data_rss_mb'), '9.0f')}  {row.get('note', '')}",
+                flush=True,
+            )
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=FIELDS)
         out.writeheader()
         for row in rows:
-            out.writerow({k: (f"{row[k]:.3f}" if isinstance(row.get(k), float) else
-                              row.get(k, "")) for k in FIELDS})
+            out.writerow(
+                {
+                    k: (f"{row[k]:.3f}" if isinstance(row.get(k), float) else row.get(k, ""))
+                    for k in FIELDS
+                }
+            )
     print(f"wrote {args.csv}")
 
 

@@ -18,6 +18,7 @@ summary compares the first sample after warm-up with the last, and fits a slope 
     .venv/bin/python -m benchmarks.soak                   # 3000 calls
     .venv/bin/python -m benchmarks.soak --calls 10000 --every 250 --no-faults
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ FIELDS = ("calls", "elapsed_s", "rss_mb", "threads", "gc_objects", "errors")
 def build_layer(n: int, m: int, p: int, seed: int, **layer_kw):
     """A random QP layer (the conformance zoo's ``qp-layer`` family) and one strictly
     complementary parameter sample."""
-    from conformance.zoo import qp_layer_case
+    from ffo_conformance.zoo import qp_layer_case
     from ffo_core import FFOLayer
+
     case = qp_layer_case(np.random.default_rng(seed), n, m, p, None)
     prob, params, variables = case.build()
     return FFOLayer(prob, params, variables, **layer_kw), case.values
@@ -47,7 +49,9 @@ def build_layer(n: int, m: int, p: int, seed: int, **layer_kw):
 def run(calls: int, every: int, batch: int, faults: bool, layer_kw: dict) -> list[dict]:
     import psutil
     import torch
+
     from ffo_core import FFOError
+
     proc = psutil.Process()
     layer, values = build_layer(10, 6, 2, seed=0, **layer_kw)
     rng = np.random.default_rng(1)
@@ -60,7 +64,7 @@ def run(calls: int, every: int, batch: int, faults: bool, layer_kw: dict) -> lis
             if faults and k % 7 == 0:
                 ts[3][batch - 1, 0] = float("nan")
             elif faults and k % 13 == 0:
-                ts[3][0] = -1e3            # G y <= -1e3 with A y = b: infeasible
+                ts[3][0] = -1e3  # G y <= -1e3 with A y = b: infeasible
                 ts[2][0] = 0.0
         try:
             (y,) = layer(*ts)
@@ -71,27 +75,37 @@ def run(calls: int, every: int, batch: int, faults: bool, layer_kw: dict) -> lis
         except FFOError:
             errors += 1
         if k % every == 0 or k == calls:
-            rows.append({"calls": k, "elapsed_s": round(time.perf_counter() - start, 3),
-                         "rss_mb": round(proc.memory_info().rss / 2**20, 2),
-                         "threads": threading.active_count(),
-                         "gc_objects": len(gc.get_objects()), "errors": errors})
+            rows.append(
+                {
+                    "calls": k,
+                    "elapsed_s": round(time.perf_counter() - start, 3),
+                    "rss_mb": round(proc.memory_info().rss / 2**20, 2),
+                    "threads": threading.active_count(),
+                    "gc_objects": len(gc.get_objects()),
+                    "errors": errors,
+                }
+            )
     return rows
 
 
 def summary(rows: list[dict], warmup: int) -> dict:
     after = [r for r in rows if r["calls"] > warmup] or rows
-    half = after[len(after) // 2:]
+    half = after[len(after) // 2 :]
     x = np.array([r["calls"] for r in half], dtype=float)
     yv = np.array([r["rss_mb"] for r in half])
     slope = float(np.polyfit(x, yv, 1)[0] * 1000) if len(half) >= 2 else float("nan")
-    return {"rss_first_mb": after[0]["rss_mb"], "rss_last_mb": after[-1]["rss_mb"],
-            "rss_growth_mb": round(after[-1]["rss_mb"] - after[0]["rss_mb"], 2),
-            "rss_slope_mb_per_1000_calls_second_half": round(slope, 3),
-            "threads_min": min(r["threads"] for r in after),
-            "threads_max": max(r["threads"] for r in after),
-            "gc_objects_first": after[0]["gc_objects"], "gc_objects_last": after[-1]["gc_objects"],
-            "calls_per_s": round(rows[-1]["calls"] / rows[-1]["elapsed_s"], 1),
-            "errors": rows[-1]["errors"]}
+    return {
+        "rss_first_mb": after[0]["rss_mb"],
+        "rss_last_mb": after[-1]["rss_mb"],
+        "rss_growth_mb": round(after[-1]["rss_mb"] - after[0]["rss_mb"], 2),
+        "rss_slope_mb_per_1000_calls_second_half": round(slope, 3),
+        "threads_min": min(r["threads"] for r in after),
+        "threads_max": max(r["threads"] for r in after),
+        "gc_objects_first": after[0]["gc_objects"],
+        "gc_objects_last": after[-1]["gc_objects"],
+        "calls_per_s": round(rows[-1]["calls"] / rows[-1]["elapsed_s"], 1),
+        "errors": rows[-1]["errors"],
+    }
 
 
 def main(argv=None) -> int:
@@ -99,22 +113,36 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--every", type=int, default=100, help="sample every K calls")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=300,
-                    help="calls excluded from the growth figures (allocator warm-up)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=300,
+        help="calls excluded from the growth figures (allocator warm-up)",
+    )
     ap.add_argument("--no-faults", dest="faults", action="store_false")
-    ap.add_argument("--check-every", type=int, default=50,
-                    help="FFOLayer gradient health check period (0: off)")
+    ap.add_argument(
+        "--check-every", type=int, default=50, help="FFOLayer gradient health check period (0: off)"
+    )
     ap.add_argument("--solver", default="clarabel")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "soak.csv"))
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    rows = run(args.calls, args.every, args.batch, args.faults,
-               dict(solver=args.solver, check_every=args.check_every))
-    print(f"{'calls':>7} {'elapsed_s':>10} {'rss_mb':>9} {'threads':>8} {'gc_objects':>11} "
-          f"{'errors':>7}")
+    rows = run(
+        args.calls,
+        args.every,
+        args.batch,
+        args.faults,
+        dict(solver=args.solver, check_every=args.check_every),
+    )
+    print(
+        f"{'calls':>7} {'elapsed_s':>10} {'rss_mb':>9} {'threads':>8} {'gc_objects':>11} "
+        f"{'errors':>7}"
+    )
     for r in rows:
-        print(f"{r['calls']:>7} {r['elapsed_s']:>10.2f} {r['rss_mb']:>9.1f} {r['threads']:>8} "
-              f"{r['gc_objects']:>11} {r['errors']:>7}")
+        print(
+            f"{r['calls']:>7} {r['elapsed_s']:>10.2f} {r['rss_mb']:>9.1f} {r['threads']:>8} "
+            f"{r['gc_objects']:>11} {r['errors']:>7}"
+        )
     s = summary(rows, args.warmup)
     print("\nsummary (after the first", args.warmup, "calls):")
     for k, v in s.items():

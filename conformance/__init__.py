@@ -6,20 +6,31 @@ checkout of this repository::
     ffo conformance NAME                      # any installed backend, config strings allowed
     ffo conformance "osqp:eps_abs=1e-9" --classes lp,qp --json report.json
 
-or from Python (:func:`run_suite`), or under pytest (:mod:`conformance.pytest_plugin`).
+or from Python (:func:`run_suite`), or under pytest (:mod:`ffo_conformance.pytest_plugin`).
 
-What it checks, per instance of a seeded problem zoo (:mod:`conformance.zoo`): statuses,
+What it checks, per instance of a seeded problem zoo (:mod:`ffo_conformance.zoo`): statuses,
 solution quality (residuals computed from the returned ``Solution``, distance to a trusted
 reference), FFO gradients (default and central) against KKT implicit differentiation per
 data block / parameter, warm start, repeated-call determinism and thread safety.  All
-tolerances live in :mod:`conformance.tolerances`.  The backend's declared capabilities
+tolerances live in :mod:`ffo_conformance.tolerances`.  The backend's declared capabilities
 decide what is skipped, and every skip says why.
 """
+
 from __future__ import annotations
 
 from .checks import CHECKS, CheckResult, Metric
 from .runner import Report, Suite, run_suite
 from .zoo import CLASSES, VARIANTS, Instance, build_zoo
 
-__all__ = ["run_suite", "Suite", "Report", "CheckResult", "Metric", "CHECKS", "CLASSES",
-           "VARIANTS", "Instance", "build_zoo"]
+__all__ = [
+    "CHECKS",
+    "CLASSES",
+    "VARIANTS",
+    "CheckResult",
+    "Instance",
+    "Metric",
+    "Report",
+    "Suite",
+    "build_zoo",
+    "run_suite",
+]

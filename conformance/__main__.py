@@ -1,4 +1,5 @@
 """``python -m conformance NAME [options]``: the same as ``ffo conformance NAME``."""
+
 import sys
 
 from .cli import main

@@ -8,7 +8,7 @@ problem data and the returned vectors only):
 * ``dual_res``    = ||Py + q + A'nu + G'lam|| / (1 + max(||q||, ||Py||, ||A'nu||, ||G'lam||))
   (a flipped or scaled multiplier shows up here first)
 * ``cone_res``    = max( dist-like violation of s in K / (1 + ||s||),
-                         violation of lam in K* / (1 + ||lam||) )   (see conformance.cones)
+                         violation of lam in K* / (1 + ||lam||) )   (see ffo_conformance.cones)
 * ``complementarity`` = (sum_i |s_i lam_i| over nonnegative rows + sum_k |s_k'lam_k| over
   cone blocks) / (1 + |1/2 y'Py + q'y|)
 * ``dist_primal`` = ||y - y_ref|| / (1 + ||y_ref||), ``dist_dual`` the same for nu and lam.
@@ -17,6 +17,7 @@ Gradients are compared per block of the data (``P, q, A, b, G, h``; protocol ins
 per parameter (layer instances): ``rel[X] = ||g_X - r_X|| / max(||r_X||, floor)`` with
 ``floor = GRAD_BLOCK_FLOOR * ||r||``, and ``cos[X]`` (only where ``||r_X|| >= floor``).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,13 +31,22 @@ from ffo_core.errors import FFOError
 from ffo_core.ffo_backward import FFOOptions, ffo_backward
 from ffo_core.protocol import Objective, Solution, Status
 
-from . import cones, tolerances as T
+from . import cones
+from . import tolerances as T
 from .reference import ReferenceSolver, kkt_reference
 from .zoo import Instance, Sample
 
 #: Check names, in report order.
-CHECKS = ("status", "solution", "grad-ffo", "grad-central", "warm-start", "resolve",
-          "deterministic", "threads")
+CHECKS = (
+    "status",
+    "solution",
+    "grad-ffo",
+    "grad-central",
+    "warm-start",
+    "resolve",
+    "deterministic",
+    "threads",
+)
 
 APPLICABLE = {
     "optimal": CHECKS,
@@ -48,6 +58,7 @@ BLOCKS = ("P", "q", "A", "b", "G", "h")
 
 
 # -- results ------------------------------------------------------------------------------
+
 
 @dataclass
 class Metric:
@@ -71,8 +82,7 @@ class Metric:
         if self.value is None or not math.isfinite(self.value):
             return math.inf
         if self.kind == "max":
-            return self.value / self.tol if self.tol > 0 else (0.0 if self.value <= 0
-                                                                 else math.inf)
+            return self.value / self.tol if self.tol > 0 else (0.0 if self.value <= 0 else math.inf)
         return (1.0 - self.value) / max(1.0 - self.tol, 1e-300)
 
     def display(self) -> str:
@@ -87,9 +97,15 @@ class Metric:
     def to_dict(self) -> dict:
         value = self.value
         if value is not None and not math.isfinite(value):
-            value = str(value)             # JSON has no inf/nan
-        return {"name": self.name, "value": value, "tol": self.tol, "kind": self.kind,
-                "ok": self.ok, **({"text": self.text} if self.text else {})}
+            value = str(value)  # JSON has no inf/nan
+        return {
+            "name": self.name,
+            "value": value,
+            "tol": self.tol,
+            "kind": self.kind,
+            "ok": self.ok,
+            **({"text": self.text} if self.text else {}),
+        }
 
 
 @dataclass
@@ -97,7 +113,7 @@ class CheckResult:
     instance: str
     group: str
     check: str
-    outcome: str                      # "pass", "fail", "error", "skip"
+    outcome: str  # "pass", "fail", "error", "skip"
     metrics: list[Metric] = field(default_factory=list)
     reason: str = ""
     profile: str = ""
@@ -126,11 +142,17 @@ class CheckResult:
         return head
 
     def to_dict(self) -> dict:
-        return {"instance": self.instance, "group": self.group, "check": self.check,
-                "outcome": self.outcome, "profile": self.profile, "reason": self.reason,
-                "engine_limited": self.engine_limited,
-                "seconds": round(self.seconds, 4),
-                "metrics": [m.to_dict() for m in self.metrics]}
+        return {
+            "instance": self.instance,
+            "group": self.group,
+            "check": self.check,
+            "outcome": self.outcome,
+            "profile": self.profile,
+            "reason": self.reason,
+            "engine_limited": self.engine_limited,
+            "seconds": round(self.seconds, 4),
+            "metrics": [m.to_dict() for m in self.metrics],
+        }
 
 
 class Skip(Exception):
@@ -146,6 +168,7 @@ class ReferenceUnavailable(Exception):
 
 
 # -- measures -----------------------------------------------------------------------------
+
 
 def _inf(v) -> float:
     v = np.asarray(v, dtype=float)
@@ -181,27 +204,36 @@ def residuals(sample: Sample, sol: Solution) -> dict[str, float]:
     lam, s = np.asarray(sol.ineq_dual, float), np.asarray(sol.slack, float)
     Py = g.P @ y if g.P is not None else np.zeros_like(y)
     Atnu, Gtl = e.A.T @ nu, h.G.T @ lam
-    dual = _inf(Py + g.q + Atnu + Gtl) / (1 + max(_inf(g.q), _inf(Py), _inf(Atnu),
-                                                    _inf(Gtl)))
+    dual = _inf(Py + g.q + Atnu + Gtl) / (1 + max(_inf(g.q), _inf(Py), _inf(Atnu), _inf(Gtl)))
     Ay, Gy = e.A @ y, h.G @ y
     p_eq = _inf(Ay - e.b) / (1 + max(_inf(e.b), _inf(Ay))) if e.p else 0.0
     p_in = _inf(Gy + s - h.h) / (1 + max(_inf(h.h), _inf(Gy), _inf(s))) if h.m else 0.0
-    cone = max(cones.violation(s, h.dims) / (1 + _inf(s)),
-               cones.violation(lam, h.dims, dual=True) / (1 + _inf(lam)))
+    cone = max(
+        cones.violation(s, h.dims) / (1 + _inf(s)),
+        cones.violation(lam, h.dims, dual=True) / (1 + _inf(lam)),
+    )
     obj = 0.5 * float(y @ Py) + float(g.q @ y)
     compl = cones.complementarity(s, lam, h.dims) / (1 + abs(obj))
-    return {"primal_res": max(p_eq, p_in), "dual_res": dual, "cone_res": cone,
-            "complementarity": compl}
+    return {
+        "primal_res": max(p_eq, p_in),
+        "dual_res": dual,
+        "cone_res": cone,
+        "complementarity": compl,
+    }
 
 
 def distances(sol: Solution, ref: Solution) -> dict[str, float]:
-    return {"dist_primal": rel_diff(sol.primal, ref.primal),
-            "dist_dual": max(rel_diff(sol.eq_dual, ref.eq_dual),
-                             rel_diff(sol.ineq_dual, ref.ineq_dual))}
+    return {
+        "dist_primal": rel_diff(sol.primal, ref.primal),
+        "dist_dual": max(
+            rel_diff(sol.eq_dual, ref.eq_dual), rel_diff(sol.ineq_dual, ref.ineq_dual)
+        ),
+    }
 
 
-def compare_gradients(test: dict[str, np.ndarray], ref: dict[str, np.ndarray]
-                      ) -> dict[str, tuple[float, float | None]]:
+def compare_gradients(
+    test: dict[str, np.ndarray], ref: dict[str, np.ndarray]
+) -> dict[str, tuple[float, float | None]]:
     """Per block ``(rel, cos)``; ``cos`` None where the reference block is ~0."""
     total = math.sqrt(sum(float(np.sum(np.square(r))) for r in ref.values()))
     floor = max(T.GRAD_BLOCK_FLOOR * total, 1e-300)
@@ -227,18 +259,23 @@ def _grad_blocks(grad) -> dict[str, np.ndarray]:
     return {k: getattr(grad, k) for k in BLOCKS}
 
 
-def _worst(metrics: dict[str, Metric], name: str, value: float | None, tol: float,
-           kind: str = "max") -> None:
+def _worst(
+    metrics: dict[str, Metric], name: str, value: float | None, tol: float, kind: str = "max"
+) -> None:
     """Keep the worst value of a metric over samples."""
     if value is None:
         return
     old = metrics.get(name)
-    if old is None or (kind == "max" and not value <= old.value) or \
-            (kind == "min" and not value >= old.value):
+    if (
+        old is None
+        or (kind == "max" and not value <= old.value)
+        or (kind == "min" and not value >= old.value)
+    ):
         metrics[name] = Metric(name, value, tol, kind)
 
 
 # -- per-instance state, shared by the checks of one instance -----------------------------
+
 
 class InstanceRun:
     """Lazily computed, cached: reference solutions, the backend's solutions, KKT gradients."""
@@ -269,20 +306,24 @@ class InstanceRun:
                 sol = self.reference.solve(smp.g, smp.h, smp.e)
                 if not sol.status.has_solution:
                     raise ReferenceUnavailable(
-                        f"reference solve of sample {i} ended {sol.status.value}")
+                        f"reference solve of sample {i} ended {sol.status.value}"
+                    )
                 res = residuals(smp, sol)
                 worst = max(res.values())
                 if worst > T.REFERENCE_RESIDUAL:
                     raise ReferenceUnavailable(
                         f"reference solve of sample {i} reached only residual {worst:.1e} "
-                        f"(> {T.REFERENCE_RESIDUAL:.0e}): {res}")
+                        f"(> {T.REFERENCE_RESIDUAL:.0e}): {res}"
+                    )
                 out.append(sol)
             return out
+
         return self._cached("ref", compute)
 
     def solutions(self) -> list[Solution]:
-        return self._cached("sols", lambda: [self.backend.solve(s.g, s.h, s.e)
-                                             for s in self.inst.samples])
+        return self._cached(
+            "sols", lambda: [self.backend.solve(s.g, s.h, s.e) for s in self.inst.samples]
+        )
 
     def kkt(self) -> list:
         def compute():
@@ -296,14 +337,17 @@ class InstanceRun:
                         f"KKT reference gradient unavailable ({type(exc).__name__}: {exc})"
                     ) from exc
             return out
+
         return self._cached("kkt", compute)
 
     def usable_solutions(self) -> list[Solution]:
         sols = self.solutions()
         for i, (smp, sol) in enumerate(zip(self.inst.samples, sols)):
             if not sol.status.has_solution:
-                raise Fail(f"sample {i}: the backend returned status {sol.status.value} "
-                           f"({sol.info.raw_status}) on a problem with an optimum")
+                raise Fail(
+                    f"sample {i}: the backend returned status {sol.status.value} "
+                    f"({sol.info.raw_status}) on a problem with an optimum"
+                )
             check_shapes(smp, sol)
         return sols
 
@@ -314,27 +358,44 @@ class InstanceRun:
 
     def _run_layer(self, which: str):
         import torch
+
         from ffo_core import FFOLayer, ProblemError
+
         case = self.inst.layer
         problem, params, variables = case.build()
         if which == "ref":
-            layer = FFOLayer(problem, params, variables, solver=self.reference,
-                             backward="kkt", inaccurate="ignore")
-        elif which.startswith("base-"):      # the same FFO through the trusted solver
-            layer = FFOLayer(problem, params, variables, solver=self.reference,
-                             central=True if which == "base-central" else None,
-                             inaccurate="ignore")
+            layer = FFOLayer(
+                problem,
+                params,
+                variables,
+                solver=self.reference,
+                backward="kkt",
+                inaccurate="ignore",
+            )
+        elif which.startswith("base-"):  # the same FFO through the trusted solver
+            layer = FFOLayer(
+                problem,
+                params,
+                variables,
+                solver=self.reference,
+                central=True if which == "base-central" else None,
+                inaccurate="ignore",
+            )
         else:
             try:
-                layer = FFOLayer(problem, params, variables, solver=self.backend,
-                                 central=True if which == "central" else None,
-                                 inaccurate="ignore")
+                layer = FFOLayer(
+                    problem,
+                    params,
+                    variables,
+                    solver=self.backend,
+                    central=True if which == "central" else None,
+                    inaccurate="ignore",
+                )
             except ProblemError as exc:
                 if "does not support" in str(exc):
                     raise Skip(str(exc)) from exc
                 raise
-        tensors = [torch.tensor(v, dtype=torch.float64, requires_grad=True)
-                   for v in case.values]
+        tensors = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in case.values]
         outs = layer(*tensors)
         values = [o.detach().numpy().copy() for o in outs]
         loss = sum((torch.as_tensor(w) * o).sum() for w, o in zip(case.weights, outs))
@@ -344,11 +405,14 @@ class InstanceRun:
             # kept, not raised: the forward outputs stay usable by the solution check
             if which == "ref":
                 return values, ReferenceUnavailable(
-                    f"KKT reference gradient unavailable ({type(exc).__name__}: {exc})")
+                    f"KKT reference gradient unavailable ({type(exc).__name__}: {exc})"
+                )
             return values, exc
         names = [p.name() for p in params]
-        grads = {n: (t.grad.numpy().copy() if t.grad is not None else np.zeros(t.shape))
-                 for n, t in zip(names, tensors)}
+        grads = {
+            n: (t.grad.numpy().copy() if t.grad is not None else np.zeros(t.shape))
+            for n, t in zip(names, tensors)
+        }
         return values, grads
 
     def layer_grads(self, which: str) -> dict[str, np.ndarray]:
@@ -360,6 +424,7 @@ class InstanceRun:
 
 # -- the checks ---------------------------------------------------------------------------
 
+
 def check_status(run: InstanceRun) -> list[Metric]:
     inst = run.inst
     sols = run.solutions()
@@ -367,14 +432,22 @@ def check_status(run: InstanceRun) -> list[Metric]:
     if inst.kind == "status":
         bad = sum(s.status not in inst.expect for s in sols)
         want = "/".join(sorted(x.value for x in inst.expect))
-        return [Metric("status", float(bad), 0.0,
-                       text=f"{','.join(sorted(set(words)))} (want {want})")]
-    accepted = {Status.OPTIMAL} if inst.profile == "well" else \
-        {Status.OPTIMAL, Status.OPTIMAL_INACCURATE}
+        return [
+            Metric("status", float(bad), 0.0, text=f"{','.join(sorted(set(words)))} (want {want})")
+        ]
+    accepted = (
+        {Status.OPTIMAL} if inst.profile == "well" else {Status.OPTIMAL, Status.OPTIMAL_INACCURATE}
+    )
     bad = sum(s.status not in accepted for s in sols)
-    return [Metric("status", float(bad), 0.0,
-                   text=f"{','.join(sorted(set(words)))} (want "
-                        f"{'/'.join(sorted(x.value for x in accepted))})")]
+    return [
+        Metric(
+            "status",
+            float(bad),
+            0.0,
+            text=f"{','.join(sorted(set(words)))} (want "
+            f"{'/'.join(sorted(x.value for x in accepted))})",
+        )
+    ]
 
 
 def check_solution(run: InstanceRun) -> list[Metric]:
@@ -413,16 +486,23 @@ def _ffo_pairs(run: InstanceRun, backend, sols, central: bool, deltas=None):
     refs = run.kkt()
     pairs, used = [], []
     for i, (smp, sol, ref) in enumerate(zip(run.inst.samples, sols, refs)):
-        options = FFOOptions(central=True if central else None,
-                             delta=None if deltas is None else deltas[i])
+        options = FFOOptions(
+            central=True if central else None, delta=None if deltas is None else deltas[i]
+        )
         grad = ffo_backward(backend, smp.g, smp.h, smp.e, sol, smp.c, options)
         pairs.append((_grad_blocks(grad), _grad_blocks(ref)))
         used.append(grad.diagnostics.get("delta") if grad.diagnostics else None)
     return pairs, used
 
 
-def baseline_note(run: InstanceRun, central: bool, rel_tol: float, cos_tol: float,
-                  measured: list[Metric], deltas=None) -> tuple[str, bool]:
+def baseline_note(
+    run: InstanceRun,
+    central: bool,
+    rel_tol: float,
+    cos_tol: float,
+    measured: list[Metric],
+    deltas=None,
+) -> tuple[str, bool]:
     """Where a gradient check fails, say whose fault it probably is: rerun the same FFO
     backward, with the same steps ``deltas`` where known, with the trusted reference solver
     as the backend and judge it the same way.
@@ -432,8 +512,9 @@ def baseline_note(run: InstanceRun, central: bool, rel_tol: float, cos_tol: floa
     Returns ``(note, engine_limited)``."""
     try:
         if run.inst.kind == "layer":
-            pairs = [(run.layer_grads("base-central" if central else "base-ffo"),
-                      run.layer_grads("ref"))]
+            pairs = [
+                (run.layer_grads("base-central" if central else "base-ffo"), run.layer_grads("ref"))
+            ]
         else:
             if deltas is not None and any(d is None for d in deltas):
                 deltas = None
@@ -444,21 +525,34 @@ def baseline_note(run: InstanceRun, central: bool, rel_tol: float, cos_tol: floa
     worst = max(metrics, key=lambda m: (not m.ok, m.badness)) if metrics else None
     shown = worst.display() if worst else "-"
     if all(m.ok for m in metrics):
-        return ("baseline: the same FFO backward (same step) through the trusted reference "
-                f"solver passes (worst {shown}), so this backend's solutions are not accurate "
-                "enough for the step that its reported SolveInfo.accuracy gave (tighten its "
-                "tolerances, or report its accuracy more honestly)"), False
+        return (
+            "baseline: the same FFO backward (same step) through the trusted reference "
+            f"solver passes (worst {shown}), so this backend's solutions are not accurate "
+            "enough for the step that its reported SolveInfo.accuracy gave (tighten its "
+            "tolerances, or report its accuracy more honestly)"
+        ), False
     base = {m.name: m for m in metrics}
-    unexplained = [m.name for m in measured if not m.ok and (
-        m.name not in base or base[m.name].ok
-        or m.badness > T.ENGINE_ATTRIBUTION_FACTOR * base[m.name].badness)]
+    unexplained = [
+        m.name
+        for m in measured
+        if not m.ok
+        and (
+            m.name not in base
+            or base[m.name].ok
+            or m.badness > T.ENGINE_ATTRIBUTION_FACTOR * base[m.name].badness
+        )
+    ]
     if not unexplained:
-        return ("baseline: the same FFO backward (same step) through the trusted reference "
-                f"solver fails too, about as badly (worst {shown}): a limitation of ffo_core's "
-                "FFO on this instance rather than of this backend"), True
-    return ("baseline: the same FFO backward (same step) through the trusted reference "
-            f"solver fails too (worst {shown}), but not in {', '.join(unexplained)} where "
-            "this backend fails: the backend makes it worse"), False
+        return (
+            "baseline: the same FFO backward (same step) through the trusted reference "
+            f"solver fails too, about as badly (worst {shown}): a limitation of ffo_core's "
+            "FFO on this instance rather than of this backend"
+        ), True
+    return (
+        "baseline: the same FFO backward (same step) through the trusted reference "
+        f"solver fails too (worst {shown}), but not in {', '.join(unexplained)} where "
+        "this backend fails: the backend makes it worse"
+    ), False
 
 
 def check_gradient(run: InstanceRun, central: bool):
@@ -493,17 +587,23 @@ def check_warm_start(run: InstanceRun) -> list[Metric]:
         for label, seed in seeds:
             warm = run.backend.solve(smp.g, smp.h, smp.e, warm_start=seed)
             if not warm.status.has_solution:
-                raise Fail(f"sample {i}: warm start from the {label} solution ended "
-                           f"{warm.status.value}")
+                raise Fail(
+                    f"sample {i}: warm start from the {label} solution ended {warm.status.value}"
+                )
             check_shapes(smp, warm)
             for k, v in distances(warm, cold).items():
                 _worst(metrics, f"{k}_vs_cold", v, tol.distance)
             iters.append((cold.info.iterations, warm.info.iterations))
     out = list(metrics.values())
     if iters:
-        out.append(Metric("iterations", 0.0, 0.0,
-                          text="cold/warm iterations " + ", ".join(f"{a}/{b}"
-                                                                   for a, b in iters[:4])))
+        out.append(
+            Metric(
+                "iterations",
+                0.0,
+                0.0,
+                text="cold/warm iterations " + ", ".join(f"{a}/{b}" for a, b in iters[:4]),
+            )
+        )
     return out
 
 
@@ -514,8 +614,10 @@ def check_resolve(run: InstanceRun) -> list[Metric]:
     anything stale either.  Each compared with a fresh ``solve`` at the profile's distance."""
     again = getattr(run.backend, "resolve", None)
     if again is None:
-        raise Skip("the backend has no resolve (optional: structure reuse for a second "
-                   "solve of one problem)")
+        raise Skip(
+            "the backend has no resolve (optional: structure reuse for a second "
+            "solve of one problem)"
+        )
     tol = run.profile
     run.usable_solutions()
     metrics: dict[str, Metric] = {}
@@ -526,22 +628,30 @@ def check_resolve(run: InstanceRun) -> list[Metric]:
         first = run.backend.solve(smp.g, smp.h, smp.e, first_term)
         fresh = run.backend.solve(smp.g, smp.h, smp.e, term)
         if not (first.status.has_solution and fresh.status.has_solution):
-            raise Fail(f"sample {i}: a solve with an extra linear term ended "
-                       f"{first.status.value}/{fresh.status.value}")
-        copies = (Objective(smp.g.P, smp.g.q.copy()),
-                  type(smp.h)(smp.h.G.copy(), smp.h.h.copy(), smp.h.dims),
-                  type(smp.e)(smp.e.A.copy(), smp.e.b.copy()))
-        cases = [("own", first, (smp.g, smp.h, smp.e), fresh),
-                 ("none", None, (smp.g, smp.h, smp.e), fresh),
-                 ("copies", first, copies, fresh)]
-        if smp.g.P is not None and smp.g.P.nnz:       # other data: a stale set-up shows
+            raise Fail(
+                f"sample {i}: a solve with an extra linear term ended "
+                f"{first.status.value}/{fresh.status.value}"
+            )
+        copies = (
+            Objective(smp.g.P, smp.g.q.copy()),
+            type(smp.h)(smp.h.G.copy(), smp.h.h.copy(), smp.h.dims),
+            type(smp.e)(smp.e.A.copy(), smp.e.b.copy()),
+        )
+        cases = [
+            ("own", first, (smp.g, smp.h, smp.e), fresh),
+            ("none", None, (smp.g, smp.h, smp.e), fresh),
+            ("copies", first, copies, fresh),
+        ]
+        if smp.g.P is not None and smp.g.P.nnz:  # other data: a stale set-up shows
             changed = (Objective(2.0 * smp.g.P, smp.g.q), smp.h, smp.e)
             cases.append(("changed_P", first, changed, run.backend.solve(*changed, term)))
         for label, previous, problem, want in cases:
             got = again(previous, *problem, term)
             if not (got.status.has_solution and want.status.has_solution):
-                raise Fail(f"sample {i}: resolve ({label}) ended {got.status.value}, the "
-                           f"fresh solve {want.status.value}")
+                raise Fail(
+                    f"sample {i}: resolve ({label}) ended {got.status.value}, the "
+                    f"fresh solve {want.status.value}"
+                )
             check_shapes(smp, got)
             for k, v in distances(got, want).items():
                 _worst(metrics, f"{k}_{label}", v, tol.distance)
@@ -553,8 +663,12 @@ def _same(a: Solution, b: Solution) -> float:
         return math.inf
     if not a.status.has_solution:
         return 0.0
-    return max(rel_diff(a.primal, b.primal), rel_diff(a.eq_dual, b.eq_dual),
-               rel_diff(a.ineq_dual, b.ineq_dual), rel_diff(a.slack, b.slack))
+    return max(
+        rel_diff(a.primal, b.primal),
+        rel_diff(a.eq_dual, b.eq_dual),
+        rel_diff(a.ineq_dual, b.ineq_dual),
+        rel_diff(a.slack, b.slack),
+    )
 
 
 def check_deterministic(run: InstanceRun) -> list[Metric]:
@@ -598,24 +712,32 @@ def check_threads(run: InstanceRun) -> list[Metric]:
     with ThreadPoolExecutor(max_workers=T.THREADS) as pool:
         concurrent = list(pool.map(job, order))
     sol_diff, grad_diff = spread(concurrent, order)
-    return [Metric("solution_rel_diff", sol_diff,
-                   max(T.DETERMINISM, T.THREAD_SPREAD_FACTOR * base_sol)),
-            Metric("gradient_rel_diff", grad_diff,
-                   max(T.DETERMINISM, T.THREAD_SPREAD_FACTOR * base_grad))]
+    return [
+        Metric(
+            "solution_rel_diff", sol_diff, max(T.DETERMINISM, T.THREAD_SPREAD_FACTOR * base_sol)
+        ),
+        Metric(
+            "gradient_rel_diff", grad_diff, max(T.DETERMINISM, T.THREAD_SPREAD_FACTOR * base_grad)
+        ),
+    ]
 
 
 def capability_skip(inst: Instance, backend) -> str | None:
     """Why the backend's declared capabilities exclude this instance (None: they do not)."""
     caps = backend.capabilities
     if inst.kind == "layer":
-        return None        # FFOLayer itself decides (it compiles for the backend)
+        return None  # FFOLayer itself decides (it compiles for the backend)
     missing = caps.missing_cones(inst.dims, inst.has_equalities)
     if missing:
-        return (f"capabilities.cones lacks {', '.join(sorted(missing))} "
-                f"(has {', '.join(sorted(caps.cones))})")
+        return (
+            f"capabilities.cones lacks {', '.join(sorted(missing))} "
+            f"(has {', '.join(sorted(caps.cones))})"
+        )
     if inst.quadratic and not caps.quadratic_objective:
-        return ("the instance has a quadratic objective and capabilities.quadratic_objective "
-                "is False (its layers compile P into a SOC: see the layer instances)")
+        return (
+            "the instance has a quadratic objective and capabilities.quadratic_objective "
+            "is False (its layers compile P into a SOC: see the layer instances)"
+        )
     n, rows = inst.size
     if caps.max_variables is not None and n > caps.max_variables:
         return f"{n} variables exceed capabilities.max_variables={caps.max_variables}"
@@ -646,7 +768,7 @@ def run_check(run: InstanceRun, check: str) -> CheckResult:
         if reason:
             raise Skip(reason)
         out = _FUNCS[check](run)
-        if isinstance(out, tuple):          # (metrics, (note, engine_limited))
+        if isinstance(out, tuple):  # (metrics, (note, engine_limited))
             out, (result.reason, result.engine_limited) = out
         result.metrics = out
         if not all(m.ok for m in result.metrics):
@@ -657,7 +779,7 @@ def run_check(run: InstanceRun, check: str) -> CheckResult:
         result.outcome, result.reason = "fail", str(exc)
     except ReferenceUnavailable as exc:
         result.outcome, result.reason = "error", f"reference: {exc}"
-    except Exception as exc:   # a backend that raises fails the check, with the error
+    except Exception as exc:  # a backend that raises fails the check, with the error
         result.outcome, result.reason = "error", f"{type(exc).__name__}: {exc}"
     result.seconds = time.perf_counter() - start
     return result

@@ -4,6 +4,7 @@ This module is imported every time ``ffo`` builds its parser, so it imports noth
 at module level.  Exit status: 0 all checks passed, 1 a check failed or errored (or nothing
 could be checked), 2 the backend or the arguments are unusable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,33 +28,50 @@ exit status: 0 pass, 1 a failure or error, 2 unusable backend or arguments.
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "conformance", help="run the conformance suite on a backend",
+        "conformance",
+        help="run the conformance suite on a backend",
         description="Run ffo's conformance suite (problem zoo; solution, gradient, status, "
-                    "warm-start, resolve, determinism and thread checks) on backend NAME "
-                    "and print a problem-class x check table.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("backend", metavar="NAME", nargs="?",
-                   help='backend config string, e.g. clarabel or "scs:eps_abs=1e-9"')
-    p.add_argument("--classes", metavar="LIST",
-                   help="comma-separated problem classes/variants/groups to run")
+        "warm-start, resolve, determinism and thread checks) on backend NAME "
+        "and print a problem-class x check table.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "backend",
+        metavar="NAME",
+        nargs="?",
+        help='backend config string, e.g. clarabel or "scs:eps_abs=1e-9"',
+    )
+    p.add_argument(
+        "--classes", metavar="LIST", help="comma-separated problem classes/variants/groups to run"
+    )
     p.add_argument("--checks", metavar="LIST", help="comma-separated checks to run")
-    p.add_argument("--json", metavar="PATH", dest="json_path",
-                   help="write the full report (every measure) as JSON")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        dest="json_path",
+        help="write the full report (every measure) as JSON",
+    )
     p.add_argument("--seed", type=int, default=0, help="zoo seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--list", action="store_true",
-                   help="list the zoo's instances and exit")
+    p.add_argument("--list", action="store_true", help="list the zoo's instances and exit")
     p.set_defaults(func=cmd_conformance)
     return p
 
 
 def _list(seed: int) -> int:
     from .zoo import build_zoo
+
     for inst in build_zoo(seed):
-        what = f"{len(inst.samples)} sample(s), n={inst.size[0]}, rows={inst.size[1]}" \
-            if inst.samples else "CVXPY layer"
-        print(f"{inst.name:20s} {inst.group:16s} {inst.profile:11s} {what}"
-              f"{'  ' + inst.description if inst.description else ''}")
+        what = (
+            f"{len(inst.samples)} sample(s), n={inst.size[0]}, rows={inst.size[1]}"
+            if inst.samples
+            else "CVXPY layer"
+        )
+        print(
+            f"{inst.name:20s} {inst.group:16s} {inst.profile:11s} {what}"
+            f"{'  ' + inst.description if inst.description else ''}"
+        )
     return 0
 
 
@@ -61,15 +79,19 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     if args.list:
         return _list(args.seed)
     if not args.backend:
-        print("ffo conformance: a backend NAME is required (see `ffo backends`)",
-              file=sys.stderr)
+        print("ffo conformance: a backend NAME is required (see `ffo backends`)", file=sys.stderr)
         return 2
     from ffo_core.errors import FFOError
 
     from .runner import Suite, parse_list
+
     try:
-        suite = Suite(args.backend, classes=parse_list(args.classes),
-                      checks=parse_list(args.checks), seed=args.seed)
+        suite = Suite(
+            args.backend,
+            classes=parse_list(args.classes),
+            checks=parse_list(args.checks),
+            seed=args.seed,
+        )
     except (FFOError, ValueError) as exc:
         print(f"ffo conformance: {exc}", file=sys.stderr)
         return 2
@@ -82,7 +104,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m")      # -> "python -m conformance"
+    parser = argparse.ArgumentParser(prog="python -m")  # -> "python -m conformance"
     sub = parser.add_subparsers(dest="command", required=True)
     add_subparser(sub)
     args = parser.parse_args(["conformance", *(sys.argv[1:] if argv is None else argv)])

@@ -6,10 +6,11 @@ show up).  Conventions are those of :mod:`ffo_core.protocol`: SOC ``(t, x)`` wit
 ``||x|| <= t``; EXP ``cl{(x, y, z): y exp(x/y) <= z, y > 0}``; PSD as the isometric svec
 (upper triangle column by column, off-diagonals times sqrt(2)).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def _exp_primal_violation(v: np.ndarray) -> float:
         # y exp(x/y) <= z  <=>  x <= y log(z/y)
         viol = max(viol, x - y * math.log(z / y))
     else:
-        viol = max(viol, x)          # the closure: y = 0 needs x <= 0, z >= 0
+        viol = max(viol, x)  # the closure: y = 0 needs x <= 0, z >= 0
     return viol
 
 
@@ -113,6 +114,7 @@ def complementarity(s: np.ndarray, lam: np.ndarray, dims: ConeDims) -> float:
 
 # -- complementary pairs used to construct instances with a known solution ----------------
 
+
 def soc_pair(rng: np.random.Generator, d: int, active: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(s, lam)`` in SOC(d) x SOC(d) with ``s'lam = 0``: on the boundary, or s interior."""
     u = rng.standard_normal(d - 1)
@@ -140,7 +142,7 @@ def exp_pair(rng: np.random.Generator, active: bool) -> tuple[np.ndarray, np.nda
 
 
 def psd_pair(rng: np.random.Generator, k: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """svec ``(S, Lam)`` with ``S`` of rank ``rank``, ``Lam`` of rank ``k - rank``, ``S Lam = 0``."""
+    """svec ``(S, Lam)``: ``S`` of rank ``rank``, ``Lam`` of rank ``k - rank``, ``S Lam = 0``."""
     U, _ = np.linalg.qr(rng.standard_normal((k, k)))
     sig = np.concatenate([rng.uniform(0.5, 1.5, rank), np.zeros(k - rank)])
     mu = np.concatenate([np.zeros(rank), rng.uniform(0.5, 1.5, k - rank)])
@@ -150,7 +152,7 @@ def psd_pair(rng: np.random.Generator, k: int, rank: int) -> tuple[np.ndarray, n
 def interior_dual(rng: np.random.Generator, dims: ConeDims) -> np.ndarray:
     """A point strictly inside ``K*`` (used to make infeasible instances dual feasible)."""
     parts = []
-    for kind, size, rows in blocks(dims):
+    for kind, size, _ in blocks(dims):
         if kind == "nonneg":
             parts.append(rng.uniform(0.5, 1.5, size))
         elif kind == "soc":

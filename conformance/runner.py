@@ -1,4 +1,5 @@
 """Run the zoo through a backend and report: the :class:`Suite` and its :class:`Report`."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,15 @@ class Suite:
     ``"qp/scaled"`` or an instance name); ``checks`` restricts the checks.
     """
 
-    def __init__(self, backend, *, classes=None, checks=None, seed: int = 0,
-                 reference: ReferenceSolver | None = None) -> None:
+    def __init__(
+        self,
+        backend,
+        *,
+        classes=None,
+        checks=None,
+        seed: int = 0,
+        reference: ReferenceSolver | None = None,
+    ) -> None:
         self.spec = backend if isinstance(backend, str) else getattr(backend, "name", "?")
         self.backend = get_backend(backend)
         self.reference = reference or ReferenceSolver()
@@ -40,16 +48,21 @@ class Suite:
         if checks:
             unknown = set(checks) - set(CHECKS)
             if unknown:
-                raise ValueError(f"unknown check(s) {', '.join(sorted(unknown))}; "
-                                 f"checks: {', '.join(CHECKS)}")
+                raise ValueError(
+                    f"unknown check(s) {', '.join(sorted(unknown))}; checks: {', '.join(CHECKS)}"
+                )
         self.checks = [c for c in CHECKS if not checks or c in checks]
         self._runs: dict[str, InstanceRun] = {}
         self.results: list[CheckResult] = []
 
     def cases(self) -> list[tuple[Instance, str]]:
         """Every applicable (instance, check) pair, in report order."""
-        return [(inst, check) for inst in self.instances for check in self.checks
-                if check in APPLICABLE[inst.kind]]
+        return [
+            (inst, check)
+            for inst in self.instances
+            for check in self.checks
+            if check in APPLICABLE[inst.kind]
+        ]
 
     def run_case(self, inst: Instance, check: str) -> CheckResult:
         run = self._runs.get(inst.name)
@@ -59,14 +72,16 @@ class Suite:
         self.results.append(result)
         return result
 
-    def run(self, progress: bool = False) -> "Report":
+    def run(self, progress: bool = False) -> Report:
         start = time.perf_counter()
         cases = self.cases()
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(cases), desc=f"conformance {self.backend.name}",
-                       unit="check", leave=False)
+
+            bar = tqdm(
+                total=len(cases), desc=f"conformance {self.backend.name}", unit="check", leave=False
+            )
         for inst, check in cases:
             if bar is not None:
                 bar.set_postfix_str(f"{inst.name} {check}", refresh=False)
@@ -77,26 +92,38 @@ class Suite:
             bar.close()
         return self.report(time.perf_counter() - start)
 
-    def report(self, seconds: float | None = None) -> "Report":
+    def report(self, seconds: float | None = None) -> Report:
         name = getattr(self.backend, "name", "?")
         version = None
         info = available_backends().get(name)
         if info is not None and info.version:
             version = info.version
-        return Report(spec=self.spec, backend=name, version=version,
-                      capabilities=self.backend.capabilities,
-                      reference=self.reference.describe(), seed=self.seed,
-                      classes=self.classes, checks=list(self.checks),
-                      groups=list(dict.fromkeys(i.group for i in self.instances)),
-                      instances=len(self.instances), results=list(self.results),
-                      seconds=seconds or 0.0)
+        return Report(
+            spec=self.spec,
+            backend=name,
+            version=version,
+            capabilities=self.backend.capabilities,
+            reference=self.reference.describe(),
+            seed=self.seed,
+            classes=self.classes,
+            checks=list(self.checks),
+            groups=list(dict.fromkeys(i.group for i in self.instances)),
+            instances=len(self.instances),
+            results=list(self.results),
+            seconds=seconds or 0.0,
+        )
 
 
 def _caps_dict(caps) -> dict:
-    return {"cones": sorted(caps.cones), "quadratic_objective": caps.quadratic_objective,
-            "warm_start": caps.warm_start, "thread_safe": getattr(caps, "thread_safe", None),
-            "needs_license": caps.needs_license, "max_variables": caps.max_variables,
-            "max_constraints": caps.max_constraints}
+    return {
+        "cones": sorted(caps.cones),
+        "quadratic_objective": caps.quadratic_objective,
+        "warm_start": caps.warm_start,
+        "thread_safe": getattr(caps, "thread_safe", None),
+        "needs_license": caps.needs_license,
+        "max_variables": caps.max_variables,
+        "max_constraints": caps.max_constraints,
+    }
 
 
 def _cell(results: list[CheckResult]) -> tuple[str, str]:
@@ -162,27 +189,35 @@ class Report:
                 row.append(f"{word} {measured}".strip())
             rows.append(row)
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(),
-                 "  ".join("-" * w for w in widths)]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(),
+            "  ".join("-" * w for w in widths),
+        ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         return "\n".join(lines)
 
     def text(self) -> str:
         caps = self.capabilities
         cones = ",".join(c for c in ("zero", "nonneg", "soc", "exp", "psd") if c in caps.cones)
-        out = [f"ffo conformance: backend {self.spec!r} ({self.backend}"
-               f"{' ' + self.version if self.version else ''}); cones {cones}; quadratic "
-               f"{'yes' if caps.quadratic_objective else 'no'}; warm start "
-               f"{'yes' if caps.warm_start else 'no'}; thread safe "
-               f"{'yes' if getattr(caps, 'thread_safe', False) else 'no'}",
-               f"reference: {self.reference}; seed {self.seed}; {self.instances} instances"
-               + (f" (classes {','.join(self.classes)})" if self.classes else ""),
-               "", self.table(), "",
-               "cells: outcome, then the worst measure over the group's instances as "
-               "measured/tolerance (a/b) or measured>=bound; '·' not applicable; FAIL*: "
-               "the same FFO through the trusted reference solver fails too (an ffo_core "
-               "limitation, not this backend's fault; still a failure)",
-               "", "tolerances (conformance/tolerances.py):", T.describe()]
+        out = [
+            f"ffo conformance: backend {self.spec!r} ({self.backend}"
+            f"{' ' + self.version if self.version else ''}); cones {cones}; quadratic "
+            f"{'yes' if caps.quadratic_objective else 'no'}; warm start "
+            f"{'yes' if caps.warm_start else 'no'}; thread safe "
+            f"{'yes' if getattr(caps, 'thread_safe', False) else 'no'}",
+            f"reference: {self.reference}; seed {self.seed}; {self.instances} instances"
+            + (f" (classes {','.join(self.classes)})" if self.classes else ""),
+            "",
+            self.table(),
+            "",
+            "cells: outcome, then the worst measure over the group's instances as "
+            "measured/tolerance (a/b) or measured>=bound; '·' not applicable; FAIL*: "
+            "the same FFO through the trusted reference solver fails too (an ffo_core "
+            "limitation, not this backend's fault; still a failure)",
+            "",
+            "tolerances (conformance/tolerances.py):",
+            T.describe(),
+        ]
         bad = [r for r in self.results if r.failed]
         if bad:
             out += ["", f"failures and errors ({len(bad)}):"]
@@ -194,31 +229,46 @@ class Report:
         if skipped:
             out += ["", f"skipped ({self.count('skip')}):"]
             for reason, where in skipped.items():
-                names = sorted({w.split(':')[0] for w in where})
-                checks = sorted({w.split(':')[1] for w in where})
-                out.append(f"  {reason}\n    instances: {', '.join(names)}\n"
-                           f"    checks: {', '.join(checks)}")
+                names = sorted({w.split(":")[0] for w in where})
+                checks = sorted({w.split(":")[1] for w in where})
+                out.append(
+                    f"  {reason}\n    instances: {', '.join(names)}\n"
+                    f"    checks: {', '.join(checks)}"
+                )
         verdict = "PASS" if self.passed else "FAIL"
         if not self.count("pass") and not bad:
             verdict += " (no check ran: everything was skipped)"
         engine = sum(r.engine_limited for r in bad)
         if engine:
-            verdict += (f" ({engine} of the failures engine-side, FAIL*; "
-                        f"{len(bad) - engine} backend-side)")
-        out += ["", f"{len(self.results)} checks: {self.count('pass')} passed, "
-                f"{self.count('fail')} failed, {self.count('error')} errors, "
-                f"{self.count('skip')} skipped in {self.seconds:.1f} s -> {verdict}"]
+            verdict += (
+                f" ({engine} of the failures engine-side, FAIL*; {len(bad) - engine} backend-side)"
+            )
+        out += [
+            "",
+            f"{len(self.results)} checks: {self.count('pass')} passed, "
+            f"{self.count('fail')} failed, {self.count('error')} errors, "
+            f"{self.count('skip')} skipped in {self.seconds:.1f} s -> {verdict}",
+        ]
         return "\n".join(out)
 
     def to_dict(self) -> dict:
         return {
-            "backend": self.spec, "name": self.backend, "version": self.version,
-            "capabilities": _caps_dict(self.capabilities), "reference": self.reference,
-            "seed": self.seed, "classes": self.classes, "checks": self.checks,
-            "instances": self.instances, "passed": self.passed,
-            "summary": {**{k: self.count(k) for k in ("pass", "fail", "error", "skip")},
-                        "engine_limited": sum(r.engine_limited for r in self.results)},
-            "seconds": round(self.seconds, 3), "tolerances": T.as_dict(),
+            "backend": self.spec,
+            "name": self.backend,
+            "version": self.version,
+            "capabilities": _caps_dict(self.capabilities),
+            "reference": self.reference,
+            "seed": self.seed,
+            "classes": self.classes,
+            "checks": self.checks,
+            "instances": self.instances,
+            "passed": self.passed,
+            "summary": {
+                **{k: self.count(k) for k in ("pass", "fail", "error", "skip")},
+                "engine_limited": sum(r.engine_limited for r in self.results),
+            },
+            "seconds": round(self.seconds, 3),
+            "tolerances": T.as_dict(),
             "results": [r.to_dict() for r in self.results],
         }
 
@@ -228,7 +278,8 @@ class Report:
             fh.write("\n")
 
 
-def run_suite(backend, *, classes=None, checks=None, seed: int = 0,
-              progress: bool = False) -> Report:
+def run_suite(
+    backend, *, classes=None, checks=None, seed: int = 0, progress: bool = False
+) -> Report:
     """Run the conformance suite on ``backend`` (config string or instance)."""
     return Suite(backend, classes=classes, checks=checks, seed=seed).run(progress=progress)

@@ -2,7 +2,7 @@
 
 The report prints this table; change a number here and it changes everywhere (checks, CLI
 table, JSON report, pytest plugin).  All measures are *relative* and dimensionless; how each
-is computed is documented in :mod:`conformance.checks`.
+is computed is documented in :mod:`ffo_conformance.checks`.
 
 Profiles.  Each zoo instance names a tolerance profile:
 
@@ -26,6 +26,7 @@ terms (``dP``, ``dG``, ``dA``) of the Lagrangian gradient, with ``delta ~ sqrt(a
 hence its looser tolerance; the central difference is exact for a fixed active set up to
 solver accuracy.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -35,30 +36,55 @@ from dataclasses import asdict, dataclass
 class Profile:
     """Tolerances for one kind of instance."""
 
-    residual: float          # primal / dual / complementarity / cone-membership residual
-    distance: float          # distance of (y, nu, lam) to the reference solution
-    grad_rel_ffo: float      # per-block relative error of the default FFO gradient vs KKT
-    grad_cos_ffo: float      # per-block cosine similarity (lower bound), default FFO
+    residual: float  # primal / dual / complementarity / cone-membership residual
+    distance: float  # distance of (y, nu, lam) to the reference solution
+    grad_rel_ffo: float  # per-block relative error of the default FFO gradient vs KKT
+    grad_cos_ffo: float  # per-block cosine similarity (lower bound), default FFO
     grad_rel_central: float  # per-block relative error, central FFO (central=True)
     grad_cos_central: float  # per-block cosine similarity (lower bound), central FFO
 
 
 PROFILES: dict[str, Profile] = {
-    "well": Profile(residual=1e-6, distance=1e-5,
-                    grad_rel_ffo=2e-2, grad_cos_ffo=0.999,
-                    grad_rel_central=1e-4, grad_cos_central=0.99999),
-    "scaled": Profile(residual=1e-6, distance=1e-4,
-                      grad_rel_ffo=5e-2, grad_cos_ffo=0.998,
-                      grad_rel_central=1e-3, grad_cos_central=0.9999),
-    "degenerate": Profile(residual=1e-5, distance=1e-3,
-                          grad_rel_ffo=5e-2, grad_cos_ffo=0.998,
-                          grad_rel_central=1e-2, grad_cos_central=0.9995),
-    "cone": Profile(residual=1e-6, distance=1e-3,
-                    grad_rel_ffo=5e-2, grad_cos_ffo=0.998,
-                    grad_rel_central=2e-2, grad_cos_central=0.9995),
-    "cone-scaled": Profile(residual=1e-6, distance=1e-3,
-                           grad_rel_ffo=1e-1, grad_cos_ffo=0.995,
-                           grad_rel_central=5e-2, grad_cos_central=0.998),
+    "well": Profile(
+        residual=1e-6,
+        distance=1e-5,
+        grad_rel_ffo=2e-2,
+        grad_cos_ffo=0.999,
+        grad_rel_central=1e-4,
+        grad_cos_central=0.99999,
+    ),
+    "scaled": Profile(
+        residual=1e-6,
+        distance=1e-4,
+        grad_rel_ffo=5e-2,
+        grad_cos_ffo=0.998,
+        grad_rel_central=1e-3,
+        grad_cos_central=0.9999,
+    ),
+    "degenerate": Profile(
+        residual=1e-5,
+        distance=1e-3,
+        grad_rel_ffo=5e-2,
+        grad_cos_ffo=0.998,
+        grad_rel_central=1e-2,
+        grad_cos_central=0.9995,
+    ),
+    "cone": Profile(
+        residual=1e-6,
+        distance=1e-3,
+        grad_rel_ffo=5e-2,
+        grad_cos_ffo=0.998,
+        grad_rel_central=2e-2,
+        grad_cos_central=0.9995,
+    ),
+    "cone-scaled": Profile(
+        residual=1e-6,
+        distance=1e-3,
+        grad_rel_ffo=1e-1,
+        grad_cos_ffo=0.995,
+        grad_rel_central=5e-2,
+        grad_cos_central=0.998,
+    ),
 }
 
 #: Repeated calls, and concurrent calls from threads, must agree with the first sequential
@@ -95,8 +121,12 @@ REFERENCE_RESIDUAL = 1e-8
 
 #: Settings of the reference solve (clarabel.DefaultSettings attribute names).
 REFERENCE_SETTINGS = {
-    "tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12,
-    "tol_ktratio": 1e-10, "max_iter": 500, "verbose": False,
+    "tol_gap_abs": 1e-12,
+    "tol_gap_rel": 1e-12,
+    "tol_feas": 1e-12,
+    "tol_ktratio": 1e-10,
+    "max_iter": 500,
+    "verbose": False,
 }
 
 #: Relative size of the perturbation of ``q`` whose solution seeds the warm-start check.
@@ -107,32 +137,57 @@ def as_dict() -> dict:
     """Everything above, for the JSON report."""
     return {
         "profiles": {k: asdict(v) for k, v in PROFILES.items()},
-        "determinism": DETERMINISM, "threads": THREADS, "thread_repeats": THREAD_REPEATS,
+        "determinism": DETERMINISM,
+        "threads": THREADS,
+        "thread_repeats": THREAD_REPEATS,
         "thread_spread_factor": THREAD_SPREAD_FACTOR,
-        "repeats": REPEATS, "grad_block_floor": GRAD_BLOCK_FLOOR,
+        "repeats": REPEATS,
+        "grad_block_floor": GRAD_BLOCK_FLOOR,
         "engine_attribution_factor": ENGINE_ATTRIBUTION_FACTOR,
-        "reference_residual": REFERENCE_RESIDUAL, "reference_settings": REFERENCE_SETTINGS,
+        "reference_residual": REFERENCE_RESIDUAL,
+        "reference_settings": REFERENCE_SETTINGS,
         "warm_start_perturbation": WARM_START_PERTURBATION,
     }
 
 
 def describe() -> str:
     """The tolerance table as printed in the report."""
-    cols = ("profile", "residual", "distance", "grad-ffo rel", "grad-ffo cos",
-            "grad-central rel", "grad-central cos")
-    rows = [cols] + [(name, f"{p.residual:.0e}", f"{p.distance:.0e}",
-                      f"{p.grad_rel_ffo:.0e}", f">= {p.grad_cos_ffo:g}",
-                      f"{p.grad_rel_central:.0e}", f">= {p.grad_cos_central:g}")
-                     for name, p in PROFILES.items()]
+    cols = (
+        "profile",
+        "residual",
+        "distance",
+        "grad-ffo rel",
+        "grad-ffo cos",
+        "grad-central rel",
+        "grad-central cos",
+    )
+    rows = [cols] + [
+        (
+            name,
+            f"{p.residual:.0e}",
+            f"{p.distance:.0e}",
+            f"{p.grad_rel_ffo:.0e}",
+            f">= {p.grad_cos_ffo:g}",
+            f"{p.grad_rel_central:.0e}",
+            f">= {p.grad_cos_central:g}",
+        )
+        for name, p in PROFILES.items()
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"repeated calls: relative difference <= {DETERMINISM:.0e} ({REPEATS} calls); "
-                 f"concurrent calls ({THREADS} threads x {THREAD_REPEATS} repeats) vs "
-                 f"sequential: <= max({DETERMINISM:.0e}, {THREAD_SPREAD_FACTOR:g} x the "
-                 "sequential repeat spread)")
-    lines.append(f"gradient blocks: norms below {GRAD_BLOCK_FLOOR:.0e} x ||whole gradient|| "
-                 "are measured against that floor, cosine not measured")
-    lines.append(f"reference: Clarabel at tol 1e-12, must reach residual <= "
-                 f"{REFERENCE_RESIDUAL:.0e}; gradients by KKT implicit differentiation")
+    lines.append(
+        f"repeated calls: relative difference <= {DETERMINISM:.0e} ({REPEATS} calls); "
+        f"concurrent calls ({THREADS} threads x {THREAD_REPEATS} repeats) vs "
+        f"sequential: <= max({DETERMINISM:.0e}, {THREAD_SPREAD_FACTOR:g} x the "
+        "sequential repeat spread)"
+    )
+    lines.append(
+        f"gradient blocks: norms below {GRAD_BLOCK_FLOOR:.0e} x ||whole gradient|| "
+        "are measured against that floor, cosine not measured"
+    )
+    lines.append(
+        f"reference: Clarabel at tol 1e-12, must reach residual <= "
+        f"{REFERENCE_RESIDUAL:.0e}; gradients by KKT implicit differentiation"
+    )
     return "\n".join(lines)

@@ -17,16 +17,17 @@ demanding cone it uses) and a *variant* (``well``, ``batched``, ``scaled``, ``de
 report.  ``layer`` instances are CVXPY problems run through :class:`ffo_core.FFOLayer`,
 which checks the whole path (compilation, batching, ``M'`` back-mapping) per parameter.
 """
+
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.protocol import (ConeConstraints, ConeDims, Equalities, Objective, Status)
+from ffo_core.protocol import ConeConstraints, ConeDims, Equalities, Objective, Status
 
 from . import cones
 
@@ -45,7 +46,7 @@ class Sample:
     h: ConeConstraints
     e: Equalities
     c: np.ndarray
-    truth: dict | None = None        # the constructed optimum (y, nu, lam, s), if known
+    truth: dict | None = None  # the constructed optimum (y, nu, lam, s), if known
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Instance:
     name: str
     cls: str
     variant: str = "well"
-    profile: str = "well"            # tolerance profile (conformance.tolerances.PROFILES)
+    profile: str = "well"  # tolerance profile (ffo_conformance.tolerances.PROFILES)
     samples: list[Sample] = field(default_factory=list)
     expect: frozenset | None = None  # statuses accepted for infeasible/unbounded instances
     layer: LayerCase | None = None
@@ -101,11 +102,11 @@ class Instance:
         """(variables, constraint rows) of the largest sample."""
         if not self.samples:
             return (0, 0)
-        return (max(s.g.n for s in self.samples),
-                max(s.h.m + s.e.p for s in self.samples))
+        return (max(s.g.n for s in self.samples), max(s.h.m + s.e.p for s in self.samples))
 
 
 # -- construction helpers -----------------------------------------------------------------
+
 
 def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -125,9 +126,19 @@ def _objective(rng, n: int, kind: str, reg: float) -> sp.csc_matrix:
     return sp.csc_matrix(F.T @ F + 0.1 * np.eye(n))
 
 
-def constructed(rng, n: int, p: int, nonneg: str = "", soc=(), exp: str = "", psd=(),
-                objective: str = "qp", reg: float = 1e-2, density: float = 0.7,
-                margin: float = 1e-3) -> Sample:
+def constructed(
+    rng,
+    n: int,
+    p: int,
+    nonneg: str = "",
+    soc=(),
+    exp: str = "",
+    psd=(),
+    objective: str = "qp",
+    reg: float = 1e-2,
+    density: float = 0.7,
+    margin: float = 1e-3,
+) -> Sample:
     """An optimal instance with known solution (see the module docstring).
 
     ``nonneg``: one letter per row, ``A`` active (s = 0, lam ~ 1), ``I`` inactive
@@ -137,8 +148,12 @@ def constructed(rng, n: int, p: int, nonneg: str = "", soc=(), exp: str = "", ps
     """
     s_parts, l_parts = [], []
     for role in nonneg:
-        s_i, l_i = {"A": (0.0, rng.uniform(0.5, 1.5)), "I": (rng.uniform(0.5, 1.5), 0.0),
-                    "w": (0.0, margin), "n": (margin, 0.0)}[role]
+        s_i, l_i = {
+            "A": (0.0, rng.uniform(0.5, 1.5)),
+            "I": (rng.uniform(0.5, 1.5), 0.0),
+            "w": (0.0, margin),
+            "n": (margin, 0.0),
+        }[role]
         s_parts.append([s_i])
         l_parts.append([l_i])
     for d, active in soc:
@@ -153,8 +168,9 @@ def constructed(rng, n: int, p: int, nonneg: str = "", soc=(), exp: str = "", ps
         s_k, l_k = cones.psd_pair(rng, k, rank)
         s_parts.append(s_k)
         l_parts.append(l_k)
-    dims = ConeDims(nonneg=len(nonneg), soc=tuple(d for d, _ in soc), exp=len(exp),
-                    psd=tuple(k for k, _ in psd))
+    dims = ConeDims(
+        nonneg=len(nonneg), soc=tuple(d for d, _ in soc), exp=len(exp), psd=tuple(k for k, _ in psd)
+    )
     s = np.concatenate(s_parts) if s_parts else np.zeros(0)
     lam = np.concatenate(l_parts) if l_parts else np.zeros(0)
     y = rng.standard_normal(n)
@@ -163,9 +179,13 @@ def constructed(rng, n: int, p: int, nonneg: str = "", soc=(), exp: str = "", ps
     nu = rng.standard_normal(p)
     P = _objective(rng, n, objective, reg)
     q = -(P @ y + A.T @ nu + G.T @ lam)
-    return Sample(Objective(P, q), ConeConstraints(G, G @ y + s, dims),
-                  Equalities(A, A @ y), rng.standard_normal(n),
-                  truth={"y": y, "nu": nu, "lam": lam, "s": s})
+    return Sample(
+        Objective(P, q),
+        ConeConstraints(G, G @ y + s, dims),
+        Equalities(A, A @ y),
+        rng.standard_normal(n),
+        truth={"y": y, "nu": nu, "lam": lam, "s": s},
+    )
 
 
 def scaled(sample: Sample, rng, span: float = 2.0) -> Sample:
@@ -178,11 +198,11 @@ def scaled(sample: Sample, rng, span: float = 2.0) -> Sample:
     g, h, e = sample.g, sample.h, sample.e
     n, dims = g.n, h.dims
 
-    def factors(count: int) -> np.ndarray:    # 10^U(-span, span), both extremes included
+    def factors(count: int) -> np.ndarray:  # 10^U(-span, span), both extremes included
         f = rng.uniform(-span, span, count)
         ends = rng.permutation(count)[:2]
-        f[ends] = [-span, span][:len(ends)]
-        return 10.0 ** f
+        f[ends] = [-span, span][: len(ends)]
+        return 10.0**f
 
     D = factors(n)
     units = [rows for _, _, rows in cones.blocks(dims)]
@@ -191,17 +211,24 @@ def scaled(sample: Sample, rng, span: float = 2.0) -> Sample:
     R = np.empty(h.m)
     R[:nn] = unit_f[:nn]
     for f, rows in zip(unit_f[nn:], units[1:] if nn else units):
-        R[rows] = f                              # one factor per SOC/EXP/PSD block
+        R[rows] = f  # one factor per SOC/EXP/PSD block
     Re = factors(e.p)
     w = 10.0 ** rng.uniform(-1.0, 1.0)
     Dm, Rm, Rem = sp.diags(D), sp.diags(R), sp.diags(Re)
     P = sp.csc_matrix(w * (Dm @ g.P @ Dm)) if g.P is not None else None
     t = sample.truth
-    truth = None if t is None else {"y": t["y"] / D, "nu": w * t["nu"] / Re,
-                                    "lam": w * t["lam"] / R, "s": R * t["s"]}
-    return Sample(Objective(P, w * D * g.q),
-                  ConeConstraints(sp.csc_matrix(Rm @ h.G @ Dm), R * h.h, dims),
-                  Equalities(sp.csc_matrix(Rem @ e.A @ Dm), Re * e.b), sample.c, truth)
+    truth = (
+        None
+        if t is None
+        else {"y": t["y"] / D, "nu": w * t["nu"] / Re, "lam": w * t["lam"] / R, "s": R * t["s"]}
+    )
+    return Sample(
+        Objective(P, w * D * g.q),
+        ConeConstraints(sp.csc_matrix(Rm @ h.G @ Dm), R * h.h, dims),
+        Equalities(sp.csc_matrix(Rem @ e.A @ Dm), Re * e.b),
+        sample.c,
+        truth,
+    )
 
 
 def _eye_rows(n: int, rows, sign: float = 1.0) -> sp.csc_matrix:
@@ -215,12 +242,16 @@ def _status_sample(P, q, G, h, dims, A=None, b=None) -> Sample:
     n = len(q)
     A = sp.csc_matrix((0, n)) if A is None else sp.csc_matrix(A)
     b = np.zeros(0) if b is None else np.asarray(b, float)
-    return Sample(Objective(P, np.asarray(q, float)),
-                  ConeConstraints(sp.csc_matrix(G), np.asarray(h, float), dims),
-                  Equalities(A, b), np.ones(n))
+    return Sample(
+        Objective(P, np.asarray(q, float)),
+        ConeConstraints(sp.csc_matrix(G), np.asarray(h, float), dims),
+        Equalities(A, b),
+        np.ones(n),
+    )
 
 
 # -- infeasible and unbounded instances --------------------------------------------------
+
 
 def _dual_feasible_q(rng, G, dims) -> np.ndarray:
     """``q = -G'lam0`` with ``lam0`` inside ``K*``: the dual is strictly feasible, so a
@@ -265,7 +296,7 @@ def qp_unbounded(rng) -> Sample:
     n = 5
     F = rng.standard_normal((n - 1, n - 1))
     P = np.zeros((n, n))
-    P[:n - 1, :n - 1] = F.T @ F + 0.1 * np.eye(n - 1)
+    P[: n - 1, : n - 1] = F.T @ F + 0.1 * np.eye(n - 1)
     q = rng.standard_normal(n)
     q[-1] = -1.0
     G = np.hstack([rng.standard_normal((3, n - 1)), np.zeros((3, 1))])
@@ -304,7 +335,7 @@ def sdp_infeasible(rng) -> Sample:
     """``X in PSD(3)`` (its svec is the variable) and ``trace X <= -1``."""
     k = 3
     n = k * (k + 1) // 2
-    diag = [j * (j + 1) // 2 + j for j in range(k)]          # svec index of (j, j)
+    diag = [j * (j + 1) // 2 + j for j in range(k)]  # svec index of (j, j)
     tr = np.zeros((1, n))
     tr[0, diag] = 1.0
     G = np.vstack([tr, -np.eye(n)])
@@ -314,6 +345,7 @@ def sdp_infeasible(rng) -> Sample:
 
 
 # -- CVXPY layer cases --------------------------------------------------------------------
+
 
 def qp_layer_case(rng, n: int, m: int, p: int, batch: int | None) -> LayerCase:
     """``0.5||F y||^2 + q'y s.t. G y <= h, A y = b``, every datum a parameter, strictly
@@ -330,13 +362,16 @@ def qp_layer_case(rng, n: int, m: int, p: int, batch: int | None) -> LayerCase:
 
     def build():
         import cvxpy as cp
+
         y = cp.Variable(n, name="y")
         Fp, qp_ = cp.Parameter((n, n), name="F"), cp.Parameter(n, name="q")
         Gp, hp = cp.Parameter((m, n), name="G"), cp.Parameter(m, name="h")
         Ap, bp = cp.Parameter((p, n), name="A"), cp.Parameter(p, name="b")
-        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Fp @ y) + qp_ @ y),
-                          [Gp @ y <= hp, Ap @ y == bp])
+        prob = cp.Problem(
+            cp.Minimize(0.5 * cp.sum_squares(Fp @ y) + qp_ @ y), [Gp @ y <= hp, Ap @ y == bp]
+        )
         return prob, [Fp, qp_, Gp, hp, Ap, bp], [y]
+
     values = [F, q, G, h, A, b]
     w = rng.standard_normal(n)
     if batch:
@@ -358,11 +393,16 @@ def _lp_layer(rng, n: int, m: int, reg: float = 1e-2) -> LayerCase:
 
     def build():
         import cvxpy as cp
+
         y = cp.Variable(n, name="y")
-        qp_, Gp, hp = cp.Parameter(n, name="q"), cp.Parameter((m, n), name="G"), \
-            cp.Parameter(m, name="h")
+        qp_, Gp, hp = (
+            cp.Parameter(n, name="q"),
+            cp.Parameter((m, n), name="G"),
+            cp.Parameter(m, name="h"),
+        )
         prob = cp.Problem(cp.Minimize(qp_ @ y + 0.5 * reg * cp.sum_squares(y)), [Gp @ y <= hp])
         return prob, [qp_, Gp, hp], [y]
+
     return LayerCase(build, [q, G, h], [rng.standard_normal(n)])
 
 
@@ -374,12 +414,15 @@ def _socp_layer(rng, n: int, k: int) -> LayerCase:
 
     def build():
         import cvxpy as cp
+
         y = cp.Variable(n, name="y")
         qp_, Fp = cp.Parameter(n, name="q"), cp.Parameter((k, n), name="F")
         fp, rp = cp.Parameter(k, name="f"), cp.Parameter(1, name="r")
-        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + qp_ @ y),
-                          [cp.norm(Fp @ y + fp, 2) <= rp[0]])
+        prob = cp.Problem(
+            cp.Minimize(0.5 * cp.sum_squares(y) + qp_ @ y), [cp.norm(Fp @ y + fp, 2) <= rp[0]]
+        )
         return prob, [qp_, Fp, fp, rp], [y]
+
     return LayerCase(build, [q, F, f, r], [rng.standard_normal(n)])
 
 
@@ -390,29 +433,43 @@ def _exp_layer(rng, n: int, m: int) -> LayerCase:
 
     def build():
         import cvxpy as cp
+
         y = cp.Variable(n, name="y")
-        Gp, hp, qp_ = cp.Parameter((m, n), name="G"), cp.Parameter(m, name="h"), \
-            cp.Parameter(n, name="q")
-        prob = cp.Problem(cp.Minimize(cp.log_sum_exp(Gp @ y + hp)
-                                      + 0.5 * cp.sum_squares(y) + qp_ @ y))
+        Gp, hp, qp_ = (
+            cp.Parameter((m, n), name="G"),
+            cp.Parameter(m, name="h"),
+            cp.Parameter(n, name="q"),
+        )
+        prob = cp.Problem(
+            cp.Minimize(cp.log_sum_exp(Gp @ y + hp) + 0.5 * cp.sum_squares(y) + qp_ @ y)
+        )
         return prob, [Gp, hp, qp_], [y]
+
     return LayerCase(build, [G, h, q], [rng.standard_normal(n)])
 
 
 # -- the zoo ------------------------------------------------------------------------------
 
+
 def build_zoo(seed: int = 0) -> list[Instance]:
     """All instances, deterministic for a given ``seed``."""
     zoo: list[Instance] = []
 
-    def add(name, cls, variant="well", profile=None, samples=None, expect=None, layer=None,
-            description=""):
+    def add(
+        name,
+        cls,
+        variant="well",
+        profile=None,
+        samples=None,
+        expect=None,
+        layer=None,
+        description="",
+    ):
         if profile is None:
             profile = {"scaled": "scaled", "degenerate": "degenerate"}.get(variant, "well")
             if cls in ("socp", "exp", "sdp"):
                 profile = "cone-scaled" if variant == "scaled" else "cone"
-        zoo.append(Instance(name, cls, variant, profile, samples or [], expect, layer,
-                            description))
+        zoo.append(Instance(name, cls, variant, profile, samples or [], expect, layer, description))
 
     def one(name, **kw):
         return [constructed(_rng(seed, name), **kw)]
@@ -427,88 +484,217 @@ def build_zoo(seed: int = 0) -> list[Instance]:
 
     lp = dict(objective="lp", reg=1e-2)
     # LP with small quadratic regularisation (1e-2 I)
-    add("lp-vertex-n10", "lp", samples=one("lp-vertex-n10", n=10, p=2, nonneg="A" * 8 + "I" * 5,
-                                            **lp), description="10 active constraints: a vertex")
-    add("lp-face-n12", "lp", samples=one("lp-face-n12", n=12, p=1, nonneg="A" * 6 + "I" * 6,
-                                          **lp), description="solution on a face")
-    add("lp-batch4", "lp", "batched", samples=batch("lp-batch4", 4, n=8, p=1,
-                                                    nonneg="AAAAIIII", **lp))
-    add("lp-scaled-n10", "lp", "scaled", samples=scaled_one(
-        "lp-scaled-n10", n=10, p=2, nonneg="AAAAAIIIII", **lp))
-    add("lp-degenerate-n10", "lp", "degenerate", samples=one(
-        "lp-degenerate-n10", n=10, p=1, nonneg="AAAwwnnIII", **lp),
-        description="2 weakly active rows (lam 1e-3), 2 nearly active rows (s 1e-3)")
-    add("lp-infeasible", "lp", "infeasible", samples=[lp_infeasible(_rng(seed, "lpi"))],
-        expect=EXPECT_INFEASIBLE)
-    add("lp-unbounded", "lp", "unbounded", samples=[lp_unbounded(_rng(seed, "lpu"))],
-        expect=EXPECT_UNBOUNDED)
-    add("lp-layer", "lp", "layer", layer=_lp_layer(_rng(seed, "lp-layer"), 6, 10),
-        description="FFOLayer, parameters q, G, h")
+    add(
+        "lp-vertex-n10",
+        "lp",
+        samples=one("lp-vertex-n10", n=10, p=2, nonneg="A" * 8 + "I" * 5, **lp),
+        description="10 active constraints: a vertex",
+    )
+    add(
+        "lp-face-n12",
+        "lp",
+        samples=one("lp-face-n12", n=12, p=1, nonneg="A" * 6 + "I" * 6, **lp),
+        description="solution on a face",
+    )
+    add(
+        "lp-batch4",
+        "lp",
+        "batched",
+        samples=batch("lp-batch4", 4, n=8, p=1, nonneg="AAAAIIII", **lp),
+    )
+    add(
+        "lp-scaled-n10",
+        "lp",
+        "scaled",
+        samples=scaled_one("lp-scaled-n10", n=10, p=2, nonneg="AAAAAIIIII", **lp),
+    )
+    add(
+        "lp-degenerate-n10",
+        "lp",
+        "degenerate",
+        samples=one("lp-degenerate-n10", n=10, p=1, nonneg="AAAwwnnIII", **lp),
+        description="2 weakly active rows (lam 1e-3), 2 nearly active rows (s 1e-3)",
+    )
+    add(
+        "lp-infeasible",
+        "lp",
+        "infeasible",
+        samples=[lp_infeasible(_rng(seed, "lpi"))],
+        expect=EXPECT_INFEASIBLE,
+    )
+    add(
+        "lp-unbounded",
+        "lp",
+        "unbounded",
+        samples=[lp_unbounded(_rng(seed, "lpu"))],
+        expect=EXPECT_UNBOUNDED,
+    )
+    add(
+        "lp-layer",
+        "lp",
+        "layer",
+        layer=_lp_layer(_rng(seed, "lp-layer"), 6, 10),
+        description="FFOLayer, parameters q, G, h",
+    )
 
     # QP with equalities and inequalities
-    add("qp-eq-ineq-n12", "qp", samples=one("qp-eq-ineq-n12", n=12, p=3,
-                                             nonneg="AAAA" + "I" * 6))
-    add("qp-ineq-n20", "qp", samples=one("qp-ineq-n20", n=20, p=0, nonneg="A" * 8 + "I" * 12,
-                                          density=0.4))
-    add("qp-eq-only-n8", "qp", samples=one("qp-eq-only-n8", n=8, p=3),
-        description="equalities only (no cone rows)")
-    add("qp-interior-n6", "qp", samples=one("qp-interior-n6", n=6, p=1, nonneg="IIIII"),
-        description="no active inequality")
-    add("qp-batch4", "qp", "batched", samples=batch("qp-batch4", 4, n=10, p=2,
-                                                    nonneg="AAAIIII"))
-    add("qp-scaled-n12", "qp", "scaled", samples=scaled_one(
-        "qp-scaled-n12", n=12, p=3, nonneg="AAAA" + "I" * 6))
-    add("qp-degenerate-n12", "qp", "degenerate", samples=one(
-        "qp-degenerate-n12", n=12, p=2, nonneg="AAwwwnnnIII"),
-        description="3 weakly active rows (lam 1e-3), 3 nearly active rows (s 1e-3)")
-    add("qp-infeasible", "qp", "infeasible", samples=[qp_infeasible(_rng(seed, "qpi"))],
-        expect=EXPECT_INFEASIBLE)
-    add("qp-unbounded", "qp", "unbounded", samples=[qp_unbounded(_rng(seed, "qpu"))],
-        expect=EXPECT_UNBOUNDED)
-    add("qp-layer", "qp", "layer",
+    add("qp-eq-ineq-n12", "qp", samples=one("qp-eq-ineq-n12", n=12, p=3, nonneg="AAAA" + "I" * 6))
+    add(
+        "qp-ineq-n20",
+        "qp",
+        samples=one("qp-ineq-n20", n=20, p=0, nonneg="A" * 8 + "I" * 12, density=0.4),
+    )
+    add(
+        "qp-eq-only-n8",
+        "qp",
+        samples=one("qp-eq-only-n8", n=8, p=3),
+        description="equalities only (no cone rows)",
+    )
+    add(
+        "qp-interior-n6",
+        "qp",
+        samples=one("qp-interior-n6", n=6, p=1, nonneg="IIIII"),
+        description="no active inequality",
+    )
+    add("qp-batch4", "qp", "batched", samples=batch("qp-batch4", 4, n=10, p=2, nonneg="AAAIIII"))
+    add(
+        "qp-scaled-n12",
+        "qp",
+        "scaled",
+        samples=scaled_one("qp-scaled-n12", n=12, p=3, nonneg="AAAA" + "I" * 6),
+    )
+    add(
+        "qp-degenerate-n12",
+        "qp",
+        "degenerate",
+        samples=one("qp-degenerate-n12", n=12, p=2, nonneg="AAwwwnnnIII"),
+        description="3 weakly active rows (lam 1e-3), 3 nearly active rows (s 1e-3)",
+    )
+    add(
+        "qp-infeasible",
+        "qp",
+        "infeasible",
+        samples=[qp_infeasible(_rng(seed, "qpi"))],
+        expect=EXPECT_INFEASIBLE,
+    )
+    add(
+        "qp-unbounded",
+        "qp",
+        "unbounded",
+        samples=[qp_unbounded(_rng(seed, "qpu"))],
+        expect=EXPECT_UNBOUNDED,
+    )
+    add(
+        "qp-layer",
+        "qp",
+        "layer",
         layer=qp_layer_case(_rng(seed, "qp-layer"), 8, 6, 2, None),
-        description="FFOLayer, parameters F, q, G, h, A, b")
-    add("qp-layer-batch3", "qp", "layer",
+        description="FFOLayer, parameters F, q, G, h, A, b",
+    )
+    add(
+        "qp-layer-batch3",
+        "qp",
+        "layer",
         layer=qp_layer_case(_rng(seed, "qp-layer-b"), 8, 6, 2, 3),
-        description="FFOLayer, q and h batched (3), the rest broadcast")
+        description="FFOLayer, q and h batched (3), the rest broadcast",
+    )
 
     # SOCP
-    add("socp-n10", "socp", samples=one("socp-n10", n=10, p=1, nonneg="AII",
-                                         soc=[(4, True), (3, False)]))
-    add("socp-lp-n8", "socp", samples=one("socp-lp-n8", n=8, p=0, nonneg="AAI",
-                                           soc=[(5, True)], **lp))
-    add("socp-batch3", "socp", "batched", samples=batch("socp-batch3", 3, n=8, p=1,
-                                                        nonneg="AI", soc=[(3, True)]))
-    add("socp-scaled-n10", "socp", "scaled", samples=scaled_one(
-        "socp-scaled-n10", n=10, p=1, nonneg="AII", soc=[(4, True), (3, False)]))
-    add("socp-infeasible", "socp", "infeasible", samples=[socp_infeasible(_rng(seed, "si"))],
-        expect=EXPECT_INFEASIBLE)
-    add("socp-unbounded", "socp", "unbounded", samples=[socp_unbounded(_rng(seed, "su"))],
-        expect=EXPECT_UNBOUNDED)
-    add("socp-layer", "socp", "layer", layer=_socp_layer(_rng(seed, "socp-layer"), 6, 3),
-        description="FFOLayer, ||F y + f|| <= r")
+    add(
+        "socp-n10",
+        "socp",
+        samples=one("socp-n10", n=10, p=1, nonneg="AII", soc=[(4, True), (3, False)]),
+    )
+    add(
+        "socp-lp-n8",
+        "socp",
+        samples=one("socp-lp-n8", n=8, p=0, nonneg="AAI", soc=[(5, True)], **lp),
+    )
+    add(
+        "socp-batch3",
+        "socp",
+        "batched",
+        samples=batch("socp-batch3", 3, n=8, p=1, nonneg="AI", soc=[(3, True)]),
+    )
+    add(
+        "socp-scaled-n10",
+        "socp",
+        "scaled",
+        samples=scaled_one("socp-scaled-n10", n=10, p=1, nonneg="AII", soc=[(4, True), (3, False)]),
+    )
+    add(
+        "socp-infeasible",
+        "socp",
+        "infeasible",
+        samples=[socp_infeasible(_rng(seed, "si"))],
+        expect=EXPECT_INFEASIBLE,
+    )
+    add(
+        "socp-unbounded",
+        "socp",
+        "unbounded",
+        samples=[socp_unbounded(_rng(seed, "su"))],
+        expect=EXPECT_UNBOUNDED,
+    )
+    add(
+        "socp-layer",
+        "socp",
+        "layer",
+        layer=_socp_layer(_rng(seed, "socp-layer"), 6, 3),
+        description="FFOLayer, ||F y + f|| <= r",
+    )
 
     # exponential cone
     add("exp-n8", "exp", samples=one("exp-n8", n=8, p=1, nonneg="AI", exp="AAI"))
     add("exp-lp-n6", "exp", samples=one("exp-lp-n6", n=6, p=0, nonneg="I", exp="AA", **lp))
-    add("exp-batch3", "exp", "batched", samples=batch("exp-batch3", 3, n=6, p=1, nonneg="I",
-                                                      exp="AI"))
-    add("exp-scaled-n8", "exp", "scaled", samples=scaled_one(
-        "exp-scaled-n8", n=8, p=1, nonneg="AI", exp="AAI"))
-    add("exp-infeasible", "exp", "infeasible", samples=[exp_infeasible(_rng(seed, "ei"))],
-        expect=EXPECT_INFEASIBLE)
-    add("exp-layer", "exp", "layer", layer=_exp_layer(_rng(seed, "exp-layer"), 5, 4),
-        description="FFOLayer, log-sum-exp objective")
+    add(
+        "exp-batch3",
+        "exp",
+        "batched",
+        samples=batch("exp-batch3", 3, n=6, p=1, nonneg="I", exp="AI"),
+    )
+    add(
+        "exp-scaled-n8",
+        "exp",
+        "scaled",
+        samples=scaled_one("exp-scaled-n8", n=8, p=1, nonneg="AI", exp="AAI"),
+    )
+    add(
+        "exp-infeasible",
+        "exp",
+        "infeasible",
+        samples=[exp_infeasible(_rng(seed, "ei"))],
+        expect=EXPECT_INFEASIBLE,
+    )
+    add(
+        "exp-layer",
+        "exp",
+        "layer",
+        layer=_exp_layer(_rng(seed, "exp-layer"), 5, 4),
+        description="FFOLayer, log-sum-exp objective",
+    )
 
     # SDP
     add("sdp-n10", "sdp", samples=one("sdp-n10", n=10, p=1, nonneg="AI", psd=[(3, 1)]))
-    add("sdp-two-blocks-n14", "sdp", samples=one("sdp-two-blocks-n14", n=14, p=1,
-                                                  nonneg="AII", psd=[(3, 2), (2, 2)]),
-        description="an active PSD(3) block and an inactive PSD(2) block")
-    add("sdp-batch3", "sdp", "batched", samples=batch("sdp-batch3", 3, n=9, p=0, nonneg="AI",
-                                                      psd=[(3, 1)]))
-    add("sdp-infeasible", "sdp", "infeasible", samples=[sdp_infeasible(_rng(seed, "di"))],
-        expect=EXPECT_INFEASIBLE)
+    add(
+        "sdp-two-blocks-n14",
+        "sdp",
+        samples=one("sdp-two-blocks-n14", n=14, p=1, nonneg="AII", psd=[(3, 2), (2, 2)]),
+        description="an active PSD(3) block and an inactive PSD(2) block",
+    )
+    add(
+        "sdp-batch3",
+        "sdp",
+        "batched",
+        samples=batch("sdp-batch3", 3, n=9, p=0, nonneg="AI", psd=[(3, 1)]),
+    )
+    add(
+        "sdp-infeasible",
+        "sdp",
+        "infeasible",
+        samples=[sdp_infeasible(_rng(seed, "di"))],
+        expect=EXPECT_INFEASIBLE,
+    )
     return zoo
 
 
@@ -520,7 +706,9 @@ def select(zoo: list[Instance], classes=None) -> list[Instance]:
     known = set(CLASSES) | set(VARIANTS) | {i.group for i in zoo} | {i.name for i in zoo}
     unknown = wanted - known
     if unknown:
-        raise ValueError(f"unknown problem class(es) {', '.join(sorted(unknown))}; "
-                         f"classes: {', '.join(CLASSES)}; variants: {', '.join(VARIANTS)}; "
-                         "or a group such as 'qp/scaled', or an instance name")
+        raise ValueError(
+            f"unknown problem class(es) {', '.join(sorted(unknown))}; "
+            f"classes: {', '.join(CLASSES)}; variants: {', '.join(VARIANTS)}; "
+            "or a group such as 'qp/scaled', or an instance name"
+        )
     return [i for i in zoo if {i.cls, i.group, i.variant, i.name} & wanted]

@@ -26,6 +26,7 @@ the ghost keeps a curved cone block.
 Run:  python examples/socp_delta.py            (writes docs/img/socp_delta.png)
       python examples/socp_delta.py --sizes 10 50 --out /tmp/x.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ DEFAULT_OUT = os.path.join(HERE, "..", "docs", "img", "socp_delta.png")
 BACKENDS = {
     "Clarabel (default tol 1e-8)": "clarabel",
     "Clarabel (tol 1e-12)": "clarabel:tol_gap_abs=1e-12,tol_gap_rel=1e-12,tol_feas=1e-12,"
-                            "max_iter=500",
+    "max_iter=500",
     # eps 1e-10: at 1e-12 SCS solves the forward problem (~300 iterations) but stalls on
     # the ghost problems for n >= 100.  cache_size=0: a reused SCS workspace was seen to
     # stall at this accuracy where a fresh one converges.
@@ -60,14 +61,14 @@ def socp_layer_data(n: int, seed: int = 0):
     m, p = max(1, n // 2), max(1, n // 4)
     y = cp.Variable(n, name="y")
     F = cp.Parameter((n, n), name="F")
-    q, G, h = cp.Parameter(n, name="q"), cp.Parameter((m, n), name="G"), \
-        cp.Parameter(m, name="h")
-    A, b, r = cp.Parameter((p, n), name="A"), cp.Parameter(p, name="b"), \
-        cp.Parameter(name="r")
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(F @ y) + q @ y),
-                      [G @ y <= h, A @ y == b, cp.norm(y, 2) <= r])
+    q, G, h = cp.Parameter(n, name="q"), cp.Parameter((m, n), name="G"), cp.Parameter(m, name="h")
+    A, b, r = cp.Parameter((p, n), name="A"), cp.Parameter(p, name="b"), cp.Parameter(name="r")
+    prob = cp.Problem(
+        cp.Minimize(0.5 * cp.sum_squares(F @ y) + q @ y),
+        [G @ y <= h, A @ y == b, cp.norm(y, 2) <= r],
+    )
     Fv = np.eye(n) + rng.standard_normal((n, n)) / (2 * np.sqrt(n))
-    y_feas = 0.3 * rng.standard_normal(n) / np.sqrt(n)           # ||y_feas|| ~ 0.3 < r
+    y_feas = 0.3 * rng.standard_normal(n) / np.sqrt(n)  # ||y_feas|| ~ 0.3 < r
     Gv = rng.standard_normal((m, n))
     hv = Gv @ y_feas + rng.uniform(0.1, 1.0, m)
     Av = rng.standard_normal((p, n))
@@ -77,7 +78,7 @@ def socp_layer_data(n: int, seed: int = 0):
 
 def gradient(layer: FFOLayer, values, w) -> np.ndarray:
     ts = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values]
-    with warnings.catch_warnings():           # Clarabel flags AlmostSolved points
+    with warnings.catch_warnings():  # Clarabel flags AlmostSolved points
         warnings.simplefilter("ignore")
         (y,) = layer(*ts)
         (torch.as_tensor(w) * y).sum().backward()
@@ -87,7 +88,7 @@ def gradient(layer: FFOLayer, values, w) -> np.ndarray:
 def sweep(n: int, deltas: np.ndarray, seed: int = 0) -> dict:
     prob, params, y, values = socp_layer_data(n, seed)
     w = np.random.default_rng(seed + 1).standard_normal(n)
-    w /= np.linalg.norm(w)                 # ||c|| = 1: delta ~ kappa (1 + r) for every n
+    w /= np.linalg.norm(w)  # ||c|| = 1: delta ~ kappa (1 + r) for every n
     ref_layer = FFOLayer(prob, params, [y], solver=REFERENCE, backward="kkt")
     ref = gradient(ref_layer, values, w)
     lam_ball = ref_layer.last_diagnostics[0]
@@ -95,13 +96,13 @@ def sweep(n: int, deltas: np.ndarray, seed: int = 0) -> dict:
     for label, solver in BACKENDS.items():
         for central in (False, True):
             layer = FFOLayer(prob, params, [y], solver=solver, central=central)
-            layer.options.base_check = None       # keep one-sided differences one-sided
+            layer.options.base_check = None  # keep one-sided differences one-sided
             errs = []
             for d in deltas:
                 layer.options.delta = float(d)
                 try:
                     g = gradient(layer, values, w)
-                except SolverError as exc:        # e.g. SCS at its iteration limit
+                except SolverError as exc:  # e.g. SCS at its iteration limit
                     print(f"  n={n} {label} delta={d:.0e}: {exc}")
                     errs.append(np.nan)
                     continue
@@ -112,23 +113,37 @@ def sweep(n: int, deltas: np.ndarray, seed: int = 0) -> dict:
             g = gradient(default, values, w)
             out["default"][(label, central)] = (
                 default.last_diagnostics[0]["delta"],
-                np.linalg.norm(g - ref) / np.linalg.norm(ref))
+                np.linalg.norm(g - ref) / np.linalg.norm(ref),
+            )
     return out
 
 
 def plot(results: list[dict], deltas: np.ndarray, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(BACKENDS), figsize=(5.2 * len(BACKENDS), 4.6),
-                             sharey=True)
+
+    fig, axes = plt.subplots(1, len(BACKENDS), figsize=(5.2 * len(BACKENDS), 4.6), sharey=True)
     colors = plt.cm.viridis(np.linspace(0, 0.85, len(results)))
     for ax, label in zip(np.atleast_1d(axes), BACKENDS):
         for res, col in zip(results, colors):
-            ax.loglog(deltas, res["errors"][(label, False)], "-o", ms=3, color=col,
-                      label=f"n={res['n']} forward")
-            ax.loglog(deltas, res["errors"][(label, True)], "--s", ms=3, color=col,
-                      label=f"n={res['n']} central")
+            ax.loglog(
+                deltas,
+                res["errors"][(label, False)],
+                "-o",
+                ms=3,
+                color=col,
+                label=f"n={res['n']} forward",
+            )
+            ax.loglog(
+                deltas,
+                res["errors"][(label, True)],
+                "--s",
+                ms=3,
+                color=col,
+                label=f"n={res['n']} central",
+            )
             for central, marker in ((False, "*"), (True, "P")):
                 d, err = res["default"][(label, central)]
                 ax.loglog([d], [err], marker, ms=11, color=col, mec="k", mew=0.6)
@@ -137,10 +152,13 @@ def plot(results: list[dict], deltas: np.ndarray, path: str) -> None:
         ax.grid(True, which="major", alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("relative gradient error vs exact KKT")
     np.atleast_1d(axes)[-1].legend(fontsize=7, ncol=2, loc="upper left")
-    fig.suptitle("FFO backward on a QP + norm-ball constraint (SOC block kept in the "
-                 "ghost): gradient error vs delta.  Forward: solid, central: dashed; "
-                 "default delta: star (forward), plus (central = the default on curved "
-                 "cones)", fontsize=10)
+    fig.suptitle(
+        "FFO backward on a QP + norm-ball constraint (SOC block kept in the "
+        "ghost): gradient error vs delta.  Forward: solid, central: dashed; "
+        "default delta: star (forward), plus (central = the default on curved "
+        "cones)",
+        fontsize=10,
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -158,13 +176,19 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         res = sweep(n, deltas, args.seed)
         results.append(res)
-        print(f"n={n:4d}  ball kept ({res['kept_rows']} cone rows)  "
-              f"[{time.perf_counter() - t0:.1f}s]", flush=True)
+        print(
+            f"n={n:4d}  ball kept ({res['kept_rows']} cone rows)  "
+            f"[{time.perf_counter() - t0:.1f}s]",
+            flush=True,
+        )
         for (label, central), errs in res["errors"].items():
             d, err = res["default"][(label, central)]
-            print(f"    {label:28s} {'central' if central else 'forward'}: best "
-                  f"{np.nanmin(errs):.1e} at delta {deltas[np.nanargmin(errs)]:.0e}; "
-                  f"default delta {d:.1e} -> {err:.1e}", flush=True)
+            print(
+                f"    {label:28s} {'central' if central else 'forward'}: best "
+                f"{np.nanmin(errs):.1e} at delta {deltas[np.nanargmin(errs)]:.0e}; "
+                f"default delta {d:.1e} -> {err:.1e}",
+                flush=True,
+            )
     plot(results, deltas, args.out)
     print(f"wrote {os.path.normpath(args.out)}")
 

@@ -30,6 +30,7 @@ thread of the first, so a sample's answer never depends on what another sample s
 differs from a fresh solve's by what Clarabel's kept equilibration changes (1e-14..3e-12 on
 the DFL ghosts; up to the solver's tolerance in general).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,15 @@ import numpy as np
 from ffo_core.backend_base import BackendBase, prune, stack_rows
 from ffo_core.errors import ConfigError
 from ffo_core.hookspecs import hookimpl
-from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective,
-                               Solution, SolveInfo, Status)
+from ffo_core.protocol import (
+    Capabilities,
+    ConeConstraints,
+    Equalities,
+    Objective,
+    Solution,
+    SolveInfo,
+    Status,
+)
 
 #: Clarabel's ``SolverStatus`` names -> protocol status.
 STATUS_MAP = {
@@ -66,15 +74,21 @@ class ClarabelBackend(BackendBase):
     distribution = "clarabel"
     capabilities = Capabilities(
         cones=frozenset({"zero", "nonneg", "soc", "exp", "psd"}),
-        quadratic_objective=True, warm_start=False, thread_safe=True)
+        quadratic_objective=True,
+        warm_start=False,
+        thread_safe=True,
+    )
 
     def setting_names(self):
         import clarabel
-        return [a for a in dir(clarabel.DefaultSettings())
-                if not a.startswith("_") and a != "default"]
+
+        return [
+            a for a in dir(clarabel.DefaultSettings()) if not a.startswith("_") and a != "default"
+        ]
 
     def _settings(self):
         import clarabel
+
         settings = clarabel.DefaultSettings()
         settings.verbose = False
         for key, value in self.settings.items():
@@ -87,6 +101,7 @@ class ClarabelBackend(BackendBase):
     @staticmethod
     def _cones(e: Equalities, h: ConeConstraints):
         import clarabel
+
         d = h.dims
         cones = []
         if e.p:
@@ -98,9 +113,17 @@ class ClarabelBackend(BackendBase):
         cones += [clarabel.PSDTriangleConeT(s) for s in d.psd]
         return cones
 
-    def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
-              extra_linear_term=None, *, warm_start=None) -> Solution:
+    def solve(
+        self,
+        g: Objective,
+        h: ConeConstraints,
+        e: Equalities,
+        extra_linear_term=None,
+        *,
+        warm_start=None,
+    ) -> Solution:
         import clarabel
+
         P = g.upper()
         q = g.q if extra_linear_term is None else g.q + extra_linear_term
         A = stack_rows(prune(e.A), prune(h.G))
@@ -109,8 +132,14 @@ class ClarabelBackend(BackendBase):
         kept = _Kept(solver, g, h, e) if extra_linear_term is not None else None
         return self._answer(solver.solve(), g, h, e, kept)
 
-    def resolve(self, previous: Solution | None, g: Objective, h: ConeConstraints,
-                e: Equalities, extra_linear_term: np.ndarray) -> Solution:
+    def resolve(
+        self,
+        previous: Solution | None,
+        g: Objective,
+        h: ConeConstraints,
+        e: Equalities,
+        extra_linear_term: np.ndarray,
+    ) -> Solution:
         """``solve(g, h, e, extra_linear_term)``, reusing the set-up of ``previous`` when it
         is this adapter's answer to a solve of these same ``(g, h, e)`` objects with
         another extra linear term (the engine's second solve of one ghost problem): only
@@ -119,15 +148,21 @@ class ClarabelBackend(BackendBase):
         619 -> 397 us, n = 1000 3516 -> 2612 us; solutions equal to 1e-14..3e-12).
         Anything else is a fresh :meth:`solve`."""
         kept = previous.info.extra.get(_KEPT) if previous is not None else None
-        if not (isinstance(kept, _Kept) and kept.g is g and kept.h is h and kept.e is e
-                and kept.solver.is_data_update_allowed()):
+        if not (
+            isinstance(kept, _Kept)
+            and kept.g is g
+            and kept.h is h
+            and kept.e is e
+            and kept.solver.is_data_update_allowed()
+        ):
             return self.solve(g, h, e, extra_linear_term)
         kept.solver.update(q=g.q + extra_linear_term)
         return self._answer(kept.solver.solve(), g, h, e, kept)
 
     @staticmethod
-    def _answer(res, g: Objective, h: ConeConstraints, e: Equalities,
-                kept: "_Kept | None") -> Solution:
+    def _answer(
+        res, g: Objective, h: ConeConstraints, e: Equalities, kept: _Kept | None
+    ) -> Solution:
         """Clarabel's result as a protocol Solution; ``kept`` goes into ``info.extra`` (a
         ghost solve's solver, for :meth:`resolve`)."""
         raw = str(res.status)
@@ -138,14 +173,24 @@ class ClarabelBackend(BackendBase):
             # on curved cones the point is only ~sqrt(residual) accurate (measured on 12
             # SOC/EXP/PSD instances: true error <= sqrt of the reported figure)
             accuracy = float(np.sqrt(accuracy))
-        info = SolveInfo(iterations=int(res.iterations), solve_time=float(res.solve_time),
-                         accuracy=accuracy, raw_status=raw,
-                         extra={} if kept is None else {_KEPT: kept})
+        info = SolveInfo(
+            iterations=int(res.iterations),
+            solve_time=float(res.solve_time),
+            accuracy=accuracy,
+            raw_status=raw,
+            extra={} if kept is None else {_KEPT: kept},
+        )
         if not status.has_solution:
             return Solution(status=status, info=info)
         z = _floats(res.z, e.p + h.m)
-        return Solution(status=status, primal=_floats(res.x, g.n), eq_dual=z[:e.p],
-                        ineq_dual=z[e.p:], slack=_floats(res.s[e.p:], h.m), info=info)
+        return Solution(
+            status=status,
+            primal=_floats(res.x, g.n),
+            eq_dual=z[: e.p],
+            ineq_dual=z[e.p :],
+            slack=_floats(res.s[e.p :], h.m),
+            info=info,
+        )
 
 
 #: ``SolveInfo.extra`` key of a ghost solve's kept solver (see ``ClarabelBackend.resolve``).

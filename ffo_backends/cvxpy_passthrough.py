@@ -47,13 +47,15 @@ iteration and time limits into ``user_limit``, reported as ``ITERATION_LIMIT``.
 Thread safety: CVXPY problems are not thread safe, so each thread has its own cache; an
 instance may be shared by threads.
 """
+
 from __future__ import annotations
 
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -61,8 +63,15 @@ import scipy.sparse as sp
 from ffo_core.backend_base import BackendBase, data_digest, kkt_residual, same_sparse
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
-from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective, Solution,
-                               SolveInfo, Status)
+from ffo_core.protocol import (
+    Capabilities,
+    ConeConstraints,
+    Equalities,
+    Objective,
+    Solution,
+    SolveInfo,
+    Status,
+)
 
 #: CVXPY status strings -> protocol status.
 STATUS_MAP = {
@@ -77,12 +86,26 @@ STATUS_MAP = {
     "solver_error": Status.NUMERICAL_ERROR,
 }
 #: CVXPY constraint class names -> protocol cone names.
-CONE_NAMES = {"Zero": "zero", "Equality": "zero", "NonNeg": "nonneg", "Inequality": "nonneg",
-              "NonPos": "nonneg", "SOC": "soc", "ExpCone": "exp", "PSD": "psd",
-              "SvecPSD": "psd"}
+CONE_NAMES = {
+    "Zero": "zero",
+    "Equality": "zero",
+    "NonNeg": "nonneg",
+    "Inequality": "nonneg",
+    "NonPos": "nonneg",
+    "SOC": "soc",
+    "ExpCone": "exp",
+    "PSD": "psd",
+    "SvecPSD": "psd",
+}
 #: The protocol's generic ``time_limit`` (seconds) -> the solver's option name.
-TIME_LIMIT = {"OSQP": "time_limit", "CLARABEL": "time_limit", "SCS": "time_limit_secs",
-              "GUROBI": "TimeLimit", "HIGHS": "time_limit", "PIQP": "time_limit"}
+TIME_LIMIT = {
+    "OSQP": "time_limit",
+    "CLARABEL": "time_limit",
+    "SCS": "time_limit_secs",
+    "GUROBI": "TimeLimit",
+    "HIGHS": "time_limit",
+    "PIQP": "time_limit",
+}
 #: Keywords of ``Problem.solve`` itself, accepted for every solver.
 CVXPY_KEYWORDS = ("verbose", "warm_start")
 #: The solver used by a bare ``"cvxpy"`` (CVXPY's own default open-source conic solver; we do
@@ -94,35 +117,42 @@ ADAPTER_OPTIONS = ("cache_size",)
 
 def _osqp_options() -> list[str]:
     import osqp
+
     names = [a for a in dir(osqp.ext_builtin.OSQPSettings()) if not a.startswith("_")]
-    return names + ["polish"]                    # CVXPY's name for pre-1.0 'polishing'
+    return names + ["polish"]  # CVXPY's name for pre-1.0 'polishing'
 
 
 def _clarabel_options() -> list[str]:
     import clarabel
-    return [a for a in dir(clarabel.DefaultSettings()) if not a.startswith("_")
-            and a != "default"]
+
+    return [a for a in dir(clarabel.DefaultSettings()) if not a.startswith("_") and a != "default"]
 
 
 def _scs_options() -> list[str]:
     from ffo_backends.scs import SCS_SETTINGS
+
     return list(SCS_SETTINGS) + ["use_indirect"]
 
 
 def _ecos_options() -> list[str]:
     from ffo_backends.ecos import ECOS_SETTINGS
+
     return list(ECOS_SETTINGS)
 
 
 def _gurobi_options() -> list[str]:
     import gurobipy as gp
+
     return [a for a in dir(gp.GRB.Param) if not a.startswith("_")] + ["env", "reoptimize"]
 
 
 #: Solvers whose option names can be listed, and how.
 OPTION_LISTERS: dict[str, Callable[[], list[str]]] = {
-    "OSQP": _osqp_options, "CLARABEL": _clarabel_options, "SCS": _scs_options,
-    "ECOS": _ecos_options, "GUROBI": _gurobi_options,
+    "OSQP": _osqp_options,
+    "CLARABEL": _clarabel_options,
+    "SCS": _scs_options,
+    "ECOS": _ecos_options,
+    "GUROBI": _gurobi_options,
 }
 CASE_INSENSITIVE = {"GUROBI"}
 
@@ -131,6 +161,7 @@ def solver_capabilities(solver: str) -> Capabilities:
     """What CVXPY can do with ``solver``, from its ``SUPPORTED_CONSTRAINTS``."""
     base = CvxpyBackend.capabilities
     from cvxpy.reductions.solvers.defines import SOLVER_MAP_CONIC, SOLVER_MAP_QP
+
     cones: set[str] = set()
     qp = solver in SOLVER_MAP_QP
     for table in (SOLVER_MAP_CONIC, SOLVER_MAP_QP):
@@ -138,8 +169,7 @@ def solver_capabilities(solver: str) -> Capabilities:
             for cls in table[solver].SUPPORTED_CONSTRAINTS:
                 if cls.__name__ in CONE_NAMES:
                     cones.add(CONE_NAMES[cls.__name__])
-    return replace(base, cones=frozenset(cones),
-                   quadratic_objective=qp or "soc" in cones)
+    return replace(base, cones=frozenset(cones), quadratic_objective=qp or "soc" in cones)
 
 
 def svec_to_mat(order: int) -> sp.csr_matrix:
@@ -194,18 +224,26 @@ class CvxpyBackend(BackendBase):
     #: it to its solver's cones in ``__init__``.
     capabilities = Capabilities(
         cones=frozenset({"zero", "nonneg", "soc", "exp", "psd"}),
-        quadratic_objective=True, warm_start=False, thread_safe=True)
+        quadratic_objective=True,
+        warm_start=False,
+        thread_safe=True,
+    )
 
     def __init__(self, solver: str = DEFAULT_SOLVER, **settings: Any) -> None:
         import cvxpy as cp
+
         installed = [s.upper() for s in cp.installed_solvers()]
         if not isinstance(solver, str) or not solver.strip():
-            raise ConfigError(f"cvxpy: the solver must be a name, got {solver!r}; "
-                              f"installed: {', '.join(installed)}")
+            raise ConfigError(
+                f"cvxpy: the solver must be a name, got {solver!r}; "
+                f"installed: {', '.join(installed)}"
+            )
         solver = solver.strip().upper()
         if solver not in installed:
-            raise ConfigError(f"cvxpy: solver {solver!r} is not installed for CVXPY; "
-                              f"installed: {', '.join(installed)}")
+            raise ConfigError(
+                f"cvxpy: solver {solver!r} is not installed for CVXPY; "
+                f"installed: {', '.join(installed)}"
+            )
         self.solver = solver
         self._options: list[str] | None = None
         if solver in OPTION_LISTERS:
@@ -232,16 +270,19 @@ class CvxpyBackend(BackendBase):
             return extra + sorted(self._given)
         return list(self._options) + extra
 
-    def with_settings(self, **settings: Any) -> "CvxpyBackend":
+    def with_settings(self, **settings: Any) -> CvxpyBackend:
         """A new backend (own problem cache) for the same solver with ``settings`` added to
         or replacing this one's; ``time_limit`` is translated where the solver's option is
         known (:data:`TIME_LIMIT`) and a :class:`ConfigError` otherwise."""
         if "time_limit" in settings and self.solver not in TIME_LIMIT:
-            raise ConfigError(f"cvxpy:{self.solver}: no known time-limit option for this "
-                              f"solver (known for {', '.join(sorted(TIME_LIMIT))}); pass "
-                              "the solver's own option in the config string instead")
-        return type(self)(self.solver, **{**self.settings, "cache_size": self.cache_size,
-                                          **settings})
+            raise ConfigError(
+                f"cvxpy:{self.solver}: no known time-limit option for this "
+                f"solver (known for {', '.join(sorted(TIME_LIMIT))}); pass "
+                "the solver's own option in the config string instead"
+            )
+        return type(self)(
+            self.solver, **{**self.settings, "cache_size": self.cache_size, **settings}
+        )
 
     def __repr__(self) -> str:
         return f"<CvxpyBackend cvxpy:{self.solver}>"
@@ -249,6 +290,7 @@ class CvxpyBackend(BackendBase):
     # -- building and caching the CVXPY problem ------------------------------------------
     def _build(self, g, h, e) -> _Model:
         import cvxpy as cp
+
         n, dims = g.n, h.dims
         y = cp.Variable(n)
         q = cp.Parameter(n)
@@ -271,7 +313,7 @@ class CvxpyBackend(BackendBase):
                 constraints.append(ineq)
             start = nl
             for d in dims.soc:
-                s = hp[start:start + d] - G[start:start + d] @ y
+                s = hp[start : start + d] - G[start : start + d] @ y
                 con = cp.SOC(s[0], s[1:])
                 socs.append(con)
                 constraints.append(con)
@@ -284,7 +326,7 @@ class CvxpyBackend(BackendBase):
                 start += 3 * dims.exp
             for order in dims.psd:
                 size = order * (order + 1) // 2
-                s = hp[start:start + size] - G[start:start + size] @ y
+                s = hp[start : start + size] - G[start : start + size] @ y
                 M = cp.reshape(svec_to_mat(order) @ s, (order, order), order="F")
                 con = M >> 0
                 psds.append(con)
@@ -302,14 +344,20 @@ class CvxpyBackend(BackendBase):
         cache = getattr(self._local, "cache", None)
         if cache is None:
             cache = self._local.cache = OrderedDict()
-        arrays = [np.array([g.n, e.p, h.dims.nonneg, h.dims.exp]),
-                  np.array(h.dims.soc, dtype=np.int64), np.array(h.dims.psd, dtype=np.int64)]
+        arrays = [
+            np.array([g.n, e.p, h.dims.nonneg, h.dims.exp]),
+            np.array(h.dims.soc, dtype=np.int64),
+            np.array(h.dims.psd, dtype=np.int64),
+        ]
         for M in mats:
             arrays += [np.array(M.shape), M.data, M.indices, M.indptr]
         key = data_digest(arrays)
         hit = cache.get(key)
-        if hit is not None and len(hit.matrices) == len(mats) and \
-                all(same_sparse(X, Y) for X, Y in zip(hit.matrices, mats)):
+        if (
+            hit is not None
+            and len(hit.matrices) == len(mats)
+            and all(same_sparse(X, Y) for X, Y in zip(hit.matrices, mats))
+        ):
             cache.move_to_end(key)
             return hit
         model = self._build(g, h, e)
@@ -320,13 +368,23 @@ class CvxpyBackend(BackendBase):
         return model
 
     # -- the solve ----------------------------------------------------------------------------
-    def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
-              extra_linear_term=None, *, warm_start=None) -> Solution:
+    def solve(
+        self,
+        g: Objective,
+        h: ConeConstraints,
+        e: Equalities,
+        extra_linear_term=None,
+        *,
+        warm_start=None,
+    ) -> Solution:
         import cvxpy as cp
+
         missing = self.capabilities.missing_cones(h.dims, e.p > 0)
         if missing:
-            raise SolverError(f"cvxpy:{self.solver} does not support the "
-                              f"{', '.join(sorted(missing))} cone(s)", backend=self.name)
+            raise SolverError(
+                f"cvxpy:{self.solver} does not support the {', '.join(sorted(missing))} cone(s)",
+                backend=self.name,
+            )
         model = self._model_for(g, h, e)
         c = np.asarray(g.q, dtype=float)
         if extra_linear_term is not None:
@@ -351,16 +409,18 @@ class CvxpyBackend(BackendBase):
             raise ConfigError(f"cvxpy:{self.solver} rejected its settings: {exc}") from exc
         except Exception as exc:
             if any(key in str(exc) for key in self.settings):
-                raise ConfigError(f"cvxpy:{self.solver} rejected its settings: {exc}") \
-                    from exc
-            raise SolverError(f"cvxpy:{self.solver} failed: {type(exc).__name__}: {exc}",
-                              backend=self.name) from exc
+                raise ConfigError(f"cvxpy:{self.solver} rejected its settings: {exc}") from exc
+            raise SolverError(
+                f"cvxpy:{self.solver} failed: {type(exc).__name__}: {exc}", backend=self.name
+            ) from exc
         status = STATUS_MAP.get(raw.split(":")[0], Status.NUMERICAL_ERROR)
-        stats = model.problem.solver_stats if raw and not raw.startswith("solver_error") \
-            else None
-        info = SolveInfo(iterations=getattr(stats, "num_iters", None),
-                         solve_time=getattr(stats, "solve_time", None), raw_status=raw,
-                         extra={"solver": getattr(stats, "solver_name", self.solver)})
+        stats = model.problem.solver_stats if raw and not raw.startswith("solver_error") else None
+        info = SolveInfo(
+            iterations=getattr(stats, "num_iters", None),
+            solve_time=getattr(stats, "solve_time", None),
+            raw_status=raw,
+            extra={"solver": getattr(stats, "solver_name", self.solver)},
+        )
         y = model.y.value
         if not status.has_solution or y is None:
             if status.has_solution:
@@ -370,21 +430,25 @@ class CvxpyBackend(BackendBase):
         try:
             nu, lam = self._duals(model, g, h, e)
         except Exception as exc:
-            raise SolverError(f"cvxpy:{self.solver} returned no duals ({exc}); this backend "
-                              "needs a solver that reports dual values", backend=self.name,
-                              status=status) from exc
+            raise SolverError(
+                f"cvxpy:{self.solver} returned no duals ({exc}); this backend "
+                "needs a solver that reports dual values",
+                backend=self.name,
+                status=status,
+            ) from exc
         slack = h.h - h.G @ y
         info.accuracy = kkt_residual(Objective(g.P, c), h, e, y, nu, lam, slack)
-        return Solution(status=status, primal=y, eq_dual=nu, ineq_dual=lam, slack=slack,
-                        info=info)
+        return Solution(status=status, primal=y, eq_dual=nu, ineq_dual=lam, slack=slack, info=info)
 
     @staticmethod
     def _duals(model: _Model, g, h, e) -> tuple[np.ndarray, np.ndarray]:
         """CVXPY dual values -> protocol ``(nu, lam)`` (see the module docstring)."""
+
         def flat(v):
             if v is None:
                 raise ValueError("a constraint has no dual value")
             return np.asarray(v, dtype=float).reshape(-1, order="F")
+
         nu = flat(model.eq.dual_value) if model.eq is not None else np.zeros(0)
         parts = []
         if model.ineq is not None:
@@ -399,8 +463,7 @@ class CvxpyBackend(BackendBase):
             parts.append(mat_to_svec(np.asarray(con.dual_value, dtype=float)))
         lam = np.concatenate(parts) if parts else np.zeros(0)
         if lam.shape != (h.m,) or nu.shape != (e.p,):
-            raise ValueError(f"dual sizes {nu.shape}, {lam.shape} do not match "
-                             f"({e.p},), ({h.m},)")
+            raise ValueError(f"dual sizes {nu.shape}, {lam.shape} do not match ({e.p},), ({h.m},)")
         return nu, lam
 
 

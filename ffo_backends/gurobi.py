@@ -43,6 +43,7 @@ re-optimises it (GUROBI then restarts simplex from the previous basis).  ``warm_
 protocol :class:`Solution` of matching sizes) is passed as ``PStart``/``DStart`` (protocol
 duals negated); GUROBI uses it for simplex only.  An instance may be shared by threads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,15 @@ import scipy.sparse as sp
 from ffo_core.backend_base import BackendBase, data_digest, kkt_residual, same_sparse
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
-from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective, Solution,
-                               SolveInfo, Status)
+from ffo_core.protocol import (
+    Capabilities,
+    ConeConstraints,
+    Equalities,
+    Objective,
+    Solution,
+    SolveInfo,
+    Status,
+)
 
 #: Limits of the size-limited licence bundled with the pip package.
 SIZE_LIMIT_VARIABLES = 2000
@@ -70,28 +78,43 @@ ADAPTER_OPTIONS = ("cache_size",)
 
 #: GUROBI ``Model.Status`` codes (``GRB.Status``) -> protocol status.
 STATUS_MAP = {
-    1: Status.NUMERICAL_ERROR,            # LOADED (not solved)
-    2: Status.OPTIMAL,                    # OPTIMAL
-    3: Status.INFEASIBLE,                 # INFEASIBLE
-    4: Status.INFEASIBLE_INACCURATE,      # INF_OR_UNBD (only if the re-solve is undecided)
-    5: Status.UNBOUNDED,                  # UNBOUNDED
-    6: Status.NUMERICAL_ERROR,            # CUTOFF
-    7: Status.ITERATION_LIMIT,            # ITERATION_LIMIT
-    8: Status.ITERATION_LIMIT,            # NODE_LIMIT
-    9: Status.TIME_LIMIT,                 # TIME_LIMIT
-    10: Status.ITERATION_LIMIT,           # SOLUTION_LIMIT
-    11: Status.NUMERICAL_ERROR,           # INTERRUPTED
-    12: Status.NUMERICAL_ERROR,           # NUMERIC
-    13: Status.OPTIMAL_INACCURATE,        # SUBOPTIMAL
-    14: Status.NUMERICAL_ERROR,           # INPROGRESS
-    15: Status.NUMERICAL_ERROR,           # USER_OBJ_LIMIT
-    16: Status.TIME_LIMIT,                # WORK_LIMIT (deterministic time)
-    17: Status.NUMERICAL_ERROR,           # MEM_LIMIT
+    1: Status.NUMERICAL_ERROR,  # LOADED (not solved)
+    2: Status.OPTIMAL,  # OPTIMAL
+    3: Status.INFEASIBLE,  # INFEASIBLE
+    4: Status.INFEASIBLE_INACCURATE,  # INF_OR_UNBD (only if the re-solve is undecided)
+    5: Status.UNBOUNDED,  # UNBOUNDED
+    6: Status.NUMERICAL_ERROR,  # CUTOFF
+    7: Status.ITERATION_LIMIT,  # ITERATION_LIMIT
+    8: Status.ITERATION_LIMIT,  # NODE_LIMIT
+    9: Status.TIME_LIMIT,  # TIME_LIMIT
+    10: Status.ITERATION_LIMIT,  # SOLUTION_LIMIT
+    11: Status.NUMERICAL_ERROR,  # INTERRUPTED
+    12: Status.NUMERICAL_ERROR,  # NUMERIC
+    13: Status.OPTIMAL_INACCURATE,  # SUBOPTIMAL
+    14: Status.NUMERICAL_ERROR,  # INPROGRESS
+    15: Status.NUMERICAL_ERROR,  # USER_OBJ_LIMIT
+    16: Status.TIME_LIMIT,  # WORK_LIMIT (deterministic time)
+    17: Status.NUMERICAL_ERROR,  # MEM_LIMIT
 }
-STATUS_NAMES = {1: "LOADED", 2: "OPTIMAL", 3: "INFEASIBLE", 4: "INF_OR_UNBD", 5: "UNBOUNDED",
-                6: "CUTOFF", 7: "ITERATION_LIMIT", 8: "NODE_LIMIT", 9: "TIME_LIMIT",
-                10: "SOLUTION_LIMIT", 11: "INTERRUPTED", 12: "NUMERIC", 13: "SUBOPTIMAL",
-                14: "INPROGRESS", 15: "USER_OBJ_LIMIT", 16: "WORK_LIMIT", 17: "MEM_LIMIT"}
+STATUS_NAMES = {
+    1: "LOADED",
+    2: "OPTIMAL",
+    3: "INFEASIBLE",
+    4: "INF_OR_UNBD",
+    5: "UNBOUNDED",
+    6: "CUTOFF",
+    7: "ITERATION_LIMIT",
+    8: "NODE_LIMIT",
+    9: "TIME_LIMIT",
+    10: "SOLUTION_LIMIT",
+    11: "INTERRUPTED",
+    12: "NUMERIC",
+    13: "SUBOPTIMAL",
+    14: "INPROGRESS",
+    15: "USER_OBJ_LIMIT",
+    16: "WORK_LIMIT",
+    17: "MEM_LIMIT",
+}
 #: Solution-quality attributes read into ``SolveInfo.accuracy`` (those GUROBI can compute).
 QUALITY_ATTRS = ("ConstrVio", "DualVio", "ComplVio")
 
@@ -101,6 +124,7 @@ _LICENCE: dict[str, Any] = {}
 
 def _quiet_env():
     import gurobipy as gp
+
     env = gp.Env(empty=True)
     env.setParam("OutputFlag", 0)
     env.start()
@@ -113,11 +137,15 @@ def licence_status() -> dict[str, Any]:
         if _LICENCE:
             return dict(_LICENCE)
         import gurobipy as gp
+
         try:
             env = _quiet_env()
         except gp.GurobiError as exc:
-            _LICENCE.update(ok=False, size_limited=False,
-                            reason=f"no usable GUROBI licence (error {exc.errno}: {exc})")
+            _LICENCE.update(
+                ok=False,
+                size_limited=False,
+                reason=f"no usable GUROBI licence (error {exc.errno}: {exc})",
+            )
             return dict(_LICENCE)
         limited = False
         model = None
@@ -131,9 +159,15 @@ def licence_status() -> dict[str, Any]:
             if model is not None:
                 model.dispose()
             env.dispose()
-        reason = (f"size-limited licence: at most {SIZE_LIMIT_VARIABLES} variables and "
-                  f"{SIZE_LIMIT_CONSTRAINTS} linear constraints ({SIZE_LIMIT_QUADRATIC_VARIABLES}"
-                  " variables with a quadratic objective or a cone)") if limited else ""
+        reason = (
+            (
+                f"size-limited licence: at most {SIZE_LIMIT_VARIABLES} variables and "
+                f"{SIZE_LIMIT_CONSTRAINTS} linear constraints ({SIZE_LIMIT_QUADRATIC_VARIABLES}"
+                " variables with a quadratic objective or a cone)"
+            )
+            if limited
+            else ""
+        )
         _LICENCE.update(ok=True, size_limited=limited, reason=reason)
         return dict(_LICENCE)
 
@@ -144,10 +178,10 @@ class _Built:
 
     model: Any
     x: Any
-    w: Any                      # SOC auxiliaries (or None)
-    eq: Any                     # MConstr of A y = b (or None)
-    ineq: Any                   # MConstr of G_l y <= h_l (or None)
-    coupling: Any               # MConstr of G_soc y + w = h_soc (or None)
+    w: Any  # SOC auxiliaries (or None)
+    eq: Any  # MConstr of A y = b (or None)
+    ineq: Any  # MConstr of G_l y <= h_l (or None)
+    coupling: Any  # MConstr of G_soc y + w = h_soc (or None)
     quadratic: bool
     matrices: tuple
 
@@ -158,10 +192,15 @@ class GurobiBackend(BackendBase):
     distribution = "gurobipy"
     capabilities = Capabilities(
         cones=frozenset({"zero", "nonneg", "soc"}),
-        quadratic_objective=True, warm_start=True, needs_license=True, thread_safe=True)
+        quadratic_objective=True,
+        warm_start=True,
+        needs_license=True,
+        thread_safe=True,
+    )
 
     def __init__(self, **settings: Any) -> None:
         import gurobipy as gp
+
         canon = {name.lower(): name for name in self._param_names()}
         fixed: dict[str, Any] = {}
         for key, value in settings.items():
@@ -186,8 +225,10 @@ class GurobiBackend(BackendBase):
                 env.dispose()
             if lic["size_limited"]:
                 self.capabilities = dataclasses.replace(
-                    type(self).capabilities, max_variables=SIZE_LIMIT_VARIABLES,
-                    max_constraints=SIZE_LIMIT_CONSTRAINTS)
+                    type(self).capabilities,
+                    max_variables=SIZE_LIMIT_VARIABLES,
+                    max_constraints=SIZE_LIMIT_CONSTRAINTS,
+                )
         self.size_limited = bool(lic.get("size_limited"))
         self._local = threading.local()
 
@@ -202,6 +243,7 @@ class GurobiBackend(BackendBase):
     @staticmethod
     def _param_names() -> list[str]:
         import gurobipy as gp
+
         return [a for a in dir(gp.GRB.Param) if not a.startswith("_")]
 
     def setting_names(self):
@@ -218,22 +260,28 @@ class GurobiBackend(BackendBase):
     def _size_check(self, n_vars: int, n_lin: int, quadratic: bool) -> None:
         if not self.size_limited:
             return
-        if n_vars > SIZE_LIMIT_VARIABLES or n_lin > SIZE_LIMIT_CONSTRAINTS or \
-                (quadratic and n_vars > SIZE_LIMIT_QUADRATIC_VARIABLES):
+        if (
+            n_vars > SIZE_LIMIT_VARIABLES
+            or n_lin > SIZE_LIMIT_CONSTRAINTS
+            or (quadratic and n_vars > SIZE_LIMIT_QUADRATIC_VARIABLES)
+        ):
             raise SolverError(self._size_message(n_vars, n_lin, quadratic), backend=self.name)
 
     @staticmethod
     def _size_message(n_vars, n_lin, quadratic, detail="") -> str:
         kind = "with quadratic terms " if quadratic else ""
-        return (f"gurobi: the model {kind}has {n_vars} variables and {n_lin} linear "
-                f"constraints, over the size-limited GUROBI licence's limit of "
-                f"{SIZE_LIMIT_VARIABLES} variables and {SIZE_LIMIT_CONSTRAINTS} linear "
-                f"constraints ({SIZE_LIMIT_QUADRATIC_VARIABLES} variables once the model has "
-                f"a quadratic objective or a cone); install a full licence "
-                f"(https://gurobi.com/unrestricted){detail}")
+        return (
+            f"gurobi: the model {kind}has {n_vars} variables and {n_lin} linear "
+            f"constraints, over the size-limited GUROBI licence's limit of "
+            f"{SIZE_LIMIT_VARIABLES} variables and {SIZE_LIMIT_CONSTRAINTS} linear "
+            f"constraints ({SIZE_LIMIT_QUADRATIC_VARIABLES} variables once the model has "
+            f"a quadratic objective or a cone); install a full licence "
+            f"(https://gurobi.com/unrestricted){detail}"
+        )
 
     def _build(self, P, A, b, Gl, hl, Gs, hs, soc, n) -> _Built:
         import gurobipy as gp
+
         GRB = gp.GRB
         model = gp.Model(env=self._env())
         for key, value in self.params.items():
@@ -251,10 +299,11 @@ class GurobiBackend(BackendBase):
             lb[heads] = 0.0
             w = model.addMVar(rows, lb=lb, ub=GRB.INFINITY, name="w")
             coupling = model.addMConstr(
-                sp.hstack([Gs, sp.eye(rows)], format="csr"), None, GRB.EQUAL, hs)
+                sp.hstack([Gs, sp.eye(rows)], format="csr"), None, GRB.EQUAL, hs
+            )
             for head, d in zip(heads, soc):
                 Q = sp.diags(np.r_[-1.0, np.ones(d - 1)], format="csr")
-                block = w[int(head):int(head) + int(d)]
+                block = w[int(head) : int(head) + int(d)]
                 model.addMQConstr(Q, None, GRB.LESS_EQUAL, 0.0, block, block)
             model.setParam("QCPDual", 1)
         quadratic = P is not None
@@ -270,8 +319,8 @@ class GurobiBackend(BackendBase):
         A = sp.csr_matrix(e.A)
         G = h.G.tocsr()
         nl, soc = dims.nonneg, tuple(dims.soc)
-        Gl, Gs = G[:nl], G[nl:nl + sum(soc)]
-        hl, hs = h.h[:nl], h.h[nl:nl + sum(soc)]
+        Gl, Gs = G[:nl], G[nl : nl + sum(soc)]
+        hl, hs = h.h[:nl], h.h[nl : nl + sum(soc)]
         n_vars = n + int(sum(soc))
         n_lin = e.p + h.m
         self._size_check(n_vars, n_lin, P is not None or bool(soc))
@@ -285,8 +334,11 @@ class GurobiBackend(BackendBase):
                 arrays += [M.data, M.indices, M.indptr]
             key = (data_digest(arrays), P is None)
             hit = cache.get(key)
-            if hit is not None and len(hit.matrices) == len(mats) and \
-                    all(same_sparse(X, Y) for X, Y in zip(hit.matrices, mats)):
+            if (
+                hit is not None
+                and len(hit.matrices) == len(mats)
+                and all(same_sparse(X, Y) for X, Y in zip(hit.matrices, mats))
+            ):
                 cache.move_to_end(key)
                 self._load_vectors(hit, c, e.b, hl, hs)
                 return hit
@@ -311,13 +363,23 @@ class GurobiBackend(BackendBase):
             built.coupling.RHS = hs
 
     # -- the solve ----------------------------------------------------------------------------
-    def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
-              extra_linear_term=None, *, warm_start=None) -> Solution:
+    def solve(
+        self,
+        g: Objective,
+        h: ConeConstraints,
+        e: Equalities,
+        extra_linear_term=None,
+        *,
+        warm_start=None,
+    ) -> Solution:
         import gurobipy as gp
+
         missing = self.capabilities.missing_cones(h.dims, e.p > 0)
         if missing:
-            raise SolverError(f"gurobi does not support the {', '.join(sorted(missing))} "
-                              "cone(s)", backend=self.name)
+            raise SolverError(
+                f"gurobi does not support the {', '.join(sorted(missing))} cone(s)",
+                backend=self.name,
+            )
         c = np.asarray(g.q, dtype=float)
         if extra_linear_term is not None:
             c = c + extra_linear_term
@@ -337,9 +399,10 @@ class GurobiBackend(BackendBase):
             self._forget(built)
             if exc.errno == ERROR_SIZE_LIMIT:
                 n_vars = g.n + int(sum(h.dims.soc))
-                raise SolverError(self._size_message(
-                    n_vars, e.p + h.m, built.quadratic, f"; GUROBI said: {exc}"),
-                    backend=self.name) from exc
+                raise SolverError(
+                    self._size_message(n_vars, e.p + h.m, built.quadratic, f"; GUROBI said: {exc}"),
+                    backend=self.name,
+                ) from exc
             raise SolverError(f"gurobi error {exc.errno}: {exc}", backend=self.name) from exc
         return self._to_protocol(built, code, Objective(g.P, c), h, e)
 
@@ -359,22 +422,29 @@ class GurobiBackend(BackendBase):
     def _warm(built: _Built, ws: Solution | None, g, h, e) -> None:
         """Protocol solution -> ``PStart``/``DStart`` (duals negated); ignored if sizes differ."""
         import gurobipy as gp
-        if ws is None or ws.primal is None or ws.primal.shape != (g.n,) \
-                or ws.eq_dual is None or ws.eq_dual.shape != (e.p,) \
-                or ws.ineq_dual is None or ws.ineq_dual.shape != (h.m,):
+
+        if (
+            ws is None
+            or ws.primal is None
+            or ws.primal.shape != (g.n,)
+            or ws.eq_dual is None
+            or ws.eq_dual.shape != (e.p,)
+            or ws.ineq_dual is None
+            or ws.ineq_dual.shape != (h.m,)
+        ):
             # clear a start left over from a previous solve of a cached model
             built.x.PStart = np.full(g.n, gp.GRB.UNDEFINED)
             return
         nl, rows = h.dims.nonneg, int(sum(h.dims.soc))
         built.x.PStart = ws.primal
         if built.w is not None and ws.slack is not None:
-            built.w.PStart = ws.slack[nl:nl + rows]
+            built.w.PStart = ws.slack[nl : nl + rows]
         if built.eq is not None:
             built.eq.DStart = -ws.eq_dual
         if built.ineq is not None:
             built.ineq.DStart = -ws.ineq_dual[:nl]
         if built.coupling is not None:
-            built.coupling.DStart = -ws.ineq_dual[nl:nl + rows]
+            built.coupling.DStart = -ws.ineq_dual[nl : nl + rows]
 
     @staticmethod
     def _soc_duals(built: _Built, soc) -> np.ndarray:
@@ -396,9 +466,8 @@ class GurobiBackend(BackendBase):
         lam = np.empty_like(w)
         start = 0
         for k, d in enumerate(soc):
-            wk = w[start:start + d]
-            lam[start:start + d] = -2.0 * qcpi[k] * np.r_[wk[0], -wk[1:]] \
-                + rc[start:start + d]
+            wk = w[start : start + d]
+            lam[start : start + d] = -2.0 * qcpi[k] * np.r_[wk[0], -wk[1:]] + rc[start : start + d]
             start += d
         return lam
 
@@ -407,7 +476,7 @@ class GurobiBackend(BackendBase):
         model = built.model
         status = STATUS_MAP.get(code, Status.NUMERICAL_ERROR)
         sol_count = int(model.SolCount)
-        if code == 12 and sol_count:          # NUMERIC with a point: inaccurate, not lost
+        if code == 12 and sol_count:  # NUMERIC with a point: inaccurate, not lost
             status = Status.OPTIMAL_INACCURATE
         quality = []
         for attr in QUALITY_ATTRS:
@@ -417,28 +486,36 @@ class GurobiBackend(BackendBase):
                 pass
         tol = max(float(model.Params.FeasibilityTol), float(model.Params.OptimalityTol))
         if built.quadratic:
-            tol = max(tol, float(model.Params.BarQCPConvTol if built.w is not None
-                                 else model.Params.BarConvTol))
+            tol = max(
+                tol,
+                float(
+                    model.Params.BarQCPConvTol if built.w is not None else model.Params.BarConvTol
+                ),
+            )
         accuracy = max(quality) if quality else tol
         iters = int(model.BarIterCount) if model.BarIterCount > 0 else int(model.IterCount)
-        info = SolveInfo(iterations=iters, solve_time=float(model.Runtime), accuracy=accuracy,
-                         raw_status=STATUS_NAMES.get(code, str(code)),
-                         extra={"quality": dict(zip(QUALITY_ATTRS, quality)),
-                                "tolerance": tol})
+        info = SolveInfo(
+            iterations=iters,
+            solve_time=float(model.Runtime),
+            accuracy=accuracy,
+            raw_status=STATUS_NAMES.get(code, str(code)),
+            extra={"quality": dict(zip(QUALITY_ATTRS, quality)), "tolerance": tol},
+        )
         if not status.has_solution or sol_count == 0:
             if status.has_solution:
                 status = Status.NUMERICAL_ERROR
             return Solution(status=status, info=info)
         y = np.asarray(built.x.X, dtype=float)
         try:
-            nu = -np.asarray(built.eq.Pi, dtype=float) if built.eq is not None \
-                else np.zeros(0)
-            lam_l = -np.asarray(built.ineq.Pi, dtype=float) if built.ineq is not None \
-                else np.zeros(0)
+            nu = -np.asarray(built.eq.Pi, dtype=float) if built.eq is not None else np.zeros(0)
+            lam_l = (
+                -np.asarray(built.ineq.Pi, dtype=float) if built.ineq is not None else np.zeros(0)
+            )
             lam_s = self._soc_duals(built, h.dims.soc)
         except Exception as exc:  # duals unavailable (e.g. QCPDual switched off)
-            raise SolverError(f"gurobi returned no dual values ({exc}); duals are required",
-                              backend=self.name) from exc
+            raise SolverError(
+                f"gurobi returned no dual values ({exc}); duals are required", backend=self.name
+            ) from exc
         lam = np.concatenate([lam_l, lam_s])
         slack = h.h - h.G @ y
         # GUROBI's quality attributes describe its presolved model; its QCP duals are often
@@ -447,8 +524,7 @@ class GurobiBackend(BackendBase):
         kkt = kkt_residual(g, h, e, y, nu, lam, slack)
         info.accuracy = max(accuracy, kkt)
         info.extra["kkt_residual"] = kkt
-        return Solution(status=status, primal=y, eq_dual=nu, ineq_dual=lam, slack=slack,
-                        info=info)
+        return Solution(status=status, primal=y, eq_dual=nu, ineq_dual=lam, slack=slack, info=info)
 
 
 @hookimpl

@@ -44,6 +44,7 @@ Thread safety: each ``solve`` builds its own ``mosek.Task`` (tasks are not share
 adapter keeps no mutable state, so an instance may be used from many threads.  Interior
 point: no warm start, no structure reuse.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,16 @@ import scipy.sparse as sp
 from ffo_core.backend_base import BackendBase, linear_cost
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
-from ffo_core.protocol import (Capabilities, ConeConstraints, ConeDims, Equalities, Objective,
-                               Solution, SolveInfo, Status)
+from ffo_core.protocol import (
+    Capabilities,
+    ConeConstraints,
+    ConeDims,
+    Equalities,
+    Objective,
+    Solution,
+    SolveInfo,
+    Status,
+)
 
 #: Protocol exponential-cone rows ``(x, y, z)`` in MOSEK's order (CVXPY's EXP_CONE_ORDER).
 EXP_CONE_ORDER = (2, 1, 0)
@@ -96,8 +105,9 @@ _LICENCE: dict[str, Any] = {}
 # -- the translation: pure functions ----------------------------------------------------------
 def psd_upper_to_lower(order: int) -> np.ndarray:
     """``idx`` with ``lower_svec = upper_svec[idx]`` for one ``order x order`` block."""
-    return np.array([r * (r + 1) // 2 + c for c in range(order) for r in range(c, order)],
-                    dtype=np.int64)
+    return np.array(
+        [r * (r + 1) // 2 + c for c in range(order) for r in range(c, order)], dtype=np.int64
+    )
 
 
 def row_order(p: int, dims: ConeDims) -> np.ndarray:
@@ -110,11 +120,11 @@ def row_order(p: int, dims: ConeDims) -> np.ndarray:
     perm = np.arange(p + dims.rows, dtype=np.int64)
     start = p + dims.nonneg + sum(dims.soc)
     for _ in range(dims.exp):
-        perm[start:start + 3] = start + np.asarray(EXP_CONE_ORDER)
+        perm[start : start + 3] = start + np.asarray(EXP_CONE_ORDER)
         start += 3
     for s in dims.psd:
         size = s * (s + 1) // 2
-        perm[start:start + size] = start + psd_upper_to_lower(s)
+        perm[start : start + size] = start + psd_upper_to_lower(s)
         start += size
     return perm
 
@@ -145,8 +155,7 @@ class MosekData:
     p: int
 
 
-def translate(g: Objective, h: ConeConstraints, e: Equalities,
-              extra_linear_term=None) -> MosekData:
+def translate(g: Objective, h: ConeConstraints, e: Equalities, extra_linear_term=None) -> MosekData:
     """Protocol data -> :class:`MosekData` (no MOSEK import, no licence)."""
     c = linear_cost(g, extra_linear_term, "mosek")
     perm = row_order(e.p, h.dims)
@@ -158,6 +167,7 @@ def translate(g: Objective, h: ConeConstraints, e: Equalities,
 def build_task(task, data: MosekData) -> None:
     """Load :class:`MosekData` into an empty ``mosek.Task`` (needs no licence)."""
     import mosek
+
     n, k = data.n, data.F.shape[0]
     task.appendvars(n)
     task.putvarboundsliceconst(0, n, mosek.boundkey.fr, -np.inf, np.inf)
@@ -166,8 +176,7 @@ def build_task(task, data: MosekData) -> None:
     if k:
         task.appendafes(k)
         F = data.F.tocoo()
-        task.putafefentrylist(F.row.astype(np.int64), F.col.astype(np.int32),
-                              F.data.astype(float))
+        task.putafefentrylist(F.row.astype(np.int64), F.col.astype(np.int32), F.data.astype(float))
         task.putafegslice(0, k, data.g)
     start = 0
     for kind, rows in data.domains:
@@ -195,9 +204,14 @@ def map_status(solsta: str, trm: str | None) -> Status:
     return status
 
 
-def solution_from_mosek(data: MosekData, h: ConeConstraints, status: Status,
-                        xx: np.ndarray | None, doty: np.ndarray | None,
-                        info: SolveInfo) -> Solution:
+def solution_from_mosek(
+    data: MosekData,
+    h: ConeConstraints,
+    status: Status,
+    xx: np.ndarray | None,
+    doty: np.ndarray | None,
+    info: SolveInfo,
+) -> Solution:
     """MOSEK's ``xx`` and ACC duals ``doty`` -> protocol :class:`Solution` (pure)."""
     if not status.has_solution or xx is None or doty is None:
         return Solution(status=status, info=info)
@@ -205,8 +219,14 @@ def solution_from_mosek(data: MosekData, h: ConeConstraints, status: Status,
     duals = np.empty(data.F.shape[0])
     duals[data.perm] = np.asarray(doty, dtype=float)
     slack = h.h - h.G @ y
-    return Solution(status=status, primal=y, eq_dual=duals[:data.p],
-                    ineq_dual=duals[data.p:], slack=slack, info=info)
+    return Solution(
+        status=status,
+        primal=y,
+        eq_dual=duals[: data.p],
+        ineq_dual=duals[data.p :],
+        slack=slack,
+        info=info,
+    )
 
 
 def _enum_name(member) -> str:
@@ -218,16 +238,17 @@ def _enum_name(member) -> str:
 def read_point(task, data: MosekData) -> tuple[np.ndarray, np.ndarray]:
     """The interior-point solution's ``xx`` and the ACC duals ``doty`` (MOSEK's order)."""
     import mosek
+
     itr = mosek.soltype.itr
     xx = np.asarray(task.getxx(itr), dtype=float)
-    doty = np.asarray(task.getaccdotys(itr), dtype=float) if data.F.shape[0] \
-        else np.zeros(0)
+    doty = np.asarray(task.getaccdotys(itr), dtype=float) if data.F.shape[0] else np.zeros(0)
     return xx, doty
 
 
 def read_info(task, solsta, trm) -> SolveInfo:
     """MOSEK's interior-point feasibility measures and gap as :class:`SolveInfo`."""
     import mosek
+
     d = mosek.dinfitem
 
     def dou(item):
@@ -235,6 +256,7 @@ def read_info(task, solsta, trm) -> SolveInfo:
             return float(task.getdouinf(item))
         except mosek.Error:
             return float("nan")
+
     pfeas, dfeas = dou(d.intpnt_primal_feas), dou(d.intpnt_dual_feas)
     pobj, dobj = dou(d.intpnt_primal_obj), dou(d.intpnt_dual_obj)
     gap = abs(pobj - dobj) / max(1.0, abs(pobj))
@@ -243,16 +265,19 @@ def read_info(task, solsta, trm) -> SolveInfo:
         iters = int(task.getintinf(mosek.iinfitem.intpnt_iter))
     except mosek.Error:
         iters = None
-    return SolveInfo(iterations=iters, solve_time=dou(d.optimizer_time),
-                     accuracy=max(parts) if parts else None,
-                     raw_status=f"{_enum_name(solsta)} ({_enum_name(trm)})",
-                     extra={"primal_feas": pfeas, "dual_feas": dfeas,
-                            "primal_obj": pobj, "dual_obj": dobj})
+    return SolveInfo(
+        iterations=iters,
+        solve_time=dou(d.optimizer_time),
+        accuracy=max(parts) if parts else None,
+        raw_status=f"{_enum_name(solsta)} ({_enum_name(trm)})",
+        extra={"primal_feas": pfeas, "dual_feas": dfeas, "primal_obj": pobj, "dual_obj": dobj},
+    )
 
 
 def read_solution(task, data: MosekData, h: ConeConstraints, trm) -> Solution:
     """After ``task.optimize()`` returned ``trm``: the protocol :class:`Solution`."""
     import mosek
+
     solsta = task.getsolsta(mosek.soltype.itr)
     status = map_status(_enum_name(solsta), _enum_name(trm))
     info = read_info(task, solsta, trm)
@@ -279,17 +304,25 @@ def licence_status() -> tuple[bool, str]:
             return _LICENCE["ok"], _LICENCE["reason"]
         where = licence_location()
         if where is None:
-            ok, reason = False, (f"no MOSEK licence found: set {LICENSE_ENV} to a licence "
-                                 f"file (or port@server), or put one at ~/mosek/mosek.lic")
+            ok, reason = (
+                False,
+                (
+                    f"no MOSEK licence found: set {LICENSE_ENV} to a licence "
+                    f"file (or port@server), or put one at ~/mosek/mosek.lic"
+                ),
+            )
         else:
             import mosek
+
             try:
                 with mosek.Env() as env:
                     env.checkoutlicense(mosek.feature.pts)
                 ok, reason = True, ""
             except mosek.Error as exc:
-                ok, reason = False, (f"MOSEK licence at {where} ({LICENSE_ENV}) could not "
-                                     f"be checked out: {exc}")
+                ok, reason = (
+                    False,
+                    (f"MOSEK licence at {where} ({LICENSE_ENV}) could not be checked out: {exc}"),
+                )
         _LICENCE.update(ok=ok, reason=reason)
         return ok, reason
 
@@ -300,13 +333,17 @@ class MosekBackend(BackendBase):
     distribution = "Mosek"
     capabilities = Capabilities(
         cones=frozenset({"zero", "nonneg", "soc", "exp", "psd"}),
-        quadratic_objective=False, warm_start=False, needs_license=True, thread_safe=True)
+        quadratic_objective=False,
+        warm_start=False,
+        needs_license=True,
+        thread_safe=True,
+    )
 
     def __init__(self, **settings: Any) -> None:
         canon = {}
         for full in self._param_names():
             canon[full.lower()] = full
-            canon[full[9:].lower()] = full       # strip "MSK_DPAR_"
+            canon[full[9:].lower()] = full  # strip "MSK_DPAR_"
         fixed = {}
         for key, value in settings.items():
             key = ALIASES.get(key, key)
@@ -323,9 +360,13 @@ class MosekBackend(BackendBase):
     @staticmethod
     def _param_names() -> list[str]:
         import mosek
+
         names = []
-        for prefix, enum in (("MSK_DPAR_", mosek.dparam), ("MSK_IPAR_", mosek.iparam),
-                             ("MSK_SPAR_", mosek.sparam)):
+        for prefix, enum in (
+            ("MSK_DPAR_", mosek.dparam),
+            ("MSK_IPAR_", mosek.iparam),
+            ("MSK_SPAR_", mosek.sparam),
+        ):
             names += [prefix + _enum_name(m).upper() for m in enum.members()]
         return names
 
@@ -334,6 +375,7 @@ class MosekBackend(BackendBase):
 
     def _apply_settings(self, task) -> None:
         import mosek
+
         for key, value in self.settings.items():
             if isinstance(value, bool):
                 value = "MSK_ON" if value else "MSK_OFF"
@@ -342,9 +384,17 @@ class MosekBackend(BackendBase):
             except mosek.Error as exc:
                 raise ConfigError(f"mosek parameter {key}={value!r}: {exc}") from exc
 
-    def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
-              extra_linear_term=None, *, warm_start=None) -> Solution:
+    def solve(
+        self,
+        g: Objective,
+        h: ConeConstraints,
+        e: Equalities,
+        extra_linear_term=None,
+        *,
+        warm_start=None,
+    ) -> Solution:
         import mosek
+
         data = translate(g, h, e, extra_linear_term)
         with mosek.Task() as task:
             build_task(task, data)
@@ -353,8 +403,9 @@ class MosekBackend(BackendBase):
                 trm = task.optimize()
             except mosek.Error as exc:
                 if "licen" in str(exc).lower():
-                    raise SolverError(f"mosek: no usable licence ({exc}); set "
-                                      f"{LICENSE_ENV}", backend=self.name) from exc
+                    raise SolverError(
+                        f"mosek: no usable licence ({exc}); set {LICENSE_ENV}", backend=self.name
+                    ) from exc
                 raise SolverError(f"mosek error: {exc}", backend=self.name) from exc
             return read_solution(task, data, h, trm)
 

@@ -22,7 +22,8 @@ Settings are SCS's own names (:data:`SCS_SETTINGS`: ``eps_abs``, ``eps_rel``, ``
 ``time_limit_secs``, ``linear_solver``, ...); ``time_limit`` (seconds, the protocol's generic
 name) is accepted as an alias of ``time_limit_secs``.  ``verbose`` defaults to False.
 :meth:`ScsBackend.with_settings` returns a configured copy (``FFOLayer(time_limit=...)``).
-One adapter option is not an SCS setting: ``cache_size`` (default 0: off; e.g. 4 to reuse workspaces), see below.
+One adapter option is not an SCS setting: ``cache_size`` (default 0: off; e.g. 4 to reuse
+workspaces), see below.
 
 Statuses (:data:`STATUS_MAP`): SCS reports ``solved (inaccurate - reached max_iters)`` when it
 stops at its iteration or time limit, even after a handful of iterations.  That point is only
@@ -47,6 +48,7 @@ Thread safety: an instance may be used from several threads at once; each thread
 cache of SCS workspaces (an SCS workspace must not be shared between threads), and the
 settings are read-only after construction.
 """
+
 from __future__ import annotations
 
 import threading
@@ -59,19 +61,41 @@ import scipy.sparse as sp
 from ffo_core.backend_base import BackendBase, data_digest, same_sparse
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
-from ffo_core.protocol import (Capabilities, ConeConstraints, ConeDims, Equalities, Objective,
-                               Solution, SolveInfo, Status)
+from ffo_core.protocol import (
+    Capabilities,
+    ConeConstraints,
+    ConeDims,
+    Equalities,
+    Objective,
+    Solution,
+    SolveInfo,
+    Status,
+)
 
 #: SCS 3.x settings (``ScsSettings`` fields, plus the Python-level ``linear_solver``; SCS's
 #: own ``warm_start`` flag is driven by the ``warm_start`` argument of :meth:`solve`).  A name
 #: listed here that the installed SCS does not know is reported as a ConfigError at solve time.
 SCS_SETTINGS = (
-    "normalize", "scale", "adaptive_scale", "rho_x", "max_iters", "eps_abs", "eps_rel",
-    "eps_infeas", "alpha", "time_limit_secs", "verbose",
-    "acceleration_lookback", "acceleration_interval", "write_data_filename",
-    "log_csv_filename", "linear_solver",
+    "normalize",
+    "scale",
+    "adaptive_scale",
+    "rho_x",
+    "max_iters",
+    "eps_abs",
+    "eps_rel",
+    "eps_infeas",
+    "alpha",
+    "time_limit_secs",
+    "verbose",
+    "acceleration_lookback",
+    "acceleration_interval",
+    "write_data_filename",
+    "log_csv_filename",
+    "linear_solver",
     # present in recent SCS 3.x builds
-    "acceleration_type_1", "acceleration_relaxation", "acceleration_regularization",
+    "acceleration_type_1",
+    "acceleration_relaxation",
+    "acceleration_regularization",
     "adaptive_diag_scale",
 )
 #: Protocol-level aliases -> SCS names.
@@ -81,22 +105,21 @@ ADAPTER_OPTIONS = ("cache_size",)
 
 #: SCS ``status_val`` -> protocol status.  Limits are refined by :data:`LIMIT_STATUS`.
 STATUS_MAP = {
-    1: Status.OPTIMAL,                    # solved
-    2: Status.OPTIMAL_INACCURATE,         # solved (inaccurate - ...)
+    1: Status.OPTIMAL,  # solved
+    2: Status.OPTIMAL_INACCURATE,  # solved (inaccurate - ...)
     -1: Status.UNBOUNDED,
     -6: Status.UNBOUNDED_INACCURATE,
     -2: Status.INFEASIBLE,
     -7: Status.INFEASIBLE_INACCURATE,
-    -3: Status.NUMERICAL_ERROR,           # indeterminate
-    -4: Status.NUMERICAL_ERROR,           # failed
-    -5: Status.NUMERICAL_ERROR,           # interrupted (SIGINT)
-    0: Status.NUMERICAL_ERROR,            # unfinished
+    -3: Status.NUMERICAL_ERROR,  # indeterminate
+    -4: Status.NUMERICAL_ERROR,  # failed
+    -5: Status.NUMERICAL_ERROR,  # interrupted (SIGINT)
+    0: Status.NUMERICAL_ERROR,  # unfinished
 }
 #: An inaccurate "solved" (or an undecided) status that SCS reached by hitting a limit is
 #: reported as the limit: (substring of SCS's status word, protocol status).
-LIMIT_STATUS = (("max_iters", Status.ITERATION_LIMIT),
-                ("time_limit", Status.TIME_LIMIT))
-_LIMITABLE = {2, -3, 0, -5}        # status_vals that a limit turns into *_LIMIT
+LIMIT_STATUS = (("max_iters", Status.ITERATION_LIMIT), ("time_limit", Status.TIME_LIMIT))
+_LIMITABLE = {2, -3, 0, -5}  # status_vals that a limit turns into *_LIMIT
 
 
 # -- conventions: pure functions ----------------------------------------------------------
@@ -107,8 +130,9 @@ def psd_upper_to_lower(order: int) -> np.ndarray:
     column-major order visits ``(r, c)``, ``r >= c``, column by column, i.e. the upper entry
     ``(c, r)``.  Both layouts scale off-diagonals by sqrt(2), so no rescaling is needed.
     """
-    return np.array([r * (r + 1) // 2 + c for c in range(order) for r in range(c, order)],
-                    dtype=np.int64)
+    return np.array(
+        [r * (r + 1) // 2 + c for c in range(order) for r in range(c, order)], dtype=np.int64
+    )
 
 
 def scs_row_order(p: int, dims: ConeDims) -> np.ndarray:
@@ -162,7 +186,10 @@ class ScsBackend(BackendBase):
     distribution = "scs"
     capabilities = Capabilities(
         cones=frozenset({"zero", "nonneg", "soc", "exp", "psd"}),
-        quadratic_objective=True, warm_start=True, thread_safe=True)
+        quadratic_objective=True,
+        warm_start=True,
+        thread_safe=True,
+    )
 
     def __init__(self, **settings: Any) -> None:
         settings = {ALIASES.get(k, k): v for k, v in settings.items()}
@@ -183,18 +210,21 @@ class ScsBackend(BackendBase):
 
     def _make_solver(self, data: dict, cone: dict):
         import scs
+
         try:
             # SCS pops "linear_solver" from the dict it is given: pass a copy.
             return scs.SCS(data, cone, **dict(self.solver_settings))
         except TypeError as exc:
-            raise ConfigError(f"scs rejected its settings: {exc}; "
-                              f"valid settings: {', '.join(sorted(self.setting_names()))}"
-                              ) from exc
+            raise ConfigError(
+                f"scs rejected its settings: {exc}; "
+                f"valid settings: {', '.join(sorted(self.setting_names()))}"
+            ) from exc
         except ValueError as exc:
             if "must be" in str(exc) or "setting" in str(exc).lower():
                 raise ConfigError(f"scs setting: {exc}") from exc
-            raise SolverError(f"scs could not set up the problem: {exc}",
-                              backend=self.name) from exc
+            raise SolverError(
+                f"scs could not set up the problem: {exc}", backend=self.name
+            ) from exc
 
     def _solver_for(self, P, A, b, c, cone):
         """An SCS object holding ``(P, A, cone)`` with ``b``, ``c`` loaded; reused if cached."""
@@ -224,8 +254,15 @@ class ScsBackend(BackendBase):
         return same_sparse(A0, A) and (P is None or same_sparse(P0, P))
 
     # -- the solve ----------------------------------------------------------------------------
-    def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
-              extra_linear_term=None, *, warm_start=None) -> Solution:
+    def solve(
+        self,
+        g: Objective,
+        h: ConeConstraints,
+        e: Equalities,
+        extra_linear_term=None,
+        *,
+        warm_start=None,
+    ) -> Solution:
         n, p, m = g.n, e.p, h.m
         perm = scs_row_order(p, h.dims)
         A = sp.vstack([e.A, h.G], format="csc")[perm]
@@ -243,8 +280,9 @@ class ScsBackend(BackendBase):
         c = np.asarray(g.q, dtype=float)
         if extra_linear_term is not None:
             c = c + extra_linear_term
-        solver = self._solver_for(P, A, np.ascontiguousarray(b, dtype=float),
-                                  np.ascontiguousarray(c, dtype=float), cone)
+        solver = self._solver_for(
+            P, A, np.ascontiguousarray(b, dtype=float), np.ascontiguousarray(c, dtype=float), cone
+        )
         ws = self._warm(warm_start, n, p, m, perm) if not dummy else None
         if ws is None:
             res = solver.solve(warm_start=False)
@@ -258,37 +296,57 @@ class ScsBackend(BackendBase):
         if warm_start is None or warm_start.primal is None:
             return None
         ws = warm_start
-        if (ws.primal.shape != (n,) or ws.eq_dual is None or ws.eq_dual.shape != (p,)
-                or ws.ineq_dual is None or ws.ineq_dual.shape != (m,)
-                or ws.slack is None or ws.slack.shape != (m,)):
+        if (
+            ws.primal.shape != (n,)
+            or ws.eq_dual is None
+            or ws.eq_dual.shape != (p,)
+            or ws.ineq_dual is None
+            or ws.ineq_dual.shape != (m,)
+            or ws.slack is None
+            or ws.slack.shape != (m,)
+        ):
             return None
         y = np.concatenate([ws.eq_dual, ws.ineq_dual])[perm]
         s = np.concatenate([np.zeros(p), ws.slack])[perm]
-        return (np.array(ws.primal, dtype=float), np.ascontiguousarray(y, dtype=float),
-                np.ascontiguousarray(s, dtype=float))
+        return (
+            np.array(ws.primal, dtype=float),
+            np.ascontiguousarray(y, dtype=float),
+            np.ascontiguousarray(s, dtype=float),
+        )
 
     def _to_protocol(self, res: dict, n, p, m, perm, dummy) -> Solution:
         info_raw = res["info"]
         word = str(info_raw.get("status", ""))
         status = map_status(info_raw["status_val"], word)
         pobj = float(info_raw.get("pobj", np.nan))
-        gap = float(info_raw.get("gap", np.nan)) / max(1.0, abs(pobj)) \
-            if np.isfinite(pobj) else np.nan
-        acc = max(float(info_raw.get("res_pri", np.nan)),
-                  float(info_raw.get("res_dual", np.nan)), gap)
-        info = SolveInfo(iterations=int(info_raw.get("iter", 0)),
-                         solve_time=(info_raw.get("solve_time", 0.0)
-                                     + info_raw.get("setup_time", 0.0)) / 1e3,
-                         accuracy=float(acc) if np.isfinite(acc) else None,
-                         raw_status=word,
-                         extra={"status_val": int(info_raw["status_val"]),
-                                "res_pri": info_raw.get("res_pri"),
-                                "res_dual": info_raw.get("res_dual"),
-                                "gap": info_raw.get("gap")})
+        gap = (
+            float(info_raw.get("gap", np.nan)) / max(1.0, abs(pobj))
+            if np.isfinite(pobj)
+            else np.nan
+        )
+        acc = max(
+            float(info_raw.get("res_pri", np.nan)), float(info_raw.get("res_dual", np.nan)), gap
+        )
+        info = SolveInfo(
+            iterations=int(info_raw.get("iter", 0)),
+            solve_time=(info_raw.get("solve_time", 0.0) + info_raw.get("setup_time", 0.0)) / 1e3,
+            accuracy=float(acc) if np.isfinite(acc) else None,
+            raw_status=word,
+            extra={
+                "status_val": int(info_raw["status_val"]),
+                "res_pri": info_raw.get("res_pri"),
+                "res_dual": info_raw.get("res_dual"),
+                "gap": info_raw.get("gap"),
+            },
+        )
         x = np.asarray(res["x"], dtype=float)
-        if status in (Status.INFEASIBLE, Status.INFEASIBLE_INACCURATE, Status.UNBOUNDED,
-                      Status.UNBOUNDED_INACCURATE, Status.NUMERICAL_ERROR) \
-                or not np.all(np.isfinite(x)):
+        if status in (
+            Status.INFEASIBLE,
+            Status.INFEASIBLE_INACCURATE,
+            Status.UNBOUNDED,
+            Status.UNBOUNDED_INACCURATE,
+            Status.NUMERICAL_ERROR,
+        ) or not np.all(np.isfinite(x)):
             return Solution(status=status, info=info)
         if dummy:
             y_all = np.zeros(0)
@@ -298,8 +356,14 @@ class ScsBackend(BackendBase):
             s_all = np.empty(p + m)
             y_all[perm] = res["y"]
             s_all[perm] = res["s"]
-        return Solution(status=status, primal=x, eq_dual=y_all[:p], ineq_dual=y_all[p:],
-                        slack=s_all[p:], info=info)
+        return Solution(
+            status=status,
+            primal=x,
+            eq_dual=y_all[:p],
+            ineq_dual=y_all[p:],
+            slack=s_all[p:],
+            info=info,
+        )
 
 
 @hookimpl

@@ -4,14 +4,31 @@ first-order backward pass (FFOLayer, Zhao et al., ICML 2026).
 Torch-free parts (protocol, registry, errors) import without torch, so solver adapters can
 use them; the layers are loaded on first access.
 """
+
 from __future__ import annotations
 
-from .errors import (BackendUnavailable, ConfigError, FFOError, GhostProblemError,
-                     InvalidParameterError, NotDPPError, ProblemError, SolverError)
-from .protocol import (Backend, Capabilities, ConeConstraints, ConeDims, Equalities,
-                       Objective, Solution, SolveInfo, Status)
-from .registry import (available_backends, get_backend, register_backend,
-                       unregister_backend)
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    FFOError,
+    GhostProblemError,
+    InvalidParameterError,
+    NotDPPError,
+    ProblemError,
+    SolverError,
+)
+from .protocol import (
+    Backend,
+    Capabilities,
+    ConeConstraints,
+    ConeDims,
+    Equalities,
+    Objective,
+    Solution,
+    SolveInfo,
+    Status,
+)
+from .registry import available_backends, get_backend, register_backend, unregister_backend
 
 __version__ = "0.1.0"
 
@@ -21,14 +38,33 @@ _LAZY = {"FFOLayer": ".layer", "FFOQPLayer": ".qp_layer"}
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
+
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'ffo_core' has no attribute {name!r}")
 
 
 __all__ = [
-    "FFOLayer", "FFOQPLayer", "get_backend", "available_backends", "register_backend",
-    "unregister_backend", "Backend", "Capabilities", "ConeConstraints", "ConeDims",
-    "Equalities", "Objective", "Solution", "SolveInfo", "Status", "FFOError",
-    "InvalidParameterError", "ProblemError", "NotDPPError", "ConfigError",
-    "BackendUnavailable", "SolverError", "GhostProblemError",
+    "Backend",
+    "BackendUnavailable",
+    "Capabilities",
+    "ConeConstraints",
+    "ConeDims",
+    "ConfigError",
+    "Equalities",
+    "FFOError",
+    "FFOLayer",
+    "FFOQPLayer",
+    "GhostProblemError",
+    "InvalidParameterError",
+    "NotDPPError",
+    "Objective",
+    "ProblemError",
+    "Solution",
+    "SolveInfo",
+    "SolverError",
+    "Status",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+    "unregister_backend",
 ]

@@ -29,10 +29,11 @@ ghost infeasible; it only costs solver time.
 
 Both thresholds can be given explicitly (``tau_s``, ``tau_lam``) to override the defaults.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -48,10 +49,10 @@ class ActiveSet:
     """Classification of the rows of ``G`` (length ``m`` boolean masks; read-only: the
     samples of one :func:`classify_batch` call share the arrays, each mask a row view)."""
 
-    locked: np.ndarray     # nonnegative rows that become equalities in the ghost problem
-    kept: np.ndarray       # rows of active (or weakly active) SOC/EXP/PSD blocks, kept as cones
-    weak: np.ndarray       # nonnegative rows with both s and lam numerically zero
-    kept_dims: ConeDims    # cone sizes of the kept blocks (nonneg=0)
+    locked: np.ndarray  # nonnegative rows that become equalities in the ghost problem
+    kept: np.ndarray  # rows of active (or weakly active) SOC/EXP/PSD blocks, kept as cones
+    weak: np.ndarray  # nonnegative rows with both s and lam numerically zero
+    kept_dims: ConeDims  # cone sizes of the kept blocks (nonneg=0)
     tau_s: float
     tau_lam: float
     #: rows of cone blocks kept although weakly active (multiplier and distance to the
@@ -72,8 +73,11 @@ def block_slices(dims: ConeDims):
     """(kind, size, slice) of every non-polyhedral cone block, in row order; ``size`` is
     the SOC dimension, 1 for EXP, the matrix order for PSD."""
     start = dims.nonneg
-    blocks = [("soc", k, k) for k in dims.soc] + [("exp", 3, 1)] * dims.exp + \
-             [("psd", s * (s + 1) // 2, s) for s in dims.psd]
+    blocks = (
+        [("soc", k, k) for k in dims.soc]
+        + [("exp", 3, 1)] * dims.exp
+        + [("psd", s * (s + 1) // 2, s) for s in dims.psd]
+    )
     for kind, rows, size in blocks:
         yield kind, size, slice(start, start + rows)
         start += rows
@@ -83,8 +87,14 @@ def block_slices(dims: ConeDims):
 _NO_CONES = ConeDims()
 
 
-def classify(sol: Solution, dims: ConeDims, *, tau_s: float | None = None,
-             tau_lam: float | None = None, rhs: np.ndarray | None = None) -> ActiveSet:
+def classify(
+    sol: Solution,
+    dims: ConeDims,
+    *,
+    tau_s: float | None = None,
+    tau_lam: float | None = None,
+    rhs: np.ndarray | None = None,
+) -> ActiveSet:
     """Active set of ``sol`` for cones ``dims`` (thresholds default to the solver's accuracy).
 
     With ``rhs`` (the constraint's ``h``) the slack threshold of a nonnegative row is scaled
@@ -92,13 +102,19 @@ def classify(sol: Solution, dims: ConeDims, *, tau_s: float | None = None,
     budget row ``1'y <= 3`` with slack ~n/3 no longer inflates the threshold of every unit
     bound row.
     """
-    return classify_batch([sol], dims, tau_s=tau_s, tau_lam=tau_lam,
-                          rhs=None if rhs is None else [rhs])[0]
+    return classify_batch(
+        [sol], dims, tau_s=tau_s, tau_lam=tau_lam, rhs=None if rhs is None else [rhs]
+    )[0]
 
 
-def classify_batch(sols: Sequence[Solution], dims: ConeDims, *,
-                   tau_s: float | None = None, tau_lam: float | None = None,
-                   rhs: Sequence[np.ndarray] | None = None) -> list[ActiveSet]:
+def classify_batch(
+    sols: Sequence[Solution],
+    dims: ConeDims,
+    *,
+    tau_s: float | None = None,
+    tau_lam: float | None = None,
+    rhs: Sequence[np.ndarray] | None = None,
+) -> list[ActiveSet]:
     """:func:`classify` of every solution of a batch that shares ``dims`` (``rhs``: one
     ``h`` per solution), the nonnegative rows of all of them in one pass of elementwise
     operations on ``(batch, m)`` arrays: each sample's result is exactly its lone
@@ -106,9 +122,14 @@ def classify_batch(sols: Sequence[Solution], dims: ConeDims, *,
     S = np.array([np.asarray(s.slack, dtype=float) for s in sols])
     Lam = np.array([np.asarray(s.ineq_dual, dtype=float) for s in sols])
     batch, m = S.shape
-    acc = np.array([s.info.accuracy if s.info.accuracy and s.info.accuracy > 0
-                    else DEFAULT_ACCURACY for s in sols], dtype=float)
-    root = np.sqrt(np.maximum(acc, 1e-16))[:, None]                     # (batch, 1)
+    acc = np.array(
+        [
+            s.info.accuracy if s.info.accuracy and s.info.accuracy > 0 else DEFAULT_ACCURACY
+            for s in sols
+        ],
+        dtype=float,
+    )
+    root = np.sqrt(np.maximum(acc, 1e-16))[:, None]  # (batch, 1)
     tau_s_given = tau_s
     if tau_s is None:
         taus_s = root * np.maximum(1.0, np.abs(S).max(axis=1, initial=0.0)[:, None])
@@ -140,8 +161,8 @@ def classify_batch(sols: Sequence[Solution], dims: ConeDims, *,
         for kind, size, rows in block_slices(dims):
             if np.linalg.norm(Lam[i, rows]) <= t_lam:
                 if interior_margin(kind, S[i, rows]) > t_s:
-                    continue                      # inactive: slack strictly inside, dropped
-                weak_blocks[rows] = True          # weakly active: kept, reported
+                    continue  # inactive: slack strictly inside, dropped
+                weak_blocks[rows] = True  # weakly active: kept, reported
             kept[i, rows] = True
             if kind == "soc":
                 soc.append(size)
@@ -149,11 +170,11 @@ def classify_batch(sols: Sequence[Solution], dims: ConeDims, *,
                 exp += 1
             else:
                 psd.append(size)
-        kept_dims = ConeDims(0, tuple(soc), exp, tuple(psd)) if soc or exp or psd \
-            else _NO_CONES                 # shared: its `kinds` is formed once, not per ghost
-        out.append(ActiveSet(locked[i], kept[i], weak[i], kept_dims, t_s, t_lam,
-                             weak_blocks))
+        kept_dims = (
+            ConeDims(0, tuple(soc), exp, tuple(psd)) if soc or exp or psd else _NO_CONES
+        )  # shared: its `kinds` is formed once, not per ghost
+        out.append(ActiveSet(locked[i], kept[i], weak[i], kept_dims, t_s, t_lam, weak_blocks))
     return out
 
 
-_block_slices = block_slices   # former private name
+_block_slices = block_slices  # former private name

@@ -4,19 +4,20 @@ It gives an adapter the registry-facing class methods (``availability``, ``versi
 the config-string settings, and validates them against the names the adapter declares, so
 that each adapter only writes its conversions, its status map and its ``solve``.
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
 import importlib.util
-from typing import Any, ClassVar, Iterable
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .errors import ConfigError, SolverError
 from .protocol import Capabilities, ConeConstraints, Equalities, Objective
-from .sparse_ops import (  # noqa: F401  (re-exported: adapters import them from here)
-    prune, stack_rows, upper_triangle)
+from .sparse_ops import prune, stack_rows, upper_triangle  # noqa: F401  (re-exported: adapters import them from here)
 
 
 def linear_cost(g: Objective, extra_linear_term, backend: str) -> np.ndarray:
@@ -27,7 +28,9 @@ def linear_cost(g: Objective, extra_linear_term, backend: str) -> np.ndarray:
         raise SolverError(
             f"{backend} has no quadratic objective (Capabilities.quadratic_objective="
             "False): the engine compiles 1/2 y'Py into a second-order cone for it; this "
-            "solve was given a nonzero P", backend=backend)
+            "solve was given a nonzero P",
+            backend=backend,
+        )
     c = np.array(g.q, dtype=float)
     return c if extra_linear_term is None else c + extra_linear_term
 
@@ -45,8 +48,12 @@ def data_digest(arrays) -> bytes:
 
 def same_sparse(X, Y) -> bool:
     """True when two compressed sparse matrices are identical (pattern and values)."""
-    return (X.shape == Y.shape and np.array_equal(X.indptr, Y.indptr)
-            and np.array_equal(X.indices, Y.indices) and np.array_equal(X.data, Y.data))
+    return (
+        X.shape == Y.shape
+        and np.array_equal(X.indptr, Y.indptr)
+        and np.array_equal(X.indices, Y.indices)
+        and np.array_equal(X.data, Y.data)
+    )
 
 
 def kkt_residual(g: Objective, h: ConeConstraints, e: Equalities, y, nu, lam, s) -> float:
@@ -55,14 +62,16 @@ def kkt_residual(g: Objective, h: ConeConstraints, e: Equalities, y, nu, lam, s)
     figures are not in the protocol's units (checks the nonnegative block's sign only)."""
     Py = g.P @ y if g.P is not None else np.zeros_like(y)
     grad = Py + g.q + e.A.T @ nu + h.G.T @ lam
-    scale = max(1.0, float(np.max(np.abs(g.q), initial=0.0)),
-                float(np.max(np.abs(Py), initial=0.0)))
+    scale = max(
+        1.0, float(np.max(np.abs(g.q), initial=0.0)), float(np.max(np.abs(Py), initial=0.0))
+    )
     stat = float(np.max(np.abs(grad), initial=0.0)) / scale
-    bscale = max(1.0, float(np.max(np.abs(e.b), initial=0.0)),
-                 float(np.max(np.abs(h.h), initial=0.0)))
+    bscale = max(
+        1.0, float(np.max(np.abs(e.b), initial=0.0)), float(np.max(np.abs(h.h), initial=0.0))
+    )
     prim = float(np.max(np.abs(e.A @ y - e.b), initial=0.0))
     if h.dims.nonneg:
-        prim = max(prim, float(np.max(-s[:h.dims.nonneg], initial=0.0)))
+        prim = max(prim, float(np.max(-s[: h.dims.nonneg], initial=0.0)))
     obj = abs(float(0.5 * y @ Py + g.q @ y))
     comp = abs(float(s @ lam)) / max(1.0, obj)
     return max(stat, prim / bscale, comp)
@@ -87,20 +96,22 @@ class BackendBase:
         if unknown:
             raise ConfigError(
                 f"unknown setting(s) {', '.join(unknown)} for backend {self.name!r}; "
-                f"valid settings: {', '.join(sorted(valid))}")
+                f"valid settings: {', '.join(sorted(valid))}"
+            )
         self.settings: dict[str, Any] = dict(settings)
-        self._config: dict[str, Any] = dict(settings)   # as given, adapter options included
+        self._config: dict[str, Any] = dict(settings)  # as given, adapter options included
 
     def _pop_cache_size(self, default: int) -> int:
         """Take the adapter option ``cache_size`` (structures cached per thread, 0 = off)
         out of ``settings`` and check it."""
         cache_size = self.settings.pop("cache_size", default)
         if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 0:
-            raise ConfigError(f"{self.name}: cache_size must be a nonnegative int, "
-                              f"got {cache_size!r}")
+            raise ConfigError(
+                f"{self.name}: cache_size must be a nonnegative int, got {cache_size!r}"
+            )
         return cache_size
 
-    def with_settings(self, **settings: Any) -> "BackendBase":
+    def with_settings(self, **settings: Any) -> BackendBase:
         """A new backend of the same kind with ``settings`` added to (or replacing) this
         one's; this one is unchanged (its caches are not shared).  ``FFOLayer(time_limit=)``
         calls ``with_settings(time_limit=seconds)``: adapters map ``time_limit`` to their
@@ -112,8 +123,10 @@ class BackendBase:
     def availability(cls) -> tuple[bool, str]:
         """``(True, "")`` if the backend can run here, else ``(False, reason)``."""
         if cls.package and importlib.util.find_spec(cls.package) is None:
-            return False, (f"Python package {cls.package!r} is not installed "
-                           f"(pip install {cls.distribution or cls.package})")
+            return False, (
+                f"Python package {cls.package!r} is not installed "
+                f"(pip install {cls.distribution or cls.package})"
+            )
         return True, ""
 
     @classmethod
@@ -135,12 +148,16 @@ class BackendBase:
         if caps.max_variables is not None and g.n > caps.max_variables:
             raise SolverError(
                 f"{self.name}: {g.n} variables exceed this installation's limit of "
-                f"{caps.max_variables}", backend=self.name)
+                f"{caps.max_variables}",
+                backend=self.name,
+            )
         rows = h.m + e.p
         if caps.max_constraints is not None and rows > caps.max_constraints:
             raise SolverError(
                 f"{self.name}: {rows} constraints exceed this installation's limit of "
-                f"{caps.max_constraints}", backend=self.name)
+                f"{caps.max_constraints}",
+                backend=self.name,
+            )
 
     def __repr__(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.settings.items())

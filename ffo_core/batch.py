@@ -14,14 +14,16 @@ index, never a NaN or a silently wrong value:
   :class:`SolverError` (:class:`GhostProblemError` for the backward pass's ghost solves),
   the original exception as ``__cause__``.
 """
+
 from __future__ import annotations
 
 import os
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -87,9 +89,13 @@ class ThreadChoice:
         self.calls = 0
         self._lock = threading.Lock()
 
-    def __getstate__(self):                 # a lock cannot be copied or pickled
-        return {"probes": self.probes, "reprobe_every": self.reprobe_every,
-                "times": {k: list(v) for k, v in self.times.items()}, "calls": self.calls}
+    def __getstate__(self):  # a lock cannot be copied or pickled
+        return {
+            "probes": self.probes,
+            "reprobe_every": self.reprobe_every,
+            "times": {k: list(v) for k, v in self.times.items()},
+            "calls": self.calls,
+        }
 
     def __setstate__(self, state) -> None:
         self.__dict__.update({"reprobe_every": 64, "calls": 0, **state})
@@ -115,10 +121,10 @@ class ThreadChoice:
         start = time.perf_counter()
         out = run_batch(fn, batch, jobs)
         if batch > 1 and n_jobs > 1:
-            with self._lock:            # the last `probes` times per setting, no more
+            with self._lock:  # the last `probes` times per setting, no more
                 recent = self.times.setdefault(jobs, [])
                 recent.append((time.perf_counter() - start) / batch)
-                del recent[:-self.probes]
+                del recent[: -self.probes]
         return out
 
 
@@ -132,8 +138,9 @@ class BatchRunner:
     PHASES = ("forward", "backward")
 
     def __init__(self, backend: Backend, n_jobs: int | None = None) -> None:
-        if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool)
-                                   or n_jobs < 1):
+        if n_jobs is not None and (
+            not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1
+        ):
             raise ConfigError(f"n_jobs must be a positive int or None, got {n_jobs!r}")
         self.backend, self.n_jobs = backend, n_jobs
         self._choices = {phase: ThreadChoice() for phase in self.PHASES}
@@ -150,15 +157,18 @@ class BatchRunner:
 _ARRAYS = ("primal", "eq_dual", "ineq_dual", "slack")
 
 
-def solution_problem(sol: Any, n: int | None = None, p: int | None = None,
-                     m: int | None = None) -> str | None:
+def solution_problem(
+    sol: Any, n: int | None = None, p: int | None = None, m: int | None = None
+) -> str | None:
     """What is wrong with a backend's answer, or ``None`` if it is a usable protocol
     :class:`Solution`: a ``Status``; when the status has a solution, all four arrays
     present, 1-D of the expected sizes (where given) and finite."""
     status = getattr(sol, "status", None)
     if not isinstance(status, Status):
-        return (f"an answer of type {type(sol).__name__} whose status {status!r} is not a "
-                "protocol Status")
+        return (
+            f"an answer of type {type(sol).__name__} whose status {status!r} is not a "
+            "protocol Status"
+        )
     if not status.has_solution:
         return None
     sizes = {"primal": n, "eq_dual": p, "ineq_dual": m, "slack": m}
@@ -168,7 +178,7 @@ def solution_problem(sol: Any, n: int | None = None, p: int | None = None,
         if value is None:
             return f"status {status.value} but no {field}"
         if type(value) is np.ndarray and value.dtype == np.float64:
-            arr = value                                  # what adapters return: no copy
+            arr = value  # what adapters return: no copy
         else:
             try:
                 arr = np.asarray(value, dtype=float)
@@ -176,19 +186,22 @@ def solution_problem(sol: Any, n: int | None = None, p: int | None = None,
                 return f"status {status.value} but a non-numeric {field}"
         want = sizes[field]
         if arr.ndim != 1 or (want is not None and arr.shape[0] != want):
-            return (f"status {status.value} but {field} of shape {arr.shape}, expected "
-                    f"({'?' if want is None else want},)")
+            return (
+                f"status {status.value} but {field} of shape {arr.shape}, expected "
+                f"({'?' if want is None else want},)"
+            )
         arrays.append(arr)
-    if np.isfinite(np.concatenate(arrays)).all():   # one check of the four joined (an
-        return None                                # errstate around per-array sums costs
-    for field, arr in zip(_ARRAYS, arrays):        # 7 us by itself): then find which
+    if np.isfinite(np.concatenate(arrays)).all():  # one check of the four joined (an
+        return None  # errstate around per-array sums costs
+    for field, arr in zip(_ARRAYS, arrays):  # 7 us by itself): then find which
         if not np.all(np.isfinite(arr)):
             return f"status {status.value} but NaN or Inf in {field}"
     return None
 
 
-def check_solutions(solutions: Sequence[Solution], backend: Backend,
-                    inaccurate: str = "warn", what: str = "forward") -> None:
+def check_solutions(
+    solutions: Sequence[Solution], backend: Backend, inaccurate: str = "warn", what: str = "forward"
+) -> None:
     """Raise :class:`SolverError` naming the first sample without a usable solution.
 
     ``solutions`` come from :class:`GuardedBackend`, which has already refused malformed
@@ -208,10 +221,15 @@ def check_solutions(solutions: Sequence[Solution], backend: Backend,
             raise SolverError(
                 f"{what} solve of batch index {i}: {meaning} (status {sol.status.value}, "
                 f"solver {name}: {sol.info.raw_status})",
-                status=sol.status, batch_index=i, backend=name)
+                status=sol.status,
+                batch_index=i,
+                backend=name,
+            )
         if sol.status is Status.OPTIMAL_INACCURATE and inaccurate != "ignore":
-            message = (f"{what} solve of batch index {i}: solver {name} returned an "
-                       f"inaccurate solution ({sol.info.raw_status})")
+            message = (
+                f"{what} solve of batch index {i}: solver {name} returned an "
+                f"inaccurate solution ({sol.info.raw_status})"
+            )
             if inaccurate == "raise":
                 raise SolverError(message, status=sol.status, batch_index=i, backend=name)
             warnings.warn(message, InaccurateSolutionWarning, stacklevel=3)
@@ -245,8 +263,14 @@ class GuardedBackend:
     Everything else (``name``, ``capabilities``, settings) is the wrapped backend's.
     """
 
-    def __init__(self, backend: Backend, batch_index: int | None = None, *,
-                 ghost: bool = False, inaccurate: str = "ignore") -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        batch_index: int | None = None,
+        *,
+        ghost: bool = False,
+        inaccurate: str = "ignore",
+    ) -> None:
         self._backend = backend
         self.batch_index = batch_index
         self.ghost = ghost
@@ -255,7 +279,7 @@ class GuardedBackend:
         self.capabilities = backend.capabilities
 
     def __getattr__(self, attr: str):
-        if attr == "_backend":          # not set yet (copy, pickle): no recursion
+        if attr == "_backend":  # not set yet (copy, pickle): no recursion
             raise AttributeError(attr)
         return getattr(self._backend, attr)
 
@@ -284,9 +308,12 @@ class GuardedBackend:
             raise
         except SolverError as exc:
             if self.ghost:
-                raise GhostProblemError(f"{self._where()}: {exc}", status=exc.status,
-                                        batch_index=self.batch_index,
-                                        backend=exc.backend or self.name) from exc
+                raise GhostProblemError(
+                    f"{self._where()}: {exc}",
+                    status=exc.status,
+                    batch_index=self.batch_index,
+                    backend=exc.backend or self.name,
+                ) from exc
             if exc.batch_index is None:
                 exc.batch_index = self.batch_index
                 exc.args = (f"{self._where()}: {exc.args[0] if exc.args else exc}",)
@@ -295,20 +322,27 @@ class GuardedBackend:
         except FFOError:
             raise
         except Exception as exc:
-            raise error(f"{self._where()}: backend {self.name!r} raised "
-                        f"{type(exc).__name__}: {exc}", batch_index=self.batch_index,
-                        backend=self.name) from exc
+            raise error(
+                f"{self._where()}: backend {self.name!r} raised {type(exc).__name__}: {exc}",
+                batch_index=self.batch_index,
+                backend=self.name,
+            ) from exc
         bad = solution_problem(sol, g.n, e.p, h.m)
         if bad is not None:
-            raise error(f"{self._where()}: backend {self.name!r} returned {bad}",
-                        status=getattr(sol, "status", None), batch_index=self.batch_index,
-                        backend=self.name)
-        if self.ghost and sol.status is Status.OPTIMAL_INACCURATE \
-                and self.inaccurate != "ignore":
-            message = (f"{self._where()}: backend {self.name!r} returned an inaccurate "
-                       f"solution ({sol.info.raw_status})")
+            raise error(
+                f"{self._where()}: backend {self.name!r} returned {bad}",
+                status=getattr(sol, "status", None),
+                batch_index=self.batch_index,
+                backend=self.name,
+            )
+        if self.ghost and sol.status is Status.OPTIMAL_INACCURATE and self.inaccurate != "ignore":
+            message = (
+                f"{self._where()}: backend {self.name!r} returned an inaccurate "
+                f"solution ({sol.info.raw_status})"
+            )
             if self.inaccurate == "raise":
-                raise GhostProblemError(message, status=sol.status,
-                                        batch_index=self.batch_index, backend=self.name)
+                raise GhostProblemError(
+                    message, status=sol.status, batch_index=self.batch_index, backend=self.name
+                )
             warnings.warn(message, InaccurateSolutionWarning, stacklevel=3)
         return sol

@@ -22,6 +22,7 @@ moves the quadratic term into a second-order cone.  Its data, ``A x + s = b``, `
 ``Zero x NonNeg x SOC x EXP x PSD``, is the protocol's convention, the zero block being the
 equalities.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,17 +43,21 @@ class SparsePattern:
     """Fixed CSC sparsity pattern of one data matrix; values come per sample."""
 
     shape: tuple[int, int]
-    indices: np.ndarray   # row index of each stored entry (CSC order)
+    indices: np.ndarray  # row index of each stored entry (CSC order)
     indptr: np.ndarray
-    cols: np.ndarray      # column index of each stored entry
+    cols: np.ndarray  # column index of each stored entry
 
     @classmethod
-    def from_rows_cols(cls, rows, cols, shape) -> "SparsePattern":
+    def from_rows_cols(cls, rows, cols, shape) -> SparsePattern:
         """Entries must already be sorted in CSC order (by column, then row)."""
         indptr = np.zeros(shape[1] + 1, dtype=np.int64)
         np.add.at(indptr, np.asarray(cols, dtype=np.int64) + 1, 1)
-        return cls(tuple(shape), np.asarray(rows, dtype=np.int32), np.cumsum(indptr),
-                   np.asarray(cols, dtype=np.int32))
+        return cls(
+            tuple(shape),
+            np.asarray(rows, dtype=np.int32),
+            np.cumsum(indptr),
+            np.asarray(cols, dtype=np.int32),
+        )
 
     @property
     def nnz(self) -> int:
@@ -64,7 +69,7 @@ class SparsePattern:
         step = np.diff(self.indices.astype(np.int64))
         starts = self.indptr[1:-1]
         inner = np.ones(step.size, dtype=bool)
-        inner[starts[(starts > 0) & (starts <= step.size)] - 1] = False   # column breaks
+        inner[starts[(starts > 0) & (starts <= step.size)] - 1] = False  # column breaks
         return bool(np.all(step[inner] > 0))
 
     def matrix(self, values: np.ndarray) -> sp.csc_matrix:
@@ -104,21 +109,27 @@ def unflatten_f(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class CompiledProblem:
     """Everything the layer needs from CVXPY, computed once per layer."""
 
-    M: sp.csr_matrix                 # (n_data, n_theta + 1), last column: constant
-    n: int                           # canonical variables
+    M: sp.csr_matrix  # (n_data, n_theta + 1), last column: constant
+    n: int  # canonical variables
     P: SparsePattern | None
-    A: SparsePattern                 # equalities (p, n)
-    G: SparsePattern                 # cone rows (m, n)
+    A: SparsePattern  # equalities (p, n)
+    G: SparsePattern  # cone rows (m, n)
     dims: ConeDims
-    params: list[Slot]               # user parameters, in the user's order
-    variables: list[Slot]            # user variables, in the user's order
+    params: list[Slot]  # user parameters, in the user's order
+    variables: list[Slot]  # user variables, in the user's order
     n_theta: int
     const_col: int
     quadratic: bool
 
     def __post_init__(self) -> None:
-        sizes = [self.P.nnz if self.P else 0, self.n, self.A.nnz, self.A.shape[0],
-                 self.G.nnz, self.G.shape[0]]
+        sizes = [
+            self.P.nnz if self.P else 0,
+            self.n,
+            self.A.nnz,
+            self.A.shape[0],
+            self.G.nnz,
+            self.G.shape[0],
+        ]
         bounds = np.cumsum([0] + sizes)
         names = ("P", "q", "A", "b", "G", "h")
         self.sections = {k: slice(bounds[i], bounds[i + 1]) for i, k in enumerate(names)}
@@ -145,13 +156,17 @@ class CompiledProblem:
         """Protocol objects from the data's sections (``parts["G"]``: ``G``'s values in
         CSC order, or the matrix itself; arrays are used as they are, not copied;
         ``parts["P_upper"]``, optional: ``P``'s upper triangle, see :class:`Objective`)."""
+
         def matrix(name):
             value = parts[name]
             return value if sp.issparse(value) else getattr(self, name).matrix(value)
+
         P = matrix("P") if self.P is not None else None
-        return (Objective(P, parts["q"], parts.get("P_upper")),
-                ConeConstraints(matrix("G"), parts["h"], self.dims),
-                Equalities(matrix("A"), parts["b"]))
+        return (
+            Objective(P, parts["q"], parts.get("P_upper")),
+            ConeConstraints(matrix("G"), parts["h"], self.dims),
+            Equalities(matrix("A"), parts["b"]),
+        )
 
 
 def _protocol_row_order(dims: ConeDims) -> np.ndarray:
@@ -175,12 +190,15 @@ def _check_problem(problem, parameters, variables) -> None:
     given = {p.id for p in parameters}
     missing = [p.name() for p in problem.parameters() if p.id not in given]
     if missing:
-        raise ProblemError(f"every parameter of the problem must be listed in `parameters`; "
-                           f"missing: {', '.join(missing)}")
+        raise ProblemError(
+            f"every parameter of the problem must be listed in `parameters`; "
+            f"missing: {', '.join(missing)}"
+        )
     extra = [p.name() for p in parameters if p.id not in {q.id for q in problem.parameters()}]
     if extra:
-        raise ProblemError(f"`parameters` lists parameters the problem does not use: "
-                           f"{', '.join(extra)}")
+        raise ProblemError(
+            f"`parameters` lists parameters the problem does not use: {', '.join(extra)}"
+        )
     if len(given) != len(parameters):
         raise ProblemError("`parameters` lists a parameter twice")
     known = {v.id for v in problem.variables()}
@@ -189,26 +207,31 @@ def _check_problem(problem, parameters, variables) -> None:
             raise ProblemError(f"`variables` must be variables of the problem; got {v!r}")
     for v in problem.variables():
         if v.attributes.get("boolean") or v.attributes.get("integer"):
-            raise ProblemError(f"variable {v.name()} is integer/boolean: a layer needs a "
-                               "convex (continuous) problem to differentiate")
+            raise ProblemError(
+                f"variable {v.name()} is integer/boolean: a layer needs a "
+                "convex (continuous) problem to differentiate"
+            )
     if not variables:
         raise ProblemError("`variables` is empty: say which variables the layer returns")
 
 
-def compile_problem(problem: cp.Problem, parameters, variables, *,
-                    quadratic: bool = True) -> CompiledProblem:
+def compile_problem(
+    problem: cp.Problem, parameters, variables, *, quadratic: bool = True
+) -> CompiledProblem:
     """Canonicalise ``problem`` once; ``quadratic=False`` moves ``P`` into an SOC."""
     parameters, variables = list(parameters), list(variables)
     _check_problem(problem, parameters, variables)
     try:
         data, _, _ = problem.get_problem_data(
-            cp.CLARABEL, enforce_dpp=True, solver_opts={"use_quad_obj": quadratic})
+            cp.CLARABEL, enforce_dpp=True, solver_opts={"use_quad_obj": quadratic}
+        )
     except cp.error.DPPError as exc:
         raise NotDPPError(
             "the problem is DCP but not DPP: its data is not an affine function of the "
             "parameters, so it cannot be a layer (for example write `cp.sum_squares(Q @ y)` "
             "rather than `cp.quad_form(y, Q.T @ Q)`, and never multiply two parameters); "
-            "see https://www.cvxpy.org/tutorial/dpp/index.html") from exc
+            "see https://www.cvxpy.org/tutorial/dpp/index.html"
+        ) from exc
     except cp.error.SolverError as exc:
         raise ProblemError(f"CVXPY could not canonicalise the problem: {exc}") from exc
     pp = data["param_prob"]
@@ -218,8 +241,12 @@ def compile_problem(problem: cp.Problem, parameters, variables, *,
     n = int(pp.x.size)
     n_rows = int(pp.constr_size)
     p, m = int(cd.zero), n_rows - int(cd.zero)
-    dims = ConeDims(nonneg=int(cd.nonneg), soc=tuple(int(k) for k in cd.soc),
-                    exp=int(cd.exp), psd=tuple(int(k) for k in cd.psd))
+    dims = ConeDims(
+        nonneg=int(cd.nonneg),
+        soc=tuple(int(k) for k in cd.soc),
+        exp=int(cd.exp),
+        psd=tuple(int(k) for k in cd.psd),
+    )
     if dims.rows != m:
         raise ProblemError(f"internal: cone sizes {dims} do not add up to {m} rows")
 
@@ -239,9 +266,9 @@ def compile_problem(problem: cp.Problem, parameters, variables, *,
     TA = sp.csr_matrix(pp.A)
     TA.eliminate_zeros()
     rA = _structural_rows(TA)
-    rA = rA[rA < n * n_rows]                # entries of the matrix part, CSC order
+    rA = rA[rA < n * n_rows]  # entries of the matrix part, CSC order
     rows, cols = rA % n_rows, rA // n_rows
-    offset = TA[n * n_rows:(n + 1) * n_rows]  # b (all rows, zero ones too)
+    offset = TA[n * n_rows : (n + 1) * n_rows]  # b (all rows, zero ones too)
     eq, cone = rows < p, rows >= p
     A_pattern = SparsePattern.from_rows_cols(rows[eq], cols[eq], (p, n))
     # CVXPY orders the cone rows nonneg, SOC, PSD, EXP; the protocol's order is nonneg,
@@ -263,17 +290,29 @@ def compile_problem(problem: cp.Problem, parameters, variables, *,
             raise ProblemError(
                 f"parameter {prm.name()} has an attribute (symmetric, PSD, diag, sparsity) "
                 "that CVXPY reduces to a smaller parameter; declare it without the "
-                "attribute and add the constraint explicitly")
-        params.append(Slot(prm.name(), tuple(prm.shape), int(pp.param_id_to_col[prm.id]),
-                           int(prm.size)))
+                "attribute and add the constraint explicitly"
+            )
+        params.append(
+            Slot(prm.name(), tuple(prm.shape), int(pp.param_id_to_col[prm.id]), int(prm.size))
+        )
     var_slots = []
     for v in variables:
         if v.id not in pp.var_id_to_col:
             raise ProblemError(
                 f"variable {v.name()} was replaced by CVXPY during canonicalisation "
-                "(attributes such as symmetric/PSD/diag); declare it without the attribute")
-        var_slots.append(Slot(v.name(), tuple(v.shape), int(pp.var_id_to_col[v.id]),
-                              int(v.size)))
-    return CompiledProblem(M=M, n=n, P=P_pattern, A=A_pattern, G=G_pattern, dims=dims,
-                           params=params, variables=var_slots, n_theta=n_theta,
-                           const_col=const_col, quadratic=P_pattern is not None)
+                "(attributes such as symmetric/PSD/diag); declare it without the attribute"
+            )
+        var_slots.append(Slot(v.name(), tuple(v.shape), int(pp.var_id_to_col[v.id]), int(v.size)))
+    return CompiledProblem(
+        M=M,
+        n=n,
+        P=P_pattern,
+        A=A_pattern,
+        G=G_pattern,
+        dims=dims,
+        params=params,
+        variables=var_slots,
+        n_theta=n_theta,
+        const_col=const_col,
+        quadratic=P_pattern is not None,
+    )

@@ -7,6 +7,7 @@ Values are parsed to ``bool`` (true/false, any case), ``int``, ``float`` where t
 like one, and left as strings otherwise.  Setting names are passed through unchanged (each
 backend validates them against its solver's own parameter names).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

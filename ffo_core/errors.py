@@ -19,6 +19,7 @@ Warnings (not errors; ``warnings.warn`` categories): :class:`GradientHealthWarni
 optional gradient health check of ``FFOLayer(check_every=N)`` found the first-order gradient
 far from the exact one) and ``ffo_core.batch.InaccurateSolutionWarning``.
 """
+
 from __future__ import annotations
 
 

@@ -61,19 +61,20 @@ The engine maps the data gradient back to parameters with ``M.T`` (:mod:`ffo_cor
 Nothing here forms or factorises a KKT matrix or a Hessian: the only linear algebra is
 row selection and entrywise products on the data's sparsity pattern.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
 from .active_set import DEFAULT_ACCURACY, ActiveSet, block_slices, classify_batch
-from .sparse_ops import no_rows, prune, row_norms, select_rows_batch, stack_rows
 from .errors import GhostProblemError
-from .protocol import (Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution,
-                       Status)
+from .protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution, Status
+from .sparse_ops import no_rows, prune, row_norms, select_rows_batch, stack_rows
 
 
 @dataclass
@@ -107,7 +108,8 @@ class FFOOptions:
               truncation error grows with how far the step moves each kept block's slack
               and multiplier relative to their size.  If the ``+delta`` ghost moves some
               kept block by more than this fraction, delta is shrunk to match and the ghost
-              re-solved (at most twice).  Measured on a badly scaled SOCP: relative step 1e-1 -> gradient
+              re-solved (at most twice).  Measured on a badly scaled SOCP: relative step
+              1e-1 -> gradient
               error 0.14; 1e-3 -> 6e-6.
     """
 
@@ -134,8 +136,16 @@ class DataGradient:
     on the entries they touch (:mod:`ffo_core.param_map`).
     """
 
-    def __init__(self, P: np.ndarray, q: np.ndarray, A: np.ndarray, b: np.ndarray,
-                 G: np.ndarray, h: np.ndarray, diagnostics: dict | None = None) -> None:
+    def __init__(
+        self,
+        P: np.ndarray,
+        q: np.ndarray,
+        A: np.ndarray,
+        b: np.ndarray,
+        G: np.ndarray,
+        h: np.ndarray,
+        diagnostics: dict | None = None,
+    ) -> None:
         self._matrices = {"P": P, "A": A, "G": G}
         self.q, self.b, self.h = q, b, h
         self.diagnostics = diagnostics if diagnostics is not None else {}
@@ -147,8 +157,9 @@ class DataGradient:
         self._patterns: tuple | None = None
 
     @classmethod
-    def along(cls, g: Objective, h: ConeConstraints, e: Equalities, base: tuple,
-              direction: tuple) -> "DataGradient":
+    def along(
+        cls, g: Objective, h: ConeConstraints, e: Equalities, base: tuple, direction: tuple
+    ) -> DataGradient:
         """The derivative of ``grad_data L`` at ``base`` along ``direction`` (see
         :func:`lagrangian_gradient_derivative`), its matrix parts formed lazily."""
         y, nu, lam = (np.asarray(v, dtype=float) for v in base)
@@ -166,9 +177,8 @@ class DataGradient:
                 value = np.zeros(0)
             else:
                 (y, nu, lam), (wy, wnu, wlam) = self.base, self.direction
-                u, wu, half = {"P": (y, wy, 0.5), "A": (nu, wnu, 1.0),
-                               "G": (lam, wlam, 1.0)}[name]
-                r = M.indices                    # (w_u)_i y_j + u_i (w_y)_j on M's pattern
+                u, wu, half = {"P": (y, wy, 0.5), "A": (nu, wnu, 1.0), "G": (lam, wlam, 1.0)}[name]
+                r = M.indices  # (w_u)_i y_j + u_i (w_y)_j on M's pattern
                 value = half * (wu[r] * _by_column(M, y) + u[r] * _by_column(M, wy))
             self._matrices[name] = value
         return value
@@ -180,8 +190,7 @@ class DataGradient:
     @property
     def low_rank(self) -> bool:
         """True when ``base``/``direction`` describe every part exactly."""
-        return self.base is not None and self.direction is not None \
-            and self._patterns is not None
+        return self.base is not None and self.direction is not None and self._patterns is not None
 
     def vector(self) -> np.ndarray:
         """Concatenation in the compiled data order ``[P | q | A | b | G | h]``."""
@@ -191,7 +200,7 @@ class DataGradient:
         """True when every entry is finite (for a low-rank gradient: its factors, without
         forming the pattern arrays; an overflow of their products is caught where the
         parameter gradient is assembled)."""
-        if self.low_rank:           # one check of the six factors joined: 7 against 21 us
+        if self.low_rank:  # one check of the six factors joined: 7 against 21 us
             return bool(np.isfinite(np.concatenate((*self.base, *self.direction))).all())
         return all(np.isfinite(part).all() for part in self._parts())
 
@@ -213,8 +222,9 @@ def _by_column(M: sp.csc_matrix, v: np.ndarray) -> np.ndarray:
 AFFINE_KAPPA = 1.0
 
 
-def choose_delta(y: np.ndarray, c: np.ndarray, accuracy: float | None,
-                 options: FFOOptions, curved: bool = True) -> float:
+def choose_delta(
+    y: np.ndarray, c: np.ndarray, accuracy: float | None, options: FFOOptions, curved: bool = True
+) -> float:
     """Step 4: the perturbation size for upstream gradient ``c`` at solution ``y``;
     ``curved``: the ghost keeps a curved cone block (else it is affine in delta)."""
     if options.delta is not None:
@@ -224,13 +234,11 @@ def choose_delta(y: np.ndarray, c: np.ndarray, accuracy: float | None,
         kappa = AFFINE_KAPPA
     if kappa is None:
         acc = accuracy if accuracy and accuracy > 0 else DEFAULT_ACCURACY
-        kappa = float(np.clip(acc ** (1 / 3) if options.central else np.sqrt(acc),
-                              1e-5, 1e-2))
+        kappa = float(np.clip(acc ** (1 / 3) if options.central else np.sqrt(acc), 1e-5, 1e-2))
     return kappa * (1.0 + np.linalg.norm(y)) / np.linalg.norm(c)
 
 
-def without_stored_zeros(h: ConeConstraints, e: Equalities
-                         ) -> tuple[ConeConstraints, Equalities]:
+def without_stored_zeros(h: ConeConstraints, e: Equalities) -> tuple[ConeConstraints, Equalities]:
     """``(h, e)`` with the stored zeros of ``G`` and ``A`` dropped (copies).
 
     The engine's matrices live on the *structural* pattern (every entry a parameter can
@@ -246,32 +254,36 @@ class GhostSource(NamedTuple):
     per call for matrices the whole batch shares (:meth:`ffo_core.param_map.BoundData.\
 ghost_source`)."""
 
-    h: ConeConstraints            # without stored zeros (:func:`without_stored_zeros`)
-    e: Equalities                 # without stored zeros
-    stacked: sp.csc_matrix        # [A; G] (G when p = 0): the ghost's equality rows are
+    h: ConeConstraints  # without stored zeros (:func:`without_stored_zeros`)
+    e: Equalities  # without stored zeros
+    stacked: sp.csc_matrix  # [A; G] (G when p = 0): the ghost's equality rows are
     #                               one selection of these, not a selection and a stack
-    G_row_norms: np.ndarray       # ||G_i||_2 per row, shape (m,)
-    G_T: sp.csr_matrix            # G' (a view of G's arrays)
+    G_row_norms: np.ndarray  # ||G_i||_2 per row, shape (m,)
+    G_T: sp.csr_matrix  # G' (a view of G's arrays)
 
     @classmethod
-    def of(cls, h: ConeConstraints, e: Equalities) -> "GhostSource":
+    def of(cls, h: ConeConstraints, e: Equalities) -> GhostSource:
         h_nz, e_nz = without_stored_zeros(h, e)
         return cls(h_nz, e_nz, stack_rows(e_nz.A, h_nz.G), row_norms(h_nz.G), h_nz.G.T)
 
 
-def build_ghost(g: Objective, h: ConeConstraints, e: Equalities,
-                active: ActiveSet, stacked: sp.csc_matrix | None = None
-                ) -> tuple[ConeConstraints, Equalities]:
+def build_ghost(
+    g: Objective,
+    h: ConeConstraints,
+    e: Equalities,
+    active: ActiveSet,
+    stacked: sp.csc_matrix | None = None,
+) -> tuple[ConeConstraints, Equalities]:
     """Step 2: locked rows join the equalities; kept cone blocks stay cones; rest dropped.
     ``stacked``: ``[e.A; h.G]`` if the caller has it (:class:`GhostSource`).  One sample
     of :func:`build_ghosts`."""
-    source = GhostSource(h, e, stacked if stacked is not None else stack_rows(e.A, h.G),
-                         None, None)
+    source = GhostSource(h, e, stacked if stacked is not None else stack_rows(e.A, h.G), None, None)
     return build_ghosts([source], [active])[0]
 
 
-def build_ghosts(sources: Sequence[GhostSource], actives: Sequence[ActiveSet]
-                 ) -> list[tuple[ConeConstraints, Equalities]]:
+def build_ghosts(
+    sources: Sequence[GhostSource], actives: Sequence[ActiveSet]
+) -> list[tuple[ConeConstraints, Equalities]]:
     """:func:`build_ghost` of every sample, ``sources[k]`` and ``actives[k]`` being sample
     ``k``'s: the ghost's equality rows ``[A; G_locked]`` are one row selection of the
     source's ``stacked``, its cone rows one of ``G``, and the samples that share a source
@@ -284,23 +296,30 @@ def build_ghosts(sources: Sequence[GhostSource], actives: Sequence[ActiveSet]
     out: list = [None] * len(sources)
     for ks in groups.values():
         stacked, G, p = sources[ks[0]].stacked, sources[ks[0]].h.G, sources[ks[0]].e.p
-        locked = np.array([actives[k].locked for k in ks])          # (group, m)
+        locked = np.array([actives[k].locked for k in ks])  # (group, m)
         kept = np.array([actives[k].kept for k in ks])
-        rows = np.concatenate([np.ones((len(ks), p), dtype=bool), locked], axis=1) \
-            if p else locked
+        rows = np.concatenate([np.ones((len(ks), p), dtype=bool), locked], axis=1) if p else locked
         equalities = select_rows_batch(stacked, rows)
         cones = select_rows_batch(G, kept) if kept.any() else [no_rows(G.shape[1])] * len(ks)
         for j, k in enumerate(ks):
             h, e = sources[k].h, sources[k].e
-            out[k] = (ConeConstraints(cones[j], h.h[kept[j]], actives[k].kept_dims),
-                      Equalities(equalities[j], np.concatenate([e.b, h.h[locked[j]]])))
+            out[k] = (
+                ConeConstraints(cones[j], h.h[kept[j]], actives[k].kept_dims),
+                Equalities(equalities[j], np.concatenate([e.b, h.h[locked[j]]])),
+            )
     return out
 
 
-def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
-                active: ActiveSet, ghost: tuple[ConeConstraints, Equalities],
-                step: np.ndarray, previous: Solution | None = None
-                ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Solution]:
+def solve_ghost(
+    backend: Backend,
+    g: Objective,
+    h: ConeConstraints,
+    e: Equalities,
+    active: ActiveSet,
+    ghost: tuple[ConeConstraints, Equalities],
+    step: np.ndarray,
+    previous: Solution | None = None,
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Solution]:
     """Solve the ghost with ``extra_linear_term = step``; return ``(y, nu, lam)`` full-size
     and the backend's Solution.
 
@@ -311,19 +330,28 @@ def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalitie
     """
     ghost_h, ghost_e = ghost
     again = getattr(backend, "resolve", None) if previous is not None else None
-    sol = again(previous, g, ghost_h, ghost_e, step) if again is not None \
+    sol = (
+        again(previous, g, ghost_h, ghost_e, step)
+        if again is not None
         else backend.solve(g, ghost_h, ghost_e, step)
+    )
     if not sol.status.has_solution:
         pure_lp = not g.is_quadratic
-        hint = (" The problem is a pure LP whose solution is not unique under a tilt of "
-                "the objective, so its ghost problem is unbounded; add a small quadratic "
-                "regulariser (e.g. `+ 1e-4 * cp.sum_squares(y)`) or use backward='kkt'."
-                if pure_lp and sol.status in (Status.UNBOUNDED, Status.UNBOUNDED_INACCURATE,
-                                              Status.NUMERICAL_ERROR) else "")
+        hint = (
+            " The problem is a pure LP whose solution is not unique under a tilt of "
+            "the objective, so its ghost problem is unbounded; add a small quadratic "
+            "regulariser (e.g. `+ 1e-4 * cp.sum_squares(y)`) or use backward='kkt'."
+            if pure_lp
+            and sol.status
+            in (Status.UNBOUNDED, Status.UNBOUNDED_INACCURATE, Status.NUMERICAL_ERROR)
+            else ""
+        )
         raise GhostProblemError(
             f"the ghost problem of the backward pass ended with status "
             f"{sol.status.value} ({getattr(backend, 'name', backend)}).{hint}",
-            status=sol.status, backend=getattr(backend, "name", None))
+            status=sol.status,
+            backend=getattr(backend, "name", None),
+        )
     p = e.p
     lam = np.zeros(h.m)
     lam[active.locked] = sol.eq_dual[p:]
@@ -331,8 +359,9 @@ def solve_ghost(backend: Backend, g: Objective, h: ConeConstraints, e: Equalitie
     return (sol.primal, sol.eq_dual[:p], lam), sol
 
 
-def base_point_error(source: GhostSource, sol: Solution, active: ActiveSet,
-                     y_up: np.ndarray, step: np.ndarray) -> float:
+def base_point_error(
+    source: GhostSource, sol: Solution, active: ActiveSet, y_up: np.ndarray, step: np.ndarray
+) -> float:
     """How much the forward point ``(y*, lam*)`` disagrees with the ghost at ``delta = 0``,
     relative to the step: the larger of
 
@@ -355,9 +384,13 @@ def base_point_error(source: GhostSource, sol: Solution, active: ActiveSet,
     return float(base_point_errors([source], [sol], [active], [y_up], [step])[0])
 
 
-def base_point_errors(sources: Sequence[GhostSource], sols: Sequence[Solution],
-                      actives: Sequence[ActiveSet], y_ups: Sequence[np.ndarray],
-                      steps: Sequence[np.ndarray]) -> np.ndarray:
+def base_point_errors(
+    sources: Sequence[GhostSource],
+    sols: Sequence[Solution],
+    actives: Sequence[ActiveSet],
+    y_ups: Sequence[np.ndarray],
+    steps: Sequence[np.ndarray],
+) -> np.ndarray:
     """:func:`base_point_error` of every sample (``sources[k]``, ``sols[k]``, ... being
     sample ``k``'s), shape ``(batch,)``.  Samples that share ``G`` (one source's row norms
     and transpose) are checked together, as elementwise operations on ``(group, m)``
@@ -369,7 +402,7 @@ def base_point_errors(sources: Sequence[GhostSource], sols: Sequence[Solution],
         groups.setdefault(id(source.h.G), []).append(k)
     for ks in groups.values():
         norms, G_T = sources[ks[0]].G_row_norms, sources[ks[0]].G_T
-        locked = np.array([actives[k].locked for k in ks])                   # (group, m)
+        locked = np.array([actives[k].locked for k in ks])  # (group, m)
         ghost_rows = locked | np.array([actives[k].kept for k in ks])
         slack = np.array([sols[k].slack for k in ks])
         lam = np.array([sols[k].ineq_dual for k in ks])
@@ -377,7 +410,7 @@ def base_point_errors(sources: Sequence[GhostSource], sols: Sequence[Solution],
         scale = np.linalg.norm(np.array([steps[k] for k in ks]), axis=1)
         dist = np.where(locked, np.abs(slack) / np.maximum(norms, _TINY), 0.0)
         primal = dist.max(axis=1, initial=0.0) / np.maximum(moved, _TINY)
-        leftover = np.where(ghost_rows, 0.0, lam)                # dropped rows' lam*
+        leftover = np.where(ghost_rows, 0.0, lam)  # dropped rows' lam*
         error = primal
         # row sums, not a matrix-vector product: BLAS may order a row's terms differently
         # for different group sizes, and a sample's figure must not depend on its group
@@ -392,8 +425,7 @@ def base_point_errors(sources: Sequence[GhostSource], sols: Sequence[Solution],
 _TINY = np.finfo(float).tiny
 
 
-def curved_step(h: ConeConstraints, active: ActiveSet, sol: Solution,
-                upper: tuple) -> float:
+def curved_step(h: ConeConstraints, active: ActiveSet, sol: Solution, upper: tuple) -> float:
     """Largest relative change of a kept cone block over the ``+delta`` step: of its slack
     ``||G_k (y_up - y)|| / ||s_k||`` and of its multiplier ``||lam_up_k - lam_k|| /
     ||lam_k||``.  A block whose multiplier moves by ~100% can leave the cone's face inside
@@ -408,13 +440,13 @@ def curved_step(h: ConeConstraints, active: ActiveSet, sol: Solution,
             size = max(np.linalg.norm(sol.slack[rows]), active.tau_s)
             worst = max(worst, float(np.linalg.norm(moved[rows]) / size))
             lam_size = max(np.linalg.norm(sol.ineq_dual[rows]), active.tau_lam)
-            worst = max(worst, float(np.linalg.norm(lam_up[rows] - sol.ineq_dual[rows])
-                                     / lam_size))
+            worst = max(worst, float(np.linalg.norm(lam_up[rows] - sol.ineq_dual[rows]) / lam_size))
     return worst
 
 
-def lagrangian_gradient_derivative(g: Objective, h: ConeConstraints, e: Equalities,
-                                   base: tuple, direction: tuple) -> DataGradient:
+def lagrangian_gradient_derivative(
+    g: Objective, h: ConeConstraints, e: Equalities, base: tuple, direction: tuple
+) -> DataGradient:
     """Derivative of ``grad_data L`` at ``base = (y, nu, lam)`` along
     ``direction = (w_y, w_nu, w_lam)``, on the data's sparsity pattern:
 
@@ -425,10 +457,17 @@ def lagrangian_gradient_derivative(g: Objective, h: ConeConstraints, e: Equaliti
     return DataGradient.along(g, h, e, base, direction)
 
 
-def ffo_backward(backend: Backend, g: Objective, h: ConeConstraints, e: Equalities,
-                 sol: Solution, c: np.ndarray, options: FFOOptions | None = None, *,
-                 source: GhostSource | None = None
-                 ) -> DataGradient:
+def ffo_backward(
+    backend: Backend,
+    g: Objective,
+    h: ConeConstraints,
+    e: Equalities,
+    sol: Solution,
+    c: np.ndarray,
+    options: FFOOptions | None = None,
+    *,
+    source: GhostSource | None = None,
+) -> DataGradient:
     """Gradient of ``c'y*`` with respect to the sample's data, first-order only.
 
     ``source``: ``GhostSource.of(h, e)`` if the caller has it already (the layer prunes
@@ -467,9 +506,11 @@ class FFOSample(NamedTuple):
     source: GhostSource | None = None
 
 
-def ffo_backward_batch(samples: Sequence[FFOSample], options: FFOOptions | None = None,
-                       run: Callable[[Callable[[int], None], int], object] | None = None
-                       ) -> list[DataGradient | GhostProblemError]:
+def ffo_backward_batch(
+    samples: Sequence[FFOSample],
+    options: FFOOptions | None = None,
+    run: Callable[[Callable[[int], None], int], object] | None = None,
+) -> list[DataGradient | GhostProblemError]:
     """:func:`ffo_backward` of every sample, in three passes over the batch:
 
     1. plan: step 1 for all samples at once (:func:`_active_sets`), then step 4 and 2's
@@ -528,12 +569,12 @@ class _Ghost:
 
     s: FFOSample
     active: ActiveSet
-    central: bool                   # decided up front (curved blocks, or asked for)
+    central: bool  # decided up front (curved blocks, or asked for)
     delta: float
     source: GhostSource
-    ghost: tuple[ConeConstraints, Equalities] | None     # set once the batch's are built
-    upper: tuple | None = None      # ghost solution (y, nu, lam) at +delta
-    lower: tuple | None = None      # ... at -delta (central differences)
+    ghost: tuple[ConeConstraints, Equalities] | None  # set once the batch's are built
+    upper: tuple | None = None  # ghost solution (y, nu, lam) at +delta
+    lower: tuple | None = None  # ... at -delta (central differences)
 
 
 def _active_sets(samples: Sequence[FFOSample], options: FFOOptions) -> list[ActiveSet]:
@@ -544,27 +585,38 @@ def _active_sets(samples: Sequence[FFOSample], options: FFOOptions) -> list[Acti
         groups.setdefault(s.h.dims, []).append(k)
     out: list = [None] * len(samples)
     for dims, ks in groups.items():
-        found = classify_batch([samples[k].sol for k in ks], dims, tau_s=options.tau_s,
-                               tau_lam=options.tau_lam, rhs=[samples[k].h.h for k in ks])
+        found = classify_batch(
+            [samples[k].sol for k in ks],
+            dims,
+            tau_s=options.tau_s,
+            tau_lam=options.tau_lam,
+            rhs=[samples[k].h.h for k in ks],
+        )
         for k, active in zip(ks, found):
             out[k] = active
     return out
 
 
-def _plans(samples: Sequence[FFOSample], actives: dict[int, ActiveSet],
-           options: FFOOptions) -> list["_Ghost | DataGradient"]:
+def _plans(
+    samples: Sequence[FFOSample], actives: dict[int, ActiveSet], options: FFOOptions
+) -> list[_Ghost | DataGradient]:
     """Pass 1: step 4 and the ghost problem of step 2 (:func:`build_ghosts`, the samples
     that share matrices together) for the active sets of step 1 (:func:`_active_sets`,
     ``actives[k]`` for sample ``k``); a zero gradient for a sample with ``c = 0`` (no
     loss through it: nothing to solve, it has no active set)."""
     plans: list = [None] * len(samples)
     live, sources = [], []
-    as_central: dict[bool, FFOOptions] = {}           # options with `central` decided
+    as_central: dict[bool, FFOOptions] = {}  # options with `central` decided
     for k, s in enumerate(samples):
         y, nu, lam = s.sol.primal, s.sol.eq_dual, s.sol.ineq_dual
         if k not in actives:
-            plans[k] = DataGradient.along(s.g, s.h, s.e, (y, nu, lam), (
-                np.zeros_like(y), np.zeros_like(nu), np.zeros_like(lam)))
+            plans[k] = DataGradient.along(
+                s.g,
+                s.h,
+                s.e,
+                (y, nu, lam),
+                (np.zeros_like(y), np.zeros_like(nu), np.zeros_like(lam)),
+            )
             continue
         active = actives[k]
         curved = bool(active.kept.any())
@@ -582,14 +634,14 @@ def _plans(samples: Sequence[FFOSample], actives: dict[int, ActiveSet],
     return plans
 
 
-def _ghost_at(plan: _Ghost, step: float, previous: Solution | None = None
-              ) -> tuple[tuple, Solution]:
+def _ghost_at(
+    plan: _Ghost, step: float, previous: Solution | None = None
+) -> tuple[tuple, Solution]:
     """The ghost solution at ``delta = step`` (:func:`solve_ghost`; ``previous``: this
     ghost's Solution at another step); a failure says which step failed."""
     s = plan.s
     try:
-        return solve_ghost(s.backend, s.g, s.h, s.e, plan.active, plan.ghost, step * s.c,
-                           previous)
+        return solve_ghost(s.backend, s.g, s.h, s.e, plan.active, plan.ghost, step * s.c, previous)
     except GhostProblemError as exc:
         if exc.delta is None:
             exc.delta = abs(step)
@@ -616,14 +668,20 @@ def _solve(plan: _Ghost, options: FFOOptions) -> None:
 def _base_errors(plans: Sequence, options: FFOOptions) -> dict[int, float]:
     """Pass 3's base-point check (:func:`base_point_errors`) of every one-sided plan whose
     ghost was solved, by index into ``plans``; none when ``options.base_check`` is None."""
-    checked = [k for k, plan in enumerate(plans) if isinstance(plan, _Ghost)
-               and not plan.central and options.base_check is not None]
+    checked = [
+        k
+        for k, plan in enumerate(plans)
+        if isinstance(plan, _Ghost) and not plan.central and options.base_check is not None
+    ]
     if not checked:
         return {}
     errors = base_point_errors(
-        [plans[k].source for k in checked], [plans[k].s.sol for k in checked],
-        [plans[k].active for k in checked], [plans[k].upper[0] for k in checked],
-        [plans[k].delta * plans[k].s.c for k in checked])
+        [plans[k].source for k in checked],
+        [plans[k].s.sol for k in checked],
+        [plans[k].active for k in checked],
+        [plans[k].upper[0] for k in checked],
+        [plans[k].delta * plans[k].s.c for k in checked],
+    )
     return dict(zip(checked, errors.tolist()))
 
 
@@ -637,7 +695,7 @@ def _finish(plan: _Ghost, options: FFOOptions, base_error: float | None) -> Data
     fallback = False
     if base_error is not None:
         fallback = base_error > options.base_check
-        if fallback:                   # a fresh solve: pass 2 kept no Solution
+        if fallback:  # a fresh solve: pass 2 kept no Solution
             plan.lower, _ = _ghost_at(plan, -delta)
     if plan.lower is not None:
         direction = tuple((u - w) / (2 * delta) for u, w in zip(plan.upper, plan.lower))
@@ -646,17 +704,31 @@ def _finish(plan: _Ghost, options: FFOOptions, base_error: float | None) -> Data
         direction = tuple((u - f) / delta for u, f in zip(plan.upper, forward))
         base = forward
     grad = lagrangian_gradient_derivative(s.g, s.h, s.e, base, direction)
-    grad.diagnostics = {"delta": delta, "central": plan.lower is not None,
-                        "locked": int(np.count_nonzero(active.locked)),
-                        "kept": int(np.count_nonzero(active.kept)),
-                        "weak": int(np.count_nonzero(active.weak)),
-                        "weak_blocks": int(np.count_nonzero(active.weak_blocks)),
-                        "tau_s": active.tau_s,
-                        "tau_lam": active.tau_lam, "central_fallback": bool(fallback),
-                        "base_error": base_error}
+    grad.diagnostics = {
+        "delta": delta,
+        "central": plan.lower is not None,
+        "locked": int(np.count_nonzero(active.locked)),
+        "kept": int(np.count_nonzero(active.kept)),
+        "weak": int(np.count_nonzero(active.weak)),
+        "weak_blocks": int(np.count_nonzero(active.weak_blocks)),
+        "tau_s": active.tau_s,
+        "tau_lam": active.tau_lam,
+        "central_fallback": bool(fallback),
+        "base_error": base_error,
+    }
     return grad
 
 
-__all__ = ["FFOOptions", "DataGradient", "ffo_backward", "ffo_backward_batch", "FFOSample",
-           "backward_chunks", "lagrangian_gradient_derivative",
-           "choose_delta", "build_ghost", "GhostSource", "ConeDims"]
+__all__ = [
+    "ConeDims",
+    "DataGradient",
+    "FFOOptions",
+    "FFOSample",
+    "GhostSource",
+    "backward_chunks",
+    "build_ghost",
+    "choose_delta",
+    "ffo_backward",
+    "ffo_backward_batch",
+    "lagrangian_gradient_derivative",
+]

@@ -18,6 +18,7 @@ and that module implements the hook::
 :class:`ffo_core.backend_base.BackendBase`), and a constructor taking the settings of the
 config string as keyword arguments.
 """
+
 from __future__ import annotations
 
 import pluggy

@@ -49,6 +49,7 @@ points: this mode takes ``D = 0`` for them, the one-sided derivative in which th
 stays inactive, and reports them in ``diagnostics["weak"]``.  Problems with zero and
 nonnegative cones only take the polyhedral path above, unchanged.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -87,38 +88,45 @@ def _solve_kkt(K: sp.csc_matrix, rhs: np.ndarray, n: int) -> np.ndarray:
     except RuntimeError as exc:
         raise SolverError(
             "backward='kkt': the reduced KKT matrix is singular (for an LP, a non-unique "
-            "solution; add a small quadratic regulariser)") from exc
+            "solution; add a small quadratic regulariser)"
+        ) from exc
     w = lu.solve(rhs)
     for _ in range(5):
         w = w + lu.solve(rhs - K @ w)
-    if not np.all(np.isfinite(w)) or \
-            np.linalg.norm(K @ w - rhs) > 1e-6 * max(1.0, np.linalg.norm(rhs)):
-        raise SolverError("backward='kkt': the reduced KKT system has no solution (for an "
-                          "LP, a non-unique solution; add a small quadratic regulariser)")
+    if not np.all(np.isfinite(w)) or np.linalg.norm(K @ w - rhs) > 1e-6 * max(
+        1.0, np.linalg.norm(rhs)
+    ):
+        raise SolverError(
+            "backward='kkt': the reduced KKT system has no solution (for an "
+            "LP, a non-unique solution; add a small quadratic regulariser)"
+        )
     return w
 
 
-def kkt_backward(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
-                 c: np.ndarray, options: FFOOptions | None = None) -> DataGradient:
+def kkt_backward(
+    g: Objective,
+    h: ConeConstraints,
+    e: Equalities,
+    sol: Solution,
+    c: np.ndarray,
+    options: FFOOptions | None = None,
+) -> DataGradient:
     """Exact gradient of ``c'y*`` with respect to the sample's data."""
     options = options or FFOOptions()
     if h.dims.kinds - {"nonneg"}:
         return kkt_backward_cones(g, h, e, sol, c, options)
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
-    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam,
-                      rhs=h.h)
+    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam, rhs=h.h)
     locked = np.flatnonzero(active.locked)
     n, p, k = g.n, e.p, locked.size
     GL = h.G.tocsr()[locked]
     P = g.P if g.P is not None else sp.csc_matrix((n, n))
-    K = sp.bmat([[P, e.A.T, GL.T],
-                 [e.A, None, None],
-                 [GL, None, None]], format="csc")
+    K = sp.bmat([[P, e.A.T, GL.T], [e.A, None, None], [GL, None, None]], format="csc")
     rhs = np.concatenate([-c, np.zeros(p + k)])
     w = _solve_kkt(K, rhs, n)
-    z, z_nu = w[:n], w[n:n + p]
+    z, z_nu = w[:n], w[n : n + p]
     z_lam = np.zeros(h.m)
-    z_lam[locked] = w[n + p:]
+    z_lam[locked] = w[n + p :]
     lam_L = np.where(active.locked, lam, 0.0)
     grad = lagrangian_gradient_derivative(g, h, e, (y, nu, lam_L), (z, z_nu, z_lam))
     grad.diagnostics = {"locked": int(k), "weak": int(active.weak.sum())}
@@ -141,8 +149,14 @@ def cone_jacobian_blocks(h: ConeConstraints, sol: Solution, active: ActiveSet):
     return out
 
 
-def kkt_backward_cones(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
-                       c: np.ndarray, options: FFOOptions | None = None) -> DataGradient:
+def kkt_backward_cones(
+    g: Objective,
+    h: ConeConstraints,
+    e: Equalities,
+    sol: Solution,
+    c: np.ndarray,
+    options: FFOOptions | None = None,
+) -> DataGradient:
     """Exact gradient of ``c'y*`` for problems with SOC/EXP/PSD blocks (residual map).
 
     See the module docstring for the system solved.  Raises :class:`SolverError` when the
@@ -151,33 +165,39 @@ def kkt_backward_cones(g: Objective, h: ConeConstraints, e: Equalities, sol: Sol
     """
     options = options or FFOOptions()
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
-    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam,
-                      rhs=h.h)
+    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam, rhs=h.h)
     n, p = g.n, e.p
     blocks = cone_jacobian_blocks(h, sol, active)
     locked = np.flatnonzero(active.locked)
     cone_rows = [np.arange(r.start, r.stop) for r, _ in blocks]
     rows = np.concatenate([locked] + cone_rows).astype(np.int64)
     k = rows.size
-    D = sp.block_diag([sp.identity(locked.size)] + [Db for _, Db in blocks],
-                      format="csc") if k else sp.csc_matrix((0, 0))
+    D = (
+        sp.block_diag([sp.identity(locked.size)] + [Db for _, Db in blocks], format="csc")
+        if k
+        else sp.csc_matrix((0, 0))
+    )
     Gk = h.G.tocsr()[rows]
     P = g.P if g.P is not None else sp.csc_matrix((n, n))
-    J = sp.bmat([[P, e.A.T, Gk.T @ D],
-                 [e.A, None, sp.csc_matrix((p, k))],
-                 [Gk, None, D - sp.identity(k)]], format="csc")
+    J = sp.bmat(
+        [[P, e.A.T, Gk.T @ D], [e.A, None, sp.csc_matrix((p, k))], [Gk, None, D - sp.identity(k)]],
+        format="csc",
+    )
     rhs = np.concatenate([-c, np.zeros(p + k)])
     w, how = _solve_residual_jacobian(J, rhs)
-    z, z_nu = w[:n], w[n:n + p]
+    z, z_nu = w[:n], w[n : n + p]
     z_lam = np.zeros(h.m)
-    z_lam[rows] = D @ w[n + p:]
+    z_lam[rows] = D @ w[n + p :]
     base = np.zeros(h.m)
     base[rows] = lam[rows]
     grad = lagrangian_gradient_derivative(g, h, e, (y, nu, base), (z, z_nu, z_lam))
-    grad.diagnostics = {"locked": int(locked.size), "kept": int(sum(r.stop - r.start
-                                                                    for r, _ in blocks)),
-                        "weak": int(active.weak.sum()),
-                        "weak_blocks": int(active.weak_blocks.sum()), "solve": how}
+    grad.diagnostics = {
+        "locked": int(locked.size),
+        "kept": int(sum(r.stop - r.start for r, _ in blocks)),
+        "weak": int(active.weak.sum()),
+        "weak_blocks": int(active.weak_blocks.sum()),
+        "solve": how,
+    }
     return grad
 
 
@@ -215,7 +235,7 @@ def _solve_residual_jacobian(J: sp.csc_matrix, rhs: np.ndarray) -> tuple[np.ndar
     if J.shape[0] <= DENSE_FALLBACK_MAX:
         w, *_ = np.linalg.lstsq(J.toarray(), rhs, rcond=None)
         how = "lstsq"
-    else:                       # too large to densify: iterative least squares (LSMR)
+    else:  # too large to densify: iterative least squares (LSMR)
         w = spla.lsmr(J, rhs, atol=1e-14, btol=1e-14, maxiter=20 * J.shape[0])[0]
         how = "lsmr"
     res = np.linalg.norm(J @ w - rhs)
@@ -224,5 +244,6 @@ def _solve_residual_jacobian(J: sp.csc_matrix, rhs: np.ndarray) -> tuple[np.ndar
             "backward='kkt': the Jacobian of the KKT residual map is singular and the "
             f"derivative system inconsistent ({how} residual {res:.2e}): the solution map "
             "is not differentiable here (degenerate active set, non-unique solution, or "
-            "strict complementarity fails)")
+            "strict complementarity fails)"
+        )
     return w, how

@@ -30,6 +30,7 @@ References: Parikh & Boyd, *Proximal Algorithms* (6.3) for the projections; Frib
 the exponential cone's root function; Ali, Wong & Kolter (2017) and Agrawal et al.,
 *Differentiating through a cone program* (2019) for the derivatives.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,11 +38,20 @@ import math
 import numpy as np
 
 __all__ = [
-    "soc_projection", "soc_projection_derivative",
-    "exp_projection", "exp_projection_derivative",
-    "psd_projection", "psd_projection_derivative", "svec", "unsvec", "svec_indices",
-    "projection", "projection_derivative", "dual_projection", "dual_projection_derivative",
+    "dual_projection",
+    "dual_projection_derivative",
+    "exp_projection",
+    "exp_projection_derivative",
     "interior_margin",
+    "projection",
+    "projection_derivative",
+    "psd_projection",
+    "psd_projection_derivative",
+    "soc_projection",
+    "soc_projection_derivative",
+    "svec",
+    "svec_indices",
+    "unsvec",
 ]
 
 SQRT2 = math.sqrt(2.0)
@@ -114,7 +124,7 @@ def _exp_h(v: np.ndarray, rho: float) -> float:
     ``d = (rho, 1, e^rho)`` and the cone's outward normal there,
     ``n = (e^rho, (1-rho) e^rho, -1)`` (``h e^rho = v.(d x n)``).
     """
-    x, y, z = (float(t) for t in v)       # Python floats: overflow gives inf, no warnings
+    x, y, z = (float(t) for t in v)  # Python floats: overflow gives inf, no warnings
     e = math.exp(-abs(rho))
     quad = rho * rho - rho + 1.0
     if rho >= 0.0:
@@ -167,8 +177,10 @@ def _exp_boundary_rho(v: np.ndarray) -> float:
         # where h is nearer to zero.
         return lo if abs(flo) <= abs(fhi) else hi
     from scipy.optimize import brentq
-    return brentq(lambda r: _exp_h(v, r), lo, hi, xtol=1e-300,
-                  rtol=4 * np.finfo(float).eps, maxiter=1000)
+
+    return brentq(
+        lambda r: _exp_h(v, r), lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=1000
+    )
 
 
 def _exp_ray_normal(rho: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -260,7 +272,7 @@ def exp_projection_derivative(v: np.ndarray) -> np.ndarray:
     elif vd <= 0.0:
         beta = 1.0 / uu
     else:
-        log_r = math.log(vn) - math.log(vd) + log_ratio   # r = mu e^rho / a
+        log_r = math.log(vn) - math.log(vd) + log_ratio  # r = mu e^rho / a
         beta = 1.0 / (math.exp(-log_r) + uu) if log_r > -700.0 else 0.0
     Minv = np.eye(3) - beta * np.outer(u, u)
     w = Minv @ n
@@ -270,7 +282,7 @@ def exp_projection_derivative(v: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- PSD ------
 def svec_indices(s: int) -> tuple[np.ndarray, np.ndarray]:
     """Row and column of each svec entry: the upper triangle, column by column."""
-    lower_r, lower_c = np.tril_indices(s)     # row-major lower = column-major upper
+    lower_r, lower_c = np.tril_indices(s)  # row-major lower = column-major upper
     return lower_c, lower_r
 
 
@@ -293,7 +305,7 @@ def svec(M: np.ndarray) -> np.ndarray:
 
 
 def _order(rows: int) -> int:
-    s = int(round((math.sqrt(8 * rows + 1) - 1) / 2))
+    s = round((math.sqrt(8 * rows + 1) - 1) / 2)
     if s * (s + 1) // 2 != rows:
         raise ValueError(f"{rows} is not a triangular number: not an svec length")
     return s
@@ -327,22 +339,25 @@ def psd_projection_derivative(v: np.ndarray) -> np.ndarray:
     num = np.broadcast_to(lp[:, None], (s, s))
     den = lam[:, None] - lam[None, :]
     B = np.where(mixed, num / np.where(mixed, den, 1.0), B)
-    B = np.where(mixed.T, B.T, B)          # symmetric: l_j/(l_j - l_i) for l_j > 0 >= l_i
+    B = np.where(mixed.T, B.T, B)  # symmetric: l_j/(l_j - l_i) for l_j > 0 >= l_i
     i, j = svec_indices(s)
-    E = np.zeros((k, s, s))                 # unsvec of each unit vector
+    E = np.zeros((k, s, s))  # unsvec of each unit vector
     scale = np.where(i != j, 1.0 / SQRT2, 1.0)
     E[np.arange(k), i, j] = scale
     E[np.arange(k), j, i] = scale
-    T = np.einsum("ai,kab,bj->kij", Q, E, Q) * B       # Q' E_k Q, masked
-    R = np.einsum("ia,kab,jb->kij", Q, T, Q)           # Q T_k Q'
-    cols = np.where(i != j, SQRT2 * R[:, i, j], R[:, i, j])   # svec of each R_k
+    T = np.einsum("ai,kab,bj->kij", Q, E, Q) * B  # Q' E_k Q, masked
+    R = np.einsum("ia,kab,jb->kij", Q, T, Q)  # Q T_k Q'
+    cols = np.where(i != j, SQRT2 * R[:, i, j], R[:, i, j])  # svec of each R_k
     return cols.T
 
 
 # ------------------------------------------------------------------------ dispatch ------
 _PROJ = {"soc": soc_projection, "exp": exp_projection, "psd": psd_projection}
-_DPROJ = {"soc": soc_projection_derivative, "exp": exp_projection_derivative,
-          "psd": psd_projection_derivative}
+_DPROJ = {
+    "soc": soc_projection_derivative,
+    "exp": exp_projection_derivative,
+    "psd": psd_projection_derivative,
+}
 
 
 def projection(kind: str, v: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ layer and batching mask (:func:`split_of`).  Parameter values come in and gradie
 in the parameters' own shapes; internally ``theta`` is column-major, CVXPY's order
 (:func:`~ffo_core.compile.flatten_f`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,10 +43,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from .ffo_backward import GhostSource
-from .sparse_ops import prune, row_norms, stack_rows, upper_triangle
 from .compile import CompiledProblem, flatten_f, unflatten_f
+from .ffo_backward import GhostSource
 from .protocol import ConeConstraints, Equalities
+from .sparse_ops import prune, row_norms, stack_rows, upper_triangle
 from .tensors import all_finite
 
 #: The data sections in the compiled order.
@@ -75,7 +76,7 @@ class _Reach:
     entries: dict
 
     @classmethod
-    def of(cls, compiled: CompiledProblem, rows: np.ndarray) -> "_Reach":
+    def of(cls, compiled: CompiledProblem, rows: np.ndarray) -> _Reach:
         local, pos, entries = {}, {}, {}
         for name in SECTIONS:
             sec = compiled.sections[name]
@@ -83,7 +84,7 @@ class _Reach:
             if not inside.size:
                 continue
             local[name] = rows[inside] - sec.start
-            pos[name] = slice(int(inside[0]), int(inside[-1]) + 1)   # rows are sorted
+            pos[name] = slice(int(inside[0]), int(inside[-1]) + 1)  # rows are sorted
             if name in _MATRIX:
                 pat = getattr(compiled, name)
                 r, c = pat.indices[local[name]], pat.cols[local[name]]
@@ -105,7 +106,7 @@ class _DenseBlock:
     flat: np.ndarray | None
 
     @classmethod
-    def of(cls, r: np.ndarray, c: np.ndarray) -> "_DenseBlock | None":
+    def of(cls, r: np.ndarray, c: np.ndarray) -> _DenseBlock | None:
         r0, r1, c0, c1 = int(r.min()), int(r.max()) + 1, int(c.min()), int(c.max()) + 1
         if not _dense((r1 - r0, c1 - c0), r.size):
             return None
@@ -122,8 +123,7 @@ class _DenseBlock:
         """The block ``(U V')[rows, cols]``, row-major (a fresh array)."""
         return U[self.rows] @ V[self.cols].T
 
-    def values(self, U: np.ndarray, V: np.ndarray, out: np.ndarray | None = None
-               ) -> np.ndarray:
+    def values(self, U: np.ndarray, V: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The entries' values; with ``out`` (1-D, contiguous) written there, and the
         product of a whole block straight into it (no 24 MB temporary for a 2000 x 1000
         learnable matrix)."""
@@ -170,12 +170,12 @@ class Split:
     """``M``'s columns split into shared (``u``) and batched (``b``) parameters; the
     shared ones further into :class:`_Run` s and the rest."""
 
-    M_u: sp.csc_matrix                 # the other shared parameters' columns + the constant
-    adj_u: "_Adjoint | None"            # M_u[reach_u.rows, :-1]': data rows -> their grads
-    reach_u: _Reach                    # the rows every shared parameter reaches (runs too)
+    M_u: sp.csc_matrix  # the other shared parameters' columns + the constant
+    adj_u: _Adjoint | None  # M_u[reach_u.rows, :-1]': data rows -> their grads
+    reach_u: _Reach  # the rows every shared parameter reaches (runs too)
     runs: tuple[_Run, ...]
-    M_b_rows: sp.csr_matrix | None     # M_b[reach_b.rows]: theta_b -> the rows it reaches
-    adj_b: "_Adjoint | None"            # M_b_rows'
+    M_b_rows: sp.csr_matrix | None  # M_b[reach_b.rows]: theta_b -> the rows it reaches
+    adj_b: _Adjoint | None  # M_b_rows'
     reach_b: _Reach | None
 
     #: what :class:`BoundData` forms from :attr:`constant_sections` (their matrices, P's
@@ -207,9 +207,9 @@ def split_of(compiled: CompiledProblem, batched: tuple[bool, ...]) -> Split:
     def columns(ks):
         cols = [np.arange(params[k].offset, params[k].offset + params[k].size) for k in ks]
         return np.concatenate(cols).astype(np.int64) if cols else np.zeros(0, np.int64)
+
     shared_ks = [k for k, b in enumerate(batched) if not b]
-    first_rows = {k: r for k in shared_ks
-                  if (r := _identity_rows(M[:, columns([k])])) is not None}
+    first_rows = {k: r for k in shared_ks if (r := _identity_rows(M[:, columns([k])])) is not None}
     rest = [k for k in shared_ks if k not in first_rows]
     shared = M[:, columns(shared_ks)].tocsr()
     rows_u = np.flatnonzero(np.diff(shared.indptr))
@@ -224,9 +224,13 @@ def split_of(compiled: CompiledProblem, batched: tuple[bool, ...]) -> Split:
         pos = slice(p0, p0 + size)
         block = None
         for name, how in reach_u.entries.items():
-            if (reach_u.pos[name] == pos and isinstance(how, _DenseBlock)
-                    and how.flat is None and how.shape == params[k].shape
-                    and np.all(row_nnz[r0:r0 + size] == 1)):     # no other parameter
+            if (
+                reach_u.pos[name] == pos
+                and isinstance(how, _DenseBlock)
+                and how.flat is None
+                and how.shape == params[k].shape
+                and np.all(row_nnz[r0 : r0 + size] == 1)
+            ):  # no other parameter
                 block = name
         runs.append(_Run(k, slice(r0, r0 + size), pos, block))
     cols_b = columns([k for k, b in enumerate(batched) if b])
@@ -234,8 +238,15 @@ def split_of(compiled: CompiledProblem, batched: tuple[bool, ...]) -> Split:
         M_b = M[:, cols_b].tocsr()
         rows_b = np.flatnonzero(np.diff(M_b.indptr))
         M_b_rows = M_b[rows_b]
-        split = Split(M_u, adj_u, reach_u, tuple(runs), M_b_rows,
-                      _Adjoint(M_b_rows.T.tocsr()), _Reach.of(compiled, rows_b))
+        split = Split(
+            M_u,
+            adj_u,
+            reach_u,
+            tuple(runs),
+            M_b_rows,
+            _Adjoint(M_b_rows.T.tocsr()),
+            _Reach.of(compiled, rows_b),
+        )
     else:
         split = Split(M_u, adj_u, reach_u, tuple(runs), None, None, None)
     cache[batched] = split
@@ -249,8 +260,7 @@ def _identity_rows(cols: sp.csc_matrix) -> int | None:
     if k == 0 or cols.nnz != k or not np.array_equal(cols.indptr, np.arange(k + 1)):
         return None
     first = int(cols.indices[0])
-    if not (np.array_equal(cols.indices, np.arange(first, first + k))
-            and np.all(cols.data == 1.0)):
+    if not (np.array_equal(cols.indices, np.arange(first, first + k)) and np.all(cols.data == 1.0)):
         return None
     return first
 
@@ -264,17 +274,19 @@ class _Adjoint:
     def __init__(self, M: sp.csr_matrix) -> None:
         self.M = M
         k = M.shape[0]
-        self.identity = (M.shape == (k, k) and M.nnz == k
-                         and np.array_equal(M.indptr, np.arange(k + 1))
-                         and np.array_equal(M.indices, np.arange(k))
-                         and bool(np.all(M.data == 1.0)))
+        self.identity = (
+            M.shape == (k, k)
+            and M.nnz == k
+            and np.array_equal(M.indptr, np.arange(k + 1))
+            and np.array_equal(M.indices, np.arange(k))
+            and bool(np.all(M.data == 1.0))
+        )
 
     def __matmul__(self, v: np.ndarray) -> np.ndarray:
         return v if self.identity else self.M @ v
 
 
-def pattern_values(rows: np.ndarray, cols: np.ndarray, U: np.ndarray,
-                   V: np.ndarray) -> np.ndarray:
+def pattern_values(rows: np.ndarray, cols: np.ndarray, U: np.ndarray, V: np.ndarray) -> np.ndarray:
     """``sum_j U[rows, j] V[cols, j]``: the entries ``(rows, cols)`` of ``U V'``.
 
     A dense product of the entries' bounding block when they fill most of it (a learnable
@@ -287,13 +299,14 @@ def pattern_values(rows: np.ndarray, cols: np.ndarray, U: np.ndarray,
     return _gathered_values(rows, cols, U, V)
 
 
-def _gathered_values(rows: np.ndarray, cols: np.ndarray, U: np.ndarray,
-                     V: np.ndarray) -> np.ndarray:
+def _gathered_values(
+    rows: np.ndarray, cols: np.ndarray, U: np.ndarray, V: np.ndarray
+) -> np.ndarray:
     out = np.empty(rows.size)
     step = max(1, _CHUNK // max(1, U.shape[1]))
     for s in range(0, rows.size, step):
-        r, c = rows[s:s + step], cols[s:s + step]
-        out[s:s + step] = np.einsum("ij,ij->i", U[r], V[c])
+        r, c = rows[s : s + step], cols[s : s + step]
+        out[s : s + step] = np.einsum("ij,ij->i", U[r], V[c])
     return out
 
 
@@ -313,8 +326,9 @@ def _vector(name: str, grad) -> np.ndarray:
     return {"q": grad.q, "b": grad.b, "h": grad.h}[name]
 
 
-def gradient_on(compiled: CompiledProblem, reach: _Reach, grads: list,
-                skip: frozenset = frozenset()) -> np.ndarray:
+def gradient_on(
+    compiled: CompiledProblem, reach: _Reach, grads: list, skip: frozenset = frozenset()
+) -> np.ndarray:
     """``sum_i d data_i`` on the data rows of ``reach`` (in ``reach.rows`` order); the
     sections in ``skip`` are left zero (their caller forms them another way)."""
     out = np.zeros(reach.rows.size)
@@ -343,33 +357,43 @@ def gradient_on(compiled: CompiledProblem, reach: _Reach, grads: list,
 class BoundData:
     """Problem data of one batch: ``sample(i)`` per sample, and the adjoint map."""
 
-    def __init__(self, compiled: CompiledProblem, values: list[np.ndarray],
-                 batched: list[bool], batch: int) -> None:
+    def __init__(
+        self, compiled: CompiledProblem, values: list[np.ndarray], batched: list[bool], batch: int
+    ) -> None:
         self.compiled, self.batch = compiled, batch
         self.batched = tuple(bool(b) for b in batched)
         self.split = split = split_of(compiled, self.batched)
         params = compiled.params
         run_of = {run.param: run for run in split.runs}
         theta_u = np.concatenate(
-            [flatten_f(np.asarray(v)[None], 1, params[k].shape)[0]
-             for k, (v, b) in enumerate(zip(values, batched)) if not b and k not in run_of]
-            + [[1.0]])
+            [
+                flatten_f(np.asarray(v)[None], 1, params[k].shape)[0]
+                for k, (v, b) in enumerate(zip(values, batched))
+                if not b and k not in run_of
+            ]
+            + [[1.0]]
+        )
         if split.M_u.shape[1] > 1:
             self.base = split.M_u @ theta_u
-        else:           # every shared parameter is a run: the constant column alone
+        else:  # every shared parameter is a run: the constant column alone
             self.base = np.zeros(split.M_u.shape[0])
-            self.base[split.M_u.indices] = split.M_u.data     # (a scipy product: 50 us)
-        for k, run in run_of.items():       # base[run] += vec_F(value), in one pass
+            self.base[split.M_u.indices] = split.M_u.data  # (a scipy product: 50 us)
+        for k, run in run_of.items():  # base[run] += vec_F(value), in one pass
             v = np.asarray(values[k])
             rows = self.base[run.rows].reshape(v.shape[::-1])
             np.add(rows, v.T, out=rows)
         self._per_call: dict = {}
         self._lock = threading.Lock()
-        self._reached_all: np.ndarray | None = None     # see overflowing_samples
+        self._reached_all: np.ndarray | None = None  # see overflowing_samples
         if split.M_b_rows is not None:
-            self.theta_b = np.concatenate([flatten_f(np.asarray(v), batch, params[k].shape)
-                                           for k, (v, b) in enumerate(zip(values, batched))
-                                           if b], axis=1).T.copy()        # (n_b, batch)
+            self.theta_b = np.concatenate(
+                [
+                    flatten_f(np.asarray(v), batch, params[k].shape)
+                    for k, (v, b) in enumerate(zip(values, batched))
+                    if b
+                ],
+                axis=1,
+            ).T.copy()  # (n_b, batch)
         else:
             self.theta_b = None
 
@@ -394,7 +418,7 @@ class BoundData:
             return []
         rows = self.split.reach_b.rows
         part = self.base[rows, None] + self._batched(self.theta_b)
-        if part.size <= _KEEP_REACHED:      # kept: per-sample products cost ~40 us each
+        if part.size <= _KEEP_REACHED:  # kept: per-sample products cost ~40 us each
             self._reached_all = part
         if all_finite(part):
             return []
@@ -444,33 +468,36 @@ class BoundData:
         reached = self.split.batched_sections
         for name in ("P", "A", "G"):
             if name not in reached and getattr(cp_, name) is not None:
-                parts[name] = self._once(name + "_matrix", parts[name],
-                                         getattr(cp_, name).matrix, reached=(name,))
-        if "P" not in reached and cp_.P is not None:       # one triangle for all solves
-            parts["P_upper"] = self._once("P_upper", parts["P"], upper_triangle,
-                                          reached=("P",))
+                parts[name] = self._once(
+                    name + "_matrix", parts[name], getattr(cp_, name).matrix, reached=(name,)
+                )
+        if "P" not in reached and cp_.P is not None:  # one triangle for all solves
+            parts["P_upper"] = self._once("P_upper", parts["P"], upper_triangle, reached=("P",))
         return parts
 
-    def nonzero(self, h: ConeConstraints, e: Equalities
-                ) -> tuple[ConeConstraints, Equalities]:
+    def nonzero(self, h: ConeConstraints, e: Equalities) -> tuple[ConeConstraints, Equalities]:
         """:func:`~ffo_core.ffo_backward.without_stored_zeros` of a sample's ``(h, e)``
         (from :meth:`sample`).  A matrix no batched parameter reaches is the same for
         every sample: it is pruned once per call and shared (once per layer when no
         parameter reaches it, :meth:`_once`)."""
         # the constructors, not dataclasses.replace (3 us each, twice per sample)
-        return (ConeConstraints(self._once("G", h.G, prune), h.h, h.dims),
-                Equalities(self._once("A", e.A, prune), e.b))
+        return (
+            ConeConstraints(self._once("G", h.G, prune), h.h, h.dims),
+            Equalities(self._once("A", e.A, prune), e.b),
+        )
 
     def ghost_source(self, h: ConeConstraints, e: Equalities) -> GhostSource:
         """:class:`~ffo_core.ffo_backward.GhostSource` of a sample's ``(h, e)``: its
         matrix parts are formed once per call when no batched parameter reaches them."""
         h_nz, e_nz = self.nonzero(h, e)
         G = h_nz.G
-        return GhostSource(h_nz, e_nz,
-                           self._once("AG", (e_nz.A, G), lambda AG: stack_rows(*AG),
-                                      reached=("A", "G")),
-                           self._once("G_row_norms", G, row_norms, reached=("G",)),
-                           self._once("G_T", G, lambda M: M.T, reached=("G",)))
+        return GhostSource(
+            h_nz,
+            e_nz,
+            self._once("AG", (e_nz.A, G), lambda AG: stack_rows(*AG), reached=("A", "G")),
+            self._once("G_row_norms", G, row_norms, reached=("G",)),
+            self._once("G_T", G, lambda M: M.T, reached=("G",)),
+        )
 
     def _once(self, key: str, value, make, reached: tuple[str, ...] | None = None):
         """``make(value)`` for what is formed of the sections ``reached`` (default:
@@ -483,8 +510,11 @@ class BoundData:
         sections = reached or (key,)
         if not self.split.batched_sections.isdisjoint(sections):
             return make(value)
-        cache = self.split.constants if self.split.constant_sections.issuperset(sections) \
+        cache = (
+            self.split.constants
+            if self.split.constant_sections.issuperset(sections)
             else self._per_call
+        )
         found = cache.get(key)
         if found is None:
             with self._lock:
@@ -510,11 +540,12 @@ class BoundData:
         def deal(flat: np.ndarray, ks: list[int]) -> None:
             """Hand the last axis of ``flat`` out to parameters ``ks``, in order
             (``split_of`` stacked their columns that way), column-major."""
-            rows, start = flat.reshape(-1, flat.shape[-1]), 0     # (batch or 1, total)
+            rows, start = flat.reshape(-1, flat.shape[-1]), 0  # (batch or 1, total)
             for k in ks:
-                value = unflatten_f(rows[:, start:start + params[k].size], params[k].shape)
+                value = unflatten_f(rows[:, start : start + params[k].size], params[k].shape)
                 out[k] = value if flat.ndim == 2 else value[0]
                 start += params[k].size
+
         shared = [k for k, b in enumerate(self.batched) if not b]
         if shared:
             blocks = {run.block: run for run in split.runs if run.block is not None}
@@ -528,8 +559,10 @@ class BoundData:
                 else:
                     out[run.param] = self._block_gradient(run, grads)
         if any(self.batched):
-            deal(np.stack([split.adj_b @ gradient_on(cp_, split.reach_b, [g])
-                           for g in grads]), [k for k, b in enumerate(self.batched) if b])
+            deal(
+                np.stack([split.adj_b @ gradient_on(cp_, split.reach_b, [g]) for g in grads]),
+                [k for k, b in enumerate(self.batched) if b],
+            )
         return out
 
     def _block_gradient(self, run: _Run, grads: list) -> np.ndarray:
@@ -541,16 +574,17 @@ class BoundData:
         total = how.matrix(*_factors(name, low)) if low else np.zeros(how.shape)
         local = self.split.reach_u.local[name]
         for g in grads:
-            if not g.low_rank:          # its block entries are column-major
+            if not g.low_rank:  # its block entries are column-major
                 total += getattr(g, name)[local].reshape(how.shape[::-1]).T
         return total
 
 
-def bind(compiled: CompiledProblem, values: list[np.ndarray], batched: list[bool],
-         batch: int) -> BoundData:
+def bind(
+    compiled: CompiledProblem, values: list[np.ndarray], batched: list[bool], batch: int
+) -> BoundData:
     """``values[k]``: parameter ``k``'s value, of its shape if shared or ``(batch, *shape)``
     if batched (any strides)."""
     return BoundData(compiled, values, batched, batch)
 
 
-__all__ = ["BoundData", "bind", "split_of", "pattern_values", "gradient_on"]
+__all__ = ["BoundData", "bind", "gradient_on", "pattern_values", "split_of"]

@@ -29,6 +29,7 @@ Conventions (every adapter converts its solver's native conventions to these):
 A backend is any object with ``name``, ``capabilities`` and ``solve``; it is found by the
 registry through the ``ffo`` entry-point group (see :mod:`ffo_core.hookspecs`).
 """
+
 from __future__ import annotations
 
 import enum
@@ -42,8 +43,16 @@ import scipy.sparse as sp
 from .sparse_ops import upper_triangle
 
 __all__ = [
-    "Backend", "Capabilities", "ConeConstraints", "ConeDims", "Equalities", "Objective",
-    "Solution", "SolveInfo", "Status", "CONES",
+    "CONES",
+    "Backend",
+    "Capabilities",
+    "ConeConstraints",
+    "ConeDims",
+    "Equalities",
+    "Objective",
+    "Solution",
+    "SolveInfo",
+    "Status",
 ]
 
 #: Names of the cones of the protocol, in the order their rows appear in ``G``.
@@ -76,21 +85,24 @@ class ConeDims:
 
     nonneg: int = 0
     soc: tuple[int, ...] = ()
-    exp: int = 0           # number of 3-dimensional exponential cones
+    exp: int = 0  # number of 3-dimensional exponential cones
     psd: tuple[int, ...] = ()  # matrix orders s; each block has s(s+1)/2 rows
 
     @property
     def rows(self) -> int:
         """Total number of rows of ``G`` these cones occupy."""
-        return (self.nonneg + sum(self.soc) + 3 * self.exp
-                + sum(s * (s + 1) // 2 for s in self.psd))
+        return self.nonneg + sum(self.soc) + 3 * self.exp + sum(s * (s + 1) // 2 for s in self.psd)
 
     @functools.cached_property
     def kinds(self) -> frozenset[str]:
         """The cone names (from :data:`CONES`) with at least one row (formed once: every
         solve asks)."""
-        present = {"nonneg": self.nonneg > 0, "soc": bool(self.soc),
-                   "exp": self.exp > 0, "psd": bool(self.psd)}
+        present = {
+            "nonneg": self.nonneg > 0,
+            "soc": bool(self.soc),
+            "exp": self.exp > 0,
+            "psd": bool(self.psd),
+        }
         return frozenset(k for k, v in present.items() if v)
 
 
@@ -117,8 +129,9 @@ class Objective:
         None): the quadratic term Clarabel, SCS and OSQP take.  Formed once per Objective
         (a forward solve and its ghost share it)."""
         if self.P_upper is None:
-            self.P_upper = upper_triangle(self.P) if self.P is not None \
-                else sp.csc_matrix((self.n, self.n))
+            self.P_upper = (
+                upper_triangle(self.P) if self.P is not None else sp.csc_matrix((self.n, self.n))
+            )
         return self.P_upper
 
     @property
@@ -163,9 +176,9 @@ class SolveInfo:
     """
 
     iterations: int | None = None
-    solve_time: float | None = None      # seconds, as the solver measured it
+    solve_time: float | None = None  # seconds, as the solver measured it
     accuracy: float | None = None
-    raw_status: str | None = None        # the solver's own status word
+    raw_status: str | None = None  # the solver's own status word
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -174,10 +187,10 @@ class Solution:
     """One solve's answer in protocol conventions (see the module docstring)."""
 
     status: Status
-    primal: np.ndarray | None = None      # y, shape (n,)
-    eq_dual: np.ndarray | None = None     # nu, shape (p,)
-    ineq_dual: np.ndarray | None = None   # lam, shape (m,), in K*
-    slack: np.ndarray | None = None       # s = h - G y, shape (m,), in K
+    primal: np.ndarray | None = None  # y, shape (n,)
+    eq_dual: np.ndarray | None = None  # nu, shape (p,)
+    ineq_dual: np.ndarray | None = None  # lam, shape (m,), in K*
+    slack: np.ndarray | None = None  # s = h - G y, shape (m,), in K
     info: SolveInfo = field(default_factory=SolveInfo)
 
 
@@ -222,6 +235,12 @@ class Backend(Protocol):
     name: str
     capabilities: Capabilities
 
-    def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
-              extra_linear_term: np.ndarray | None = None, *,
-              warm_start: Solution | None = None) -> Solution: ...
+    def solve(
+        self,
+        g: Objective,
+        h: ConeConstraints,
+        e: Equalities,
+        extra_linear_term: np.ndarray | None = None,
+        *,
+        warm_start: Solution | None = None,
+    ) -> Solution: ...

@@ -45,6 +45,7 @@ vector gradients ``(dq, db, dh)`` (see :func:`_low_rank`), so a dense ``G`` grad
 ``(m, 2B) @ (2B, n)`` product for the whole batch, and nothing of size ``n x n`` exists
 unless the user passed a dense ``n x n`` matrix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,18 +55,31 @@ import scipy.sparse as sp
 import torch
 
 from .active_set import classify
-from .batch import (INACCURATE_POLICIES, BatchRunner, GuardedBackend, check_solutions,
-                    with_batch_index)
+from .batch import (
+    INACCURATE_POLICIES,
+    BatchRunner,
+    GuardedBackend,
+    check_solutions,
+    with_batch_index,
+)
 from .config import check_choice
 from .errors import ConfigError, GhostProblemError, InvalidParameterError, SolverError
-from .ffo_backward import (FFOOptions, FFOSample, GhostSource, backward_chunks,
-                           ffo_backward_batch)
+from .ffo_backward import FFOOptions, FFOSample, GhostSource, backward_chunks, ffo_backward_batch
 from .kkt_backward import kkt_backward
 from .protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
 from .registry import get_backend
 from .sparse_ops import upper_triangle
-from .tensors import (SparseEntries, check_finite, check_real, common_device, dense_to_csc,
-                      entries_to_csc, is_sparse, result_dtype, to_numpy)
+from .tensors import (
+    SparseEntries,
+    check_finite,
+    check_real,
+    common_device,
+    dense_to_csc,
+    entries_to_csc,
+    is_sparse,
+    result_dtype,
+    to_numpy,
+)
 
 BACKWARDS = ("ffo", "kkt")
 BROADCAST_GRADS = ("sum", "mean")
@@ -111,12 +125,12 @@ class _Call:
     sols: list[Solution] = field(default_factory=list)
     # P[k]'s upper triangle, formed on first use and shared by every solve that uses P[k]
     P_upper: dict[int, sp.csc_matrix] = field(default_factory=dict)
-    _source: GhostSource | None = None      # see ghost_source
+    _source: GhostSource | None = None  # see ghost_source
 
     def _upper(self, k: int) -> sp.csc_matrix | None:
         if self.P[k] is None:
             return None
-        if k not in self.P_upper:           # a race only computes it twice
+        if k not in self.P_upper:  # a race only computes it twice
             self.P_upper[k] = upper_triangle(self.P[k])
         return self.P_upper[k]
 
@@ -126,7 +140,7 @@ class _Call:
         per sample by the backward) when either is batched."""
         if self.args["G"].batched or self.args["A"].batched:
             return None
-        if self._source is None:            # a race only computes it twice
+        if self._source is None:  # a race only computes it twice
             self._source = GhostSource.of(h, e)
         s = self._source
         return s._replace(h=ConeConstraints(s.h.G, h.h, s.h.dims), e=Equalities(s.e.A, e.b))
@@ -144,12 +158,16 @@ class _Call:
     def sample(self, i: int) -> tuple[Objective, ConeConstraints, Equalities]:
         def pick(seq, batched):
             return seq[i] if batched else seq[0]
+
         a = self.args
         k = i if a["Q"].batched else 0
-        return (Objective(self.P[k], pick(self.q, a["p"].batched), self._upper(k)),
-                ConeConstraints(pick(self.G, a["G"].batched), pick(self.h, a["h"].batched),
-                                ConeDims(nonneg=self.m)),
-                Equalities(pick(self.A, a["A"].batched), pick(self.b, a["b"].batched)))
+        return (
+            Objective(self.P[k], pick(self.q, a["p"].batched), self._upper(k)),
+            ConeConstraints(
+                pick(self.G, a["G"].batched), pick(self.h, a["h"].batched), ConeDims(nonneg=self.m)
+            ),
+            Equalities(pick(self.A, a["A"].batched), pick(self.b, a["b"].batched)),
+        )
 
 
 def _empty(t) -> bool:
@@ -163,26 +181,30 @@ def _inspect(tensors) -> _Call:
     for name, t in raw.items():
         if _empty(t):
             if name in ("Q", "p"):
-                raise InvalidParameterError(f"argument {name} is required (got an empty "
-                                            "tensor or None)")
+                raise InvalidParameterError(
+                    f"argument {name} is required (got an empty tensor or None)"
+                )
             args[name] = _Arg(name, None)
             continue
         check_real(name, t, what="argument")
         args[name] = _Arg(name, t)
     for vec in ("p", "h", "b"):
         if args[vec].present and is_sparse(args[vec].tensor):
-            raise InvalidParameterError(f"argument {vec}: must be a dense tensor, got "
-                                        f"layout {args[vec].tensor.layout}")
+            raise InvalidParameterError(
+                f"argument {vec}: must be a dense tensor, got layout {args[vec].tensor.layout}"
+            )
     for mat, vec in (("G", "h"), ("A", "b")):
         if args[mat].present != args[vec].present:
             given, missing = (mat, vec) if args[mat].present else (vec, mat)
-            raise InvalidParameterError(f"argument {given} is given but {missing} is empty; "
-                                        f"pass both or neither")
+            raise InvalidParameterError(
+                f"argument {given} is given but {missing} is empty; pass both or neither"
+            )
 
     p_t = args["p"].tensor
     if p_t.dim() not in (1, 2):
-        raise InvalidParameterError(f"argument p: expected shape (n,) or (batch, n), "
-                                    f"got {tuple(p_t.shape)}")
+        raise InvalidParameterError(
+            f"argument p: expected shape (n,) or (batch, n), got {tuple(p_t.shape)}"
+        )
     n = p_t.shape[-1]
     sizes: dict[str, int] = {}
     rows = {"Q": n, "G": 0, "A": 0}
@@ -206,8 +228,9 @@ def _inspect(tensors) -> _Call:
             want = f"({length},) or (batch, {length})"
             arg.batched = t.dim() == 2
         if not ok:
-            raise InvalidParameterError(f"argument {name}: expected shape {want} with "
-                                        f"n = {n} (from p), got {shape}")
+            raise InvalidParameterError(
+                f"argument {name}: expected shape {want} with n = {n} (from p), got {shape}"
+            )
         if arg.batched:
             sizes[name] = shape[0]
         check_finite(name, t, arg.batched, what="argument")
@@ -221,17 +244,28 @@ def _inspect(tensors) -> _Call:
         arg = args[name]
         if arg.present and is_sparse(arg.tensor):
             arg.sparse = SparseEntries.of(arg.tensor, f"argument {name}")
-    return _Call(args, batch, n, rows["G"], rows["A"], result_dtype(present),
-                 common_device(present, "arguments"))
+    return _Call(
+        args,
+        batch,
+        n,
+        rows["G"],
+        rows["A"],
+        result_dtype(present),
+        common_device(present, "arguments"),
+    )
 
 
 # -- tensors -> protocol data --------------------------------------------------------------
 def _symmetric(rows, cols, values, n) -> tuple[sp.csc_matrix, np.ndarray]:
     """``(Q + Q')/2`` on the union of the patterns of ``Q`` and ``Q'`` (explicit zeros kept),
     and the storage position in it of each of ``Q``'s entries."""
-    P, pos = entries_to_csc(np.concatenate([rows, cols]), np.concatenate([cols, rows]),
-                            0.5 * np.concatenate([values, values]), (n, n))
-    return P, pos[:rows.shape[0]]
+    P, pos = entries_to_csc(
+        np.concatenate([rows, cols]),
+        np.concatenate([cols, rows]),
+        0.5 * np.concatenate([values, values]),
+        (n, n),
+    )
+    return P, pos[: rows.shape[0]]
 
 
 def _matrices(call: _Call, name: str) -> None:
@@ -239,19 +273,19 @@ def _matrices(call: _Call, name: str) -> None:
     arg = call.args[name]
     shape = {"Q": (call.n, call.n), "G": (call.m, call.n), "A": (call.p, call.n)}[name]
     if not arg.present:
-        setattr(call, name if name != "Q" else "P",
-                [None] if name == "Q" else [sp.csc_matrix(shape)])
+        setattr(
+            call, name if name != "Q" else "P", [None] if name == "Q" else [sp.csc_matrix(shape)]
+        )
         return
     out, positions = [], []
     for i in range(call.batch if arg.batched else 1):
         if arg.sparse is not None:
             r, c, v = arg.sparse.sample(i)
-            M, pos = _symmetric(r, c, v, call.n) if name == "Q" else \
-                entries_to_csc(r, c, v, shape)
+            M, pos = _symmetric(r, c, v, call.n) if name == "Q" else entries_to_csc(r, c, v, shape)
             positions.append(pos)
         else:
             M = dense_to_csc(arg.tensor[i] if arg.batched else arg.tensor)
-            if name == "Q":                     # its zeros are no coordinates of the solve
+            if name == "Q":  # its zeros are no coordinates of the solve
                 M = (0.5 * (M + M.T)).tocsc()
                 M.sort_indices()
         if name == "Q":
@@ -260,7 +294,8 @@ def _matrices(call: _Call, name: str) -> None:
                 where = f" at batch index {i}" if arg.batched else ""
                 raise InvalidParameterError(
                     f"argument Q{where} is not positive semidefinite: diagonal entry "
-                    f"{int(np.argmin(diag))} is {diag.min():.3g}")
+                    f"{int(np.argmin(diag))} is {diag.min():.3g}"
+                )
         out.append(M)
     setattr(call, "P" if name == "Q" else name, out)
     if positions:
@@ -276,8 +311,9 @@ def _vectors(call: _Call, name: str) -> np.ndarray:
 
 
 # -- gradients: protocol data -> tensors ---------------------------------------------------
-def _low_rank(name: str, y: np.ndarray, dq: np.ndarray, a: np.ndarray | None,
-              dual0: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _low_rank(
+    name: str, y: np.ndarray, dq: np.ndarray, a: np.ndarray | None, dual0: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Factors ``(U, V)`` with ``U @ V.T`` the data gradient of block ``name`` on *every*
     entry, from the quantities the backward pass returned.
 
@@ -303,9 +339,9 @@ def _low_rank(name: str, y: np.ndarray, dq: np.ndarray, a: np.ndarray | None,
 class _Record:
     """What one sample's backward leaves for the assembly of the input gradients."""
 
-    vectors: dict[str, np.ndarray]                 # dq, dh, db
+    vectors: dict[str, np.ndarray]  # dq, dh, db
     factors: dict[str, tuple[np.ndarray, np.ndarray]]  # dense matrices: (U, V)
-    pattern: dict[str, np.ndarray]                 # sparse matrices: values on the CSC data
+    pattern: dict[str, np.ndarray]  # sparse matrices: values on the CSC data
     diagnostics: dict
 
 
@@ -330,11 +366,20 @@ class FFOQPLayer(torch.nn.Module):
     backward pass (delta, active-set sizes).
     """
 
-    def __init__(self, solver: str | Backend = "clarabel", *, backward: str = "ffo",
-                 delta: float | None = None, kappa: float | None = None,
-                 central: bool | None = None, tau_s: float | None = None,
-                 tau_lam: float | None = None, n_jobs: int | None = None,
-                 inaccurate: str = "warn", broadcast_grad: str = "sum") -> None:
+    def __init__(
+        self,
+        solver: str | Backend = "clarabel",
+        *,
+        backward: str = "ffo",
+        delta: float | None = None,
+        kappa: float | None = None,
+        central: bool | None = None,
+        tau_s: float | None = None,
+        tau_lam: float | None = None,
+        n_jobs: int | None = None,
+        inaccurate: str = "warn",
+        broadcast_grad: str = "sum",
+    ) -> None:
         super().__init__()
         check_choice("backward", backward, BACKWARDS)
         check_choice("inaccurate", inaccurate, INACCURATE_POLICIES)
@@ -342,19 +387,24 @@ class FFOQPLayer(torch.nn.Module):
         self.backend = get_backend(solver)
         missing = self.backend.capabilities.missing_cones(ConeDims(nonneg=1), True)
         if missing or not self.backend.capabilities.quadratic_objective:
-            raise ConfigError(f"backend {self.backend.name!r} cannot solve QPs directly "
-                              "(needs a quadratic objective, zero and nonnegative cones)")
+            raise ConfigError(
+                f"backend {self.backend.name!r} cannot solve QPs directly "
+                "(needs a quadratic objective, zero and nonnegative cones)"
+            )
         self.backward_mode = backward
-        self.options = FFOOptions(delta=delta, kappa=kappa, central=central, tau_s=tau_s,
-                                  tau_lam=tau_lam)
+        self.options = FFOOptions(
+            delta=delta, kappa=kappa, central=central, tau_s=tau_s, tau_lam=tau_lam
+        )
         self._runner = BatchRunner(self.backend, n_jobs)
         self.inaccurate = inaccurate
         self.broadcast_grad = broadcast_grad
         self.last_diagnostics: list[dict] = []
 
     def extra_repr(self) -> str:
-        return (f"solver={self.backend.name!r}, backward={self.backward_mode!r}, "
-                f"central={self.options.central}")
+        return (
+            f"solver={self.backend.name!r}, backward={self.backward_mode!r}, "
+            f"central={self.options.central}"
+        )
 
     # -- forward, in NumPy --------------------------------------------------------------
     def prepare(self, Q, p, G=None, h=None, A=None, b=None) -> _Call:
@@ -370,8 +420,8 @@ class FFOQPLayer(torch.nn.Module):
     def solve(self, call: _Call) -> list[Solution]:
         """Solve every sample and check the statuses (SolverError names the batch index)."""
         sols = self._runner.run(
-            "forward", lambda i: GuardedBackend(self.backend, i).solve(*call.sample(i)),
-            call.batch)
+            "forward", lambda i: GuardedBackend(self.backend, i).solve(*call.sample(i)), call.batch
+        )
         check_solutions(sols, self.backend, self.inaccurate)
         call.sols = sols
         return sols
@@ -382,12 +432,14 @@ class FFOQPLayer(torch.nn.Module):
         mode staged over chunks of the batch (:func:`ffo_backward_batch`, as
         :meth:`ffo_core.layer.FFOLayer.data_gradients`)."""
         if self.backward_mode == "kkt":
+
             def one(i: int):
                 g, h, e = call.sample(i)
                 try:
                     return kkt_backward(g, h, e, call.sols[i], c[i], self.options)
                 except SolverError as exc:
-                    raise with_batch_index(exc, i)
+                    raise with_batch_index(exc, i)  # noqa: B904  (exc itself, its cause kept)
+
             return self._runner.run("backward", one, call.batch)
         grads: list = []
         for indices in backward_chunks(call.batch, call.sample_bytes()):
@@ -395,10 +447,12 @@ class FFOQPLayer(torch.nn.Module):
             for i in indices:
                 g, h, e = call.sample(i)
                 guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
-                samples.append(FFOSample(guard, g, h, e, call.sols[i], c[i],
-                                         call.ghost_source(h, e)))
-            out = ffo_backward_batch(samples, self.options,
-                                     run=lambda fn, k: self._runner.run("backward", fn, k))
+                samples.append(
+                    FFOSample(guard, g, h, e, call.sols[i], c[i], call.ghost_source(h, e))
+                )
+            out = ffo_backward_batch(
+                samples, self.options, run=lambda fn, k: self._runner.run("backward", fn, k)
+            )
             for i, grad in zip(indices, out):
                 if isinstance(grad, GhostProblemError):
                     raise with_batch_index(grad, i)
@@ -408,12 +462,13 @@ class FFOQPLayer(torch.nn.Module):
     def _record(self, call: _Call, i: int, grad, needs: dict) -> _Record:
         """What sample ``i``'s data gradient ``grad`` gives the assembly of the inputs'."""
         sol = call.sols[i]
-        if grad.base is not None:        # the point the backward differentiated at
+        if grad.base is not None:  # the point the backward differentiated at
             y, nu0, lam0 = grad.base
         else:
             _, h, _ = call.sample(i)
-            active = classify(sol, h.dims, tau_s=self.options.tau_s,
-                              tau_lam=self.options.tau_lam, rhs=h.h)
+            active = classify(
+                sol, h.dims, tau_s=self.options.tau_s, tau_lam=self.options.tau_lam, rhs=h.h
+            )
             y, nu0 = sol.primal, sol.eq_dual
             lam0 = np.where(active.ghost_rows, sol.ineq_dual, 0.0)
         rec = _Record({"p": grad.q, "h": grad.h, "b": grad.b}, {}, {}, grad.diagnostics)
@@ -422,7 +477,7 @@ class FFOQPLayer(torch.nn.Module):
             if not needs[name]:
                 continue
             if call.args[name].sparse is not None:
-                rec.pattern[name] = getattr(grad, part)      # formed only when needed
+                rec.pattern[name] = getattr(grad, part)  # formed only when needed
                 continue
             a = None if drhs is None else -drhs
             rec.factors[name] = _low_rank(name, y, grad.q, a, dual0)
@@ -442,18 +497,19 @@ class FFOQPLayer(torch.nn.Module):
         if arg.sparse is not None:
             pos = call.positions[name]
             if arg.batched:
-                vals = np.concatenate([r.pattern[name][pos[i]]
-                                       for i, r in enumerate(records)])
+                vals = np.concatenate([r.pattern[name][pos[i]] for i, r in enumerate(records)])
             else:
                 total = records[0].pattern[name].copy()
                 for r in records[1:]:
                     total += r.pattern[name]
                 vals = scale * total[pos[0]]
             return arg.sparse.like(vals, dtype, device)
-        U = torch.as_tensor(np.stack([r.factors[name][0] for r in records]), dtype=dtype,
-                            device=device)
-        V = torch.as_tensor(np.stack([r.factors[name][1] for r in records]), dtype=dtype,
-                            device=device)
+        U = torch.as_tensor(
+            np.stack([r.factors[name][0] for r in records]), dtype=dtype, device=device
+        )
+        V = torch.as_tensor(
+            np.stack([r.factors[name][1] for r in records]), dtype=dtype, device=device
+        )
         if arg.batched:
             return torch.bmm(U, V.transpose(1, 2))
         k = U.shape[-1]
@@ -464,17 +520,18 @@ class FFOQPLayer(torch.nn.Module):
 
     def gradients(self, call: _Call, c: np.ndarray, needs: dict) -> dict[str, torch.Tensor]:
         """Input gradients of ``sum_i c[i]'y_i`` for the arguments with ``needs[name]``."""
-        records = [self._record(call, i, grad, needs)
-                   for i, grad in enumerate(self._grads(call, c))]
+        records = [
+            self._record(call, i, grad, needs) for i, grad in enumerate(self._grads(call, c))
+        ]
         self.last_diagnostics = [r.diagnostics for r in records]
-        return {name: self._assemble(call, name, records)
-                for name in NAMES if needs[name]}
+        return {name: self._assemble(call, name, records) for name in NAMES if needs[name]}
 
     def forward(self, Q, p, G=None, h=None, A=None, b=None) -> torch.Tensor:
         """Solutions ``(batch, n)`` of the QPs (see the class docstring)."""
         call = self.prepare(Q, p, G, h, A, b)
-        inputs = [call.args[name].tensor if call.args[name].present else
-                  torch.empty(0) for name in NAMES]
+        inputs = [
+            call.args[name].tensor if call.args[name].present else torch.empty(0) for name in NAMES
+        ]
         return _QPFunction.apply(self, call, *inputs)
 
 
@@ -490,8 +547,7 @@ class _QPFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         layer, call = ctx.layer, ctx.call
         flags = ctx.needs_input_grad[2:]
-        needs = {name: bool(flag) and call.args[name].present
-                 for name, flag in zip(NAMES, flags)}
+        needs = {name: bool(flag) and call.args[name].present for name, flag in zip(NAMES, flags)}
         if not any(needs.values()):
             return (None, None) + (None,) * len(NAMES)
         c = grad_y.detach().to("cpu", torch.float64).numpy()

@@ -4,6 +4,7 @@ Entry points are loaded *one by one*: a plugin that fails to import, or whose ho
 is recorded against its entry-point name (``ffo backends`` shows why) and the others load
 normally.  Solver packages themselves are imported lazily by the adapters, never here.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -28,16 +29,16 @@ class BackendInfo:
     reason: str
     capabilities: Capabilities | None
     version: str | None
-    plugin: str            # entry-point name (or "<runtime>") that registered it
+    plugin: str  # entry-point name (or "<runtime>") that registered it
 
 
 class _Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loaded = False
-        self._factories: dict[str, tuple[Any, str]] = {}   # name -> (factory, plugin)
+        self._factories: dict[str, tuple[Any, str]] = {}  # name -> (factory, plugin)
         self._runtime: dict[str, Any] = {}
-        self._broken: dict[str, str] = {}                    # plugin -> error text
+        self._broken: dict[str, str] = {}  # plugin -> error text
 
     # -- loading -------------------------------------------------------------------------
     def _load(self) -> None:
@@ -48,7 +49,7 @@ class _Registry:
             pm.add_hookspecs(FFOSpec)
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
                 if pm.get_plugin(ep.name) is not None or ep.name in self._broken:
-                    continue   # the same distribution seen twice on sys.path
+                    continue  # the same distribution seen twice on sys.path
                 try:
                     pm.register(ep.load(), name=ep.name)
                 except Exception as exc:  # a broken plugin must not break the others
@@ -58,6 +59,7 @@ class _Registry:
 
                 def register(factory: Any, _plugin: str = plugin) -> None:
                     self._add(factory, _plugin)
+
                 try:
                     impl.function(register=register)
                 except Exception as exc:
@@ -70,8 +72,9 @@ class _Registry:
             raise FFOError(f"plugin {plugin!r} registered a backend without a name")
         name = name.lower()
         if name in self._factories and self._factories[name][1] != plugin:
-            self._broken[plugin] = (f"backend name {name!r} already registered by "
-                                    f"{self._factories[name][1]!r}")
+            self._broken[plugin] = (
+                f"backend name {name!r} already registered by {self._factories[name][1]!r}"
+            )
             return
         self._factories[name] = (factory, plugin)
 
@@ -133,8 +136,9 @@ def available_backends() -> dict[str, BackendInfo]:
                 version = factory.version()
             except Exception:
                 version = None
-        out[name] = BackendInfo(name, ok, reason, getattr(factory, "capabilities", None),
-                                version, plugin)
+        out[name] = BackendInfo(
+            name, ok, reason, getattr(factory, "capabilities", None), version, plugin
+        )
     for plugin, error in _REGISTRY.broken().items():
         if plugin not in out:
             out[plugin] = BackendInfo(plugin, False, error, None, None, plugin)
@@ -154,11 +158,15 @@ def get_backend(spec: str | Backend | SolverConfig) -> Backend:
     factories = _REGISTRY.factories()
     if config.name not in factories:
         broken = _REGISTRY.broken()
-        hint = f" (plugin {config.name!r} failed to load: {broken[config.name]})" \
-            if config.name in broken else ""
+        hint = (
+            f" (plugin {config.name!r} failed to load: {broken[config.name]})"
+            if config.name in broken
+            else ""
+        )
         names = ", ".join(sorted(factories)) or "none"
         raise BackendUnavailable(
-            f"unknown solver {config.name!r}{hint}; available backends: {names}")
+            f"unknown solver {config.name!r}{hint}; available backends: {names}"
+        )
     factory, _ = factories[config.name]
     ok, reason = _availability(factory)
     if not ok:

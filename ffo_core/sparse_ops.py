@@ -8,6 +8,7 @@ COO: these run once or twice per sample in the backward pass, where a scipy call
 costs tens of microseconds.  Results may share arrays with their inputs: never write to
 them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,19 +28,20 @@ def prune(M):
     otherwise be factorised as dense.  Adapters call this before handing data to a solver.
     """
     if sp.isspmatrix_csc(M) and M.has_canonical_format:
-        nonzero = M.data != 0          # a bool mask first: 7x faster than flatnonzero
-        if nonzero.all():              # on the floats (measured, 2 million entries)
+        nonzero = M.data != 0  # a bool mask first: 7x faster than flatnonzero
+        if nonzero.all():  # on the floats (measured, 2 million entries)
             return M
         # keep the nonzero entries; a column's new start is the count of kept entries
         # before its old start (no copy of the whole matrix: a learnable 2001 x 1000 box
         # keeps 3001 of its 2 million entries)
         keep = np.flatnonzero(nonzero)
-        out = sp.csc_matrix((M.data[keep], M.indices[keep],
-                             np.searchsorted(keep, M.indptr)), shape=M.shape)
+        out = sp.csc_matrix(
+            (M.data[keep], M.indices[keep], np.searchsorted(keep, M.indptr)), shape=M.shape
+        )
         out.has_canonical_format = True
         return out
     out = M.tocsc(copy=True)
-    out.sum_duplicates()                   # sorts the indices too
+    out.sum_duplicates()  # sorts the indices too
     out.eliminate_zeros()
     return out
 
@@ -64,8 +66,7 @@ def upper_triangle(P) -> sp.csc_matrix:
     keep = P.indices <= cols
     kept_before = np.zeros(P.nnz + 1, dtype=np.int64)
     np.cumsum(keep, out=kept_before[1:])
-    return sp.csc_matrix((P.data[keep], P.indices[keep], kept_before[P.indptr]),
-                         shape=P.shape)
+    return sp.csc_matrix((P.data[keep], P.indices[keep], kept_before[P.indptr]), shape=P.shape)
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,7 +98,7 @@ def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix
     the constructor's checks (16 us).  The results share one data and one index array per
     slice of the batch (read-only, like every result of this module)."""
     masks = np.asarray(masks, dtype=bool)
-    if not M.has_canonical_format:         # the results are flagged canonical below
+    if not M.has_canonical_format:  # the results are flagged canonical below
         M = M.copy()
         M.sum_duplicates()
     batch, rows = masks.shape
@@ -105,13 +106,13 @@ def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix
     step = max(1, SELECT_BATCH_ENTRIES // max(1, nnz))
     out: list[sp.csc_matrix] = []
     for start in range(0, batch, step):
-        part = masks[start:start + step]
-        keep = part[:, M.indices]                         # (b, nnz): entry stays
+        part = masks[start : start + step]
+        keep = part[:, M.indices]  # (b, nnz): entry stays
         before = np.zeros((part.shape[0], nnz + 1), dtype=M.indptr.dtype)
-        np.cumsum(keep, axis=1, out=before[:, 1:])        # kept entries before each one
-        indptr = before[:, M.indptr]                      # (b, n + 1) new column starts
-        position = np.cumsum(part, axis=1, dtype=M.indices.dtype) - 1   # new row numbers
-        sample, entry = np.nonzero(keep)                  # sample by sample, in order
+        np.cumsum(keep, axis=1, out=before[:, 1:])  # kept entries before each one
+        indptr = before[:, M.indptr]  # (b, n + 1) new column starts
+        position = np.cumsum(part, axis=1, dtype=M.indices.dtype) - 1  # new row numbers
+        sample, entry = np.nonzero(keep)  # sample by sample, in order
         data = M.data[entry]
         indices = position[sample, M.indices[entry]]
         ends = np.cumsum(indptr[:, -1])
@@ -121,9 +122,8 @@ def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix
                 out.append(no_rows(n))
                 continue
             lo, hi = ends[b] - indptr[b, -1], ends[b]
-            A = sp.csc_matrix((data[lo:hi], indices[lo:hi], indptr[b]),
-                              shape=(int(counts[b]), n))
-            A.has_canonical_format = True      # a subset of a canonical matrix
+            A = sp.csc_matrix((data[lo:hi], indices[lo:hi], indptr[b]), shape=(int(counts[b]), n))
+            A.has_canonical_format = True  # a subset of a canonical matrix
             out.append(A)
     return out
 

@@ -15,10 +15,11 @@ storage position of every entry, so a gradient aligned with the CSC's ``.data`` 
 to the entries with one gather, and :meth:`SparseEntries.like` rebuilds a tensor of the same
 layout and pattern from it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,11 +38,11 @@ def is_sparse(t: torch.Tensor) -> bool:
 def check_real(name: str, t, what: str = "parameter") -> None:
     """``t`` must be a tensor of a real number type (floating point or int32/int64)."""
     if not isinstance(t, torch.Tensor):
-        raise InvalidParameterError(f"{what} {name}: expected a torch.Tensor, "
-                                    f"got {type(t).__name__}")
+        raise InvalidParameterError(
+            f"{what} {name}: expected a torch.Tensor, got {type(t).__name__}"
+        )
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise InvalidParameterError(f"{what} {name}: dtype {t.dtype} is not "
-                                    "a real number type")
+        raise InvalidParameterError(f"{what} {name}: dtype {t.dtype} is not a real number type")
 
 
 def _stored_values(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -89,8 +90,7 @@ def bad_batch_indices(mask: torch.Tensor, batched: bool) -> str:
     with a marked entry in ``mask``; ``""`` when the tensor is not batched."""
     if not batched:
         return ""
-    return at_batch_indices(mask.reshape(mask.shape[0], -1).any(dim=1).nonzero()
-                            .flatten().tolist())
+    return at_batch_indices(mask.reshape(mask.shape[0], -1).any(dim=1).nonzero().flatten().tolist())
 
 
 def check_finite(name: str, t: torch.Tensor, batched: bool, what: str = "parameter") -> None:
@@ -99,14 +99,14 @@ def check_finite(name: str, t: torch.Tensor, batched: bool, what: str = "paramet
     if not values.is_floating_point() or values.numel() == 0:
         return
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        if all_finite(values.numpy()):         # 5 us where the torch ops below take
-            return                             # 110 us on a small tensor
+        if all_finite(values.numpy()):  # 5 us where the torch ops below take
+            return  # 110 us on a small tensor
     else:
-        low, high = torch.aminmax(values)      # one pass, no mask; NaN propagates
+        low, high = torch.aminmax(values)  # one pass, no mask; NaN propagates
         if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
             return
     finite = torch.isfinite(values)
-    if batched and batch is not None:       # sparse: the stored entries' batch indices
+    if batched and batch is not None:  # sparse: the stored entries' batch indices
         where = at_batch_indices(torch.unique(batch[~finite]).tolist())
     else:
         where = bad_batch_indices(~finite, batched)
@@ -143,22 +143,24 @@ class SparseEntries:
     A COO tensor is coalesced first (so a gradient has no duplicate entries).
     """
 
-    tensor: torch.Tensor          # the (coalesced) tensor whose pattern gradients follow
+    tensor: torch.Tensor  # the (coalesced) tensor whose pattern gradients follow
     rows: np.ndarray
     cols: np.ndarray
     values: np.ndarray
     offsets: np.ndarray
 
     @classmethod
-    def of(cls, t: torch.Tensor, name: str = "tensor") -> "SparseEntries":
+    def of(cls, t: torch.Tensor, name: str = "tensor") -> SparseEntries:
         t = t.detach()
         if t.dim() not in (2, 3):
-            raise InvalidParameterError(f"{name}: a sparse tensor must be 2-D or batched "
-                                        f"3-D, got {t.dim()}-D")
+            raise InvalidParameterError(
+                f"{name}: a sparse tensor must be 2-D or batched 3-D, got {t.dim()}-D"
+            )
         if t.layout == torch.sparse_coo:
             if t.dense_dim() != 0:
-                raise InvalidParameterError(f"{name}: hybrid sparse COO tensors (with dense "
-                                            "dimensions) are not supported")
+                raise InvalidParameterError(
+                    f"{name}: hybrid sparse COO tensors (with dense dimensions) are not supported"
+                )
             t = t if t.is_coalesced() else t.coalesce()
             idx = t.indices().cpu().numpy()
             values = to_numpy(t.values())
@@ -166,26 +168,35 @@ class SparseEntries:
             rows, cols = idx[-2], idx[-1]
         elif t.layout in (torch.sparse_csr, torch.sparse_csc):
             if t.values().dim() != t.dim() - 1:
-                raise InvalidParameterError(f"{name}: sparse tensors with dense value "
-                                            "blocks are not supported")
+                raise InvalidParameterError(
+                    f"{name}: sparse tensors with dense value blocks are not supported"
+                )
             csr = t.layout == torch.sparse_csr
             compressed = (t.crow_indices() if csr else t.ccol_indices()).cpu().numpy()
             plain = (t.col_indices() if csr else t.row_indices()).cpu().numpy()
             compressed = compressed.reshape(-1, compressed.shape[-1])
             plain = plain.reshape(compressed.shape[0], -1)
-            major = np.concatenate([np.repeat(np.arange(c.shape[0] - 1), np.diff(c))
-                                    for c in compressed]) if plain.size else \
-                np.zeros(0, dtype=np.int64)
+            major = (
+                np.concatenate(
+                    [np.repeat(np.arange(c.shape[0] - 1), np.diff(c)) for c in compressed]
+                )
+                if plain.size
+                else np.zeros(0, dtype=np.int64)
+            )
             minor = plain.reshape(-1)
             rows, cols = (major, minor) if csr else (minor, major)
             values = to_numpy(t.values()).reshape(-1)
-            batch = np.repeat(np.arange(compressed.shape[0]), plain.shape[1]) \
-                if t.dim() == 3 else None
+            batch = (
+                np.repeat(np.arange(compressed.shape[0]), plain.shape[1]) if t.dim() == 3 else None
+            )
         else:
             raise InvalidParameterError(f"{name}: layout {t.layout} is not supported")
         samples = t.shape[0] if t.dim() == 3 else 1
-        offsets = np.searchsorted(batch, np.arange(samples + 1)) if batch is not None \
+        offsets = (
+            np.searchsorted(batch, np.arange(samples + 1))
+            if batch is not None
             else np.array([0, values.shape[0]])
+        )
         return cls(t, rows.astype(np.int64), cols.astype(np.int64), values, offsets)
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,8 +204,7 @@ class SparseEntries:
         s = slice(self.offsets[i], self.offsets[i + 1])
         return self.rows[s], self.cols[s], self.values[s]
 
-    def like(self, values: np.ndarray, dtype: torch.dtype,
-             device: torch.device) -> torch.Tensor:
+    def like(self, values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A tensor on the same pattern holding ``values`` (one per stored entry).
 
         COO and CSR give back their own layout; a CSC tensor's gradient is returned as COO
@@ -203,12 +213,14 @@ class SparseEntries:
         t = self.tensor
         v = torch.as_tensor(values, dtype=dtype, device=device)
         if t.layout == torch.sparse_coo:
-            return torch.sparse_coo_tensor(t.indices().to(device), v, t.shape,
-                                           is_coalesced=True)
+            return torch.sparse_coo_tensor(t.indices().to(device), v, t.shape, is_coalesced=True)
         if t.layout == torch.sparse_csr:
-            return torch.sparse_csr_tensor(t.crow_indices().to(device),
-                                           t.col_indices().to(device),
-                                           v.reshape(t.values().shape), t.shape)
+            return torch.sparse_csr_tensor(
+                t.crow_indices().to(device),
+                t.col_indices().to(device),
+                v.reshape(t.values().shape),
+                t.shape,
+            )
         idx = [torch.as_tensor(self.rows), torch.as_tensor(self.cols)]
         if t.dim() == 3:
             counts = torch.as_tensor(np.diff(self.offsets))
@@ -216,8 +228,9 @@ class SparseEntries:
         return torch.sparse_coo_tensor(torch.stack(idx).to(device), v, t.shape).coalesce()
 
 
-def entries_to_csc(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
-                   shape: tuple[int, int]) -> tuple[sp.csc_matrix, np.ndarray]:
+def entries_to_csc(
+    rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]
+) -> tuple[sp.csc_matrix, np.ndarray]:
     """Canonical CSC matrix of the entries (duplicates summed, explicit zeros kept) and the
     storage position in it of every entry, so ``M.data[positions]`` reads them back."""
     m, n = shape
@@ -229,8 +242,11 @@ def entries_to_csc(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
     unique = sorted_keys[first]
     positions = np.empty(keys.shape[0], dtype=np.int64)
     positions[order] = np.cumsum(first) - 1
-    data = np.bincount(positions, weights=values, minlength=unique.shape[0]) \
-        if keys.size else np.zeros(0)
+    data = (
+        np.bincount(positions, weights=values, minlength=unique.shape[0])
+        if keys.size
+        else np.zeros(0)
+    )
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(unique // m, minlength=n), out=indptr[1:])
     M = sp.csc_matrix((data, (unique % m).astype(np.int32), indptr), shape=(m, n))
@@ -242,7 +258,7 @@ def dense_to_csc(t: torch.Tensor) -> sp.csc_matrix:
     read in column-major order so no sort is needed and no float64 copy of ``t`` is made."""
     t = t.detach()
     m, n = t.shape
-    idx = t.mT.nonzero()                       # (k, 2): column, row; column-major order
+    idx = t.mT.nonzero()  # (k, 2): column, row; column-major order
     cols, rows = idx[:, 0], idx[:, 1]
     data = to_numpy(t[rows, cols])
     indptr = np.zeros(n + 1, dtype=np.int64)
@@ -250,5 +266,15 @@ def dense_to_csc(t: torch.Tensor) -> sp.csc_matrix:
     return sp.csc_matrix((data, rows.cpu().numpy().astype(np.int32), indptr), shape=(m, n))
 
 
-__all__ = ["SPARSE_LAYOUTS", "is_sparse", "check_real", "check_finite", "result_dtype",
-           "common_device", "to_numpy", "SparseEntries", "entries_to_csc", "dense_to_csc"]
+__all__ = [
+    "SPARSE_LAYOUTS",
+    "SparseEntries",
+    "check_finite",
+    "check_real",
+    "common_device",
+    "dense_to_csc",
+    "entries_to_csc",
+    "is_sparse",
+    "result_dtype",
+    "to_numpy",
+]

@@ -5,6 +5,7 @@ all CVXPY parameters) with data chosen so that a given ``y0`` is optimal with mu
 ``lam0`` that are strictly positive on a known active set and zero elsewhere, and slacks
 strictly positive off it: strict complementarity by construction.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ class QPInstance:
     problem: cp.Problem
     params: list[cp.Parameter]
     y: cp.Variable
-    values: list[np.ndarray]        # one sample: F, q, G, h, A, b
+    values: list[np.ndarray]  # one sample: F, q, G, h, A, b
     y0: np.ndarray
 
     def tensors(self, batch: int | None = None, dtype=torch.float64, seed: int = 1):
@@ -40,14 +41,21 @@ class QPInstance:
         return out
 
 
-def random_qp(n: int, m: int, p: int, seed: int = 0, active_frac: float = 0.4,
-              with_eq: bool = True, with_ineq: bool = True) -> QPInstance:
+def random_qp(
+    n: int,
+    m: int,
+    p: int,
+    seed: int = 0,
+    active_frac: float = 0.4,
+    with_eq: bool = True,
+    with_ineq: bool = True,
+) -> QPInstance:
     rng = np.random.default_rng(seed)
     F = np.eye(n) + rng.standard_normal((n, n)) / (2 * np.sqrt(n))
     y0 = rng.standard_normal(n)
     G = rng.standard_normal((m, n))
     active = np.zeros(m, dtype=bool)
-    active[: int(round(active_frac * m))] = True
+    active[: round(active_frac * m)] = True
     h = G @ y0 + np.where(active, 0.0, rng.uniform(0.5, 1.5, m))
     lam0 = np.where(active, rng.uniform(0.5, 1.5, m), 0.0)
     A = rng.standard_normal((p, n))

@@ -38,6 +38,7 @@ solve's error and its truncation error is O(delta) on curved cones (Clarabel its
 a QP with a fixed active set and second-order on cones -- this is a property of the engine,
 not of the adapters, which are what this file tests.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,15 +50,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from conformance.cones import violation as cone_violation   # the suite's own check
-from ffo_core import (ConfigError, FFOLayer, SolverError, Status, available_backends,
-                      get_backend)
-from ffo_core.protocol import (ConeConstraints, ConeDims, Equalities, Objective, Solution,
-                               SolveInfo)
+from ffo_conformance.cones import violation as cone_violation  # the suite's own check
+from ffo_core import ConfigError, FFOLayer, SolverError, Status, available_backends, get_backend
+from ffo_core.protocol import ConeConstraints, ConeDims, Equalities, Objective, Solution, SolveInfo
 
 REF = "clarabel:tol_gap_abs=1e-10,tol_gap_rel=1e-10,tol_feas=1e-10"
 SCS = "scs:eps_abs=1e-9,eps_rel=1e-9,max_iters=200000"
-ECOS = "ecos:abstol=3e-9,reltol=3e-9,feastol=3e-9"   # tighter stalls at "close to optimal"
+ECOS = "ecos:abstol=3e-9,reltol=3e-9,feastol=3e-9"  # tighter stalls at "close to optimal"
 GUROBI = "gurobi:BarConvTol=1e-10,BarQCPConvTol=1e-10,FeasibilityTol=1e-9,OptimalityTol=1e-9"
 # ECOS for gradients: the FFO finite difference divides the solver's error by delta, and
 # through the SOC epigraph ECOS's y carries ~sqrt(eps); 1e-10 keeps that below 1e-3.
@@ -92,12 +91,19 @@ def _has_osqp() -> bool:
 def _svec(S: np.ndarray) -> np.ndarray:
     """Protocol svec: upper triangle, column by column, off-diagonals times sqrt(2)."""
     k = S.shape[0]
-    return np.array([S[i, j] * (1.0 if i == j else SQRT2) for j in range(k)
-                     for i in range(j + 1)])
+    return np.array([S[i, j] * (1.0 if i == j else SQRT2) for j in range(k) for i in range(j + 1)])
 
 
-def random_conic(seed: int, n: int = 6, p: int = 2, nonneg: int = 6, soc=(), exp: int = 0,
-                 psd=(), quad: float = 1.0):
+def random_conic(
+    seed: int,
+    n: int = 6,
+    p: int = 2,
+    nonneg: int = 6,
+    soc=(),
+    exp: int = 0,
+    psd=(),
+    quad: float = 1.0,
+):
     """``min 1/2 y'Py + q'y`` over random cones, strictly feasible at a random ``y0``.
 
     ``quad`` scales ``P`` (``1e-2``: an LP with a small quadratic).  ``q`` is large enough
@@ -135,11 +141,14 @@ def epigraph(g: Objective, h: ConeConstraints, e: Equalities):
     """
     n = g.n
     w, V = np.linalg.eigh(g.P.toarray())
-    F = (V * np.sqrt(np.maximum(w, 0))).T                  # F'F = P
-    soc_rows = sp.vstack([
-        sp.csr_matrix(([-1.0], ([0], [n])), shape=(1, n + 1)),
-        sp.hstack([sp.csr_matrix(-F), sp.csr_matrix((n, 1))]),
-        sp.csr_matrix(([-1.0], ([0], [n])), shape=(1, n + 1))])
+    F = (V * np.sqrt(np.maximum(w, 0))).T  # F'F = P
+    soc_rows = sp.vstack(
+        [
+            sp.csr_matrix(([-1.0], ([0], [n])), shape=(1, n + 1)),
+            sp.hstack([sp.csr_matrix(-F), sp.csr_matrix((n, 1))]),
+            sp.csr_matrix(([-1.0], ([0], [n])), shape=(1, n + 1)),
+        ]
+    )
     soc_h = np.r_[0.5, np.zeros(n), -0.5]
     G = sp.hstack([h.G, sp.csr_matrix((h.m, 1))]).tocsr()
     d = h.dims
@@ -148,13 +157,13 @@ def epigraph(g: Objective, h: ConeConstraints, e: Equalities):
     h2 = np.r_[h.h[:cut], soc_h, h.h[cut:]]
     dims = dataclasses.replace(d, soc=d.soc + (n + 2,))
     A2 = sp.hstack([e.A, sp.csr_matrix((e.p, 1))], format="csc")
-    return (Objective(None, np.r_[g.q, 1.0]), ConeConstraints(G2, h2, dims),
-            Equalities(A2, e.b))
+    return (Objective(None, np.r_[g.q, 1.0]), ConeConstraints(G2, h2, dims), Equalities(A2, e.b))
 
 
 # -- cone membership (the protocol's cones and their duals) ----------------------------------
-def _kkt(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
-         extra=None) -> dict[str, float]:
+def _kkt(
+    g: Objective, h: ConeConstraints, e: Equalities, sol: Solution, extra=None
+) -> dict[str, float]:
     """Relative KKT residuals of the protocol (scaled by the data's size)."""
     y, nu, lam, s = sol.primal, sol.eq_dual, sol.ineq_dual, sol.slack
     q = g.q if extra is None else g.q + extra
@@ -162,8 +171,8 @@ def _kkt(g: Objective, h: ConeConstraints, e: Equalities, sol: Solution,
     scale = 1.0 + max(np.abs(q).max(), np.abs(lam).max(initial=0), np.abs(nu).max(initial=0))
     return {
         "stationarity": float(np.abs(Py + q + e.A.T @ nu + h.G.T @ lam).max()) / scale,
-        "equalities": float(np.abs(e.A @ y - e.b).max(initial=0.0)) / (1 + np.abs(e.b).max(
-            initial=0.0)),
+        "equalities": float(np.abs(e.A @ y - e.b).max(initial=0.0))
+        / (1 + np.abs(e.b).max(initial=0.0)),
         "slack": float(np.abs(h.G @ y + s - h.h).max()) / (1 + np.abs(h.h).max()),
         "s in K": cone_violation(s, h.dims, dual=False),
         "lam in K*": cone_violation(lam, h.dims, dual=True),
@@ -183,7 +192,7 @@ BACKENDS = {
     "cvxpy-osqp": (OSQP, {"nonneg"}, 1e-6, 1e-6),
     "cvxpy-scs": (CVXPY_SCS, {"nonneg", "soc", "exp", "psd"}, 1e-6, 1e-6),
 }
-GUROBI_SOC_TOL = 1e-4   # GUROBI's QCP duals (barrier, no crossover): ~1e-5 accurate
+GUROBI_SOC_TOL = 1e-4  # GUROBI's QCP duals (barrier, no crossover): ~1e-5 accurate
 
 INSTANCES = {
     "qp": dict(quad=1.0),
@@ -214,14 +223,15 @@ def _cones_of(inst):
     return {"nonneg"} | {c for c in ("soc", "exp", "psd") if INSTANCES[inst].get(c)}
 
 
-SOLUTION_CASES = [(key, inst) for key in BACKENDS for inst in INSTANCES
-                  if _cones_of(inst) <= BACKENDS[key][1]]
+SOLUTION_CASES = [
+    (key, inst) for key in BACKENDS for inst in INSTANCES if _cones_of(inst) <= BACKENDS[key][1]
+]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("key,inst", SOLUTION_CASES, ids=[f"{k}-{i}" for k, i in SOLUTION_CASES])
 def test_solution_and_duals_match_clarabel_and_kkt(key, inst, seed, reference):
-    spec, cones, tol, kkt_tol = BACKENDS[key]
+    _spec, _cones, tol, kkt_tol = BACKENDS[key]
     kw = INSTANCES[inst]
     needed = _cones_of(inst)
     backend = _backend_or_skip(key)
@@ -237,7 +247,7 @@ def test_solution_and_duals_match_clarabel_and_kkt(key, inst, seed, reference):
     n = ref.primal.size
     scale = 1 + np.abs(ref.primal).max()
     assert np.abs(sol.primal[:n] - ref.primal).max() / scale <= tol
-    if g.n == n:        # same problem: duals must agree too (they are unique here)
+    if g.n == n:  # same problem: duals must agree too (they are unique here)
         lam_scale = 1 + np.abs(ref.ineq_dual).max()
         assert np.abs(sol.ineq_dual - ref.ineq_dual).max() / lam_scale <= 10 * tol
         assert np.abs(sol.eq_dual - ref.eq_dual).max() / lam_scale <= 10 * tol
@@ -257,8 +267,9 @@ def test_extra_linear_term_is_added_to_q(key, reference):
         extra = np.r_[extra, 0.0]
     sol = backend.solve(g, h, e, extra)
     assert sol.status is Status.OPTIMAL
-    assert np.abs(sol.primal[:ref.primal.size] - ref.primal).max() <= 1e-6 * (
-        1 + np.abs(ref.primal).max())
+    assert np.abs(sol.primal[: ref.primal.size] - ref.primal).max() <= 1e-6 * (
+        1 + np.abs(ref.primal).max()
+    )
     assert max(_kkt(g, h, e, sol, extra).values()) <= 1e-6
 
 
@@ -287,10 +298,10 @@ def qp_instance(seed, n=6, m=8, p=2, reg=1.0):
     q = -(F.T @ F @ y0 + A.T @ nu0 + G.T @ lam0)
     y = cp.Variable(n)
     Fp, qp_ = cp.Parameter((n, n)), cp.Parameter(n)
-    Gp, hp, Ap, bp = cp.Parameter((m, n)), cp.Parameter(m), cp.Parameter((p, n)), \
-        cp.Parameter(p)
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Fp @ y) + qp_ @ y),
-                      [Gp @ y <= hp, Ap @ y == bp])
+    Gp, hp, Ap, bp = cp.Parameter((m, n)), cp.Parameter(m), cp.Parameter((p, n)), cp.Parameter(p)
+    prob = cp.Problem(
+        cp.Minimize(0.5 * cp.sum_squares(Fp @ y) + qp_ @ y), [Gp @ y <= hp, Ap @ y == bp]
+    )
     return prob, [Fp, qp_, Gp, hp, Ap, bp], y, [F, q, G, G @ y0 + s0, A, A @ y0]
 
 
@@ -309,11 +320,17 @@ def socp_instance(seed, n=5, m=4):
     mu = rng.uniform(0.5, 1.5)
     q = -(F.T @ F @ y0 + mu * C.T @ u / r + G.T @ lam0)
     y = cp.Variable(n)
-    Fp, qp_, Cp, dp, rp = (cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter((3, n)),
-                           cp.Parameter(3), cp.Parameter())
+    Fp, qp_, Cp, dp, rp = (
+        cp.Parameter((n, n)),
+        cp.Parameter(n),
+        cp.Parameter((3, n)),
+        cp.Parameter(3),
+        cp.Parameter(),
+    )
     Gp, hp = cp.Parameter((m, n)), cp.Parameter(m)
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Fp @ y) + qp_ @ y),
-                      [cp.SOC(rp, Cp @ y + dp), Gp @ y <= hp])
+    prob = cp.Problem(
+        cp.Minimize(0.5 * cp.sum_squares(Fp @ y) + qp_ @ y), [cp.SOC(rp, Cp @ y + dp), Gp @ y <= hp]
+    )
     return prob, [Fp, qp_, Cp, dp, rp, Gp, hp], y, [F, q, C, d, np.array(r), G, G @ y0 + s0]
 
 
@@ -331,8 +348,7 @@ def psd_instance(seed, k=3):
     V, _ = np.linalg.qr(rng.standard_normal((k, k)))
     C = -(V * np.array([2.0, 1.0, -1.0])[:k]) @ V.T
     X, Cp = cp.Variable((k, k)), cp.Parameter((k, k))
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(X) + cp.trace(Cp @ X)),
-                      [X >> 0, X == X.T])
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(X) + cp.trace(Cp @ X)), [X >> 0, X == X.T])
     return prob, [Cp], X, [C]
 
 
@@ -345,28 +361,38 @@ def _grads(layer, values, w):
 
 GRAD_CASES = [
     # (instance, backend config, layer options, max relative error)
-    ("qp", SCS, {}, 1e-3), ("qp", ECOS_TIGHT, {}, 1e-3), ("qp", GUROBI, {}, 1e-3),
+    ("qp", SCS, {}, 1e-3),
+    ("qp", ECOS_TIGHT, {}, 1e-3),
+    ("qp", GUROBI, {}, 1e-3),
     ("qp", OSQP, {}, 1e-3),
     ("lp_small_quad", SCS, {"central": True}, 1e-3),
     ("lp_small_quad", ECOS_TIGHT, {"central": True}, 1e-3),
     ("lp_small_quad", GUROBI, {"central": True}, 1e-3),
     ("lp_small_quad", OSQP, {"central": True}, 1e-3),
-    ("socp", SCS, {"central": True}, 1e-3), ("socp", ECOS_TIGHT, {"central": True}, 1e-3),
+    ("socp", SCS, {"central": True}, 1e-3),
+    ("socp", ECOS_TIGHT, {"central": True}, 1e-3),
     # GUROBI's QCP duals are ~1e-5 accurate (barrier without crossover); the FFO difference
     # divides that by delta: measured up to 1.5e-3 over seeds 0-3, so 5e-3 here
     ("socp", GUROBI, {"central": True}, 5e-3),
     ("socp", CVXPY_SCS, {"central": True}, 1e-3),
     ("exp", SCS, {"central": True}, 1e-3),
-    ("exp", ECOS, {"central": True}, 1e-3),            # ECOS stalls at 1e-10 on this one
-    ("psd", SCS, {"central": True}, 1e-3), ("psd", CVXPY_SCS, {"central": True}, 1e-3),
+    ("exp", ECOS, {"central": True}, 1e-3),  # ECOS stalls at 1e-10 on this one
+    ("psd", SCS, {"central": True}, 1e-3),
+    ("psd", CVXPY_SCS, {"central": True}, 1e-3),
 ]
-MAKERS = {"qp": qp_instance, "lp_small_quad": lambda s: qp_instance(s, reg=0.1),
-          "socp": socp_instance, "exp": exp_instance, "psd": psd_instance}
+MAKERS = {
+    "qp": qp_instance,
+    "lp_small_quad": lambda s: qp_instance(s, reg=0.1),
+    "socp": socp_instance,
+    "exp": exp_instance,
+    "psd": psd_instance,
+}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-@pytest.mark.parametrize("inst,spec,opts,tol", GRAD_CASES,
-                         ids=[f"{i}-{s.split(',')[0]}" for i, s, _, _ in GRAD_CASES])
+@pytest.mark.parametrize(
+    "inst,spec,opts,tol", GRAD_CASES, ids=[f"{i}-{s.split(',')[0]}" for i, s, _, _ in GRAD_CASES]
+)
 def test_gradients_match_kkt_reference(inst, spec, opts, tol, seed):
     name = spec.split(":")[0]
     ok, reason = _can_run(name)
@@ -403,8 +429,9 @@ def test_batched_layer_with_threads_matches_per_sample():
         vals[1] = qs[i]
         yi, gi = _grads(FFOLayer(prob, params, [y], solver=REF, backward="kkt"), vals, w[i])
         assert torch.allclose(out[i].detach(), yi, atol=1e-6)
-        assert torch.allclose(ts[1].grad[i], gi[values[0].size:values[0].size + qs.shape[1]],
-                              atol=1e-4)
+        assert torch.allclose(
+            ts[1].grad[i], gi[values[0].size : values[0].size + qs.shape[1]], atol=1e-4
+        )
 
 
 # ================================================================================================
@@ -414,7 +441,7 @@ def test_batched_layer_with_threads_matches_per_sample():
 def test_structure_reuse_gives_fresh_answers(key, reference):
     """A cached solver updated with new q, b, h solves the new problem, not the old one."""
     backend = _backend_or_skip(key)
-    if key == "scs":                   # SCS's cache is opt-in (off keeps runs repeatable)
+    if key == "scs":  # SCS's cache is opt-in (off keeps runs repeatable)
         backend = get_backend(BACKENDS["scs"][0] + ",cache_size=4")
     g, h, e = random_conic(6)
     backend.solve(g, h, e)
@@ -427,7 +454,7 @@ def test_structure_reuse_gives_fresh_answers(key, reference):
         sol = backend.solve(g2, h2, e2)
         assert np.abs(sol.primal - ref.primal).max() <= 1e-6 * (1 + np.abs(ref.primal).max())
         assert max(_kkt(g2, h2, e2, sol).values()) <= 1e-6
-    assert len(backend._local.cache) == 1          # one structure, reused
+    assert len(backend._local.cache) == 1  # one structure, reused
     # a different matrix is a different structure
     g3 = Objective(g.P * 2.0, g.q)
     backend.solve(g3, h, e)
@@ -458,8 +485,9 @@ def test_one_instance_from_many_threads(key, reference):
         try:
             for _ in range(2):
                 results[i] = backend.solve(*problems[i])
-        except Exception as exc:          # surfaced below
+        except Exception as exc:  # surfaced below
             errors.append(exc)
+
     threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
@@ -468,7 +496,7 @@ def test_one_instance_from_many_threads(key, reference):
     assert not errors
     tol = BACKENDS[key][2]
     for sol, ref in zip(results, expected):
-        assert np.abs(sol.primal[:ref.size] - ref).max() <= tol * (1 + np.abs(ref).max())
+        assert np.abs(sol.primal[: ref.size] - ref).max() <= tol * (1 + np.abs(ref).max())
 
 
 # ================================================================================================
@@ -477,16 +505,21 @@ def test_one_instance_from_many_threads(key, reference):
 def _infeasible():
     """y >= 1 and y <= -1 (one variable)."""
     G = sp.csc_matrix(np.array([[-1.0], [1.0]]))
-    return (Objective(None, np.array([1.0])), ConeConstraints(G, np.array([-1.0, -1.0]),
-            ConeDims(nonneg=2)), Equalities(sp.csc_matrix((0, 1)), np.zeros(0)))
+    return (
+        Objective(None, np.array([1.0])),
+        ConeConstraints(G, np.array([-1.0, -1.0]), ConeDims(nonneg=2)),
+        Equalities(sp.csc_matrix((0, 1)), np.zeros(0)),
+    )
 
 
 def _unbounded():
     """min -y0 - y1 s.t. y >= 0, y0 - y1 = 0."""
     G = sp.csc_matrix(-np.eye(2))
-    return (Objective(None, np.array([-1.0, -1.0])),
-            ConeConstraints(G, np.zeros(2), ConeDims(nonneg=2)),
-            Equalities(sp.csc_matrix(np.array([[1.0, -1.0]])), np.zeros(1)))
+    return (
+        Objective(None, np.array([-1.0, -1.0])),
+        ConeConstraints(G, np.zeros(2), ConeDims(nonneg=2)),
+        Equalities(sp.csc_matrix(np.array([[1.0, -1.0]])), np.zeros(1)),
+    )
 
 
 STATUS_BACKENDS = ["scs", "ecos", "gurobi", "cvxpy-osqp", "cvxpy-scs"]
@@ -508,14 +541,17 @@ def test_unbounded_status(key):
     assert sol.primal is None
 
 
-@pytest.mark.parametrize("spec,soc,expected", [
-    ("scs:max_iters=3", (4,), Status.ITERATION_LIMIT),
-    ("scs:time_limit=1e-7", (4,), Status.TIME_LIMIT),
-    ("ecos:max_iters=1", (4,), Status.ITERATION_LIMIT),
-    ("gurobi:BarIterLimit=1,Method=2,Crossover=0", (4,), Status.ITERATION_LIMIT),
-    ("gurobi:IterationLimit=0,Method=0", (), Status.ITERATION_LIMIT),
-    ("gurobi:TimeLimit=0", (4,), Status.TIME_LIMIT),
-])
+@pytest.mark.parametrize(
+    "spec,soc,expected",
+    [
+        ("scs:max_iters=3", (4,), Status.ITERATION_LIMIT),
+        ("scs:time_limit=1e-7", (4,), Status.TIME_LIMIT),
+        ("ecos:max_iters=1", (4,), Status.ITERATION_LIMIT),
+        ("gurobi:BarIterLimit=1,Method=2,Crossover=0", (4,), Status.ITERATION_LIMIT),
+        ("gurobi:IterationLimit=0,Method=0", (), Status.ITERATION_LIMIT),
+        ("gurobi:TimeLimit=0", (4,), Status.TIME_LIMIT),
+    ],
+)
 def test_limit_statuses(spec, soc, expected):
     name = spec.split(":")[0]
     ok, reason = _can_run(name)
@@ -543,13 +579,16 @@ def test_layer_raises_on_infeasible_forward():
 # ================================================================================================
 # (d) settings, config strings, registry
 # ================================================================================================
-@pytest.mark.parametrize("spec,valid", [
-    ("scs:eps_abss=1e-9", "eps_abs"),
-    ("ecos:feas_tol=1e-9", "feastol"),
-    ("gurobi:FeasibilityTolerance=1e-9", "FeasibilityTol"),
-    ("cvxpy:OSQP,epsabs=1e-9", "eps_abs"),
-    ("cvxpy:CLARABEL,tolgap=1", "tol_gap_abs"),
-])
+@pytest.mark.parametrize(
+    "spec,valid",
+    [
+        ("scs:eps_abss=1e-9", "eps_abs"),
+        ("ecos:feas_tol=1e-9", "feastol"),
+        ("gurobi:FeasibilityTolerance=1e-9", "FeasibilityTol"),
+        ("cvxpy:OSQP,epsabs=1e-9", "eps_abs"),
+        ("cvxpy:CLARABEL,tolgap=1", "tol_gap_abs"),
+    ],
+)
 def test_unknown_setting_is_config_error_naming_valid_ones(spec, valid):
     name = spec.split(":")[0]
     ok, reason = _can_run(name)
@@ -563,12 +602,16 @@ def test_unknown_setting_is_config_error_naming_valid_ones(spec, valid):
 def test_mosek_unknown_setting_without_licence():
     pytest.importorskip("mosek")
     from ffo_backends.mosek import MosekBackend
+
     with pytest.raises(ConfigError) as info:
         MosekBackend(intpnt_co_tol_rel_gapp=1e-9)
     assert "MSK_DPAR_INTPNT_CO_TOL_REL_GAP" in str(info.value)
     ok = MosekBackend(intpnt_co_tol_rel_gap=1e-9, time_limit=3, MSK_IPAR_NUM_THREADS=1)
-    assert ok.settings == {"MSK_DPAR_INTPNT_CO_TOL_REL_GAP": 1e-9,
-                           "MSK_DPAR_OPTIMIZER_MAX_TIME": 3, "MSK_IPAR_NUM_THREADS": 1}
+    assert ok.settings == {
+        "MSK_DPAR_INTPNT_CO_TOL_REL_GAP": 1e-9,
+        "MSK_DPAR_OPTIMIZER_MAX_TIME": 3,
+        "MSK_IPAR_NUM_THREADS": 1,
+    }
 
 
 def test_settings_use_solver_names_and_aliases():
@@ -578,9 +621,9 @@ def test_settings_use_solver_names_and_aliases():
         assert gb.params["Threads"] == 1 and gb.params["FeasibilityTol"] == 1e-9
         assert gb.params["TimeLimit"] == 5
         with pytest.raises(ConfigError):
-            get_backend("gurobi:FeasibilityTol=5")        # out of GUROBI's range
+            get_backend("gurobi:FeasibilityTol=5")  # out of GUROBI's range
     with pytest.raises(ConfigError):
-        get_backend("ecos:time_limit=1")                   # ECOS has no time limit
+        get_backend("ecos:time_limit=1")  # ECOS has no time limit
     osqp = get_backend("cvxpy:osqp,time_limit=2") if _has_osqp() else None
     if osqp is not None:
         assert osqp.solver == "OSQP" and osqp.settings["time_limit"] == 2
@@ -603,6 +646,7 @@ def test_cvxpy_passthrough_config_and_capabilities():
 
 def test_layer_refuses_cones_a_backend_lacks():
     from ffo_core import ProblemError
+
     if not _has_osqp():
         pytest.skip("OSQP is not installed for CVXPY")
     prob, params, y, _ = socp_instance(0)
@@ -625,10 +669,13 @@ def test_registry_lists_every_first_party_backend():
 def test_adapters_import_no_solver_and_no_torch():
     import subprocess
     import sys
-    code = ("import sys; import ffo_backends.scs, ffo_backends.ecos, ffo_backends.gurobi, "
-            "ffo_backends.mosek, ffo_backends.cvxpy_passthrough; "
-            "bad = [m for m in ('torch', 'scs', 'ecos', 'gurobipy', 'mosek', 'osqp') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+
+    code = (
+        "import sys; import ffo_backends.scs, ffo_backends.ecos, ffo_backends.gurobi, "
+        "ffo_backends.mosek, ffo_backends.cvxpy_passthrough; "
+        "bad = [m for m in ('torch', 'scs', 'ecos', 'gurobipy', 'mosek', 'osqp') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -638,27 +685,30 @@ def test_adapters_import_no_solver_and_no_torch():
 # ================================================================================================
 gurobi_limited = pytest.mark.skipif(
     not GUROBI_OK or "size-limited" not in GUROBI_REASON,
-    reason=f"needs GUROBI with its size-limited pip licence ({GUROBI_REASON or 'full licence'})")
+    reason=f"needs GUROBI with its size-limited pip licence ({GUROBI_REASON or 'full licence'})",
+)
 
 
 def _lp(n):
     rng = np.random.default_rng(0)
     G = sp.csc_matrix(-np.eye(n))
-    return (Objective(None, rng.uniform(0.5, 1.0, n)),
-            ConeConstraints(G, np.zeros(n), ConeDims(nonneg=n)),
-            Equalities(sp.csc_matrix((0, n)), np.zeros(0)))
+    return (
+        Objective(None, rng.uniform(0.5, 1.0, n)),
+        ConeConstraints(G, np.zeros(n), ConeDims(nonneg=n)),
+        Equalities(sp.csc_matrix((0, n)), np.zeros(0)),
+    )
 
 
 @gurobi_limited
 def test_gurobi_size_limit_is_a_typed_error_with_the_limit():
     backend = get_backend("gurobi")
     assert backend.capabilities.max_variables == 2000
-    sol = backend.solve(*_lp(50))                               # small: fine
+    sol = backend.solve(*_lp(50))  # small: fine
     assert sol.status is Status.OPTIMAL
     with pytest.raises(SolverError) as info:
         backend.solve(*_lp(2001))
     assert "2000" in str(info.value) and info.value.backend == "gurobi"
-    g, h, e = random_conic(0, n=201, p=0, nonneg=5)               # quadratic: limit 200
+    g, h, e = random_conic(0, n=201, p=0, nonneg=5)  # quadratic: limit 200
     with pytest.raises(SolverError) as info:
         backend.solve(g, h, e)
     assert "200 variables" in str(info.value)
@@ -684,25 +734,27 @@ def test_gurobi_availability_reports_the_limit():
 # (f) MOSEK: translation unit tests (no licence) and licensed solves
 # ================================================================================================
 import ffo_backends.mosek as mosek_mod  # noqa: E402  (imports no solver: pure translation)
+
 MOSEK_OK, MOSEK_REASON = _can_run("mosek")
 needs_mosek_licence = pytest.mark.skipif(
-    not MOSEK_OK, reason=f"MOSEK solve tests need a licence ({MOSEK_REASON}); set "
-                         "MOSEKLM_LICENSE_FILE to run them")
+    not MOSEK_OK,
+    reason=f"MOSEK solve tests need a licence ({MOSEK_REASON}); set "
+    "MOSEKLM_LICENSE_FILE to run them",
+)
 
 
 def _mosek_lower_svec(S):
     """MOSEK's svec_psd_cone layout, written from its documentation: the lower triangle
     stacked column by column, off-diagonals times sqrt(2)."""
     k = S.shape[0]
-    return np.array([S[i, j] * (1.0 if i == j else SQRT2) for j in range(k)
-                     for i in range(j, k)])
+    return np.array([S[i, j] * (1.0 if i == j else SQRT2) for j in range(k) for i in range(j, k)])
 
 
 def _mosek_membership(v, domains, dual):
     """Distance of ``v`` from MOSEK's domains (``dual``: their duals), from MOSEK's docs."""
     worst, start = 0.0, 0
     for kind, rows in domains:
-        x = v[start:start + rows]
+        x = v[start : start + rows]
         start += rows
         if kind == "rzero":
             worst = max(worst, 0.0 if dual else float(np.abs(x).max()))
@@ -710,12 +762,12 @@ def _mosek_membership(v, domains, dual):
             worst = max(worst, float(np.max(-x, initial=0.0)))
         elif kind == "quadratic_cone":
             worst = max(worst, float(np.linalg.norm(x[1:]) - x[0]))
-        elif kind == "primal_exp_cone" and not dual:   # x0 >= x1 exp(x2/x1), x0, x1 >= 0
+        elif kind == "primal_exp_cone" and not dual:  # x0 >= x1 exp(x2/x1), x0, x1 >= 0
             worst = max(worst, float(x[1] * np.exp(x[2] / x[1]) - x[0]))
-        elif kind == "primal_exp_cone":                 # x0 >= -x2 e^-1 exp(x1/x2), x2 < 0
+        elif kind == "primal_exp_cone":  # x0 >= -x2 e^-1 exp(x1/x2), x2 < 0
             worst = max(worst, float(-x[2] * np.exp(-1.0) * np.exp(x[1] / x[2]) - x[0]))
         elif kind == "svec_psd_cone":
-            k = int(round((np.sqrt(8 * rows + 1) - 1) / 2))
+            k = round((np.sqrt(8 * rows + 1) - 1) / 2)
             S = np.zeros((k, k))
             t = 0
             for j in range(k):
@@ -741,8 +793,13 @@ def test_mosek_row_order_and_domains():
     # zero(1), nonneg(2), soc(3) untouched; exp blocks reversed; psd 2x2: (0,0),(1,0),(1,1)
     assert perm.tolist() == [0, 1, 2, 3, 4, 5, 8, 7, 6, 11, 10, 9, 12, 13, 14]
     assert mosek_mod.domains(1, dims) == [
-        ("rzero", 1), ("rplus", 2), ("quadratic_cone", 3), ("primal_exp_cone", 3),
-        ("primal_exp_cone", 3), ("svec_psd_cone", 3)]
+        ("rzero", 1),
+        ("rplus", 2),
+        ("quadratic_cone", 3),
+        ("primal_exp_cone", 3),
+        ("primal_exp_cone", 3),
+        ("svec_psd_cone", 3),
+    ]
     assert sorted(perm.tolist()) == list(range(15))
 
 
@@ -791,10 +848,12 @@ def test_mosek_task_is_built_as_translated():
         c = np.zeros(g.n)
         task.getcslice(0, g.n, c)
         assert np.array_equal(c, g.q + 1.0)
-        kinds = [mosek_mod._enum_name(task.getdomaintype(task.getaccdomain(i)))
-                 for i in range(task.getnumacc())]
+        kinds = [
+            mosek_mod._enum_name(task.getdomaintype(task.getaccdomain(i)))
+            for i in range(task.getnumacc())
+        ]
         assert kinds == [k for k, _ in data.domains]
-        bk, lo, up = task.getvarbound(0)
+        bk, _lo, _up = task.getvarbound(0)
         assert mosek_mod._enum_name(bk) == "fr"
 
 
@@ -813,7 +872,7 @@ def test_mosek_solution_is_read_back_from_a_task(reference):
         task.putxx(itr, ref.primal)
         start = 0
         for i, (_, rows) in enumerate(data.domains):
-            task.putaccdoty(itr, i, np.ascontiguousarray(doty[start:start + rows]))
+            task.putaccdoty(itr, i, np.ascontiguousarray(doty[start : start + rows]))
             start += rows
         xx, got = mosek_mod.read_point(task, data)
         info = mosek_mod.read_info(task, task.getsolsta(itr), mosek.rescode.ok)
@@ -833,8 +892,7 @@ def test_mosek_status_map():
     assert mosek_mod.map_status("unknown", "trm_max_iterations") is Status.ITERATION_LIMIT
     assert mosek_mod.map_status("unknown", "trm_max_time") is Status.TIME_LIMIT
     assert mosek_mod.map_status("unknown", "trm_stall") is Status.NUMERICAL_ERROR
-    assert mosek_mod.map_status("prim_and_dual_feas", "trm_stall") is \
-        Status.OPTIMAL_INACCURATE
+    assert mosek_mod.map_status("prim_and_dual_feas", "trm_stall") is Status.OPTIMAL_INACCURATE
 
 
 def test_mosek_rejects_a_quadratic_objective():
@@ -860,15 +918,17 @@ def test_mosek_availability_names_the_licence_variable(monkeypatch, tmp_path):
 @needs_mosek_licence
 @pytest.mark.parametrize("inst", ["qp", "socp", "exp_psd_soc"])
 def test_mosek_solution_and_duals(inst, reference):
-    backend = get_backend("mosek:intpnt_co_tol_rel_gap=1e-10,intpnt_co_tol_pfeas=1e-10,"
-                          "intpnt_co_tol_dfeas=1e-10")
+    backend = get_backend(
+        "mosek:intpnt_co_tol_rel_gap=1e-10,intpnt_co_tol_pfeas=1e-10,intpnt_co_tol_dfeas=1e-10"
+    )
     g, h, e = random_conic(0, **INSTANCES[inst])
     ref = reference.solve(g, h, e)
     g, h, e = epigraph(g, h, e)
     sol = backend.solve(g, h, e)
     assert sol.status is Status.OPTIMAL
-    assert np.abs(sol.primal[:ref.primal.size] - ref.primal).max() <= 1e-6 * (
-        1 + np.abs(ref.primal).max())
+    assert np.abs(sol.primal[: ref.primal.size] - ref.primal).max() <= 1e-6 * (
+        1 + np.abs(ref.primal).max()
+    )
     assert max(_kkt(g, h, e, sol).values()) <= 1e-6
 
 
@@ -888,31 +948,33 @@ def test_mosek_statuses_and_gradients():
 
 def test_upper_triangle_and_prune_match_scipy():
     import scipy.sparse as sp
+
     from ffo_core.backend_base import prune, upper_triangle
+
     rng = np.random.default_rng(0)
     D = rng.standard_normal((7, 7)) * (rng.random((7, 7)) < 0.5)
     D[2, 2] = 0.0
     M = sp.csc_matrix(D + D.T)
-    M.data[::3] = 0.0                                 # stored zeros
+    M.data[::3] = 0.0  # stored zeros
     U = upper_triangle(M)
     assert U.has_canonical_format and np.all(U.data)
     assert np.array_equal(U.toarray(), np.triu(M.toarray()))
     clean = prune(M)
-    assert clean is not M and np.all(clean.data) and np.array_equal(clean.toarray(),
-                                                                   M.toarray())
-    assert prune(clean) is clean                      # nothing to drop: no copy
+    assert clean is not M and np.all(clean.data) and np.array_equal(clean.toarray(), M.toarray())
+    assert prune(clean) is clean  # nothing to drop: no copy
     # canonical input: only the nonzero entries are gathered (first, last and a whole
     # column of zeros dropped); the input is untouched
     Z = sp.csc_matrix(np.ones((3, 4)))
-    Z.data[[0, 4, 5, 6, 11]] = 0.0                    # column 1 all zeros (entries 3..5)
+    Z.data[[0, 4, 5, 6, 11]] = 0.0  # column 1 all zeros (entries 3..5)
     Z.data[3] = 0.0
     before = Z.data.copy()
     clean = prune(Z)
     assert clean.has_canonical_format and np.all(clean.data)
     assert np.array_equal(clean.toarray(), Z.toarray()) and np.array_equal(Z.data, before)
     # unsorted indices with a duplicate: merged and sorted, so solvers get sorted columns
-    W = sp.csc_matrix((np.array([1.0, 2.0, 0.5, 3.0]), np.array([1, 0, 1, 0]),
-                       np.array([0, 3, 4])), shape=(2, 2))
+    W = sp.csc_matrix(
+        (np.array([1.0, 2.0, 0.5, 3.0]), np.array([1, 0, 1, 0]), np.array([0, 3, 4])), shape=(2, 2)
+    )
     for out in (prune(W), upper_triangle(W)):
         assert out.has_canonical_format
     assert np.array_equal(prune(W).toarray(), W.toarray())
@@ -925,15 +987,17 @@ def test_select_rows_batch_gives_scipys_row_selection_bit_for_bit(index_dtype, m
     ``M[rows]``: empty, full and random masks, empty columns, a matrix without rows, and
     batches taken in slices (the work-array cap patched down to one sample per slice)."""
     import scipy.sparse as sp
+
     import ffo_core.sparse_ops as so
+
     rng = np.random.default_rng(3)
     for trial in range(60):
         rows, n = int(rng.integers(0, 25)), int(rng.integers(1, 12))
-        M = sp.random(rows, n, density=rng.uniform(0.0, 0.6), format="csc",
-                      random_state=rng)
+        M = sp.random(rows, n, density=rng.uniform(0.0, 0.6), format="csc", random_state=rng)
         M.sort_indices()
-        M = sp.csc_matrix((M.data, M.indices.astype(index_dtype),
-                           M.indptr.astype(index_dtype)), shape=M.shape)
+        M = sp.csc_matrix(
+            (M.data, M.indices.astype(index_dtype), M.indptr.astype(index_dtype)), shape=M.shape
+        )
         masks = rng.random((5, rows)) < rng.uniform(0.0, 1.0)
         masks[0] = False
         masks[1] = True
@@ -949,12 +1013,13 @@ def test_select_rows_batch_gives_scipys_row_selection_bit_for_bit(index_dtype, m
                 a, b = getattr(got, name), getattr(want, name)
                 assert a.dtype == b.dtype and np.array_equal(a, b), (trial, name)
     # a matrix with unsorted and duplicate entries is made canonical first (a copy)
-    W = sp.csc_matrix((np.array([1.0, 2.0, 0.5, 3.0]), np.array([2, 0, 2, 1]),
-                       np.array([0, 3, 4])), shape=(3, 2))
+    W = sp.csc_matrix(
+        (np.array([1.0, 2.0, 0.5, 3.0]), np.array([2, 0, 2, 1]), np.array([0, 3, 4])), shape=(3, 2)
+    )
     before = W.indices.copy()
     masks = np.array([[True, False, True], [False, True, True]])
     for mask, got in zip(masks, so.select_rows_batch(W, masks)):
-        assert got.has_sorted_indices and np.all(np.diff(got.indices[:got.indptr[1]]) > 0)
+        assert got.has_sorted_indices and np.all(np.diff(got.indices[: got.indptr[1]]) > 0)
         assert np.array_equal(got.toarray(), W.toarray()[mask])
     assert np.array_equal(W.indices, before)
 
@@ -965,22 +1030,26 @@ def test_clarabel_resolve_reuses_a_ghost_solver_only_for_the_same_problem():
     the fresh solve's answer to solver accuracy; other objects, or no previous, get a fresh
     solve, bit for bit; forward solves (no extra term) keep no solver."""
     from ffo_backends.clarabel import _KEPT
+
     backend = get_backend("clarabel")
     n = 4
     g = Objective(sp.identity(n, format="csc"), np.array([3.0, -1.0, 0.5, 2.0]))
-    h = ConeConstraints(sp.vstack([sp.csc_matrix((1, n)), -sp.identity(n)], format="csc"),
-                        np.r_[1.0, np.zeros(n)], ConeDims(soc=(n + 1,)))   # ||y|| <= 1
+    h = ConeConstraints(
+        sp.vstack([sp.csc_matrix((1, n)), -sp.identity(n)], format="csc"),
+        np.r_[1.0, np.zeros(n)],
+        ConeDims(soc=(n + 1,)),
+    )  # ||y|| <= 1
     e = Equalities(sp.csc_matrix(np.ones((1, n))), np.array([0.5]))
     assert _KEPT not in backend.solve(g, h, e).info.extra
     up = backend.solve(g, h, e, 1e-3 * np.ones(n))
     kept = up.info.extra[_KEPT]
     term = np.array([-1e-3, 2e-3, 0.0, 1e-3])
     again = backend.resolve(up, g, h, e, term)
-    assert again.info.extra[_KEPT].solver is kept.solver          # no new set-up
+    assert again.info.extra[_KEPT].solver is kept.solver  # no new set-up
     fresh = backend.solve(g, h, e, term)
     for field in ("primal", "eq_dual", "ineq_dual", "slack"):
         assert np.allclose(getattr(again, field), getattr(fresh, field), atol=1e-8), field
-    e2 = Equalities(e.A.copy(), e.b.copy())                       # equal, not the same
+    e2 = Equalities(e.A.copy(), e.b.copy())  # equal, not the same
     for previous, problem in ((up, (g, h, e2)), (None, (g, h, e))):
         other = backend.resolve(previous, *problem, term)
         assert other.info.extra[_KEPT].solver is not kept.solver
@@ -993,21 +1062,21 @@ def test_osqp_plugin_resolve_reuses_a_ghost_workspace_only_for_the_same_problem(
     updates q in that OSQP workspace (no new setup) and agrees with a fresh solve to
     OSQP's tolerance; handed equal copies, or nothing, it sets up afresh."""
     from ffo_osqp.backend import _KEPT
+
     backend = get_backend("osqp")
     n = 4
     g = Objective(sp.identity(n, format="csc"), np.array([3.0, -1.0, 0.5, 2.0]))
     h = ConeConstraints(-sp.identity(n, format="csc"), np.ones(n), ConeDims(nonneg=n))
     e = Equalities(sp.csc_matrix(np.ones((1, n))), np.array([0.5]))
-    assert _KEPT not in backend.solve(g, h, e).info.extra        # forward: nothing kept
+    assert _KEPT not in backend.solve(g, h, e).info.extra  # forward: nothing kept
     up = backend.solve(g, h, e, 1e-3 * np.ones(n))
     kept = up.info.extra[_KEPT]
     term = np.array([-1e-3, 2e-3, 0.0, 1e-3])
     again = backend.resolve(up, g, h, e, term)
-    assert again.info.extra[_KEPT].solver is kept.solver         # no new setup
+    assert again.info.extra[_KEPT].solver is kept.solver  # no new setup
     fresh = backend.solve(g, h, e, term)
     for field in ("primal", "eq_dual", "ineq_dual", "slack"):
         assert np.allclose(getattr(again, field), getattr(fresh, field), atol=1e-7), field
-    e2 = Equalities(e.A.copy(), e.b.copy())                      # equal, not the same
+    e2 = Equalities(e.A.copy(), e.b.copy())  # equal, not the same
     for previous, problem in ((up, (g, h, e2)), (None, (g, h, e))):
-        assert backend.resolve(previous, *problem, term).info.extra[_KEPT].solver \
-            is not kept.solver
+        assert backend.resolve(previous, *problem, term).info.extra[_KEPT].solver is not kept.solver

@@ -36,6 +36,7 @@ References and tolerances (each stated where it is asserted):
 
 Relative error is ``||a - b|| / ||b||`` over all parameters' gradients together.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,17 +64,19 @@ SEEDS = (0, 1)
 
 # ------------------------------------------------------------------ problem families ---
 class Instance:
-    def __init__(self, name, problem, params, variables, values, backend, solution=None,
-                 exact_solve=None):
+    def __init__(
+        self, name, problem, params, variables, values, backend, solution=None, exact_solve=None
+    ):
         self.name, self.problem, self.params, self.variables = name, problem, params, variables
         self.values = [np.asarray(v, dtype=float) for v in values]
-        self.backend = backend          # config string for the FFO/KKT layer runs
-        self.solution = solution        # the known optimum of variables[0], if any
+        self.backend = backend  # config string for the FFO/KKT layer runs
+        self.solution = solution  # the known optimum of variables[0], if any
         self.exact_solve = exact_solve  # values -> optimum, for the FD reference, if any
 
 
-def socp_instance(seed: int, n: int = 5, dsoc: int = 3, k: int = 3, n_active: int = 2,
-                  m_lin: int = 2) -> Instance:
+def socp_instance(
+    seed: int, n: int = 5, dsoc: int = 3, k: int = 3, n_active: int = 2, m_lin: int = 2
+) -> Instance:
     """``y0`` optimal, cones 0..n_active-1 active with multiplier ``mu (1, -u)``, the rest
     inactive by a margin; linear row 0 active, row 1 inactive."""
     rng = np.random.default_rng(100 + seed)
@@ -100,20 +103,26 @@ def socp_instance(seed: int, n: int = 5, dsoc: int = 3, k: int = 3, n_active: in
     hp = [cp.Parameter(dsoc - 1, name=f"h{i}") for i in range(k)]
     cpar = [cp.Parameter(n, name=f"c{i}") for i in range(k)]
     dp = [cp.Parameter(name=f"d{i}") for i in range(k)]
-    qp, Fp, gp = cp.Parameter(n, name="q"), cp.Parameter((m_lin, n), name="F"), \
-        cp.Parameter(m_lin, name="g")
+    qp, Fp, gp = (
+        cp.Parameter(n, name="q"),
+        cp.Parameter((m_lin, n), name="F"),
+        cp.Parameter(m_lin, name="g"),
+    )
     cons = [cp.norm(Gp[i] @ y + hp[i]) <= cpar[i] @ y + dp[i] for i in range(k)] + [Fp @ y <= gp]
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + qp @ y), cons)
-    return Instance("socp", prob, Gp + hp + cpar + dp + [qp, Fp, gp], [y],
-                    G + h + c + d + [q, F, g], SCS12, y0)
+    return Instance(
+        "socp", prob, Gp + hp + cpar + dp + [qp, Fp, gp], [y], G + h + c + d + [q, F, g], SCS12, y0
+    )
 
 
 def lse_newton(F, g, q) -> np.ndarray:
     """Minimiser of the smooth, 1-strongly convex ``1/2||y||^2 + q'y + lse(F y + g)`` by
     damped Newton to machine precision: an exact reference that involves no cone solver."""
+
     def f(y):
         z = F @ y + g
         return 0.5 * y @ y + q @ y + z.max() + math.log(np.exp(z - z.max()).sum())
+
     y = np.zeros(q.size)
     for _ in range(100):
         z = F @ y + g
@@ -133,13 +142,17 @@ def lse_newton(F, g, q) -> np.ndarray:
 def lse_instance(seed: int, n: int = 4, m: int = 3) -> Instance:
     rng = np.random.default_rng(200 + seed)
     y = cp.Variable(n, name="y")
-    F, g, q = cp.Parameter((m, n), name="F"), cp.Parameter(m, name="g"), \
-        cp.Parameter(n, name="q")
+    F, g, q = cp.Parameter((m, n), name="F"), cp.Parameter(m, name="g"), cp.Parameter(n, name="q")
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y + cp.log_sum_exp(F @ y + g)))
-    return Instance("lse", prob, [F, g, q], [y],
-                    [rng.standard_normal((m, n)), rng.standard_normal(m),
-                     rng.standard_normal(n)], SCS10,
-                    exact_solve=lambda vals: [lse_newton(*vals)])
+    return Instance(
+        "lse",
+        prob,
+        [F, g, q],
+        [y],
+        [rng.standard_normal((m, n)), rng.standard_normal(m), rng.standard_normal(n)],
+        SCS10,
+        exact_solve=lambda vals: [lse_newton(*vals)],
+    )
 
 
 def entropy_instance(seed: int, n: int = 4) -> Instance:
@@ -149,17 +162,23 @@ def entropy_instance(seed: int, n: int = 4) -> Instance:
     a = rng.standard_normal(n)
     b = a @ x0
     nu, lam = rng.standard_normal(), rng.uniform(0.5, 1.5)
-    theta = np.log(x0) + 1.0 + x0 + nu + lam * a      # stationarity of the Lagrangian
+    theta = np.log(x0) + 1.0 + x0 + nu + lam * a  # stationarity of the Lagrangian
     x = cp.Variable(n, name="x")
-    th, A, bp = cp.Parameter(n, name="theta"), cp.Parameter((1, n), name="a"), \
-        cp.Parameter(1, name="b")
-    prob = cp.Problem(cp.Minimize(-th @ x - cp.sum(cp.entr(x)) + 0.5 * cp.sum_squares(x)),
-                      [cp.sum(x) == 1, A @ x <= bp])
+    th, A, bp = (
+        cp.Parameter(n, name="theta"),
+        cp.Parameter((1, n), name="a"),
+        cp.Parameter(1, name="b"),
+    )
+    prob = cp.Problem(
+        cp.Minimize(-th @ x - cp.sum(cp.entr(x)) + 0.5 * cp.sum_squares(x)),
+        [cp.sum(x) == 1, A @ x <= bp],
+    )
     return Instance("entropy", prob, [th, A, bp], [x], [theta, a[None], [b]], SCS10, x0)
 
 
-def sdp_instance(seed: int, n: int = 4, rank: int = 2, p: int = 2,
-                 symmetric_constraint: bool = False) -> Instance:
+def sdp_instance(
+    seed: int, n: int = 4, rank: int = 2, p: int = 2, symmetric_constraint: bool = False
+) -> Instance:
     """``X0 = V V'`` optimal with multiplier ``Z0 = W W'``, ``[V W]`` orthogonal: strictly
     complementary.  ``symmetric_constraint`` adds the (redundant) ``X == X.T``."""
     rng = np.random.default_rng(400 + seed)
@@ -168,7 +187,7 @@ def sdp_instance(seed: int, n: int = 4, rank: int = 2, p: int = 2,
     Z0 = (Q[:, rank:] * rng.uniform(0.5, 1.5, n - rank)) @ Q[:, rank:].T
     As = [(lambda M: (M + M.T) / 2)(rng.standard_normal((n, n))) for _ in range(p)]
     nu = rng.standard_normal(p)
-    C = X0 + sum(v * A for v, A in zip(nu, As)) - Z0      # stationarity: X - C + A'nu - Z = 0
+    C = X0 + sum(v * A for v, A in zip(nu, As)) - Z0  # stationarity: X - C + A'nu - Z = 0
     b = np.array([np.trace(A @ X0) for A in As])
     X = cp.Variable((n, n), name="X")
     Cp = cp.Parameter((n, n), name="C")
@@ -193,17 +212,22 @@ def logdet_instance(seed: int, n: int = 3, rho: float = 0.5) -> Instance:
     X0 = (U * ((-s + np.sqrt(s * s + 4 * rho)) / (2 * rho))) @ U.T
     X = cp.Variable((n, n), name="X")
     Sp = cp.Parameter((n, n), name="S")
-    prob = cp.Problem(cp.Minimize(cp.trace(Sp @ X) - cp.log_det(X)
-                                  + 0.5 * rho * cp.sum_squares(X)))
+    prob = cp.Problem(cp.Minimize(cp.trace(Sp @ X) - cp.log_det(X) + 0.5 * rho * cp.sum_squares(X)))
     return Instance("logdet", prob, [Sp], [X], [S], SCS12, X0)
 
 
-FAMILIES = {"socp": socp_instance, "lse": lse_instance, "entropy": entropy_instance,
-            "sdp": sdp_instance, "logdet": logdet_instance}
+FAMILIES = {
+    "socp": socp_instance,
+    "lse": lse_instance,
+    "entropy": entropy_instance,
+    "sdp": sdp_instance,
+    "logdet": logdet_instance,
+}
 
 
-@pytest.fixture(scope="module", params=[(f, s) for f in FAMILIES for s in SEEDS],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module", params=[(f, s) for f in FAMILIES for s in SEEDS], ids=lambda p: f"{p[0]}-{p[1]}"
+)
 def inst(request):
     family, seed = request.param
     return FAMILIES[family](seed)
@@ -273,8 +297,7 @@ def fd_gradient(inst: Instance, w, step: float = 1e-4) -> np.ndarray:
 
 
 def kkt_gradient(inst: Instance, w):
-    layer = FFOLayer(inst.problem, inst.params, inst.variables, solver=inst.backend,
-                     backward="kkt")
+    layer = FFOLayer(inst.problem, inst.params, inst.variables, solver=inst.backend, backward="kkt")
     sol, g = layer_gradient(layer, inst.values, w)
     return sol, g, layer
 
@@ -329,18 +352,20 @@ def test_exp_projection_is_nearest_point_to_high_precision():
         V = [mp.mpf(float(t)) for t in v]
 
         def dist2(r):
-            d = [r, 1, mp.e ** r]
+            d = [r, 1, mp.e**r]
             vd = sum(a * b for a, b in zip(V, d))
-            return sum(a * a for a in V) - vd ** 2 / sum(a * a for a in d)
+            return sum(a * a for a in V) - vd**2 / sum(a * a for a in d)
+
         r = mp.findroot(lambda r: mp.diff(dist2, r), case[1])
-        d = np.array([float(r), 1.0, float(mp.e ** r)])
+        d = np.array([float(r), 1.0, float(mp.e**r)])
         p_ref = (v @ d) / (d @ d) * d
         assert np.allclose(kc.exp_projection(v), p_ref, rtol=0, atol=1e-12)
         checked += 1
 
 
-@pytest.mark.parametrize("kind,dim", [("soc", 2), ("soc", 4), ("exp", 3), ("psd", 1),
-                                      ("psd", 6), ("psd", 10)])
+@pytest.mark.parametrize(
+    "kind,dim", [("soc", 2), ("soc", 4), ("exp", 3), ("psd", 1), ("psd", 6), ("psd", 10)]
+)
 def test_projection_derivatives_match_finite_differences(kind, dim):
     """Jacobians against central differences (step 1e-7) at 200 random points: max entry
     error <= 1e-6 (the points are almost surely away from the non-differentiable set)."""
@@ -373,28 +398,43 @@ def test_psd_layout_is_the_protocols():
     # Clarabel's own PSD cone agrees: project S by solving min ||X - S|| s.t. X in PSD.
     backend = get_backend(CLARABEL_TIGHT)
     k = 15
-    sol = backend.solve(Objective(sp.identity(k, format="csc"), -v),
-                        ConeConstraints(-sp.identity(k, format="csc"), np.zeros(k),
-                                        ConeDims(psd=(5,))),
-                        Equalities(sp.csc_matrix((0, k)), np.zeros(0)))
+    sol = backend.solve(
+        Objective(sp.identity(k, format="csc"), -v),
+        ConeConstraints(-sp.identity(k, format="csc"), np.zeros(k), ConeDims(psd=(5,))),
+        Equalities(sp.csc_matrix((0, k)), np.zeros(0)),
+    )
     assert np.allclose(sol.primal, kc.psd_projection(v), atol=1e-7)
 
 
-@pytest.mark.parametrize("v", [
-    np.zeros(3), np.array([1.0, 1.0, 0.0]), np.array([-1.0, 1.0, 0.0]),     # SOC apex/edges
-])
+@pytest.mark.parametrize(
+    "v",
+    [
+        np.zeros(3),
+        np.array([1.0, 1.0, 0.0]),
+        np.array([-1.0, 1.0, 0.0]),  # SOC apex/edges
+    ],
+)
 def test_soc_derivative_degenerate_points_finite(v):
     D = kc.soc_projection_derivative(v)
     assert np.all(np.isfinite(D))
 
 
-@pytest.mark.parametrize("v", [
-    np.zeros(3), np.array([-1.0, 0.0, 2.0]), np.array([0.0, 0.0, 1.0]),    # boundary ray
-    np.array([-1.0, 1e-300, 2.0]), np.array([1e-12, -3.0, 2.0]),           # near the ray
-    np.array([0.0, 1.0, 1.0]), np.array([1.0, 1.0, math.e]),               # on the boundary
-    np.array([1.0, -0.5, -1e-3]), np.array([-800.0, 1.0, -1.0]),           # huge |rho|
-    np.array([1e-3, -5.0, 10.0]), np.array([5.0, 1e-9, -1e-9]),
-])
+@pytest.mark.parametrize(
+    "v",
+    [
+        np.zeros(3),
+        np.array([-1.0, 0.0, 2.0]),
+        np.array([0.0, 0.0, 1.0]),  # boundary ray
+        np.array([-1.0, 1e-300, 2.0]),
+        np.array([1e-12, -3.0, 2.0]),  # near the ray
+        np.array([0.0, 1.0, 1.0]),
+        np.array([1.0, 1.0, math.e]),  # on the boundary
+        np.array([1.0, -0.5, -1e-3]),
+        np.array([-800.0, 1.0, -1.0]),  # huge |rho|
+        np.array([1e-3, -5.0, 10.0]),
+        np.array([5.0, 1e-9, -1e-9]),
+    ],
+)
 def test_exp_derivative_degenerate_points_finite(v):
     """Points on the borders between the four cases and on the boundary ray ``y = 0``: a
     finite projection in the cone and a finite Jacobian (an element of the generalised
@@ -403,7 +443,7 @@ def test_exp_derivative_degenerate_points_finite(v):
     assert np.all(np.isfinite(p)) and _in_exp(p / max(1, np.linalg.norm(v)), 1e-9)
     for D in (kc.exp_projection_derivative(v), kc.dual_projection_derivative("exp", v)):
         assert np.all(np.isfinite(D))
-        assert np.linalg.norm(D, 2) <= 1 + 1e-9          # projections are non-expansive
+        assert np.linalg.norm(D, 2) <= 1 + 1e-9  # projections are non-expansive
 
 
 def test_psd_derivative_repeated_and_zero_eigenvalues_finite():
@@ -433,8 +473,14 @@ def test_kkt_matches_cvxpylayers(inst):
     cvxpylayers = pytest.importorskip("cvxpylayers.torch")
     w = weights(inst)
     ref = cvxpylayers.CvxpyLayer(inst.problem, inst.params, inst.variables)
-    _, g_ref = layer_gradient(ref, inst.values, w, solver_args=dict(
-        mode="dense", solve_method="SCS", eps_abs=1e-12, eps_rel=1e-12, max_iters=200_000))
+    _, g_ref = layer_gradient(
+        ref,
+        inst.values,
+        w,
+        solver_args=dict(
+            mode="dense", solve_method="SCS", eps_abs=1e-12, eps_rel=1e-12, max_iters=200_000
+        ),
+    )
     _, g, layer = kkt_gradient(inst, w)
     assert rel(g, g_ref) <= 1e-5
     assert layer.last_diagnostics[0]["kept"] > 0
@@ -445,8 +491,9 @@ def test_kkt_through_clarabel_close_to_exact(inst):
     against the same mode on SCS's point (Clarabel stops 1e-7..1e-6 from the optimum)."""
     w = weights(inst)
     _, g, _ = kkt_gradient(inst, w)
-    layer = FFOLayer(inst.problem, inst.params, inst.variables, solver=CLARABEL_TIGHT,
-                     backward="kkt")
+    layer = FFOLayer(
+        inst.problem, inst.params, inst.variables, solver=CLARABEL_TIGHT, backward="kkt"
+    )
     _, g_c = layer_gradient(layer, inst.values, w)
     assert rel(g_c, g) <= 1e-4
 
@@ -469,13 +516,13 @@ def test_cone_path_reproduces_polyhedral_path():
     theta = np.zeros(comp.n_theta + 1)
     theta[comp.const_col] = 1
     for slot, v in zip(comp.params, [qv, Gv, hv, Av, Av @ y0]):
-        theta[slot.offset:slot.offset + slot.size] = v.ravel(order="F")
+        theta[slot.offset : slot.offset + slot.size] = v.ravel(order="F")
     g, hc, e = comp.sample(comp.M @ theta)
     sol = get_backend(CLARABEL_TIGHT).solve(g, hc, e)
     c = rng.standard_normal(n)
     poly = kkt_backward(g, hc, e, sol, c)
     cone = kkt_backward_cones(g, hc, e, sol, c)
-    assert "solve" not in poly.diagnostics and "solve" in cone.diagnostics   # two paths
+    assert "solve" not in poly.diagnostics and "solve" in cone.diagnostics  # two paths
     assert rel(cone.vector(), poly.vector()) <= 1e-10
 
 
@@ -488,20 +535,20 @@ def test_ffo_default_delta_matches_kkt(inst, central):
     backend."""
     w = weights(inst)
     _, g_ref, _ = kkt_gradient(inst, w)
-    layer = FFOLayer(inst.problem, inst.params, inst.variables, solver=inst.backend,
-                     central=central)
+    layer = FFOLayer(
+        inst.problem, inst.params, inst.variables, solver=inst.backend, central=central
+    )
     _, g = layer_gradient(layer, inst.values, w)
     assert cosine(g, g_ref) >= 0.999
     assert rel(g, g_ref) <= 1e-2
-    assert layer.last_diagnostics[0]["kept"] > 0          # cone blocks in the ghost
+    assert layer.last_diagnostics[0]["kept"] > 0  # cone blocks in the ghost
 
 
 def test_ffo_central_matches_kkt(inst):
     """``central=True``: relative error <= 1e-4 against the KKT mode."""
     w = weights(inst)
     _, g_ref, _ = kkt_gradient(inst, w)
-    layer = FFOLayer(inst.problem, inst.params, inst.variables, solver=inst.backend,
-                     central=True)
+    layer = FFOLayer(inst.problem, inst.params, inst.variables, solver=inst.backend, central=True)
     _, g = layer_gradient(layer, inst.values, w)
     assert rel(g, g_ref) <= 1e-4
 
@@ -512,7 +559,7 @@ def test_ffo_batched_socp_matches_per_sample_kkt():
     inst = socp_instance(0)
     w = weights(inst)
     rng = np.random.default_rng(8)
-    qi = [i for i, p in enumerate(inst.params) if p.name() == "q"][0]
+    qi = next(i for i, p in enumerate(inst.params) if p.name() == "q")
     batch = [np.repeat(v[None], 2, axis=0) for v in inst.values]
     batch[qi] = batch[qi] + 1e-3 * rng.standard_normal(batch[qi].shape)
     wb = [np.repeat(x[None], 2, axis=0) for x in w]
@@ -533,14 +580,21 @@ def test_sdp_with_redundant_symmetry_constraint(monkeypatch):
     for systems too large to densify, forced here) and still matches cvxpylayers (1e-5);
     FFO central matches the KKT mode (1e-4)."""
     import ffo_core.kkt_backward as kb
+
     cvxpylayers = pytest.importorskip("cvxpylayers.torch")
     inst = sdp_instance(0, symmetric_constraint=True)
     w = weights(inst)
     _, g, layer = kkt_gradient(inst, w)
     assert layer.last_diagnostics[0]["solve"] == "lstsq"
     ref = cvxpylayers.CvxpyLayer(inst.problem, inst.params, inst.variables)
-    _, g_ref = layer_gradient(ref, inst.values, w, solver_args=dict(
-        mode="dense", solve_method="SCS", eps_abs=1e-12, eps_rel=1e-12, max_iters=200_000))
+    _, g_ref = layer_gradient(
+        ref,
+        inst.values,
+        w,
+        solver_args=dict(
+            mode="dense", solve_method="SCS", eps_abs=1e-12, eps_rel=1e-12, max_iters=200_000
+        ),
+    )
     assert rel(g, g_ref) <= 1e-5
     monkeypatch.setattr(kb, "DENSE_FALLBACK_MAX", 0)
     _, g_lsmr, layer = kkt_gradient(inst, w)
@@ -557,8 +611,10 @@ def projection_problem(kind: str, dim: int):
     gradient of ``w'u*`` is ``D Pi_K(theta)' w`` -- known in closed form."""
     u = cp.Variable(dim, name="u")
     theta = cp.Parameter(dim, name="theta")
-    con = {"soc": lambda: [cp.SOC(u[0], u[1:])],
-           "exp": lambda: [cp.constraints.ExpCone(u[0], u[1], u[2])]}[kind]()
+    con = {
+        "soc": lambda: [cp.SOC(u[0], u[1:])],
+        "exp": lambda: [cp.constraints.ExpCone(u[0], u[1], u[2])],
+    }[kind]()
     return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - theta)), con), theta, u
 
 
@@ -588,14 +644,14 @@ def test_soc_block_weakly_active_is_kept_and_one_sided():
     (tolerance 1e-4): ``-delta w`` pointing into the cone gives ``w`` (interior branch),
     pointing out of it gives ``D_boundary w``; the central difference (the default on
     curved cones) gives their mean; the KKT mode returns the interior branch."""
-    theta = np.array([5.0, 3.0, 4.0])                 # ||(3, 4)|| = 5
-    outward = np.array([-1.0, 0.6, 0.8])              # normal of the cone at theta
+    theta = np.array([5.0, 3.0, 4.0])  # ||(3, 4)|| = 5
+    outward = np.array([-1.0, 0.6, 0.8])  # normal of the cone at theta
     rng = np.random.default_rng(9)
     t = rng.standard_normal(3)
-    t -= (t @ outward) / (outward @ outward) * outward      # tangent part
+    t -= (t @ outward) / (outward @ outward) * outward  # tangent part
     D_out = kc.soc_projection_derivative(theta + 1e-9 * outward)
     for sign, expect in ((1.0, lambda w: w), (-1.0, lambda w: D_out @ w)):
-        w = t + sign * 0.5 * outward      # -delta w moves theta in (sign=+1) or out (-1)
+        w = t + sign * 0.5 * outward  # -delta w moves theta in (sign=+1) or out (-1)
         sol, g, _ = _proj_grads("soc", theta, w, central=False)
         assert np.allclose(sol, theta, atol=1e-7)
         assert np.all(np.isfinite(g))
@@ -616,7 +672,7 @@ def test_exp_block_on_the_boundary_ray():
     theta, w = np.array([-1.0, -0.5, 2.0]), np.array([0.4, -0.8, 1.1])
     expect = np.array([w[0], 0.0, w[2]])
     for kw, tol in ((dict(backward="kkt"), 1e-6), ({}, 1e-2), (dict(central=True), 1e-4)):
-        sol, g, layer = _proj_grads("exp", theta, w, **kw)
+        sol, g, _layer = _proj_grads("exp", theta, w, **kw)
         assert np.allclose(sol, [-1.0, 0.0, 2.0], atol=1e-6)
         assert np.all(np.isfinite(g))
         assert np.abs(g - expect).max() <= tol * np.linalg.norm(expect), kw
@@ -639,17 +695,31 @@ def test_classify_keeps_weak_cone_blocks_and_drops_interior_ones():
     boundary -> kept and weak; multiplier ~ 0 and slack inside -> dropped.  The
     nonnegative rows follow the unchanged rule."""
     from ffo_core.protocol import Solution, SolveInfo, Status
+
     dims = ConeDims(nonneg=2, soc=(3, 3, 3), exp=2, psd=(2,))
-    s = np.concatenate([[0.0, 1.0],
-                        [1.0, 0.6, 0.8], [0.0, 0.0, 0.0], [2.0, 0.6, 0.8],   # SOC
-                        [-1.0, 0.0, 2.0], [0.0, 1.0, 2.0],                    # EXP
-                        kc.svec(np.diag([1.0, 0.0]))])                        # PSD
-    lam = np.concatenate([[1.0, 0.0],
-                          [1.0, -0.6, -0.8], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0],
-                          [0.0, 0.0, 0.0], [0.0, 0.0, 0.0],
-                          kc.svec(np.diag([0.0, 1.0]))])
-    sol = Solution(Status.OPTIMAL, np.zeros(1), np.zeros(0), lam, s,
-                   SolveInfo(accuracy=1e-12))
+    s = np.concatenate(
+        [
+            [0.0, 1.0],
+            [1.0, 0.6, 0.8],
+            [0.0, 0.0, 0.0],
+            [2.0, 0.6, 0.8],  # SOC
+            [-1.0, 0.0, 2.0],
+            [0.0, 1.0, 2.0],  # EXP
+            kc.svec(np.diag([1.0, 0.0])),
+        ]
+    )  # PSD
+    lam = np.concatenate(
+        [
+            [1.0, 0.0],
+            [1.0, -0.6, -0.8],
+            [0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0],
+            kc.svec(np.diag([0.0, 1.0])),
+        ]
+    )
+    sol = Solution(Status.OPTIMAL, np.zeros(1), np.zeros(0), lam, s, SolveInfo(accuracy=1e-12))
     a = classify(sol, dims)
     assert list(a.locked[:2]) == [True, False]
     kept = [bool(a.kept[r]) for r in (2, 5, 8, 11, 14, 17)]
@@ -663,26 +733,28 @@ def test_first_order_path_never_touches_the_kkt_machinery(monkeypatch):
     """The FFO backward on a cone program calls no projection derivative and no sparse
     factorisation (only the backend's solves)."""
     import scipy.sparse.linalg as spla
+
     inst = socp_instance(1)
     comp = compile_problem(inst.problem, inst.params, inst.variables)
     theta = np.zeros(comp.n_theta + 1)
     theta[comp.const_col] = 1
     for slot, v in zip(comp.params, inst.values):
-        theta[slot.offset:slot.offset + slot.size] = v.ravel(order="F")
+        theta[slot.offset : slot.offset + slot.size] = v.ravel(order="F")
     g, h, e = comp.sample(comp.M @ theta)
     backend = get_backend(SCS12)
     sol = backend.solve(g, h, e)
 
     def forbidden(*a, **k):
         raise AssertionError("the first-order path factorised a matrix / used D Pi")
+
     for name in ("splu", "spsolve", "factorized"):
         monkeypatch.setattr(spla, name, forbidden)
     for name in ("projection_derivative", "dual_projection_derivative"):
         monkeypatch.setattr(kc, name, forbidden)
     monkeypatch.setattr(np.linalg, "solve", forbidden)
-    c = np.zeros(g.n)                     # the layer's c lives on the user's variables
+    c = np.zeros(g.n)  # the layer's c lives on the user's variables
     slot = comp.variables[0]
-    c[slot.offset:slot.offset + slot.size] = 1.0
+    c[slot.offset : slot.offset + slot.size] = 1.0
     grad = ffo_backward(backend, g, h, e, sol, c, FFOOptions(central=True))
     assert np.all(np.isfinite(grad.vector()))
 
@@ -692,6 +764,7 @@ def test_socp_delta_example_runs(tmp_path):
     and with SCS the default-delta errors are small (one-sided <= 1e-3, central <= 1e-5)."""
     import importlib.util
     import os
+
     pytest.importorskip("matplotlib")
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "socp_delta.py")
     spec = importlib.util.spec_from_file_location("socp_delta", path)
@@ -699,7 +772,7 @@ def test_socp_delta_example_runs(tmp_path):
     spec.loader.exec_module(ex)
     res = ex.sweep(10, np.logspace(-6, -2, 3))
     assert res["kept_rows"] == 11
-    scs = [k for k in ex.BACKENDS if k.startswith("SCS")][0]
+    scs = next(k for k in ex.BACKENDS if k.startswith("SCS"))
     assert res["default"][(scs, False)][1] <= 1e-3
     assert res["default"][(scs, True)][1] <= 1e-5
     out = tmp_path / "socp_delta.png"
@@ -714,6 +787,7 @@ def test_classify_batch_is_classify_per_sample():
     documented sqrt(acc) * max(1, ||.||_inf)."""
     from ffo_core.active_set import DEFAULT_ACCURACY, classify_batch
     from ffo_core.protocol import Solution, SolveInfo, Status
+
     dims = ConeDims(nonneg=6, soc=(3,), exp=1, psd=(2,))
     rng = np.random.default_rng(4)
     sols, rhs = [], []
@@ -723,8 +797,9 @@ def test_classify_batch_is_classify_per_sample():
         lam = scale * np.abs(rng.standard_normal(dims.rows))
         off = rng.random(dims.rows) < 0.5
         s[off], lam[~off] = 1e-9 * scale, 1e-9 * scale
-        sols.append(Solution(Status.OPTIMAL, np.zeros(2), np.zeros(0), lam, s,
-                             SolveInfo(accuracy=acc)))
+        sols.append(
+            Solution(Status.OPTIMAL, np.zeros(2), np.zeros(0), lam, s, SolveInfo(accuracy=acc))
+        )
         rhs.append(scale * rng.standard_normal(dims.rows))
     for kw in (dict(), dict(rhs=rhs), dict(tau_s=1e-3, rhs=rhs), dict(tau_lam=1e-2)):
         batch = classify_batch(sols, dims, **kw)
@@ -733,8 +808,11 @@ def test_classify_batch_is_classify_per_sample():
             alone = classify(sol, dims, **one)
             for mask in ("locked", "kept", "weak", "weak_blocks"):
                 assert np.array_equal(getattr(got, mask), getattr(alone, mask)), (kw, i)
-            assert (got.tau_s, got.tau_lam, got.kept_dims) == \
-                (alone.tau_s, alone.tau_lam, alone.kept_dims)
+            assert (got.tau_s, got.tau_lam, got.kept_dims) == (
+                alone.tau_s,
+                alone.tau_lam,
+                alone.kept_dims,
+            )
             if not kw:
                 root = np.sqrt(sol.info.accuracy or DEFAULT_ACCURACY)
                 assert got.tau_s == root * max(1.0, np.abs(sol.slack).max())

@@ -13,12 +13,13 @@ Tolerances (float64, strictly complementary instances from tests/problems.py):
   central=True:  relative error <= 1e-5                    (tight Clarabel)
   kkt:           relative error <= 1e-6 vs both references (tight Clarabel)
 """
+
 import numpy as np
 import pytest
 import torch
+from problems import NAMES, TIGHT, cosine, layer_grads, random_qp, rel_err
 
 from ffo_core import FFOLayer
-from problems import NAMES, TIGHT, cosine, layer_grads, random_qp, rel_err
 
 SIZES = [(10, 8, 3), (50, 30, 10), (200, 120, 40)]
 
@@ -41,9 +42,9 @@ def test_ffo_default_and_central_match_kkt(qp, batch):
     kkt = FFOLayer(qp.problem, qp.params, [qp.y], solver=TIGHT, backward="kkt")
     _, g_ref = layer_grads(kkt, ts, w)
 
-    ffo = FFOLayer(qp.problem, qp.params, [qp.y])             # all defaults
+    ffo = FFOLayer(qp.problem, qp.params, [qp.y])  # all defaults
     sol, g_ffo = layer_grads(ffo, ts, w)
-    if batch is None:                                       # the known optimum
+    if batch is None:  # the known optimum
         assert np.allclose(sol.numpy(), qp.y0, atol=1e-6)
     for name, a, b in zip(NAMES, g_ffo, g_ref):
         assert cosine(a, b) >= 0.9999, name
@@ -61,9 +62,13 @@ def test_kkt_matches_cvxpylayers_dense_scs(qp):
         pytest.skip("diffcp dense mode is O(size^3); n <= 50 suffices for the cross-check")
     ts, w = qp.tensors(), _weights(qp.y0.size)
     ref_layer = cvxpylayers.CvxpyLayer(
-        qp.problem, qp.params, [qp.y],
-        solver_args=dict(mode="dense", solve_method="SCS", eps_abs=1e-12, eps_rel=1e-12,
-                         max_iters=200_000))
+        qp.problem,
+        qp.params,
+        [qp.y],
+        solver_args=dict(
+            mode="dense", solve_method="SCS", eps_abs=1e-12, eps_rel=1e-12, max_iters=200_000
+        ),
+    )
     _, g_ref = layer_grads(ref_layer, ts, w)
     kkt = FFOLayer(qp.problem, qp.params, [qp.y], solver=TIGHT, backward="kkt")
     _, g_kkt = layer_grads(kkt, ts, w)
@@ -81,6 +86,7 @@ def test_kkt_matches_finite_differences(qp):
     def value(tensors):
         with torch.no_grad():
             return float(w @ kkt(*tensors)[0])
+
     for k, name in enumerate(NAMES):
         v = torch.tensor(rng.standard_normal(ts[k].shape))
         plus = [t + eps * v if j == k else t for j, t in enumerate(ts)]
@@ -97,10 +103,10 @@ def test_batched_gradient_is_sum_of_samples_once():
     layer = FFOLayer(qp.problem, qp.params, [qp.y], solver=TIGHT, backward="kkt")
     single = layer_grads(layer, qp.tensors(), w)[1]
     ts = qp.tensors()
-    ts[1] = ts[1].expand(4, -1).clone()             # batch q only, identical samples
+    ts[1] = ts[1].expand(4, -1).clone()  # batch q only, identical samples
     batched = layer_grads(layer, ts, w.expand(4, -1))[1]
     assert batched[1].shape == (4, 15)
-    for k in (0, 2, 3, 4, 5):                       # unbatched: 4 x the single gradient
+    for k in (0, 2, 3, 4, 5):  # unbatched: 4 x the single gradient
         assert torch.allclose(batched[k], 4 * single[k], rtol=1e-8, atol=1e-10)
     assert torch.allclose(batched[1], single[1].expand(4, -1), rtol=1e-8, atol=1e-10)
 
@@ -120,7 +126,7 @@ def test_float32_inputs_give_float32_outputs_and_grads():
 def test_gradients_only_for_inputs_that_require_them():
     qp = random_qp(10, 6, 2, seed=5)
     ts = qp.tensors()
-    ts[1].requires_grad_(True)                      # only q
+    ts[1].requires_grad_(True)  # only q
     layer = FFOLayer(qp.problem, qp.params, [qp.y])
     (sol,) = layer(*ts)
     sol.sum().backward()
@@ -131,11 +137,12 @@ def test_gradients_only_for_inputs_that_require_them():
 def _compiled_sample(problem, params, variables, values):
     """``(g, h, e, c_slot)`` of one sample of ``problem`` at parameter ``values``."""
     from ffo_core.compile import compile_problem
+
     comp = compile_problem(problem, params, variables)
     theta = np.zeros(comp.n_theta + 1)
     theta[comp.const_col] = 1
     for slot, v in zip(comp.params, values):
-        theta[slot.offset:slot.offset + slot.size] = np.asarray(v, float).ravel(order="F")
+        theta[slot.offset : slot.offset + slot.size] = np.asarray(v, float).ravel(order="F")
     slot = comp.variables[0]
     return (*comp.sample(comp.M @ theta), slice(slot.offset, slot.offset + slot.size))
 
@@ -147,9 +154,16 @@ def test_batch_backward_is_the_per_sample_backward():
     failed base-point check), a curved one (SOC kept: central up front), a
     sample without loss (c = 0) and two that share their matrices' GhostSource."""
     import cvxpy as cp
-    from ffo_core.ffo_backward import (FFOOptions, FFOSample, GhostSource, ffo_backward,
-                                       ffo_backward_batch)
+
+    from ffo_core.ffo_backward import (
+        FFOOptions,
+        FFOSample,
+        GhostSource,
+        ffo_backward,
+        ffo_backward_batch,
+    )
     from ffo_core.registry import get_backend
+
     backend = get_backend("clarabel")
     qp = random_qp(10, 8, 3, seed=3)
     y = cp.Variable(4)
@@ -158,9 +172,10 @@ def test_batch_backward_is_the_per_sample_backward():
     rng = np.random.default_rng(0)
     samples = []
     for problem, params, var, values in (
-            (qp.problem, qp.params, qp.y, qp.values),
-            (socp, [a], y, [np.array([2.0, -1.0, 0.5, 1.0])]),
-            (qp.problem, qp.params, qp.y, qp.values)):
+        (qp.problem, qp.params, qp.y, qp.values),
+        (socp, [a], y, [np.array([2.0, -1.0, 0.5, 1.0])]),
+        (qp.problem, qp.params, qp.y, qp.values),
+    ):
         g, h, e, where = _compiled_sample(problem, params, [var], values)
         c = np.zeros(g.n)
         c[where] = rng.standard_normal(where.stop - where.start)
@@ -173,21 +188,21 @@ def test_batch_backward_is_the_per_sample_backward():
     for options in (FFOOptions(), FFOOptions(base_check=0.0)):
         order = []
 
-        def backwards(fn, count):                 # the solves in reverse order
+        def backwards(fn, count):  # the solves in reverse order
             for i in reversed(range(count)):
                 order.append(i)
                 fn(i)
+
         batch = ffo_backward_batch(samples, options, run=backwards)
         assert order == [5, 4, 3, 2, 1, 0]
         for s, got in zip(samples, batch):
-            alone = ffo_backward(s.backend, s.g, s.h, s.e, s.sol, s.c, options,
-                                 source=s.source)
+            alone = ffo_backward(s.backend, s.g, s.h, s.e, s.sol, s.c, options, source=s.source)
             assert np.array_equal(got.vector(), alone.vector())
             assert got.diagnostics == alone.diagnostics
         assert batch[1].diagnostics["central"] and batch[1].diagnostics["kept"] > 0
         assert batch[0].diagnostics["central_fallback"] == (options.base_check == 0.0)
         assert not np.any(batch[3].vector())
-        for k, j in ((4, 0), (5, 2)):            # a shared source changes nothing
+        for k, j in ((4, 0), (5, 2)):  # a shared source changes nothing
             assert np.array_equal(batch[k].vector(), batch[j].vector())
 
 
@@ -198,13 +213,15 @@ def test_batch_backward_hands_back_a_failed_ghost_and_goes_on():
     from ffo_core.ffo_backward import FFOOptions, FFOSample, ffo_backward_batch
     from ffo_core.protocol import Solution, Status
     from ffo_core.registry import get_backend
+
     backend = get_backend("clarabel")
 
-    class Refuses:                                # every ghost is "infeasible"
+    class Refuses:  # every ghost is "infeasible"
         name, capabilities = backend.name, backend.capabilities
 
         def solve(self, *args, **kwargs):
             return Solution(Status.INFEASIBLE)
+
     qp = random_qp(10, 8, 3, seed=4)
     g, h, e, where = _compiled_sample(qp.problem, qp.params, [qp.y], qp.values)
     c = np.zeros(g.n)
@@ -221,10 +238,11 @@ def test_layer_gradient_does_not_depend_on_the_backward_chunk_size(monkeypatch):
     """The layer stages its backward in chunks of BACKWARD_CHUNK_BYTES of per-sample data;
     one sample per chunk gives the same gradients as the whole batch at once."""
     import ffo_core.ffo_backward as ffo_mod
+
     qp = random_qp(10, 8, 3, seed=5)
     rng = np.random.default_rng(2)
     ts = qp.tensors(batch=5)
-    ts[2] = ts[2] + torch.tensor(1e-3 * rng.standard_normal(ts[2].shape))   # batched G
+    ts[2] = ts[2] + torch.tensor(1e-3 * rng.standard_normal(ts[2].shape))  # batched G
     w = _weights(10)
     layer = FFOLayer(qp.problem, qp.params, [qp.y], n_jobs=1)
     _, whole = layer_grads(layer, ts, w)
@@ -256,19 +274,23 @@ def test_second_solve_of_a_ghost_goes_through_resolve():
         def _resolve(self, previous, g, h, e, extra_linear_term):
             self.calls["resolve"] += 1
             return self.inner.resolve(previous, g, h, e, extra_linear_term)
+
     qp = random_qp(10, 8, 3, seed=6)
     ts = qp.tensors(batch=3)
     w = _weights(10)
-    _, ref = layer_grads(FFOLayer(qp.problem, qp.params, [qp.y], solver=TIGHT,
-                                  backward="kkt"), ts, w)
+    _, ref = layer_grads(
+        FFOLayer(qp.problem, qp.params, [qp.y], solver=TIGHT, backward="kkt"), ts, w
+    )
     got = {}
     for with_resolve in (True, False):
         backend = Counting(with_resolve)
-        layer = FFOLayer(qp.problem, qp.params, [qp.y], solver=backend, central=True,
-                         n_jobs=1)
+        layer = FFOLayer(qp.problem, qp.params, [qp.y], solver=backend, central=True, n_jobs=1)
         _, got[with_resolve] = layer_grads(layer, ts, w)
-        assert backend.calls == ({"solve": 3, "ghost": 3, "resolve": 3} if with_resolve
-                                 else {"solve": 3, "ghost": 6, "resolve": 0})
+        assert backend.calls == (
+            {"solve": 3, "ghost": 3, "resolve": 3}
+            if with_resolve
+            else {"solve": 3, "ghost": 6, "resolve": 0}
+        )
     for name, a, b, c in zip(NAMES, got[True], got[False], ref):
         assert rel_err(a, c) <= 1e-5, name
         assert rel_err(a, b) <= 1e-8, name
@@ -279,8 +301,9 @@ def test_backward_chunks_cover_the_batch_within_the_byte_budget(monkeypatch):
     BACKWARD_CHUNK_BYTES // sample_bytes samples (at least one each), covering it once."""
     import ffo_core.ffo_backward as ffo_mod
     from ffo_core.ffo_backward import backward_chunks
+
     monkeypatch.setattr(ffo_mod, "BACKWARD_CHUNK_BYTES", 100)
     assert backward_chunks(7, 30) == [range(0, 3), range(3, 6), range(6, 7)]
-    assert backward_chunks(4, 0) == [range(0, 4)]              # nothing batched: one chunk
+    assert backward_chunks(4, 0) == [range(0, 4)]  # nothing batched: one chunk
     assert backward_chunks(3, 500) == [range(0, 1), range(1, 2), range(2, 3)]
     assert backward_chunks(0, 30) == []

@@ -1,36 +1,49 @@
 """FFOLayer's conventions, edge cases users hit with the peers, and its typed errors."""
+
 import cvxpy as cp
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
-from ffo_core import (BackendUnavailable, ConfigError, FFOLayer, GhostProblemError,
-                      InvalidParameterError, NotDPPError, ProblemError, SolverError)
 from problems import TIGHT, random_qp
+
+from ffo_core import (
+    BackendUnavailable,
+    ConfigError,
+    FFOLayer,
+    GhostProblemError,
+    InvalidParameterError,
+    NotDPPError,
+    ProblemError,
+    SolverError,
+)
 
 
 def _check_against_kkt(problem, params, variables, tensors, tol=1e-3):
-    w = [torch.randn(v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-         for v in variables]
+    w = [
+        torch.randn(v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        for v in variables
+    ]
 
     def grads(layer):
         ts = [t.clone().requires_grad_(True) for t in tensors]
         outs = layer(*ts)
         sum((wi * o).sum() for wi, o in zip(w, outs)).backward()
         return outs, [t.grad for t in ts]
+
     outs, g = grads(FFOLayer(problem, params, variables))
     _, g_ref = grads(FFOLayer(problem, params, variables, solver=TIGHT, backward="kkt"))
     # a block whose exact gradient is 0 is judged against the scale of the whole gradient
-    scale = float(torch.sqrt(sum((b ** 2).sum() for b in g_ref)))
+    scale = float(torch.sqrt(sum((b**2).sum() for b in g_ref)))
     for a, b in zip(g, g_ref):
         assert float((a - b).norm()) <= tol * max(float(b.norm()), scale)
     return outs, g
 
 
 # -- edge cases ----------------------------------------------------------------------------
-@pytest.mark.parametrize("with_eq,with_ineq", [(False, True), (True, False)],
-                         ids=["no-equalities", "no-inequalities"])
+@pytest.mark.parametrize(
+    "with_eq,with_ineq", [(False, True), (True, False)], ids=["no-equalities", "no-inequalities"]
+)
 def test_missing_constraint_kinds(with_eq, with_ineq):
     qp = random_qp(12, 8, 4, seed=9, with_eq=with_eq, with_ineq=with_ineq)
     (y,), _ = _check_against_kkt(qp.problem, qp.params, [qp.y], qp.tensors())
@@ -56,7 +69,7 @@ def test_parameters_only_in_constraints():
     prob = cp.Problem(cp.Minimize(cp.sum_squares(y - target)), [G @ y <= h])
     rng = np.random.default_rng(0)
     Gv = rng.standard_normal((6, 4))
-    hv = Gv @ target - np.r_[0.5, 0.7, -0.4, -0.2, 0.6, 0.9]   # two constraints bind
+    hv = Gv @ target - np.r_[0.5, 0.7, -0.4, -0.2, 0.6, 0.9]  # two constraints bind
     _check_against_kkt(prob, [G, h], [y], [torch.tensor(Gv), torch.tensor(hv)])
 
 
@@ -99,9 +112,8 @@ def test_lp_at_a_vertex_gets_exact_gradient():
     cv = torch.tensor([1.0, -2.0, 3.0, -0.5], dtype=torch.float64)
     uv = torch.tensor([0.5, 1.0, 2.0, 0.3], dtype=torch.float64)
     (sol,), (gc, gu) = _check_against_kkt(prob, [c, u], [y], [cv, uv])
-    assert torch.allclose(sol, torch.tensor([-1.0, 1.0, -1.0, 0.3], dtype=torch.float64),
-                          atol=1e-6)
-    assert gc.abs().max() <= 1e-4 * gu.abs().max()                   # dy/dc = 0 at a vertex
+    assert torch.allclose(sol, torch.tensor([-1.0, 1.0, -1.0, 0.3], dtype=torch.float64), atol=1e-6)
+    assert gc.abs().max() <= 1e-4 * gu.abs().max()  # dy/dc = 0 at a vertex
 
 
 def test_lp_with_non_unique_solution_raises_clear_error():
@@ -122,7 +134,7 @@ def test_large_sparse_problem_builds_in_proportion_to_nonzeros():
     y = cp.Variable(n)
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y), [D @ y <= h])
     layer = FFOLayer(prob, [q, h], [y])
-    assert layer.compiled.M.nnz <= 2 * (D.nnz + 3 * n)             # no dense n x n anywhere
+    assert layer.compiled.M.nnz <= 2 * (D.nnz + 3 * n)  # no dense n x n anywhere
     qv = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
     hv = torch.rand(n, dtype=torch.float64, requires_grad=True)
     (sol,) = layer(qv, hv)
@@ -136,6 +148,7 @@ def test_problem_is_canonicalised_once(monkeypatch):
 
     def forbidden(*args, **kwargs):
         raise AssertionError("CVXPY canonicalisation or solve called at layer-call time")
+
     monkeypatch.setattr(cp.Problem, "get_problem_data", forbidden)
     monkeypatch.setattr(cp.Problem, "solve", forbidden)
     ts = [t.requires_grad_(True) for t in qp.tensors(batch=2)]

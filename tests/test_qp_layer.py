@@ -12,6 +12,7 @@ Tolerances (float64, strictly complementary instances):
   central=True:  relative error <= 1e-5                    (tight Clarabel)
   kkt:           relative error <= 1e-6                    (tight Clarabel)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,16 +20,16 @@ import pytest
 import scipy.sparse
 import scipy.sparse.linalg
 import torch
-
-from ffo_core import (FFOLayer, FFOQPLayer, InvalidParameterError, SolverError,
-                      available_backends)
-from ffo_core.errors import ConfigError
 from problems import TIGHT, cosine, random_qp, rel_err
 
+from ffo_core import FFOLayer, FFOQPLayer, InvalidParameterError, SolverError, available_backends
+from ffo_core.errors import ConfigError
+
 NAMES = ("Q", "p", "G", "h", "A", "b")
-pytestmark = pytest.mark.filterwarnings(      # torch's own notices about its sparse API
+pytestmark = pytest.mark.filterwarnings(  # torch's own notices about its sparse API
     "ignore:Sparse CSR tensor support is in beta:UserWarning",
-    "ignore:Sparse invariant checks are implicitly disabled:UserWarning")
+    "ignore:Sparse invariant checks are implicitly disabled:UserWarning",
+)
 
 
 def strict_qp(n, m, p, seed=0, density=1.0, batch=None, batched=("p",)):
@@ -46,6 +47,7 @@ def strict_qp(n, m, p, seed=0, density=1.0, batch=None, batched=("p",)):
         M = rng.standard_normal((k, n)) * (rng.random((k, n)) < density)
         M[np.arange(k), np.arange(k) % n] = rng.uniform(1.0, 2.0, k)
         return M
+
     G, A = sparse_rows(m), sparse_rows(p)
     active = np.arange(m) < round(0.4 * m)
     h = G @ y0 + np.where(active, 0.0, rng.uniform(0.5, 1.5, m))
@@ -57,7 +59,7 @@ def strict_qp(n, m, p, seed=0, density=1.0, batch=None, batched=("p",)):
         for name in batched:
             v = values[name]
             noise = 1e-3 * rng.standard_normal((batch,) + v.shape)
-            if name == "Q":                   # keep it symmetric
+            if name == "Q":  # keep it symmetric
                 noise = noise + np.swapaxes(noise, 1, 2)
             values[name] = v[None] + noise * (v[None] != 0)
     return [torch.tensor(values[k]) for k in NAMES], y0
@@ -65,8 +67,9 @@ def strict_qp(n, m, p, seed=0, density=1.0, batch=None, batched=("p",)):
 
 def grads(layer, tensors, w):
     """Solution and gradients of ``sum(w * y)`` w.r.t. every present argument."""
-    ts = [t.detach().clone().requires_grad_(t.numel() > 0) if t is not None else None
-          for t in tensors]
+    ts = [
+        t.detach().clone().requires_grad_(t.numel() > 0) if t is not None else None for t in tensors
+    ]
     y = layer(*ts)
     (w.to(y.dtype) * y).sum().backward()
     return y.detach(), [t.grad if t is not None else None for t in ts]
@@ -121,8 +124,11 @@ def test_every_mode_matches_finite_differences_of_the_solution_map():
 
 
 @pytest.mark.parametrize("size", [(10, 12, 3), (60, 50, 15)], ids=["n10", "n60"])
-@pytest.mark.parametrize("batched", [(), ("p",), ("Q", "p", "G", "h", "A", "b")],
-                         ids=["unbatched", "p-batched", "all-batched"])
+@pytest.mark.parametrize(
+    "batched",
+    [(), ("p",), ("Q", "p", "G", "h", "A", "b")],
+    ids=["unbatched", "p-batched", "all-batched"],
+)
 def test_ffo_and_central_match_kkt(size, batched):
     n, m, p = size
     ts, y0 = strict_qp(n, m, p, seed=n, batch=3 if batched else None, batched=batched)
@@ -142,35 +148,38 @@ def test_unbatched_q_gradient_is_the_sum_over_the_batch():
     w = weights((4, 8))
     layer = FFOQPLayer(solver=TIGHT, backward="kkt")
     _, g = grads(layer, ts, w)
-    per_sample = [grads(layer, [ts[0], ts[1][i], ts[2], ts[3][i], ts[4], ts[5]],
-                        w[i:i + 1])[1] for i in range(4)]
+    per_sample = [
+        grads(layer, [ts[0], ts[1][i], ts[2], ts[3][i], ts[4], ts[5]], w[i : i + 1])[1]
+        for i in range(4)
+    ]
     for k, name in enumerate(NAMES):
         if name in ("p", "h"):
             expect = torch.stack([s[k] for s in per_sample])
         else:
             expect = sum(s[k] for s in per_sample)
         assert torch.allclose(g[k], expect, rtol=1e-9, atol=1e-12), name
-    _, g_mean = grads(FFOQPLayer(solver=TIGHT, backward="kkt", broadcast_grad="mean"),
-                      ts, w)
+    _, g_mean = grads(FFOQPLayer(solver=TIGHT, backward="kkt", broadcast_grad="mean"), ts, w)
     assert torch.allclose(g_mean[0], g[0] / 4) and torch.allclose(g_mean[1], g[1])
 
 
 # -- qpth and FFOLayer -----------------------------------------------------------------------
 def test_matches_qpth():
     qpth = pytest.importorskip(
-        "qpth.qp", reason="qpth not importable: its 0.0.18 sdist builds, but pins numpy<2 "
+        "qpth.qp",
+        reason="qpth not importable: its 0.0.18 sdist builds, but pins numpy<2 "
         "(this venv has numpy 2), so it is not installed into .venv; to run this test: "
         "pip wheel --no-deps --no-build-isolation qpth==0.0.18 && pip install --no-deps "
-        "--target DIR qpth-*.whl && PYTHONPATH=DIR pytest tests/test_qp_layer.py")
+        "--target DIR qpth-*.whl && PYTHONPATH=DIR pytest tests/test_qp_layer.py",
+    )
     ts, _ = strict_qp(10, 12, 3, seed=3, batch=3, batched=("p", "G"))
     w = weights((3, 10))
-    y_q, g_q = grads(qpth.QPFunction(verbose=-1), ts, w)       # Q, h, A, b: qpth's mean
+    y_q, g_q = grads(qpth.QPFunction(verbose=-1), ts, w)  # Q, h, A, b: qpth's mean
     y, g_kkt = grads(FFOQPLayer(solver=TIGHT, backward="kkt", broadcast_grad="mean"), ts, w)
     assert torch.allclose(y, y_q, atol=1e-6)
     check(g_kkt, g_q, rel=1e-5)
     _, g_ffo = grads(FFOQPLayer(broadcast_grad="mean"), ts, w)
     check(g_ffo, g_q, rel=1e-3, cos=0.9999)
-    _, g_sum = grads(FFOQPLayer(solver=TIGHT, backward="kkt"), ts, w)   # autograd's sum
+    _, g_sum = grads(FFOQPLayer(solver=TIGHT, backward="kkt"), ts, w)  # autograd's sum
     assert torch.allclose(g_sum[0], 3 * g_kkt[0]) and torch.allclose(g_sum[2], g_kkt[2])
     # qpth's empty equality block
     ts2, _ = strict_qp(10, 12, 0, seed=4, batch=3, batched=("p", "G"))
@@ -187,16 +196,18 @@ def test_matches_ffolayer_on_the_cvxpy_problem():
     qp = random_qp(8, 8, 2, seed=4)
     ts = [torch.tensor(v) for v in qp.values]
     w = weights(8)
-    for kw, rel in ((dict(solver=TIGHT, backward="kkt"), 1e-6),
-                    (dict(solver=TIGHT, central=True), 1e-5), (dict(), 1e-3)):
+    for kw, rel in (
+        (dict(solver=TIGHT, backward="kkt"), 1e-6),
+        (dict(solver=TIGHT, central=True), 1e-5),
+        (dict(), 1e-3),
+    ):
         ref_y, ref = grads_ffolayer(FFOLayer(qp.problem, qp.params, [qp.y], **kw), ts, w)
         F = ts[0].clone().requires_grad_()
         rest = [t.clone().requires_grad_() for t in ts[1:]]
         y = FFOQPLayer(**kw)(F.T @ F, *rest)
         (w * y[0]).sum().backward()
         assert torch.allclose(y[0].detach(), ref_y, atol=1e-6)
-        check([F.grad] + [t.grad for t in rest], ref, rel=rel,
-              names=("F", "q", "G", "h", "A", "b"))
+        check([F.grad] + [t.grad for t in rest], ref, rel=rel, names=("F", "q", "G", "h", "A", "b"))
 
 
 def grads_ffolayer(layer, ts, w):
@@ -238,23 +249,29 @@ def test_sparse_inputs_give_the_dense_gradient_on_their_pattern(layout):
     ts, _ = strict_qp(12, 14, 4, seed=2, density=0.3, batch=2, batched=("p",))
     w = weights((2, 12))
     rng = np.random.default_rng(0)
-    zeros = torch.tensor(rng.random((14, 12)) < 0.1)       # explicit zeros in G's pattern
+    zeros = torch.tensor(rng.random((14, 12)) < 0.1)  # explicit zeros in G's pattern
     Q_upper = 2 * torch.triu(ts[0], 1) + torch.diag(torch.diag(ts[0]))
     # y'Qy only sees (Q + Q')/2: this upper triangle stands for the symmetric ts[0]
     Qs, Qmask = _sparse(Q_upper, layout)
     Gs, Gmask = _sparse(ts[2], layout, extra_zeros=zeros)
     As, Amask = _sparse(ts[4], layout)
     assert zeros[ts[2] == 0].any()
-    for kw, rel in ((dict(), 1e-6), (dict(solver=TIGHT, central=True), 1e-6),
-                    (dict(solver=TIGHT, backward="kkt"), 1e-9)):
+    for kw, rel in (
+        (dict(), 1e-6),
+        (dict(solver=TIGHT, central=True), 1e-6),
+        (dict(solver=TIGHT, backward="kkt"), 1e-9),
+    ):
         y_d, g_d = grads(FFOQPLayer(**kw), ts, w)
         y_s, g_s = grads(FFOQPLayer(**kw), [Qs, ts[1], Gs, ts[3], As, ts[5]], w)
         assert torch.allclose(y_s, y_d, atol=1e-8)
         expect_layout = torch.sparse_coo if layout == "csc" else Qs.layout
-        for name, g, M, mask in (("Q", g_s[0], g_d[0], Qmask), ("G", g_s[2], g_d[2], Gmask),
-                                 ("A", g_s[4], g_d[4], Amask)):
+        for name, g, M, mask in (
+            ("Q", g_s[0], g_d[0], Qmask),
+            ("G", g_s[2], g_d[2], Gmask),
+            ("A", g_s[4], g_d[4], Amask),
+        ):
             assert g.layout == expect_layout, name
-            dense = g.to_dense()              # test-side only, to compare
+            dense = g.to_dense()  # test-side only, to compare
             assert torch.all(dense[~mask] == 0), name
             assert rel_err(dense[mask], M[mask]) <= rel, (name, kw)
         # gradients on explicit zeros of the pattern are there (and not zero)
@@ -270,14 +287,14 @@ def test_batched_sparse_and_values_with_grad():
     y_d, g_d = grads(layer, ts, w)
     G = ts[2]
     mask = G != 0
-    idx = mask.nonzero().T                                  # per-sample patterns
+    idx = mask.nonzero().T  # per-sample patterns
     vals = G[mask].clone().requires_grad_()
-    Gs = torch.sparse_coo_tensor(idx, vals, G.shape)        # non-leaf, built from values
+    Gs = torch.sparse_coo_tensor(idx, vals, G.shape)  # non-leaf, built from values
     y = layer(ts[0], ts[1], Gs, *ts[3:])
     (w * y).sum().backward()
     assert torch.allclose(y.detach(), y_d, atol=1e-8)
     assert rel_err(vals.grad, g_d[2][mask]) <= 1e-9
-    Gcsr = G.to_sparse_csr().requires_grad_()              # batched CSR, same nnz per sample
+    Gcsr = G.to_sparse_csr().requires_grad_()  # batched CSR, same nnz per sample
     y, g = grads(layer, [ts[0], ts[1], Gcsr, *ts[3:]], w)
     assert g[2].layout == torch.sparse_csr and torch.allclose(y, y_d, atol=1e-8)
     assert torch.equal(g[2].col_indices(), Gcsr.col_indices())
@@ -286,16 +303,21 @@ def test_batched_sparse_and_values_with_grad():
 
 def test_ffo_path_factorises_nothing_and_densifies_no_sparse_input(monkeypatch):
     ts, _ = strict_qp(12, 14, 4, seed=9, density=0.3, batch=2, batched=("p",))
-    sparse_args = [ts[0].to_sparse(), ts[1], ts[2].to_sparse_csr(), ts[3],
-                   ts[4].to_sparse(), ts[5]]
+    sparse_args = [ts[0].to_sparse(), ts[1], ts[2].to_sparse_csr(), ts[3], ts[4].to_sparse(), ts[5]]
     w = weights((2, 12))
     _, ref = grads(FFOQPLayer(), sparse_args, w)
 
     def forbidden(*a, **k):
         raise AssertionError("forbidden call in the FFO path")
-    for mod, attr in ((scipy.sparse.linalg, "splu"), (scipy.sparse.linalg, "spsolve"),
-                      (scipy.sparse.linalg, "factorized"), (np.linalg, "solve"),
-                      (np.linalg, "inv"), (torch.linalg, "solve")):
+
+    for mod, attr in (
+        (scipy.sparse.linalg, "splu"),
+        (scipy.sparse.linalg, "spsolve"),
+        (scipy.sparse.linalg, "factorized"),
+        (np.linalg, "solve"),
+        (np.linalg, "inv"),
+        (torch.linalg, "solve"),
+    ):
         monkeypatch.setattr(mod, attr, forbidden)
     for cls in (scipy.sparse.csc_matrix, scipy.sparse.csr_matrix, scipy.sparse.coo_matrix):
         monkeypatch.setattr(cls, "toarray", forbidden)
@@ -305,7 +327,7 @@ def test_ffo_path_factorises_nothing_and_densifies_no_sparse_input(monkeypatch):
     monkeypatch.undo()
     for a, b in zip(g, ref):
         assert torch.equal(a.to_dense(), b.to_dense())
-    with pytest.raises(AssertionError):       # the patch does bite on the KKT path
+    with pytest.raises(AssertionError):  # the patch does bite on the KKT path
         monkeypatch.setattr(scipy.sparse.linalg, "splu", forbidden)
         grads(FFOQPLayer(backward="kkt"), sparse_args, w)
 
@@ -317,8 +339,12 @@ def test_empty_equalities_in_every_form_and_no_inequalities():
     layer = FFOQPLayer(solver=TIGHT, backward="kkt")
     ref_y, ref = grads(layer, ts[:4] + [None, None], w)
     n = 8
-    for A, b in ((torch.empty(0), torch.empty(0)), (torch.Tensor(), torch.Tensor()),
-                 (torch.zeros(0, n), torch.zeros(0)), (torch.zeros(2, 0, n), torch.zeros(2, 0))):
+    for A, b in (
+        (torch.empty(0), torch.empty(0)),
+        (torch.Tensor(), torch.Tensor()),
+        (torch.zeros(0, n), torch.zeros(0)),
+        (torch.zeros(2, 0, n), torch.zeros(2, 0)),
+    ):
         y, g = grads(layer, ts[:4] + [A.double(), b.double()], w)
         assert torch.equal(y, ref_y)
         check(g[:4], ref[:4], rel=1e-12)
@@ -338,7 +364,7 @@ def test_batch_of_one_and_shapes():
     w = weights((1, 8))
     layer = FFOQPLayer(solver=TIGHT, backward="kkt")
     y1, g1 = grads(layer, ts, w)
-    one = [t[None] for t in ts]                       # every argument batched, batch 1
+    one = [t[None] for t in ts]  # every argument batched, batch 1
     y2, g2 = grads(layer, one, w)
     assert y1.shape == y2.shape == (1, 8) and torch.equal(y1, y2)
     for a, b in zip(g1, g2):
@@ -365,6 +391,7 @@ def test_invalid_arguments_are_named():
         args[k] = value
         with pytest.raises(InvalidParameterError, match=match):
             layer(*args)
+
     h_nan = ts[3].clone()
     h_nan[1, 2] = float("nan")
     bad(3, h_nan, r"h contains NaN or Inf at batch index \[1\]")
@@ -388,10 +415,11 @@ def test_invalid_arguments_are_named():
 
 def test_infeasible_sample_names_its_batch_index():
     ts, _ = strict_qp(6, 7, 2, seed=0, batch=3, batched=("p", "h"))
-    G = torch.cat([ts[2], torch.eye(6, dtype=torch.float64)[:1],
-                   -torch.eye(6, dtype=torch.float64)[:1]])
+    G = torch.cat(
+        [ts[2], torch.eye(6, dtype=torch.float64)[:1], -torch.eye(6, dtype=torch.float64)[:1]]
+    )
     h = torch.cat([ts[3], torch.full((3, 2), 10.0, dtype=torch.float64)], dim=1)
-    h[2, -2:] = torch.tensor([-1.0, -1.0])        # y_0 <= -1 and y_0 >= 1
+    h[2, -2:] = torch.tensor([-1.0, -1.0])  # y_0 <= -1 and y_0 >= 1
     with pytest.raises(SolverError, match="batch index 2") as info:
         FFOQPLayer()(ts[0], ts[1], G, h, ts[4], ts[5])
     assert info.value.batch_index == 2
@@ -402,6 +430,7 @@ class _Crashing:
 
     def __init__(self, ghost: bool):
         from ffo_core import get_backend
+
         self.inner, self.ghost = get_backend("clarabel"), ghost
         self.name, self.capabilities = "crashing", self.inner.capabilities
 
@@ -415,6 +444,7 @@ class _Crashing:
 def test_solver_crashes_become_typed_errors_with_the_batch_index(ghost):
     """FFOQPLayer sees its solver through the same guard as FFOLayer."""
     from ffo_core.errors import GhostProblemError
+
     ts, _ = strict_qp(6, 7, 2, seed=0, batch=3, batched=("p",))
     ts = [t.requires_grad_(True) for t in ts]
     layer = FFOQPLayer(_Crashing(ghost))
@@ -430,9 +460,10 @@ def test_shared_ghost_parts_and_backward_chunks_change_no_gradient(monkeypatch):
     shared G and A against the same values repeated per sample (parts formed per sample),
     and one sample per chunk against the whole batch."""
     import ffo_core.ffo_backward as ffo_mod
+
     shared, _ = strict_qp(12, 9, 3, seed=11, batch=4, batched=("p", "h"))
     repeated = list(shared)
-    for k in (2, 4):                                       # G and A, batched copies
+    for k in (2, 4):  # G and A, batched copies
         repeated[k] = shared[k].expand(4, *shared[k].shape).clone()
     w = weights((4, 12))
     layer = FFOQPLayer()

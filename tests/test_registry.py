@@ -1,4 +1,5 @@
 """Config strings, the pluggy registry over the `ffo` entry-point group, and `ffo backends`."""
+
 import importlib.metadata
 
 import pytest
@@ -13,8 +14,12 @@ from ffo_core.registry import _Registry
 def test_parse_config_types_and_positionals():
     cfg = parse_config("Gurobi:Threads=1,FeasibilityTol=1e-9,Presolve=true,Method=barrier")
     assert cfg.name == "gurobi"
-    assert cfg.settings == {"Threads": 1, "FeasibilityTol": 1e-9, "Presolve": True,
-                            "Method": "barrier"}
+    assert cfg.settings == {
+        "Threads": 1,
+        "FeasibilityTol": 1e-9,
+        "Presolve": True,
+        "Method": "barrier",
+    }
     assert parse_config("cvxpy:OSQP,eps_abs=1e-6").args == ("OSQP",)
     for bad in ("", ":x=1", "scs:=3", "scs:a=1,a=2", "scs:a=1,POS"):
         with pytest.raises(ConfigError):
@@ -40,6 +45,7 @@ def test_backend_that_cannot_run_says_why():
         @classmethod
         def availability(cls):
             return False, "no licence found (set LICENSED_LICENSE_FILE)"
+
     ffo_core.register_backend(NeedsLicence)
     try:
         with pytest.raises(BackendUnavailable, match="cannot run here: no licence found"):
@@ -50,10 +56,13 @@ def test_backend_that_cannot_run_says_why():
 
 
 def test_a_broken_plugin_does_not_break_the_others(monkeypatch):
-    eps = [importlib.metadata.EntryPoint("broken", "ffo_backends.no_such_module", "ffo"),
-             importlib.metadata.EntryPoint("clarabel", "ffo_backends.clarabel", "ffo")]
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group=None: eps if group == "ffo" else [])
+    eps = [
+        importlib.metadata.EntryPoint("broken", "ffo_backends.no_such_module", "ffo"),
+        importlib.metadata.EntryPoint("clarabel", "ffo_backends.clarabel", "ffo"),
+    ]
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group=None: eps if group == "ffo" else []
+    )
     registry = _Registry()
     assert "clarabel" in registry.factories()
     assert "No module named" in registry.broken()["broken"]

@@ -28,13 +28,14 @@ What is checked, and against what:
   POLY_COS/CONE_COS).  Fast profile: 20 examples per class; ``-m slow``: 150 per class; both
   derandomised (the same examples every run).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import threading
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import cvxpy as cp
 import numpy as np
@@ -43,8 +44,17 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from ffo_core import (ConfigError, FFOError, FFOLayer, GhostProblemError,
-                      InvalidParameterError, ProblemError, SolverError, Status, get_backend)
+from ffo_core import (
+    ConfigError,
+    FFOError,
+    FFOLayer,
+    GhostProblemError,
+    InvalidParameterError,
+    ProblemError,
+    SolverError,
+    Status,
+    get_backend,
+)
 from ffo_core.batch import InaccurateSolutionWarning
 from ffo_core.errors import GradientHealthWarning, InvalidGradientError
 from ffo_core.protocol import Solution, SolveInfo
@@ -65,8 +75,7 @@ def projection_problem(n: int = 4):
 def projection_values(batch: int = 4, seed: int = 0):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((batch, 4))
-    u = a + np.where(rng.random((batch, 4)) < 0.5, -1.0, 1.0) * rng.uniform(0.3, 1.0,
-                                                                              (batch, 4))
+    u = a + np.where(rng.random((batch, 4)) < 0.5, -1.0, 1.0) * rng.uniform(0.3, 1.0, (batch, 4))
     return torch.tensor(a), torch.tensor(u)
 
 
@@ -145,12 +154,12 @@ def test_float32_and_float64_mix_promotes_to_float64(proj):
     inputs (float32 + float64 -> float64); each gradient keeps its parameter's dtype."""
     layer = FFOLayer(*proj)
     a, u = projection_values(3)
-    (y64,), (ga64, gu64) = grads_of(layer, [a, u])
+    (y64,), (ga64, _gu64) = grads_of(layer, [a, u])
     (y_mix,), (ga, gu) = grads_of(layer, [a.float(), u])
     assert y_mix.dtype == F64 and ga.dtype == torch.float32 and gu.dtype == F64
-    assert torch.allclose(y_mix, y64, atol=1e-6)          # a rounded to float32
+    assert torch.allclose(y_mix, y64, atol=1e-6)  # a rounded to float32
     assert torch.allclose(ga.double(), ga64, atol=1e-5)
-    (y32,), (ga32, gu32) = grads_of(layer, [a.float(), u.float()])
+    (y32,), (_ga32, gu32) = grads_of(layer, [a.float(), u.float()])
     assert y32.dtype == torch.float32 and gu32.dtype == torch.float32
 
 
@@ -181,8 +190,8 @@ def test_sparse_tensor_is_refused(proj):
 def test_cuda_parameters_round_trip_and_mixed_devices_are_refused(proj):
     layer = FFOLayer(*proj)
     a, u = projection_values(2)
-    (y_cpu,), (ga_cpu, gu_cpu) = grads_of(layer, [a, u])
-    (y,), (ga, gu) = grads_of(layer, [a.cuda(), u.cuda()])
+    (y_cpu,), (ga_cpu, _gu_cpu) = grads_of(layer, [a, u])
+    (y,), (ga, _gu) = grads_of(layer, [a.cuda(), u.cuda()])
     assert y.device.type == "cuda" and ga.device.type == "cuda"
     assert torch.allclose(y.cpu(), y_cpu) and torch.allclose(ga.cpu(), ga_cpu)
     with pytest.raises(InvalidParameterError, match="different devices"):
@@ -190,7 +199,11 @@ def test_cuda_parameters_round_trip_and_mixed_devices_are_refused(proj):
 
 
 SIGN_CASES = [  # attribute, a valid value, a violating value
-    ("nonneg", 0.0, -1e-9), ("pos", 1e-9, 0.0), ("nonpos", 0.0, 1e-9), ("neg", -1e-9, 0.0)]
+    ("nonneg", 0.0, -1e-9),
+    ("pos", 1e-9, 0.0),
+    ("nonpos", 0.0, 1e-9),
+    ("neg", -1e-9, 0.0),
+]
 
 
 @pytest.mark.parametrize("attr,ok,bad", SIGN_CASES, ids=[c[0] for c in SIGN_CASES])
@@ -201,16 +214,18 @@ def test_values_violating_declared_sign_are_refused(attr, ok, bad):
     backend = Faulty()
     layer = FFOLayer(prob, [s], [y], solver=backend)
     good = torch.full((3, 3), ok + (1.0 if attr in ("nonneg", "pos") else -1.0), dtype=F64)
-    good[0, 0] = ok                                     # the boundary value is allowed
+    good[0, 0] = ok  # the boundary value is allowed
     layer(good)
     calls = backend.calls["forward"]
     wrong = good.clone()
     wrong[2, 1] = bad
-    with pytest.raises(InvalidParameterError,
-                       match=rf"parameter s violates its declared attribute {attr}=True"
-                             rf".*batch index \[2\]"):
+    with pytest.raises(
+        InvalidParameterError,
+        match=rf"parameter s violates its declared attribute {attr}=True"
+        rf".*batch index \[2\]",
+    ):
         layer(wrong)
-    assert backend.calls["forward"] == calls                # refused before solving
+    assert backend.calls["forward"] == calls  # refused before solving
 
 
 def test_boolean_integer_and_bounds_attributes_are_checked():
@@ -220,12 +235,17 @@ def test_boolean_integer_and_bounds_attributes_are_checked():
     y = cp.Variable(2)
     prob = cp.Problem(cp.Minimize(cp.sum_squares(y) + (b + r) @ y + k * cp.sum(y)))
     layer = FFOLayer(prob, [b, k, r], [y])
-    ok = [torch.tensor([0.0, 1.0], dtype=F64), torch.tensor(3.0, dtype=F64),
-          torch.tensor([1.0, 2.0], dtype=F64)]
+    ok = [
+        torch.tensor([0.0, 1.0], dtype=F64),
+        torch.tensor(3.0, dtype=F64),
+        torch.tensor([1.0, 2.0], dtype=F64),
+    ]
     layer(*ok)
-    for i, value, name in ((0, [0.5, 1.0], "b violates its declared attribute boolean"),
-                           (1, 2.5, "k violates its declared attribute integer"),
-                           (2, [1.0, 2.5], "r violates its declared attribute bounds")):
+    for i, value, name in (
+        (0, [0.5, 1.0], "b violates its declared attribute boolean"),
+        (1, 2.5, "k violates its declared attribute integer"),
+        (2, [1.0, 2.5], "r violates its declared attribute bounds"),
+    ):
         args = list(ok)
         args[i] = torch.tensor(value, dtype=F64)
         with pytest.raises(InvalidParameterError, match=f"parameter {name}"):
@@ -238,8 +258,11 @@ def test_reduced_parameters_are_refused_naming_the_attribute(attr):
     y = cp.Variable(3)
     term = cp.sum(P @ y) if attr != "complex" else cp.real(cp.sum(P @ y))
     prob = cp.Problem(cp.Minimize(cp.sum_squares(y) + term), [y >= -1])
-    with pytest.raises(ProblemError, match=rf"parameter P is declared with {attr}=True.*"
-                                           r"plain cp.Parameter\(\(3, 3\)\)"):
+    with pytest.raises(
+        ProblemError,
+        match=rf"parameter P is declared with {attr}=True.*"
+        r"plain cp.Parameter\(\(3, 3\)\)",
+    ):
         FFOLayer(prob, [P], [y])
 
 
@@ -251,9 +274,8 @@ def test_parameters_overflowing_the_data_are_refused():
     layer = FFOLayer(prob, [q], [y], solver=backend)
     with pytest.raises(InvalidParameterError, match=r"overflow.*batch index \[1\]:"):
         layer(torch.tensor([[1.0, 1.0], [1e300, 0.0]], dtype=F64))
-    many = torch.full((7, 2), 1e300, dtype=F64)          # every sample: the first five named
-    with pytest.raises(InvalidParameterError,
-                       match=r"batch index \[0, 1, 2, 3, 4\] \(and more\):"):
+    many = torch.full((7, 2), 1e300, dtype=F64)  # every sample: the first five named
+    with pytest.raises(InvalidParameterError, match=r"batch index \[0, 1, 2, 3, 4\] \(and more\):"):
         layer(many)
     assert backend.calls["forward"] == 0
 
@@ -266,8 +288,11 @@ def test_non_finite_incoming_gradient_is_refused_before_any_ghost_solve(proj):
     (y,) = layer(a, u)
     w = torch.ones_like(y)
     w[1, 2] = float("nan")
-    with pytest.raises(InvalidGradientError, match=r"output y contains NaN or Inf at "
-                                                   r"batch index \[1\]"):
+    with pytest.raises(
+        InvalidGradientError,
+        match=r"output y contains NaN or Inf at "
+        r"batch index \[1\]",
+    ):
         (w * y).sum().backward()
     assert backend.calls["ghost"] == 0
     assert issubclass(InvalidGradientError, FFOError)
@@ -282,11 +307,13 @@ def _raise_on_marked(inner, g, h, e, extra):
 
 @pytest.mark.parametrize("n_jobs", [1, 2])
 def test_exception_in_backend_forward_is_a_solver_error_with_batch_index(proj, n_jobs):
-    layer = FFOLayer(*proj, solver=Faulty(forward=_raise_on_marked, name="crashy"),
-                     n_jobs=n_jobs)
+    layer = FFOLayer(*proj, solver=Faulty(forward=_raise_on_marked, name="crashy"), n_jobs=n_jobs)
     a, u = projection_values(4)
-    with pytest.raises(SolverError, match=r"forward solve of batch index 2: backend 'crashy' "
-                                          r"raised RuntimeError: solver crashed") as err:
+    with pytest.raises(
+        SolverError,
+        match=r"forward solve of batch index 2: backend 'crashy' "
+        r"raised RuntimeError: solver crashed",
+    ) as err:
         layer(mark(a, 2), u)
     assert err.value.batch_index == 2 and err.value.backend == "crashy"
     assert isinstance(err.value.__cause__, RuntimeError)
@@ -298,8 +325,11 @@ def test_exception_in_ghost_solve_is_a_ghost_problem_error(proj):
     a, u = projection_values(4)
     a = mark(a, 3).requires_grad_(True)
     (y,) = layer(a, u)
-    with pytest.raises(GhostProblemError, match=r"batch index 3.*'crashy' raised "
-                                                r"RuntimeError") as err:
+    with pytest.raises(
+        GhostProblemError,
+        match=r"batch index 3.*'crashy' raised "
+        r"RuntimeError",
+    ) as err:
         y.sum().backward()
     assert err.value.batch_index == 3 and err.value.backend == "crashy"
     assert isinstance(err.value.__cause__, RuntimeError)
@@ -308,13 +338,14 @@ def test_exception_in_ghost_solve_is_a_ghost_problem_error(proj):
 def test_backend_solver_error_gets_the_batch_index(proj):
     def too_big(inner, g, h, e, extra):
         if marked(g):
-            raise SolverError("faulty: 4 variables exceed this licence's limit of 3",
-                              backend="faulty")
+            raise SolverError(
+                "faulty: 4 variables exceed this licence's limit of 3", backend="faulty"
+            )
         return inner.solve(g, h, e, extra)
+
     layer = FFOLayer(*proj, solver=Faulty(forward=too_big))
     a, u = projection_values(3)
-    with pytest.raises(SolverError, match="forward solve of batch index 1: faulty: 4 vari") \
-            as err:
+    with pytest.raises(SolverError, match="forward solve of batch index 1: faulty: 4 vari") as err:
         layer(mark(a, 1), u)
     assert err.value.batch_index == 1 and err.value.backend == "faulty"
 
@@ -338,11 +369,19 @@ def _not_a_solution(inner, g, h, e, extra):
     return None if marked(g) else inner.solve(g, h, e, extra)
 
 
-@pytest.mark.parametrize("hook,what", [(_nan_primal, "NaN or Inf in primal"),
-                                       (_short_dual, r"ineq_dual of shape \(3,\), expected "
-                                                     r"\(4,\)"),
-                                       (_not_a_solution, "NoneType")],
-                         ids=["nan", "shape", "none"])
+@pytest.mark.parametrize(
+    "hook,what",
+    [
+        (_nan_primal, "NaN or Inf in primal"),
+        (
+            _short_dual,
+            r"ineq_dual of shape \(3,\), expected "
+            r"\(4,\)",
+        ),
+        (_not_a_solution, "NoneType"),
+    ],
+    ids=["nan", "shape", "none"],
+)
 def test_malformed_answers_are_solver_errors_not_values(proj, hook, what):
     layer = FFOLayer(*proj, solver=Faulty(forward=hook, name="sloppy"))
     a, u = projection_values(3)
@@ -354,16 +393,23 @@ def test_solution_check_finds_each_bad_array_and_accepts_huge_finite_values():
     """solution_problem sums each array first: NaN or Inf anywhere is named by its field,
     and finite values whose sums overflow are a valid answer, lists and ints as well."""
     from ffo_core.batch import solution_problem
+
     rng = np.random.default_rng(0)
-    fields = {"primal": rng.standard_normal(4), "eq_dual": np.zeros(0),
-              "ineq_dual": rng.standard_normal(6), "slack": rng.standard_normal(6)}
+    fields = {
+        "primal": rng.standard_normal(4),
+        "eq_dual": np.zeros(0),
+        "ineq_dual": rng.standard_normal(6),
+        "slack": rng.standard_normal(6),
+    }
     assert solution_problem(Solution(Status.OPTIMAL, **fields), 4, 0, 6) is None
     for name in ("primal", "ineq_dual", "slack"):
         for bad in (np.nan, np.inf, -np.inf):
             broken = dict(fields, **{name: fields[name].copy()})
             broken[name][1] = bad
-            assert solution_problem(Solution(Status.OPTIMAL, **broken), 4, 0, 6) == \
-                f"status optimal but NaN or Inf in {name}"
+            assert (
+                solution_problem(Solution(Status.OPTIMAL, **broken), 4, 0, 6)
+                == f"status optimal but NaN or Inf in {name}"
+            )
     huge = {k: np.full(v.shape, 1e308) for k, v in fields.items()}
     assert solution_problem(Solution(Status.OPTIMAL, **huge), 4, 0, 6) is None
     listed = {k: [int(x) for x in np.round(v)] for k, v in fields.items()}
@@ -373,8 +419,7 @@ def test_solution_check_finds_each_bad_array_and_accepts_huge_finite_values():
 def test_time_limit_hit_is_a_solver_error(proj):
     layer = FFOLayer(*proj, time_limit=1e-9)
     a, u = projection_values(2)
-    with pytest.raises(SolverError, match="batch index 0: the solver hit its time limit") \
-            as err:
+    with pytest.raises(SolverError, match="batch index 0: the solver hit its time limit") as err:
         layer(a, u)
     assert err.value.status is Status.TIME_LIMIT and err.value.backend == "clarabel"
 
@@ -390,14 +435,15 @@ def _inaccurate_on_marked(inner, g, h, e, extra):
 def test_inaccurate_policy_raise(proj):
     layer = FFOLayer(*proj, solver=Faulty(forward=_inaccurate_on_marked), inaccurate="raise")
     a, u = projection_values(3)
-    with pytest.raises(SolverError, match="batch index 2: solver faulty returned an "
-                                          "inaccurate solution") as err:
+    with pytest.raises(
+        SolverError, match="batch index 2: solver faulty returned an inaccurate solution"
+    ) as err:
         layer(mark(a, 2), u)
     assert err.value.batch_index == 2 and err.value.status is Status.OPTIMAL_INACCURATE
 
 
 def test_inaccurate_policy_warn_returns_the_solution(proj):
-    layer = FFOLayer(*proj, solver=Faulty(forward=_inaccurate_on_marked))   # default: warn
+    layer = FFOLayer(*proj, solver=Faulty(forward=_inaccurate_on_marked))  # default: warn
     a, u = projection_values(3)
     a = mark(a, 0)
     with pytest.warns(InaccurateSolutionWarning, match="batch index 0"):
@@ -420,8 +466,12 @@ def test_inaccurate_ghost_follows_the_policy_and_can_fall_back(proj):
     a, u = projection_values(3)
     a = mark(a, 1)
     for policy, fallback in (("raise", "raise"), ("raise", "kkt")):
-        layer = FFOLayer(*proj, solver=Faulty(ghost=_inaccurate_on_marked),
-                         inaccurate=policy, ghost_fallback=fallback)
+        layer = FFOLayer(
+            *proj,
+            solver=Faulty(ghost=_inaccurate_on_marked),
+            inaccurate=policy,
+            ghost_fallback=fallback,
+        )
         ts = [a.clone().requires_grad_(True), u]
         (y,) = layer(*ts)
         if fallback == "raise":
@@ -430,7 +480,7 @@ def test_inaccurate_ghost_follows_the_policy_and_can_fall_back(proj):
         else:
             y.sum().backward()
             assert [d["ghost_fallback"] for d in layer.last_diagnostics] == [None, "kkt", None]
-            exact = (a < u).double()                    # dy/da of the projection
+            exact = (a < u).double()  # dy/da of the projection
             assert torch.equal(ts[0].grad[1], exact[1])  # the KKT fallback: exact
             assert float((ts[0].grad - exact).norm() / exact.norm()) <= 1e-3
 
@@ -438,10 +488,12 @@ def test_inaccurate_ghost_follows_the_policy_and_can_fall_back(proj):
 # -- ghost fallback ---------------------------------------------------------------------
 def _fail_big_steps(limit: float):
     """Ghost solves with ``||delta c|| > limit`` fail (NUMERICAL_ERROR); smaller succeed."""
+
     def hook(inner, g, h, e, extra):
         if np.linalg.norm(extra) > limit:
             return Solution(Status.NUMERICAL_ERROR, info=SolveInfo(raw_status="Unsolved"))
         return inner.solve(g, h, e, extra)
+
     return hook
 
 
@@ -455,7 +507,7 @@ def proj_reference(proj):
     a, u = projection_values(4, seed=5)
     _, g_ref = grads_of(FFOLayer(*proj, backward="kkt"), [a, u])
     layer = FFOLayer(*proj)
-    _, g_ffo = grads_of(layer, [a, u])
+    _, _g_ffo = grads_of(layer, [a, u])
     deltas = [d["delta"] for d in layer.last_diagnostics]
     return (a, u), g_ref, deltas
 
@@ -474,12 +526,13 @@ def test_ghost_fallback_smaller_delta(proj, proj_reference):
     # second smallest: the two smallest succeed at delta/10, the others need delta/100
     steps = [d * float(w[i].norm()) for i, d in enumerate(deltas)]
     limit = sorted(steps)[1] / 10 * 1.001
-    layer = FFOLayer(*proj, solver=Faulty(ghost=_fail_big_steps(limit)),
-                     ghost_fallback="smaller-delta")
+    layer = FFOLayer(
+        *proj, solver=Faulty(ghost=_fail_big_steps(limit)), ghost_fallback="smaller-delta"
+    )
     _, g = grads_of(layer, [a, u])
-    assert max(steps) / 10 > limit >= max(steps) / 100     # some sample needs delta/100
+    assert max(steps) / 10 > limit >= max(steps) / 100  # some sample needs delta/100
     for i, d in enumerate(layer.last_diagnostics):
-        expected = next(deltas[i] / 10 ** k for k in (1, 2) if steps[i] / 10 ** k <= limit)
+        expected = next(deltas[i] / 10**k for k in (1, 2) if steps[i] / 10**k <= limit)
         assert d["ghost_fallback"] == "smaller-delta"
         assert math.isclose(d["fallback_delta"], expected, rel_tol=1e-9)
         assert "numerical_error" in d["ghost_error"]
@@ -487,10 +540,13 @@ def test_ghost_fallback_smaller_delta(proj, proj_reference):
 
 
 def test_ghost_fallback_smaller_delta_exhausted(proj, proj_reference):
-    (a, u), _, deltas = proj_reference
+    (a, u), _, _deltas = proj_reference
     layer = FFOLayer(*proj, solver=Faulty(ghost=_always_fail), ghost_fallback="smaller-delta")
-    with pytest.raises(GhostProblemError, match=r"batch index 0: the ghost problem failed "
-                                                r"and so did every fallback.*delta=.*delta="):
+    with pytest.raises(
+        GhostProblemError,
+        match=r"batch index 0: the ghost problem failed "
+        r"and so did every fallback.*delta=.*delta=",
+    ):
         grads_of(layer, [a, u])
 
 
@@ -521,10 +577,18 @@ def test_ghost_fallback_reports_when_kkt_fails_too():
 
 
 def test_bad_option_values_are_config_errors(proj):
-    for kw in (dict(ghost_fallback="retry"), dict(time_limit=0), dict(time_limit=-1.0),
-               dict(time_limit=float("inf")), dict(time_limit="10"), dict(check_every=-1),
-               dict(check_every=1.5), dict(check_threshold=2.0), dict(check_rel_tol=0),
-               dict(n_jobs=0)):
+    for kw in (
+        dict(ghost_fallback="retry"),
+        dict(time_limit=0),
+        dict(time_limit=-1.0),
+        dict(time_limit=float("inf")),
+        dict(time_limit="10"),
+        dict(check_every=-1),
+        dict(check_every=1.5),
+        dict(check_threshold=2.0),
+        dict(check_rel_tol=0),
+        dict(n_jobs=0),
+    ):
         with pytest.raises(ConfigError):
             FFOLayer(*proj, **kw)
 
@@ -558,8 +622,9 @@ def test_time_limit_reaches_the_backend_without_mutating_it(proj, spec, read):
     layer = FFOLayer(*proj, solver=given, time_limit=7.5)
     assert layer.backend is not given and given.settings == before
     assert read(layer.backend) == 7.5
-    assert FFOLayer(*proj, solver=spec, time_limit=7.5).backend.settings == \
-        layer.backend.settings                          # same from a config string
+    assert (
+        FFOLayer(*proj, solver=spec, time_limit=7.5).backend.settings == layer.backend.settings
+    )  # same from a config string
 
 
 def test_time_limit_on_scs_stops_the_solve(proj):
@@ -596,6 +661,7 @@ def test_time_limit_is_used_by_forward_and_ghost_solves(proj):
         def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
             seen.append((extra_linear_term is not None, self.limit))
             return super().solve(g, h, e, extra_linear_term)
+
     given = Recording()
     layer = FFOLayer(*proj, solver=given, time_limit=3.0)
     grads_of(layer, projection_values(2))
@@ -607,6 +673,7 @@ def test_time_limit_is_used_by_forward_and_ghost_solves(proj):
 # ===================================================================== concurrency ===
 def test_one_layer_from_several_threads_matches_sequential_use():
     from problems import random_qp
+
     qp = random_qp(10, 6, 2, seed=4)
     layer = FFOLayer(qp.problem, qp.params, [qp.y])
     inputs = [qp.tensors(batch=3, seed=s) for s in range(8)]
@@ -620,8 +687,9 @@ def test_one_layer_from_several_threads_matches_sequential_use():
             barrier.wait()
             for j in range(k, len(inputs), 4):
                 results[j] = grads_of(layer, inputs[j])
-        except Exception as exc:           # reported below, with the thread's index
+        except Exception as exc:  # reported below, with the thread's index
             errors.append((k, exc))
+
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
@@ -639,6 +707,7 @@ def test_layer_with_attribute_checks_pickles_and_deep_copies(proj):
     copies keep refusing bad values and give the same results."""
     import copy
     import pickle
+
     s = cp.Parameter(3, name="s", nonneg=True)
     y = cp.Variable(3)
     prob = cp.Problem(cp.Minimize(cp.sum_squares(y) + s @ y), [y >= -1])
@@ -660,8 +729,11 @@ def test_health_check_schedule_log_and_records(proj, caplog):
     assert [r["call"] for r in layer.health_log] == [2, 4]
     for r in layer.health_log:
         assert r["sample"] == 0 and r["cosine"] >= 0.9999 and r["cosine_params"] >= 0.9999
-    records = [r for r in caplog.records if r.name == "ffo_core"
-               and "gradient health check" in r.getMessage()]
+    records = [
+        r
+        for r in caplog.records
+        if r.name == "ffo_core" and "gradient health check" in r.getMessage()
+    ]
     assert len(records) == 2 and all(r.levelno == logging.INFO for r in records)
     off = FFOLayer(*proj)
     grads_of(off, [a, u])
@@ -676,11 +748,14 @@ def _corrupt_ghost(inner, g, h, e, extra):
 
 
 def test_health_check_warns_when_the_gradient_is_wrong(proj, caplog):
-    layer = FFOLayer(*proj, solver=Faulty(ghost=_corrupt_ghost), check_every=1,
-                     check_threshold=0.99)
+    layer = FFOLayer(
+        *proj, solver=Faulty(ghost=_corrupt_ghost), check_every=1, check_threshold=0.99
+    )
     a, u = projection_values(2)
-    with caplog.at_level(logging.INFO, logger="ffo_core"), \
-            pytest.warns(GradientHealthWarning, match="below check_threshold=0.99"):
+    with (
+        caplog.at_level(logging.INFO, logger="ffo_core"),
+        pytest.warns(GradientHealthWarning, match="below check_threshold=0.99"),
+    ):
         grads_of(layer, [a, u])
     (record,) = layer.health_log
     assert record["cosine"] < 0.99
@@ -696,13 +771,15 @@ def _doubled_ghost_step(inner, g, h, e, extra):
 def test_health_check_warns_on_magnitude_errors_the_cosine_misses(proj):
     a, u = projection_values(2)
     layer = FFOLayer(*proj, solver=Faulty(ghost=_doubled_ghost_step), check_every=1)
-    with pytest.warns(GradientHealthWarning, match="relative error 1.0.e\\+00 is above "
-                                                   "check_rel_tol=0.1"):
+    with pytest.warns(
+        GradientHealthWarning, match="relative error 1.0.e\\+00 is above check_rel_tol=0.1"
+    ):
         grads_of(layer, [a, u])
     (record,) = layer.health_log
     assert record["cosine"] >= 0.9999 and abs(record["rel_err"] - 1.0) < 1e-3
-    quiet = FFOLayer(*proj, solver=Faulty(ghost=_doubled_ghost_step), check_every=1,
-                     check_rel_tol=None)
+    quiet = FFOLayer(
+        *proj, solver=Faulty(ghost=_doubled_ghost_step), check_every=1, check_rel_tol=None
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientHealthWarning)
         grads_of(quiet, [a, u])
@@ -713,6 +790,7 @@ def test_health_check_survives_a_failing_reference(proj, monkeypatch):
 
     def broken(*args, **kwargs):
         raise SolverError("reference unavailable")
+
     layer = FFOLayer(*proj, check_every=1)
     monkeypatch.setattr(layer_module, "kkt_backward", broken)
     _, g = grads_of(layer, projection_values(2))
@@ -727,10 +805,20 @@ def test_health_check_survives_a_failing_reference(proj, monkeypatch):
 #: off on an ordinary entropy problem: docs/reliability.md).
 DEFAULT_CLARABEL = "clarabel"
 CLARABEL_1E10 = "clarabel:tol_gap_abs=1e-10,tol_gap_rel=1e-10,tol_feas=1e-10,tol_ktratio=1e-8"
-FAST = settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+SLOW = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 #: Tolerances (cosine of all parameters' gradients of the batch together, FFO vs KKT on the
 #: same forward solution).  Polyhedral: tests/test_gradients.py's 0.9999.  Curved cones
 #: through Clarabel at 1e-10: 0.995; tests/test_cones.py's 0.999 is stated for SCS at 1e-12
@@ -743,16 +831,14 @@ POLY_COS, CONE_COS = 0.9999, 0.995
 class Family:
     """A problem structure (built once per size) and a sampler of feasible values."""
 
-    def __init__(self, problem, params, variables, sample, solver=CLARABEL_1E10,
-                 cos_tol=CONE_COS):
-        self.problem, self.params, self.variables, self.sample = \
-            problem, params, variables, sample
+    def __init__(self, problem, params, variables, sample, solver=CLARABEL_1E10, cos_tol=CONE_COS):
+        self.problem, self.params, self.variables, self.sample = problem, params, variables, sample
         self.cos_tol = cos_tol
         self.ffo = FFOLayer(problem, params, variables, solver=solver)
         self.kkt = FFOLayer(problem, params, variables, solver=solver, backward="kkt")
 
 
-@lru_cache(maxsize=None)
+@cache
 def qp_family(n: int, m: int, p: int) -> Family:
     """``min 1/2||F y||^2 + q'y, G y <= h, A y = b``; strictly complementary values."""
     y = cp.Variable(n)
@@ -768,17 +854,18 @@ def qp_family(n: int, m: int, p: int) -> Family:
         y0 = scale * rng.standard_normal(n)
         Gv = rng.standard_normal((m, n))
         act = rng.random(m) < 0.5
-        act[min(n - p, m):] = False                     # at most n - p active rows
+        act[min(n - p, m) :] = False  # at most n - p active rows
         hv = Gv @ y0 + np.where(act, 0.0, scale * rng.uniform(0.2, 1.5, m))
         lam = np.where(act, rng.uniform(0.2, 1.5, m), 0.0)
         Av = rng.standard_normal((p, n))
         nu = rng.standard_normal(p)
         qv = -(Fv.T @ Fv @ y0 + Av.T @ nu + Gv.T @ lam)
         return [Fv, qv, Gv, hv] + ([Av, Av @ y0] if p else [])
+
     return Family(prob, params, [y], sample, solver=DEFAULT_CLARABEL, cos_tol=POLY_COS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def lp_family(n: int, m: int) -> Family:
     """``min c'y + reg/2 ||y||^2, G y <= h`` (reg a ``nonneg`` parameter, 1e-3..1e-1):
     an LP made strongly convex by a small quadratic, strictly complementary values."""
@@ -792,15 +879,15 @@ def lp_family(n: int, m: int) -> Family:
         y0 = scale * rng.standard_normal(n)
         Gv = rng.standard_normal((m, n))
         act = np.zeros(m, dtype=bool)
-        act[rng.permutation(m)[:rng.integers(1, min(n, m) + 1)]] = True
+        act[rng.permutation(m)[: rng.integers(1, min(n, m) + 1)]] = True
         hv = Gv @ y0 + np.where(act, 0.0, scale * rng.uniform(0.2, 1.5, m))
         lam = np.where(act, rng.uniform(0.2, 1.5, m), 0.0)
         return [-(r * y0 + Gv.T @ lam), Gv, hv, np.array(r)]
-    return Family(prob, [c, G, h, reg], [y], sample, solver=DEFAULT_CLARABEL,
-                  cos_tol=POLY_COS)
+
+    return Family(prob, [c, G, h, reg], [y], sample, solver=DEFAULT_CLARABEL, cos_tol=POLY_COS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def socp_family(n: int, k: int, d: int) -> Family:
     """``min 1/2||y||^2 + q'y, ||G_i y + h_i|| <= c_i'y + e_i, F y <= f``; cones active or
     inactive at random (multiplier on the cone's boundary), one linear row active.
@@ -827,8 +914,9 @@ def socp_family(n: int, k: int, d: int) -> Family:
         Gv = [rng.standard_normal((d - 1, n)) for _ in range(k)]
         hv = [scale * rng.standard_normal(d - 1) for _ in range(k)]
         cv = [0.3 * rng.standard_normal(n) for _ in range(k)]
-        active = rng.permutation(k) < min(k, n - 1) if rng.random() < 0.8 else \
-            np.zeros(k, dtype=bool)
+        active = (
+            rng.permutation(k) < min(k, n - 1) if rng.random() < 0.8 else np.zeros(k, dtype=bool)
+        )
         active &= rng.random(k) < 0.7
         ev, force = [], np.zeros(n)
         for i in range(k):
@@ -843,10 +931,11 @@ def socp_family(n: int, k: int, d: int) -> Family:
         fv = Fv @ y0 + np.array([0.0, scale * rng.uniform(0.3, 1.5)])
         force += Fv.T @ np.array([rng.uniform(0.3, 1.5), 0.0])
         return Gv + hv + cv + ev + [-(y0 + force), Fv, fv]
+
     return Family(prob, G + h + c + e + [q, F, f], [y], sample)
 
 
-@lru_cache(maxsize=None)
+@cache
 def exp_family(kind: str, n: int) -> Family:
     """``lse``: ``min 1/2||y||^2 + q'y + log_sum_exp(F y + g)`` (3 terms);
     ``entropy``: ``min -theta'x - sum(entr(x)) + 1/2||x||^2, 1'x = 1, a'x <= b`` with the
@@ -854,27 +943,33 @@ def exp_family(kind: str, n: int) -> Family:
     if kind == "lse":
         y = cp.Variable(n)
         F, g, q = cp.Parameter((3, n)), cp.Parameter(3), cp.Parameter(n)
-        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y
-                                      + cp.log_sum_exp(F @ y + g)))
+        prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y + cp.log_sum_exp(F @ y + g)))
 
         def sample(rng, scale):
-            return [rng.standard_normal((3, n)), rng.standard_normal(3),
-                    scale * rng.standard_normal(n)]
+            return [
+                rng.standard_normal((3, n)),
+                rng.standard_normal(3),
+                scale * rng.standard_normal(n),
+            ]
+
         return Family(prob, [F, g, q], [y], sample)
     x = cp.Variable(n)
     th, a, b = cp.Parameter(n), cp.Parameter((1, n)), cp.Parameter(1)
-    prob = cp.Problem(cp.Minimize(-th @ x - cp.sum(cp.entr(x)) + 0.5 * cp.sum_squares(x)),
-                      [cp.sum(x) == 1, a @ x <= b])
+    prob = cp.Problem(
+        cp.Minimize(-th @ x - cp.sum(cp.entr(x)) + 0.5 * cp.sum_squares(x)),
+        [cp.sum(x) == 1, a @ x <= b],
+    )
 
     def sample(rng, scale):
         x0 = rng.dirichlet(np.full(n, 3.0))
         av = rng.standard_normal(n)
         nu, lam = rng.standard_normal(), rng.uniform(0.3, 1.5)
         return [np.log(x0) + 1.0 + x0 + nu + lam * av, av[None], np.array([av @ x0])]
+
     return Family(prob, [th, a, b], [x], sample)
 
 
-@lru_cache(maxsize=None)
+@cache
 def sdp_family(n: int, p: int) -> Family:
     """``min 1/2||X||_F^2 - tr(C X), X >> 0, tr(A_j X) = b_j`` with a strictly
     complementary optimum of random rank (1..n-1)."""
@@ -882,8 +977,10 @@ def sdp_family(n: int, p: int) -> Family:
     C = cp.Parameter((n, n))
     A = [cp.Parameter((n, n)) for _ in range(p)]
     b = cp.Parameter(p)
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(X) - cp.trace(C @ X)),
-                      [X >> 0] + [cp.trace(A[j] @ X) == b[j] for j in range(p)])
+    prob = cp.Problem(
+        cp.Minimize(0.5 * cp.sum_squares(X) - cp.trace(C @ X)),
+        [X >> 0] + [cp.trace(A[j] @ X) == b[j] for j in range(p)],
+    )
 
     def sample(rng, scale):
         rank = int(rng.integers(1, n))
@@ -894,17 +991,22 @@ def sdp_family(n: int, p: int) -> Family:
         nu = rng.standard_normal(p)
         Cv = X0 + sum(v * Aj for v, Aj in zip(nu, As)) - Z0
         return [Cv] + As + [np.array([np.trace(Aj @ X0) for Aj in As])]
+
     return Family(prob, [C] + A + [b], [X], sample)
 
 
 FAMILIES = {
-    "qp": st.builds(qp_family, st.sampled_from([3, 5, 8]), st.sampled_from([2, 4, 7]),
-                    st.sampled_from([0, 1, 2])),
+    "qp": st.builds(
+        qp_family,
+        st.sampled_from([3, 5, 8]),
+        st.sampled_from([2, 4, 7]),
+        st.sampled_from([0, 1, 2]),
+    ),
     "lp": st.builds(lp_family, st.sampled_from([3, 6]), st.sampled_from([4, 8])),
-    "socp": st.builds(socp_family, st.sampled_from([3, 5]), st.sampled_from([1, 3]),
-                      st.sampled_from([3, 4])),
-    "exp": st.builds(exp_family, st.sampled_from(["lse", "entropy"]),
-                     st.sampled_from([3, 5])),
+    "socp": st.builds(
+        socp_family, st.sampled_from([3, 5]), st.sampled_from([1, 3]), st.sampled_from([3, 4])
+    ),
+    "exp": st.builds(exp_family, st.sampled_from(["lse", "entropy"]), st.sampled_from([3, 5])),
     "sdp": st.builds(sdp_family, st.sampled_from([2, 3, 4]), st.sampled_from([1, 2])),
 }
 #: Curved-cone families are tested at solution scales 1e-2 and 1 only: at scale 100 the
@@ -920,10 +1022,10 @@ def _run_example(family_name: str, fam: Family, seed: int, batch: int, scale: fl
     rng = np.random.default_rng(seed)
     samples = [fam.sample(rng, scale) for _ in range(batch)]
     values = [np.stack([s[k] for s in samples]) for k in range(len(fam.params))]
-    w = [torch.tensor(rng.standard_normal((batch,) + v.shape), dtype=F64)
-         for v in fam.variables]
-    counts = OUTCOMES.setdefault(family_name, {"ok": 0, "typed_error": 0, "no_ref": 0,
-                                               "degenerate": 0})
+    w = [torch.tensor(rng.standard_normal((batch,) + v.shape), dtype=F64) for v in fam.variables]
+    counts = OUTCOMES.setdefault(
+        family_name, {"ok": 0, "typed_error": 0, "no_ref": 0, "degenerate": 0}
+    )
 
     def run(layer):
         ts = [torch.tensor(v, dtype=F64, requires_grad=True) for v in values]
@@ -932,9 +1034,10 @@ def _run_example(family_name: str, fam: Family, seed: int, batch: int, scale: fl
             outs = layer(*ts)
             sum((wk * o).sum() for wk, o in zip(w, outs)).backward()
         return outs, [t.grad for t in ts]
+
     try:
         outs, g = run(fam.ffo)
-    except FFOError as exc:                     # typed: allowed, but noted
+    except FFOError as exc:  # typed: allowed, but noted
         note(f"typed error: {type(exc).__name__}: {exc}")
         counts["typed_error"] += 1
         return
@@ -947,9 +1050,8 @@ def _run_example(family_name: str, fam: Family, seed: int, batch: int, scale: fl
         note(f"no KKT reference: {exc}")
         counts["no_ref"] += 1
         return
-    if any(d.get("weak", 0) or d.get("weak_blocks", 0)
-           for d in fam.kkt.last_diagnostics + diag):
-        counts["degenerate"] += 1               # the derivative may not exist there
+    if any(d.get("weak", 0) or d.get("weak_blocks", 0) for d in fam.kkt.last_diagnostics + diag):
+        counts["degenerate"] += 1  # the derivative may not exist there
         return
     cos = cosine(g, g_ref)
     note(f"cosine {cos:.6f}; diagnostics {diag}")
@@ -959,11 +1061,15 @@ def _run_example(family_name: str, fam: Family, seed: int, batch: int, scale: fl
 
 def _property(family_name: str, profile):
     @profile
-    @given(fam=FAMILIES[family_name], seed=st.integers(0, 2**32 - 1),
-           batch=st.sampled_from([1, 2]),
-           scale=st.sampled_from([1e-2, 1.0] if family_name in CURVED else [1e-2, 1.0, 1e2]))
+    @given(
+        fam=FAMILIES[family_name],
+        seed=st.integers(0, 2**32 - 1),
+        batch=st.sampled_from([1, 2]),
+        scale=st.sampled_from([1e-2, 1.0] if family_name in CURVED else [1e-2, 1.0, 1e2]),
+    )
     def check(fam, seed, batch, scale):
         _run_example(family_name, fam, seed, batch, scale)
+
     return check
 
 
@@ -987,8 +1093,12 @@ def test_random_feasible_problems_slow_profile(family_name):
 
 
 @settings(FAST, max_examples=40)
-@given(seed=st.integers(0, 2**32 - 1), log_scale=st.integers(-6, 6),
-       zero_frac=st.sampled_from([0.0, 0.3, 0.9]), feasible=st.booleans())
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    log_scale=st.integers(-6, 6),
+    zero_frac=st.sampled_from([0.0, 0.3, 0.9]),
+    feasible=st.booleans(),
+)
 def test_wild_random_data_only_typed_errors(seed, log_scale, zero_frac, feasible):
     """Random QP data with no construction of the optimum, badly scaled (each parameter by
     up to 10^+-6), with zeroed entries; ``feasible`` only makes h, b consistent with some
@@ -1001,7 +1111,7 @@ def test_wild_random_data_only_typed_errors(seed, log_scale, zero_frac, feasible
         v = rng.standard_normal((2,) + prm.shape) * 10.0 ** (log_scale * rng.random())
         v[rng.random(v.shape) < zero_frac] = 0.0
         raw.append(v)
-    if feasible:                               # F, q, G, h, A, b: h, b from a point y1
+    if feasible:  # F, q, G, h, A, b: h, b from a point y1
         y1 = rng.standard_normal((2, 5))
         raw[3] = np.einsum("bij,bj->bi", raw[2], y1) + np.abs(raw[3])
         raw[5] = np.einsum("bij,bj->bi", raw[4], y1)
@@ -1032,7 +1142,7 @@ def test_default_delta_on_large_scale_socp():
     fam = socp_family(3, 3, 4)
     rng = np.random.default_rng(59)
     values = fam.sample(rng, 100.0)
-    fam.sample(rng, 100.0)                     # the example's second sample: not needed
+    fam.sample(rng, 100.0)  # the example's second sample: not needed
     w = torch.tensor(rng.standard_normal((2, 3))[0])
     scs = "scs:eps_abs=1e-11,eps_rel=1e-11,max_iters=400000,cache_size=0"
     grads = {}
@@ -1046,29 +1156,34 @@ def test_default_delta_on_large_scale_socp():
     assert rel <= 1e-2, rel
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_finite_check_reads_every_entry_and_survives_an_overflowing_sum(dtype):
     """The input check sums first (one pass) and looks entry by entry only when the sum is
     not finite: a NaN or Inf anywhere is refused with its batch index, and finite values
     whose sum overflows are accepted."""
     from ffo_core.tensors import check_finite
+
     big = torch.finfo(dtype).max / 2
-    check_finite("x", torch.full((2, 4), big, dtype=dtype), True)   # sum overflows: fine
+    check_finite("x", torch.full((2, 4), big, dtype=dtype), True)  # sum overflows: fine
     for bad in (float("nan"), float("inf"), -float("inf")):
         t = torch.ones((3, 4), dtype=dtype)
         t[2, 1] = bad
-        with pytest.raises(InvalidParameterError, match=r"x contains NaN or Inf at batch "
-                                                          r"index \[2\]"):
+        with pytest.raises(
+            InvalidParameterError,
+            match=r"x contains NaN or Inf at batch "
+            r"index \[2\]",
+        ):
             check_finite("x", t, True)
 
 
 def test_finite_check_names_the_first_five_bad_samples_and_says_when_there_are_more():
     from ffo_core.tensors import check_finite
+
     t = torch.ones((8, 3), dtype=torch.float64)
     t[1:7, 0] = float("nan")
-    with pytest.raises(InvalidParameterError,
-                       match=r"at batch index \[1, 2, 3, 4, 5\] \(and more\)$"):
+    with pytest.raises(
+        InvalidParameterError, match=r"at batch index \[1, 2, 3, 4, 5\] \(and more\)$"
+    ):
         check_finite("x", t, True)
     t[6, 0] = 1.0
     with pytest.raises(InvalidParameterError, match=r"at batch index \[1, 2, 3, 4, 5\]$"):
@@ -1079,9 +1194,11 @@ def test_guarded_resolve_is_guarded_like_solve_and_falls_back_to_solve():
     """GuardedBackend.resolve turns a backend's crash in ``resolve`` into a typed error
     naming the batch index (a GhostProblemError for a ghost), refuses a malformed answer,
     and is a plain guarded solve for a backend without ``resolve``."""
+    import scipy.sparse as sp
+
     from ffo_core.batch import GuardedBackend
     from ffo_core.protocol import ConeConstraints, ConeDims, Equalities, Objective
-    import scipy.sparse as sp
+
     g = Objective(sp.identity(2, format="csc"), np.array([1.0, -1.0]))
     h = ConeConstraints(sp.csc_matrix(np.eye(2)), np.ones(2), ConeDims(nonneg=2))
     e = Equalities(sp.csc_matrix((0, 2)), np.zeros(0))
@@ -1096,8 +1213,12 @@ def test_guarded_resolve_is_guarded_like_solve_and_falls_back_to_solve():
             sol = self.inner.solve(g, h, e, extra_linear_term)
             sol.primal = sol.primal[:1]
             return sol
-    with pytest.raises(GhostProblemError, match=r"batch index 3: backend 'crash' raised "
-                                                 r"RuntimeError: kept solver gone"):
+
+    with pytest.raises(
+        GhostProblemError,
+        match=r"batch index 3: backend 'crash' raised "
+        r"RuntimeError: kept solver gone",
+    ):
         GuardedBackend(Crashing(name="crash"), 3, ghost=True).resolve(None, g, h, e, term)
     with pytest.raises(GhostProblemError, match=r"primal of shape \(1,\), expected \(2,\)"):
         GuardedBackend(Short(name="short"), 1, ghost=True).resolve(None, g, h, e, term)

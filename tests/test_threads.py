@@ -1,4 +1,5 @@
 """The pool-or-one-thread choice (``ffo_core.batch.ThreadChoice``)."""
+
 import copy
 import pickle
 
@@ -13,9 +14,9 @@ def test_probes_alternate_then_the_faster_setting_wins():
         seen.append(jobs)
         choice.times.setdefault(jobs, []).append(1.0 if jobs == 1 else 2.0)
     assert sorted(seen) == [1, 1, 2, 2] and seen[0] == 2
-    assert choice.choose(2) == 1                 # one thread measured faster
+    assert choice.choose(2) == 1  # one thread measured faster
     choice.times[2] = [0.1, 0.1, 0.1]
-    assert choice.choose(2) == 2                 # now the pool is faster
+    assert choice.choose(2) == 2  # now the pool is faster
 
 
 def test_one_job_is_never_a_pool_and_results_keep_their_order():
@@ -36,9 +37,11 @@ def test_pickles_and_copies_with_its_measurements():
 
 def test_both_layers_reject_a_bad_thread_count():
     import pytest
+
     from ffo_core import FFOQPLayer
     from ffo_core.batch import BatchRunner
     from ffo_core.errors import ConfigError
+
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="n_jobs must be a positive int"):
             FFOQPLayer(n_jobs=bad)
@@ -57,6 +60,6 @@ def test_the_other_setting_is_probed_again_and_can_win():
     choice = ThreadChoice(probes=2, reprobe_every=8)
     choice.times = {1: [1.0, 1.0], 2: [2.0, 2.0]}
     seen = [choice.choose(2) for _ in range(16)]
-    assert seen.count(2) == 2 and seen[7] == seen[15] == 2     # every 8th call
-    choice.times[2] = [2.0, 0.5]                    # the pool got faster meanwhile
+    assert seen.count(2) == 2 and seen[7] == seen[15] == 2  # every 8th call
+    choice.times[2] = [2.0, 0.5]  # the pool got faster meanwhile
     assert choice.choose(2) == 2

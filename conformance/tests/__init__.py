@@ -1,4 +1,4 @@
-"""The conformance suite as a test package: ``pytest --pyargs conformance.tests``.
+"""The conformance suite as a test package: ``pytest --pyargs ffo_conformance.tests``.
 
-See :mod:`conformance.pytest_plugin` for the options (``--ffo-backend NAME``).
+See :mod:`ffo_conformance.pytest_plugin` for the options (``--ffo-backend NAME``).
 """

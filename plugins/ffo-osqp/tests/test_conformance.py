@@ -8,9 +8,10 @@ itself (the trusted reference solver fails them too) are reported as xfail.
 Run:  pytest plugins/ffo-osqp/tests      (or, from the plugin folder, just: pytest)
 Same, from the command line:  ffo conformance osqp --classes lp,qp
 """
+
 import pytest
 
-from conformance.pytest_plugin import conformance_test
+from ffo_conformance.pytest_plugin import conformance_test
 from ffo_core import ConfigError, get_backend
 
 test_osqp_conformance = conformance_test("osqp", classes=["lp", "qp"])

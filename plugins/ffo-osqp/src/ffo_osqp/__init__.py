@@ -4,6 +4,7 @@ Installing this distribution registers the backend ``osqp`` through the ``ffo`` 
 group; ``FFOLayer(problem, params, vars, solver="osqp:eps_abs=1e-9")`` then uses it, and
 ``ffo conformance osqp --classes lp,qp`` checks it.
 """
+
 from .backend import OSQPBackend
 
 __all__ = ["OSQPBackend"]

@@ -39,6 +39,7 @@ The defaults below are tighter than OSQP's (1e-3) because a layer's backward pas
 accurate solutions, and ``adaptive_rho_interval`` is fixed so that repeated solves are
 bit-for-bit identical (OSQP's 0 chooses it from the measured setup time).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -49,8 +50,15 @@ import numpy as np
 import scipy.sparse as sp
 
 from ffo_core.errors import ConfigError, SolverError
-from ffo_core.protocol import (Capabilities, ConeConstraints, Equalities, Objective,
-                               Solution, SolveInfo, Status)
+from ffo_core.protocol import (
+    Capabilities,
+    ConeConstraints,
+    Equalities,
+    Objective,
+    Solution,
+    SolveInfo,
+    Status,
+)
 
 #: OSQP's status words -> protocol status (data, not branches).
 STATUS_MAP = {
@@ -106,8 +114,8 @@ class OSQPBackend:
     capabilities = Capabilities(
         cones=frozenset({"zero", "nonneg"}),
         quadratic_objective=True,
-        warm_start=True,          # x and y are passed to OSQP's warm_start
-        thread_safe=True,         # each solve builds its own OSQP workspace (resolve
+        warm_start=True,  # x and y are passed to OSQP's warm_start
+        thread_safe=True,  # each solve builds its own OSQP workspace (resolve
         #                           reuses one only for its own ghost, in ffo's one thread)
     )
 
@@ -129,13 +137,16 @@ class OSQPBackend:
         valid = self.setting_names()
         unknown = sorted(set(settings) - valid)
         if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)} for backend 'osqp'; "
-                              f"valid settings: {', '.join(sorted(valid))}")
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)} for backend 'osqp'; "
+                f"valid settings: {', '.join(sorted(valid))}"
+            )
         self.settings = {**DEFAULT_SETTINGS, **settings}
 
     @staticmethod
     def setting_names() -> set[str]:
         import osqp
+
         names = {k for k in osqp.OSQP().ext.OSQPSettings.__dict__ if not k.startswith("_")}
         return names | {"solver_type", "rho"}
 
@@ -143,14 +154,23 @@ class OSQPBackend:
         return f"<OSQPBackend {self.settings}>"
 
     # -- the protocol -----------------------------------------------------------------
-    def solve(self, g: Objective, h: ConeConstraints, e: Equalities,
-              extra_linear_term: np.ndarray | None = None, *,
-              warm_start: Solution | None = None) -> Solution:
+    def solve(
+        self,
+        g: Objective,
+        h: ConeConstraints,
+        e: Equalities,
+        extra_linear_term: np.ndarray | None = None,
+        *,
+        warm_start: Solution | None = None,
+    ) -> Solution:
         import osqp
+
         unsupported = h.dims.kinds - {"nonneg"}
         if unsupported:
-            raise SolverError(f"osqp supports zero and nonnegative cones only, got "
-                              f"{sorted(unsupported)}", backend=self.name)
+            raise SolverError(
+                f"osqp supports zero and nonnegative cones only, got {sorted(unsupported)}",
+                backend=self.name,
+            )
         n, p, m = g.n, e.p, h.m
         P = sp.triu(g.P, format="csc") if g.P is not None else sp.csc_matrix((n, n))
         q = g.q if extra_linear_term is None else g.q + extra_linear_term
@@ -163,19 +183,31 @@ class OSQPBackend:
             solver.setup(P, q, A, lower, upper, **self.settings)
         except (ValueError, osqp.OSQPException) as exc:
             raise SolverError(f"osqp setup failed: {exc}", backend=self.name) from exc
-        if warm_start is not None and warm_start.primal is not None \
-                and np.shape(warm_start.primal) == (n,):
+        if (
+            warm_start is not None
+            and warm_start.primal is not None
+            and np.shape(warm_start.primal) == (n,)
+        ):
             y0 = None
-            if warm_start.eq_dual is not None and warm_start.ineq_dual is not None \
-                    and np.shape(warm_start.eq_dual) == (p,) \
-                    and np.shape(warm_start.ineq_dual) == (m,):
+            if (
+                warm_start.eq_dual is not None
+                and warm_start.ineq_dual is not None
+                and np.shape(warm_start.eq_dual) == (p,)
+                and np.shape(warm_start.ineq_dual) == (m,)
+            ):
                 y0 = np.concatenate([warm_start.eq_dual, warm_start.ineq_dual])
             solver.warm_start(x=np.asarray(warm_start.primal, float), y=y0)
         kept = _Kept(solver, P, g, h, e) if extra_linear_term is not None else None
         return self._answer(solver.solve(raise_error=False), P, g, q, h, e, kept)
 
-    def resolve(self, previous: Solution | None, g: Objective, h: ConeConstraints,
-                e: Equalities, extra_linear_term: np.ndarray) -> Solution:
+    def resolve(
+        self,
+        previous: Solution | None,
+        g: Objective,
+        h: ConeConstraints,
+        e: Equalities,
+        extra_linear_term: np.ndarray,
+    ) -> Solution:
         """``solve(g, h, e, extra_linear_term)``, reusing the workspace of ``previous`` when
         it is this backend's answer to a solve of these same ``(g, h, e)`` objects with
         another extra linear term (ffo's second solve of one ghost problem: central
@@ -190,8 +222,16 @@ class OSQPBackend:
         kept.solver.update(q=q)
         return self._answer(kept.solver.solve(raise_error=False), kept.P, g, q, h, e, kept)
 
-    def _answer(self, res, P, g: Objective, q: np.ndarray, h: ConeConstraints,
-                e: Equalities, kept: "_Kept | None") -> Solution:
+    def _answer(
+        self,
+        res,
+        P,
+        g: Objective,
+        q: np.ndarray,
+        h: ConeConstraints,
+        e: Equalities,
+        kept: _Kept | None,
+    ) -> Solution:
         """OSQP's result as a protocol Solution; ``kept`` (a ghost solve's workspace, for
         :meth:`resolve`) goes into ``info.extra``."""
         raw = str(res.info.status)
@@ -199,8 +239,12 @@ class OSQPBackend:
         extra = {"polished": int(getattr(res.info, "status_polish", 0)) == 1}
         if kept is not None:
             extra[_KEPT] = kept
-        info = SolveInfo(iterations=int(res.info.iter), solve_time=float(res.info.run_time),
-                         raw_status=raw, extra=extra)
+        info = SolveInfo(
+            iterations=int(res.info.iter),
+            solve_time=float(res.info.run_time),
+            raw_status=raw,
+            extra=extra,
+        )
         if not status.has_solution:
             return Solution(status=status, info=info)
 
@@ -209,8 +253,7 @@ class OSQPBackend:
         nu, lam = yd[:p].copy(), np.maximum(yd[p:], 0.0)
         s = np.maximum(h.h - h.G @ x, 0.0)
         info.accuracy = self._accuracy(P, g, q, e, h, x, nu, lam, s)
-        return Solution(status=status, primal=x, eq_dual=nu, ineq_dual=lam, slack=s,
-                        info=info)
+        return Solution(status=status, primal=x, eq_dual=nu, ineq_dual=lam, slack=s, info=info)
 
     @staticmethod
     def _accuracy(P_upper, g, q, e, h, x, nu, lam, s) -> float:
@@ -220,8 +263,10 @@ class OSQPBackend:
         Atnu, Gtl = e.A.T @ nu, h.G.T @ lam
         dual = _inf(Px + q + Atnu + Gtl) / (1 + max(_inf(q), _inf(Px), _inf(Atnu), _inf(Gtl)))
         Ax, Gx = e.A @ x, h.G @ x
-        prim = max(_inf(Ax - e.b) / (1 + max(_inf(e.b), _inf(Ax))),
-                   _inf(Gx + s - h.h) / (1 + max(_inf(h.h), _inf(Gx))))
+        prim = max(
+            _inf(Ax - e.b) / (1 + max(_inf(e.b), _inf(Ax))),
+            _inf(Gx + s - h.h) / (1 + max(_inf(h.h), _inf(Gx))),
+        )
         obj = 0.5 * float(x @ Px) + float(q @ x)
         gap = abs(float(s @ lam)) / (1 + abs(obj))
         return float(max(prim, dual, gap, 1e-15))

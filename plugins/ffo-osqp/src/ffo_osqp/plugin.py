@@ -4,6 +4,7 @@ ffo loads it with pluggy when the registry is first used.  Keep it light: import
 package (``osqp``) lazily in the backend, never here, so that a missing solver shows up as
 "cannot run here: ..." in ``ffo backends`` instead of breaking the plugin's import.
 """
+
 from ffo_core.hookspecs import hookimpl
 
 from .backend import OSQPBackend
