@@ -19,13 +19,16 @@ from .errors import (
 )
 from .protocol import (
     Backend,
+    BatchSolution,
     Capabilities,
     ConeConstraints,
     ConeDims,
     Equalities,
     Objective,
+    ProblemBatch,
     Solution,
     SolveInfo,
+    SparsePattern,
     Status,
 )
 from .registry import available_backends, get_backend, register_backend, unregister_backend
@@ -46,6 +49,7 @@ def __getattr__(name: str):
 __all__ = [
     "Backend",
     "BackendUnavailable",
+    "BatchSolution",
     "Capabilities",
     "ConeConstraints",
     "ConeDims",
@@ -58,10 +62,12 @@ __all__ = [
     "InvalidParameterError",
     "NotDPPError",
     "Objective",
+    "ProblemBatch",
     "ProblemError",
     "Solution",
     "SolveInfo",
     "SolverError",
+    "SparsePattern",
     "Status",
     "available_backends",
     "get_backend",

@@ -33,53 +33,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import NotDPPError, ProblemError
-from .protocol import ConeConstraints, ConeDims, Equalities, Objective
+from .protocol import ConeConstraints, ConeDims, Equalities, Objective, SparsePattern
 
 CONSTANT_ID = -1  # CVXPY's id for the constant column of the parameter vector
-
-
-@dataclass(frozen=True)
-class SparsePattern:
-    """Fixed CSC sparsity pattern of one data matrix; values come per sample."""
-
-    shape: tuple[int, int]
-    indices: np.ndarray  # row index of each stored entry (CSC order)
-    indptr: np.ndarray
-    cols: np.ndarray  # column index of each stored entry
-
-    @classmethod
-    def from_rows_cols(cls, rows, cols, shape) -> SparsePattern:
-        """Entries must already be sorted in CSC order (by column, then row)."""
-        indptr = np.zeros(shape[1] + 1, dtype=np.int64)
-        np.add.at(indptr, np.asarray(cols, dtype=np.int64) + 1, 1)
-        return cls(
-            tuple(shape),
-            np.asarray(rows, dtype=np.int32),
-            np.cumsum(indptr),
-            np.asarray(cols, dtype=np.int32),
-        )
-
-    @property
-    def nnz(self) -> int:
-        return self.indices.shape[0]
-
-    @functools.cached_property
-    def canonical(self) -> bool:
-        """Rows strictly increasing within every column (sorted, no duplicates)."""
-        step = np.diff(self.indices.astype(np.int64))
-        starts = self.indptr[1:-1]
-        inner = np.ones(step.size, dtype=bool)
-        inner[starts[(starts > 0) & (starts <= step.size)] - 1] = False  # column breaks
-        return bool(np.all(step[inner] > 0))
-
-    def matrix(self, values: np.ndarray) -> sp.csc_matrix:
-        """The CSC matrix with these entry values (arrays shared, not copied); flagged
-        canonical when the pattern is, so scipy and :func:`~ffo_core.sparse_ops.prune`
-        do not scan the indices again (3 million of them for the paper's n = 1000)."""
-        M = sp.csc_matrix((values, self.indices, self.indptr), shape=self.shape)
-        if self.canonical:
-            M.has_canonical_format = True
-        return M
 
 
 @dataclass(frozen=True)

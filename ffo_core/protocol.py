@@ -195,6 +195,173 @@ class Solution:
 
 
 @dataclass(frozen=True)
+class SparsePattern:
+    """Fixed CSC sparsity pattern of one data matrix; values come per sample."""
+
+    shape: tuple[int, int]
+    indices: np.ndarray  # row index of each stored entry (CSC order)
+    indptr: np.ndarray
+    cols: np.ndarray  # column index of each stored entry
+
+    @classmethod
+    def from_rows_cols(cls, rows, cols, shape) -> SparsePattern:
+        """Entries must already be sorted in CSC order (by column, then row)."""
+        indptr = np.zeros(shape[1] + 1, dtype=np.int64)
+        np.add.at(indptr, np.asarray(cols, dtype=np.int64) + 1, 1)
+        return cls(
+            tuple(shape),
+            np.asarray(rows, dtype=np.int32),
+            np.cumsum(indptr),
+            np.asarray(cols, dtype=np.int32),
+        )
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.shape[0]
+
+    @functools.cached_property
+    def canonical(self) -> bool:
+        """Rows strictly increasing within every column (sorted, no duplicates)."""
+        step = np.diff(self.indices.astype(np.int64))
+        starts = self.indptr[1:-1]
+        inner = np.ones(step.size, dtype=bool)
+        inner[starts[(starts > 0) & (starts <= step.size)] - 1] = False  # column breaks
+        return bool(np.all(step[inner] > 0))
+
+    @classmethod
+    def of(cls, M) -> SparsePattern:
+        """The pattern of sparse ``M`` (canonical CSC first: sorted, no duplicates; stored
+        zeros stay, they are entries of the pattern)."""
+        M = sp.csc_matrix(M, copy=True)
+        M.sum_duplicates()
+        cols = np.repeat(np.arange(M.shape[1], dtype=np.int32), np.diff(M.indptr))
+        return cls(tuple(M.shape), M.indices.astype(np.int32), M.indptr.astype(np.int64), cols)
+
+    def matrix(self, values: np.ndarray) -> sp.csc_matrix:
+        """The CSC matrix with these entry values (arrays shared, not copied); flagged
+        canonical when the pattern is, so scipy and :func:`~ffo_core.sparse_ops.prune`
+        do not scan the indices again (3 million of them for the paper's n = 1000)."""
+        M = sp.csc_matrix((values, self.indices, self.indptr), shape=self.shape)
+        if self.canonical:
+            M.has_canonical_format = True
+        return M
+
+
+@dataclass
+class ProblemBatch:
+    """``batch`` problems of the protocol's form that share one sparsity structure (what a
+    layer's batch is): the optional backend method ``solve_batch`` takes one.
+
+    Every matrix is a :class:`SparsePattern` (CSC, shared by the batch) and a values array
+    with one row per sample, aligned with the pattern's entries (``values[k]`` is sample
+    ``k``'s ``.data``); vectors are ``(batch, size)``.  A leading dimension of 1 instead of
+    ``batch`` means "the same for every sample" (a shared matrix or vector is not copied
+    ``batch`` times).  ``P`` is the full symmetric pattern (both triangles) or ``None``.
+
+    ==========  ==========================  =======================================
+    field       shape                       meaning
+    ==========  ==========================  =======================================
+    P_values    (batch or 1, P.nnz)         ``P``'s entries
+    q           (batch or 1, n)             linear cost
+    A_values    (batch or 1, A.nnz)         equality matrix ``A`` (``p x n``)
+    b           (batch or 1, p)             equality right-hand side
+    G_values    (batch or 1, G.nnz)         cone constraint matrix ``G`` (``m x n``)
+    h           (batch or 1, m)             cone right-hand side
+    ==========  ==========================  =======================================
+
+    Arrays are NumPy float64; a *device* backend (``Capabilities.device``) may also be given
+    torch tensors, all on one device and of one floating dtype, and then answers in
+    tensors on that device and dtype.
+
+    Absent rows.  Within one batch a row of ``A`` or of ``G``'s nonnegative block may be all
+    zeros in some samples (``b_i = 0`` for an equality, ``h_i >= 0`` for an inequality): the
+    row is then absent from that sample.  This is how the engine sends a batch of ghost
+    problems whose active sets differ through one structure.  A backend must solve such a
+    sample as the problem without the row; the dual it returns for an absent row is not
+    read (an equality's multiplier is not unique there).
+    """
+
+    batch: int
+    P: SparsePattern | None
+    P_values: Any
+    q: Any
+    A: SparsePattern
+    A_values: Any
+    b: Any
+    G: SparsePattern
+    G_values: Any
+    h: Any
+    dims: ConeDims
+
+    @property
+    def n(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def p(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def m(self) -> int:
+        return self.G.shape[0]
+
+    def sample(self, i: int) -> tuple[Objective, ConeConstraints, Equalities]:
+        """Sample ``i`` as the protocol objects of ``solve`` (NumPy; the reference a
+        ``solve_batch`` must agree with).  Absent rows are kept, as zero rows."""
+
+        def row(values, k: int):
+            values = values[0 if values.shape[0] == 1 else k]
+            if hasattr(values, "detach"):  # a torch tensor
+                values = values.detach().cpu().double().numpy()
+            return np.asarray(values, dtype=float)
+
+        P = None if self.P is None else self.P.matrix(row(self.P_values, i))
+        return (
+            Objective(P, row(self.q, i)),
+            ConeConstraints(self.G.matrix(row(self.G_values, i)), row(self.h, i), self.dims),
+            Equalities(self.A.matrix(row(self.A_values, i)), row(self.b, i)),
+        )
+
+
+@dataclass
+class BatchSolution:
+    """What ``solve_batch`` returns: every sample's answer in protocol conventions, stacked.
+
+    ``primal`` ``(batch, n)``, ``eq_dual`` ``(batch, p)``, ``ineq_dual`` ``(batch, m)``,
+    ``slack`` ``(batch, m)``: NumPy float64, or torch tensors (device backends given
+    tensors).  ``status[k]`` and ``info[k]`` are sample ``k``'s; the rows of a sample whose
+    status has no solution are not read (NaN is fine).
+    """
+
+    status: list[Status]
+    primal: Any
+    eq_dual: Any
+    ineq_dual: Any
+    slack: Any
+    info: list[SolveInfo]
+
+    def sample(self, k: int) -> Solution:
+        """Sample ``k`` as a :class:`Solution` (NumPy float64 arrays)."""
+
+        def row(values):
+            values = values[k]
+            if hasattr(values, "detach"):
+                values = values.detach().cpu().double().numpy()
+            return np.asarray(values, dtype=float)
+
+        if not self.status[k].has_solution:
+            return Solution(status=self.status[k], info=self.info[k])
+        return Solution(
+            self.status[k],
+            row(self.primal),
+            row(self.eq_dual),
+            row(self.ineq_dual),
+            row(self.slack),
+            self.info[k],
+        )
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What a backend can do; the engine reads this instead of asking which solver it is.
 
@@ -209,6 +376,9 @@ class Capabilities:
     max_variables: int | None = None
     max_constraints: int | None = None
     thread_safe: bool = True
+    #: a device backend: ``solve_batch`` also takes torch tensors (CPU or CUDA) and answers
+    #: on their device, so the layers keep the data there (no round trip through NumPy)
+    device: bool = False
 
     def missing_cones(self, dims: ConeDims, has_equalities: bool = False) -> set[str]:
         """Cones the problem uses that this backend does not support."""
@@ -230,6 +400,15 @@ class Backend(Protocol):
     ghost problem, in the same thread).  It must fall back to a fresh solve whenever
     ``previous`` is not its own answer to those objects.  The Clarabel adapter keeps its
     solver in ``previous.info.extra`` and updates ``q``.
+
+        solve_batch(batch: ProblemBatch, extra_linear_term=None) -> BatchSolution
+
+    every sample of a :class:`ProblemBatch` (problems sharing one sparsity structure) in one
+    call; ``extra_linear_term`` is ``(batch, n)`` or None.  Sample ``k`` of the answer must
+    be what ``solve`` gives for ``batch.sample(k)`` (with ``extra_linear_term[k]``), to
+    solver accuracy.  The engine prefers it, when present, for the forward solves and the
+    ghost solves of a batch (docs/plugins.md); the conformance suite checks it against
+    ``solve``.
     """
 
     name: str
