@@ -84,7 +84,7 @@ def _peak_mb() -> float:
 
 #: Untimed calls before the timed ones: one for every method (first-call caches), four for
 #: our layers, which spend their first four calls choosing between a thread pool and one
-#: thread per phase (``ffo_core.batch.ThreadChoice``): the steady state of a training loop.
+#: thread per phase (``ffo_core.engine.solves.ThreadChoice``): the steady state of a training loop.
 WARMUP = {"ours": 4, "peer": 1}
 
 
@@ -122,10 +122,10 @@ def _bare(layer, tensors, reps: int, weights) -> dict:
     import numpy as np
 
     from ffo_backends.clarabel import ClarabelBackend
-    from ffo_core.active_set import classify
     from ffo_core.backend_base import prune, stack_rows
-    from ffo_core.ffo_backward import build_ghost, without_stored_zeros
-    from ffo_core.layer import _inspect_params
+    from ffo_core.engine.active_set import classify
+    from ffo_core.engine.ffo_backward import build_ghost, without_stored_zeros
+    from ffo_core.layers.cvxpy_layer import _inspect_params
 
     cp_ = layer.compiled
     bound = layer._data(tensors, _inspect_params(cp_.params, tensors))

@@ -6,7 +6,7 @@ backend registered under the name ``clarabel``) cannot corrupt the yardstick it 
 against.  Its answer is itself checked with the suite's residuals (it must reach
 :data:`ffo_conformance.tolerances.REFERENCE_RESIDUAL`) before anything is judged against it.
 
-The reference gradient is :func:`ffo_core.kkt_backward.kkt_backward` at the reference
+The reference gradient is :func:`ffo_core.engine.kkt_backward.kkt_backward` at the reference
 solution.  Where it cannot differentiate a problem (it raises), the gradient checks report
 an *error* saying so; they never pass by default.
 """
@@ -117,6 +117,6 @@ class ReferenceSolver:
 
 def kkt_reference(g, h, e, sol: Solution, c: np.ndarray):
     """The exact data gradient of ``c'y*`` at the reference solution (may raise)."""
-    from ffo_core.kkt_backward import kkt_backward
+    from ffo_core.engine.kkt_backward import kkt_backward
 
     return kkt_backward(g, h, e, sol, c)

@@ -19,7 +19,7 @@ appears: truncation error falls with delta (linearly for the one-sided differenc
 ghost's solution is not affine in delta because of the curvature of the cone --
 quadratically for the central one) until the solver's error divided by delta takes over.
 Big markers show the default delta (chosen from the backend's reported accuracy, see
-``ffo_core.ffo_backward.choose_delta``): a star for ``central=False`` (one-sided), a plus
+``ffo_core.engine.ffo_backward.choose_delta``): a star for ``central=False`` (one-sided), a plus
 for ``central=True`` -- which is also what the layer does with all defaults here, because
 the ghost keeps a curved cone block.
 

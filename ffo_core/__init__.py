@@ -35,7 +35,7 @@ from .registry import available_backends, get_backend, register_backend, unregis
 
 __version__ = "0.1.0"
 
-_LAZY = {"FFOLayer": ".layer", "FFOQPLayer": ".qp_layer"}
+_LAZY = {"FFOLayer": ".layers.cvxpy_layer", "FFOQPLayer": ".layers.qp_layer"}
 
 
 def __getattr__(name: str):

@@ -17,7 +17,7 @@ of a problem (bad input, solver failure, missing backend), not a bug.
 
 Warnings (not errors; ``warnings.warn`` categories): :class:`GradientHealthWarning` (the
 optional gradient health check of ``FFOLayer(check_every=N)`` found the first-order gradient
-far from the exact one) and ``ffo_core.batch.InaccurateSolutionWarning``.
+far from the exact one) and ``ffo_core.engine.solves.InaccurateSolutionWarning``.
 """
 
 from __future__ import annotations

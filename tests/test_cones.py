@@ -49,11 +49,11 @@ import scipy.sparse as sp
 import torch
 
 from ffo_core import FFOLayer, get_backend
-from ffo_core import kkt_cones as kc
-from ffo_core.active_set import classify
-from ffo_core.compile import compile_problem
-from ffo_core.ffo_backward import FFOOptions, ffo_backward
-from ffo_core.kkt_backward import kkt_backward, kkt_backward_cones
+from ffo_core.datamap.compile import compile_problem
+from ffo_core.engine import kkt_cones as kc
+from ffo_core.engine.active_set import classify
+from ffo_core.engine.ffo_backward import FFOOptions, ffo_backward
+from ffo_core.engine.kkt_backward import kkt_backward, kkt_backward_cones
 from ffo_core.protocol import ConeConstraints, ConeDims, Equalities, Objective
 
 SCS12 = "scs:eps_abs=1e-12,eps_rel=1e-12,max_iters=200000,cache_size=0"
@@ -579,7 +579,7 @@ def test_sdp_with_redundant_symmetry_constraint(monkeypatch):
     rows): the KKT mode falls back to the minimum-norm solve (dense least squares; LSMR
     for systems too large to densify, forced here) and still matches cvxpylayers (1e-5);
     FFO central matches the KKT mode (1e-4)."""
-    import ffo_core.kkt_backward as kb
+    import ffo_core.engine.kkt_backward as kb
 
     cvxpylayers = pytest.importorskip("cvxpylayers.torch")
     inst = sdp_instance(0, symmetric_constraint=True)
@@ -785,7 +785,7 @@ def test_classify_batch_is_classify_per_sample():
     leaks across the batch), for every threshold option, samples of very different scales
     and accuracies (None and 0 mean the default) and mixed cones; the thresholds are the
     documented sqrt(acc) * max(1, ||.||_inf)."""
-    from ffo_core.active_set import DEFAULT_ACCURACY, classify_batch
+    from ffo_core.engine.active_set import DEFAULT_ACCURACY, classify_batch
     from ffo_core.protocol import Solution, SolveInfo, Status
 
     dims = ConeDims(nonneg=6, soc=(3,), exp=1, psd=(2,))

@@ -6,9 +6,9 @@ import pytest
 import scipy.sparse as sp
 from problems import random_qp
 
-from ffo_core.compile import compile_problem, flatten_f, unflatten_f
-from ffo_core.ffo_backward import DataGradient
-from ffo_core.param_map import _Adjoint, _DenseBlock, bind, pattern_values, split_of
+from ffo_core.datamap.compile import compile_problem, flatten_f, unflatten_f
+from ffo_core.datamap.param_map import _Adjoint, _DenseBlock, bind, pattern_values, split_of
+from ffo_core.engine.ffo_backward import DataGradient
 
 
 def _bind_flat(cp_, flat, batched, batch):
@@ -207,7 +207,7 @@ def test_adjoint_skips_only_the_identity():
 def test_sample_views_equal_the_full_data(keep, monkeypatch):
     """Per-sample protocol objects equal the full data map, whether the batch's reached
     rows are kept from the overflow check (small batches) or formed per sample."""
-    import ffo_core.param_map as param_map
+    import ffo_core.datamap.param_map as param_map
 
     if not keep:
         monkeypatch.setattr(param_map, "_KEEP_REACHED", 0)
@@ -236,7 +236,7 @@ def test_pattern_matrices_are_flagged_canonical_only_when_they_are():
     """A compiled pattern (sorted rows within each column, no duplicates) hands out
     matrices flagged canonical, so nothing rescans their indices; any other is left to
     scipy's own check."""
-    from ffo_core.compile import SparsePattern
+    from ffo_core.datamap.compile import SparsePattern
 
     good = SparsePattern.from_rows_cols([0, 2, 1, 0, 1], [0, 0, 1, 2, 2], (3, 3))
     assert good.canonical and good.matrix(np.arange(5.0)).has_canonical_format

@@ -55,7 +55,7 @@ from ffo_core import (
     Status,
     get_backend,
 )
-from ffo_core.batch import InaccurateSolutionWarning
+from ffo_core.engine.solves import InaccurateSolutionWarning
 from ffo_core.errors import GradientHealthWarning, InvalidGradientError
 from ffo_core.protocol import Solution, SolveInfo
 
@@ -392,7 +392,7 @@ def test_malformed_answers_are_solver_errors_not_values(proj, hook, what):
 def test_solution_check_finds_each_bad_array_and_accepts_huge_finite_values():
     """solution_problem sums each array first: NaN or Inf anywhere is named by its field,
     and finite values whose sums overflow are a valid answer, lists and ints as well."""
-    from ffo_core.batch import solution_problem
+    from ffo_core.engine.solves import solution_problem
 
     rng = np.random.default_rng(0)
     fields = {
@@ -786,7 +786,7 @@ def test_health_check_warns_on_magnitude_errors_the_cosine_misses(proj):
 
 
 def test_health_check_survives_a_failing_reference(proj, monkeypatch):
-    import ffo_core.layer as layer_module
+    import ffo_core.layers.cvxpy_layer as layer_module
 
     def broken(*args, **kwargs):
         raise SolverError("reference unavailable")
@@ -1161,7 +1161,7 @@ def test_finite_check_reads_every_entry_and_survives_an_overflowing_sum(dtype):
     """The input check sums first (one pass) and looks entry by entry only when the sum is
     not finite: a NaN or Inf anywhere is refused with its batch index, and finite values
     whose sum overflows are accepted."""
-    from ffo_core.tensors import check_finite
+    from ffo_core.layers.tensors import check_finite
 
     big = torch.finfo(dtype).max / 2
     check_finite("x", torch.full((2, 4), big, dtype=dtype), True)  # sum overflows: fine
@@ -1177,7 +1177,7 @@ def test_finite_check_reads_every_entry_and_survives_an_overflowing_sum(dtype):
 
 
 def test_finite_check_names_the_first_five_bad_samples_and_says_when_there_are_more():
-    from ffo_core.tensors import check_finite
+    from ffo_core.layers.tensors import check_finite
 
     t = torch.ones((8, 3), dtype=torch.float64)
     t[1:7, 0] = float("nan")
@@ -1196,7 +1196,7 @@ def test_guarded_resolve_is_guarded_like_solve_and_falls_back_to_solve():
     and is a plain guarded solve for a backend without ``resolve``."""
     import scipy.sparse as sp
 
-    from ffo_core.batch import GuardedBackend
+    from ffo_core.engine.solves import GuardedBackend
     from ffo_core.protocol import ConeConstraints, ConeDims, Equalities, Objective
 
     g = Objective(sp.identity(2, format="csc"), np.array([1.0, -1.0]))

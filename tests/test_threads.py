@@ -1,9 +1,9 @@
-"""The pool-or-one-thread choice (``ffo_core.batch.ThreadChoice``)."""
+"""The pool-or-one-thread choice (``ffo_core.engine.solves.ThreadChoice``)."""
 
 import copy
 import pickle
 
-from ffo_core.batch import ThreadChoice, run_batch
+from ffo_core.engine.solves import ThreadChoice, run_batch
 
 
 def test_probes_alternate_then_the_faster_setting_wins():
@@ -39,7 +39,7 @@ def test_both_layers_reject_a_bad_thread_count():
     import pytest
 
     from ffo_core import FFOQPLayer
-    from ffo_core.batch import BatchRunner
+    from ffo_core.engine.solves import BatchRunner
     from ffo_core.errors import ConfigError
 
     for bad in (0, -1, 1.5, True):

@@ -1,6 +1,6 @@
 """Projections onto the protocol's non-polyhedral cones and their derivatives.
 
-This is the cone machinery of the exact backward (:mod:`ffo_core.kkt_backward`); the
+This is the cone machinery of the exact backward (:mod:`ffo_core.engine.kkt_backward`); the
 first-order path never uses it.  One function per cone, in the protocol's layouts
 (:mod:`ffo_core.protocol`):
 
@@ -19,7 +19,7 @@ cone block), Moreau's decomposition for a cone ``K`` and its dual gives
     lam = Pi_{K*}(v),     s = Pi_K(-v) = lam - v,
 
 and ``lam in K*, s in K, lam's = 0`` hold automatically.  The KKT conditions then become a
-system of equations in ``(y, nu, v)`` (:mod:`ffo_core.kkt_backward`); its Jacobian contains
+system of equations in ``(y, nu, v)`` (:mod:`ffo_core.engine.kkt_backward`); its Jacobian contains
 ``D Pi_{K*}(v)``, which is what :func:`dual_projection_derivative` returns.  Where ``Pi``
 is not differentiable (a point on the border between two of the cases below, which at a
 KKT point means strict complementarity fails) each function returns one element of the

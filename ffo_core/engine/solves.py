@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .errors import ConfigError, FFOError, GhostProblemError, SolverError
-from .protocol import Backend, Solution, Status
+from ..errors import ConfigError, FFOError, GhostProblemError, SolverError
+from ..protocol import Backend, Solution, Status
 
 T = TypeVar("T")
 
@@ -258,7 +258,7 @@ class GuardedBackend:
     * ``ghost=True`` also applies the ``inaccurate`` policy to the ghost solve (the forward
       pass applies it in :func:`check_solutions`).  A status without a solution is returned
       as it is: the caller decides (the forward pass in :func:`check_solutions`, the ghost
-      in :func:`ffo_core.ffo_backward.solve_ghost`, which explains the usual causes).
+      in :func:`ffo_core.engine.ffo_backward.solve_ghost`, which explains the usual causes).
 
     Everything else (``name``, ``capabilities``, settings) is the wrapped backend's.
     """

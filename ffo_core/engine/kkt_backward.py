@@ -1,10 +1,10 @@
 """The exact reference backward: implicit differentiation of the KKT conditions.
 
 This is the yardstick the first-order path is measured against, and the ``backward="kkt"``
-mode of the layers.  Unlike :mod:`ffo_core.ffo_backward` it *does* factorise a matrix.
+mode of the layers.  Unlike :mod:`ffo_core.engine.ffo_backward` it *does* factorise a matrix.
 
 Polyhedral problems (zero and nonnegative cones).  With the active set ``L`` of
-:mod:`ffo_core.active_set` fixed, the solution is locally that of the equality QP
+:mod:`ffo_core.engine.active_set` fixed, the solution is locally that of the equality QP
 ``min 1/2 y'Py + q'y s.t. Ay = b, G_L y = h_L``; perturbing the objective by ``delta * c``
 moves ``(y, nu, lam_L)`` at rate ``(z, z_nu, z_L)`` solving the reduced KKT system
 
@@ -18,10 +18,10 @@ direction, i.e. exactly the ``delta -> 0`` limit of the first-order finite diffe
 ``dG_L = z_L y' + lam_L z'``, ``dh_L = -z_L``.  Because ``grad_data L`` is a quadratic
 function of ``(y, nu, lam)``, its directional derivative equals the central difference
 ``[f(x + w) - f(x - w)] / 2`` exactly; both modes evaluate it with one function,
-:func:`ffo_core.ffo_backward.lagrangian_gradient_derivative`.
+:func:`ffo_core.engine.ffo_backward.lagrangian_gradient_derivative`.
 
 Cone programs (SOC, EXP, PSD blocks; :func:`kkt_backward_cones`).  For each row block ``k``
-put ``v_k = lam_k - s_k``.  Moreau's decomposition (:mod:`ffo_core.kkt_cones`) gives
+put ``v_k = lam_k - s_k``.  Moreau's decomposition (:mod:`ffo_core.engine.kkt_cones`) gives
 ``lam_k = Pi_{K_k*}(v_k)`` and ``s_k = lam_k - v_k``, which encode ``s in K``,
 ``lam in K*`` and ``s'lam = 0`` at once, so the KKT conditions are the equations
 
@@ -39,7 +39,8 @@ moves ``(y, nu, v)`` at rate ``(z, z_nu, dv)`` solving
 
 and ``lam`` at rate ``z_lam = D dv``.  The hypergradient is, as in the polyhedral case,
 the derivative of ``grad_data L`` along ``(z, z_nu, z_lam)`` (envelope theorem), so both
-modes share :func:`ffo_core.ffo_backward.lagrangian_gradient_derivative` and the result is the
+modes share :func:`~ffo_core.engine.ffo_backward.lagrangian_gradient_derivative` and the
+result is the
 ``delta -> 0`` limit of what the first-order path computes.  Only the rows the first-order
 ghost problem keeps enter the system: locked nonnegative rows (``D = 1``) and kept cone
 blocks (``D = D Pi_{K*}(v_k)``); dropped rows have ``D = 0``, so their ``dv`` decouples and
@@ -58,11 +59,11 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from ..errors import SolverError
+from ..protocol import ConeConstraints, Equalities, Objective, Solution
 from . import kkt_cones
 from .active_set import ActiveSet, block_slices, classify
-from .errors import SolverError
 from .ffo_backward import DataGradient, FFOOptions, lagrangian_gradient_derivative
-from .protocol import ConeConstraints, Equalities, Objective, Solution
 
 
 def _solve_kkt(K: sp.csc_matrix, rhs: np.ndarray, n: int) -> np.ndarray:

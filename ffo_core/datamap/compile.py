@@ -32,8 +32,8 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import NotDPPError, ProblemError
-from .protocol import ConeConstraints, ConeDims, Equalities, Objective, SparsePattern
+from ..errors import NotDPPError, ProblemError
+from ..protocol import ConeConstraints, ConeDims, Equalities, Objective, SparsePattern
 
 CONSTANT_ID = -1  # CVXPY's id for the constant column of the parameter vector
 

@@ -30,7 +30,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batch import (
+from ..arrays import all_finite
+from ..config import check_choice
+from ..datamap.compile import CompiledProblem, Slot, compile_problem, flatten_f, unflatten_f
+from ..datamap.param_map import BoundData, bind
+from ..engine.ffo_backward import (
+    DataGradient,
+    FFOOptions,
+    FFOSample,
+    backward_chunks,
+    ffo_backward,
+    ffo_backward_batch,
+)
+from ..engine.kkt_backward import kkt_backward
+from ..engine.solves import (
     INACCURATE_POLICIES,
     BatchRunner,
     GuardedBackend,
@@ -38,9 +51,7 @@ from .batch import (
     check_solutions,
     with_batch_index,
 )
-from .compile import CompiledProblem, Slot, compile_problem, flatten_f, unflatten_f
-from .config import check_choice
-from .errors import (
+from ..errors import (
     ConfigError,
     GhostProblemError,
     GradientHealthWarning,
@@ -49,19 +60,9 @@ from .errors import (
     ProblemError,
     SolverError,
 )
-from .ffo_backward import (
-    DataGradient,
-    FFOOptions,
-    FFOSample,
-    backward_chunks,
-    ffo_backward,
-    ffo_backward_batch,
-)
-from .kkt_backward import kkt_backward
-from .param_map import BoundData, bind
-from .protocol import Backend, Solution, Status
-from .registry import available_backends, get_backend
-from .tensors import all_finite, at_batch_indices, bad_batch_indices, check_finite
+from ..protocol import Backend, Solution, Status
+from ..registry import available_backends, get_backend
+from .tensors import at_batch_indices, bad_batch_indices, check_finite
 
 BACKWARDS = ("ffo", "kkt")
 #: ``ghost_fallback`` policies (see :class:`FFOLayer`).
@@ -300,13 +301,13 @@ class FFOLayer(torch.nn.Module):
             ``"clarabel:tol_gap_abs=1e-10,tol_gap_rel=1e-10"``.
         backward: ``"ffo"`` (first-order, default) or ``"kkt"`` (exact implicit
             differentiation, factorises the reduced KKT matrix).
-        delta, kappa, central, tau_s, tau_lam: see :class:`ffo_core.ffo_backward.FFOOptions`
+        delta, kappa, central, tau_s, tau_lam: see :class:`ffo_core.engine.ffo_backward.FFOOptions`
             (``central=None``, the default, is central exactly when the ghost keeps a
             curved cone block).
         n_jobs: threads for per-sample solves (default: one per core if the backend is
             thread safe).
         inaccurate: what to do with an inaccurate solve (forward or ghost): ``"warn"``
-            (default, an :class:`~ffo_core.batch.InaccurateSolutionWarning`), ``"raise"``
+            (default, an :class:`~ffo_core.engine.solves.InaccurateSolutionWarning`), ``"raise"``
             (a :class:`SolverError`; :class:`GhostProblemError` for a ghost) or ``"ignore"``.
             ``last_status`` holds every sample's status of the last forward pass.
         ghost_fallback: what to do when a sample's ghost problem fails
@@ -431,7 +432,7 @@ class FFOLayer(torch.nn.Module):
 
     # -- the forward computation, in NumPy ------------------------------------------------
     def _data(self, tensors, info: _Batch) -> BoundData:
-        """The batch's problem data (:mod:`ffo_core.param_map`): shared parameters are
+        """The batch's problem data (:mod:`ffo_core.datamap.param_map`): shared parameters are
         mapped once, each sample's data vector is formed when it is solved."""
         cp_ = self.compiled
         values = [t.detach().to("cpu", torch.float64).numpy() for t in tensors]

@@ -54,21 +54,27 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .active_set import classify
-from .batch import (
+from ..config import check_choice
+from ..engine.active_set import classify
+from ..engine.ffo_backward import (
+    FFOOptions,
+    FFOSample,
+    GhostSource,
+    backward_chunks,
+    ffo_backward_batch,
+)
+from ..engine.kkt_backward import kkt_backward
+from ..engine.solves import (
     INACCURATE_POLICIES,
     BatchRunner,
     GuardedBackend,
     check_solutions,
     with_batch_index,
 )
-from .config import check_choice
-from .errors import ConfigError, GhostProblemError, InvalidParameterError, SolverError
-from .ffo_backward import FFOOptions, FFOSample, GhostSource, backward_chunks, ffo_backward_batch
-from .kkt_backward import kkt_backward
-from .protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
-from .registry import get_backend
-from .sparse_ops import upper_triangle
+from ..errors import ConfigError, GhostProblemError, InvalidParameterError, SolverError
+from ..protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
+from ..registry import get_backend
+from ..sparse_ops import upper_triangle
 from .tensors import (
     SparseEntries,
     check_finite,
@@ -354,7 +360,7 @@ class FFOQPLayer(torch.nn.Module):
             ``"clarabel:tol_gap_abs=1e-10,tol_gap_rel=1e-10"``, ``"scs:eps_abs=1e-9"``.
         backward: ``"ffo"`` (first-order, default) or ``"kkt"`` (exact implicit
             differentiation; factorises the reduced KKT matrix).
-        delta, kappa, central, tau_s, tau_lam: see :class:`ffo_core.ffo_backward.FFOOptions`.
+        delta, kappa, central, tau_s, tau_lam: see :class:`ffo_core.engine.ffo_backward.FFOOptions`.
         n_jobs: threads for per-sample solves (default: one per core if the backend is
             thread safe).
         inaccurate: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` an inaccurate solve.
@@ -430,7 +436,7 @@ class FFOQPLayer(torch.nn.Module):
     def _grads(self, call: _Call, c: np.ndarray) -> list:
         """Every sample's data gradient: the KKT mode sample by sample, the first-order
         mode staged over chunks of the batch (:func:`ffo_backward_batch`, as
-        :meth:`ffo_core.layer.FFOLayer.data_gradients`)."""
+        :meth:`ffo_core.layers.cvxpy_layer.FFOLayer.data_gradients`)."""
         if self.backward_mode == "kkt":
 
             def one(i: int):

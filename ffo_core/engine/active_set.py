@@ -18,7 +18,7 @@ where a fixed 1e-8 cut-off would call the row inactive.
 A cone block (SOC, EXP, PSD) is *active* when its multiplier is numerically nonzero,
 ``||lam_k|| > tau_lam``, and is then kept as a cone in the ghost problem.  When the
 multiplier is numerically zero the block is *inactive* and dropped if its slack is strictly
-inside the cone, ``margin(s_k) > tau_s`` (:func:`ffo_core.kkt_cones.interior_margin`:
+inside the cone, ``margin(s_k) > tau_s`` (:func:`ffo_core.engine.kkt_cones.interior_margin`:
 ``t - ||x||`` for SOC, the smallest eigenvalue for PSD, ``min(y, z - y e^(x/y))`` for EXP);
 if the slack is (numerically) on the boundary as well -- a block at the apex with a zero
 multiplier, an EXP slack on the boundary ray ``y = 0``, a PSD slack that is singular -- the
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..protocol import ConeDims, Solution
 from .kkt_cones import interior_margin
-from .protocol import ConeDims, Solution
 
 #: Accuracy assumed when a solver reports none.
 DEFAULT_ACCURACY = 1e-8

@@ -1,6 +1,6 @@
 """Parameters -> problem data for a batch, and data gradients -> parameter gradients.
 
-The compiled map is ``data = M @ [theta; 1]`` (:mod:`ffo_core.compile`).  In a batch some
+The compiled map is ``data = M @ [theta; 1]`` (:mod:`ffo_core.datamap.compile`).  In a batch some
 parameters are shared by every sample (unbatched) and some are not.  Splitting the columns of
 ``M`` accordingly,
 
@@ -14,7 +14,7 @@ of ``base``).  In the backward pass the shared parameters' gradient is the sum o
     d theta_u = M_u' @ (sum_i d data_i),     d theta_b[:, i] = M_b' @ d data_i,
 
 and both products read only the data rows their parameters reach.  The data gradients are
-low rank (:class:`~ffo_core.ffo_backward.DataGradient`): on a matrix section, sample ``i``'s
+low rank (:class:`~ffo_core.engine.ffo_backward.DataGradient`): on a matrix section, sample ``i``'s
 gradient is ``U_i V_i'`` restricted to the pattern, with two columns per factor.  So the sum
 over the batch is ``[U_1 .. U_B] [V_1 .. V_B]'`` on the pattern: one rank-``2B`` product
 (a dense GEMM and a gather when the pattern is dense, a row-wise gather otherwise) instead
@@ -31,7 +31,7 @@ layout (what torch stores; a column-major gradient would be copied by autograd).
 The column split depends only on which parameters are batched, so it is computed once per
 layer and batching mask (:func:`split_of`).  Parameter values come in and gradients go out
 in the parameters' own shapes; internally ``theta`` is column-major, CVXPY's order
-(:func:`~ffo_core.compile.flatten_f`).
+(:func:`~ffo_core.datamap.compile.flatten_f`).
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from ..arrays import all_finite
+from ..engine.ffo_backward import GhostSource
+from ..protocol import ConeConstraints, Equalities
+from ..sparse_ops import prune, row_norms, stack_rows, upper_triangle
 from .compile import CompiledProblem, flatten_f, unflatten_f
-from .ffo_backward import GhostSource
-from .protocol import ConeConstraints, Equalities
-from .sparse_ops import prune, row_norms, stack_rows, upper_triangle
-from .tensors import all_finite
 
 #: The data sections in the compiled order.
 SECTIONS = ("P", "q", "A", "b", "G", "h")
@@ -476,7 +476,7 @@ class BoundData:
         return parts
 
     def nonzero(self, h: ConeConstraints, e: Equalities) -> tuple[ConeConstraints, Equalities]:
-        """:func:`~ffo_core.ffo_backward.without_stored_zeros` of a sample's ``(h, e)``
+        """:func:`~ffo_core.engine.ffo_backward.without_stored_zeros` of a sample's ``(h, e)``
         (from :meth:`sample`).  A matrix no batched parameter reaches is the same for
         every sample: it is pruned once per call and shared (once per layer when no
         parameter reaches it, :meth:`_once`)."""
@@ -487,7 +487,7 @@ class BoundData:
         )
 
     def ghost_source(self, h: ConeConstraints, e: Equalities) -> GhostSource:
-        """:class:`~ffo_core.ffo_backward.GhostSource` of a sample's ``(h, e)``: its
+        """:class:`~ffo_core.engine.ffo_backward.GhostSource` of a sample's ``(h, e)``: its
         matrix parts are formed once per call when no batched parameter reaches them."""
         h_nz, e_nz = self.nonzero(h, e)
         G = h_nz.G
@@ -529,7 +529,7 @@ class BoundData:
         Strides vary: a :class:`_Run` on a whole dense block comes row-major, the others
         are column-major views of one flat vector.
 
-        ``grads[i]`` is sample ``i``'s :class:`~ffo_core.ffo_backward.DataGradient`.  Only
+        ``grads[i]`` is sample ``i``'s :class:`~ffo_core.engine.ffo_backward.DataGradient`.  Only
         the data rows the parameters reach are evaluated: the shared ones as one low-rank
         sum over the batch, the batched ones per sample.
         """

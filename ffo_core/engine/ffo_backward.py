@@ -8,7 +8,7 @@ Read this file top to bottom: it is the whole method.  Notation is the protocol'
 Lagrangian ``L = 1/2 y'Py + q'y + nu'(Ay - b) + lam'(Gy - h)``, forward solution
 ``(y*, nu*, lam*, s*)`` and upstream gradient ``c = dloss/dy``.
 
-1. **Active set** (:mod:`ffo_core.active_set`): nonnegative rows whose slack is numerically
+1. **Active set** (:mod:`ffo_core.engine.active_set`): nonnegative rows whose slack is numerically
    zero are *locked*; SOC/EXP/PSD blocks whose multiplier is nonzero are *kept*; the rest are
    dropped.
 2. **Ghost problem**: the same objective plus ``delta * c'y``, the equalities, the locked rows
@@ -57,7 +57,8 @@ Lagrangian ``L = 1/2 y'Py + q'y + nu'(Ay - b) + lam'(Gy - h)``, forward solution
    solve (the ghosts, in the layer's thread pool), finish (step 3) -- rather than sample by
    sample.  Each sample gets exactly the result of a lone :func:`ffo_backward`.
 
-The engine maps the data gradient back to parameters with ``M.T`` (:mod:`ffo_core.layer`).
+The engine maps the data gradient back to parameters with ``M.T``
+(:mod:`ffo_core.datamap.param_map`).
 Nothing here forms or factorises a KKT matrix or a Hessian: the only linear algebra is
 row selection and entrywise products on the data's sparsity pattern.
 """
@@ -71,10 +72,10 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from ..errors import GhostProblemError
+from ..protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution, Status
+from ..sparse_ops import no_rows, prune, row_norms, select_rows_batch, stack_rows
 from .active_set import DEFAULT_ACCURACY, ActiveSet, block_slices, classify_batch
-from .errors import GhostProblemError
-from .protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution, Status
-from .sparse_ops import no_rows, prune, row_norms, select_rows_batch, stack_rows
 
 
 @dataclass
@@ -93,7 +94,7 @@ class FFOOptions:
               in delta, and interior-point solutions on such cones are only ~sqrt(tol)
               accurate, too inexact a base point), one-sided otherwise.
     tau_s, tau_lam: active-set thresholds; ``None`` ties them to the solver's accuracy
-              (see :mod:`ffo_core.active_set`).
+              (see :mod:`ffo_core.engine.active_set`).
     base_check: one-sided differences use the forward solution as base point, so they
               are only as good as its accuracy *relative to the step*.  After the ghost
               solve :func:`base_point_error` estimates that ratio; above ``base_check`` the
@@ -133,7 +134,7 @@ class DataGradient:
     ``direction`` (:func:`lagrangian_gradient_derivative`), and the pattern arrays are only
     formed when first read.  The engine never reads them: it sums the shared parameters'
     gradient over the batch as one rank-``2 batch`` product and evaluates the batched ones
-    on the entries they touch (:mod:`ffo_core.param_map`).
+    on the entries they touch (:mod:`ffo_core.datamap.param_map`).
     """
 
     def __init__(
@@ -251,7 +252,7 @@ def without_stored_zeros(h: ConeConstraints, e: Equalities) -> tuple[ConeConstra
 class GhostSource(NamedTuple):
     """What the ghost problem and the base-point check read of one sample's constraints.
     Everything but the vectors depends on the matrices only, so the layer forms it once
-    per call for matrices the whole batch shares (:meth:`ffo_core.param_map.BoundData.\
+    per call for matrices the whole batch shares (:meth:`ffo_core.datamap.param_map.BoundData.\
 ghost_source`)."""
 
     h: ConeConstraints  # without stored zeros (:func:`without_stored_zeros`)
@@ -578,7 +579,7 @@ class _Ghost:
 
 
 def _active_sets(samples: Sequence[FFOSample], options: FFOOptions) -> list[ActiveSet]:
-    """Step 1 of every sample: one :func:`~ffo_core.active_set.classify_batch` per cone
+    """Step 1 of every sample: one :func:`~ffo_core.engine.active_set.classify_batch` per cone
     layout (a layer's samples share one), each result exactly a lone ``classify``."""
     groups: dict[ConeDims, list[int]] = {}
     for k, s in enumerate(samples):
