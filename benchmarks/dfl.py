@@ -123,8 +123,7 @@ def _bare(layer, tensors, reps: int, weights) -> dict:
 
     from ffo_backends.clarabel import ClarabelBackend
     from ffo_core.backend_base import prune, stack_rows
-    from ffo_core.engine.active_set import classify
-    from ffo_core.engine.ffo_backward import build_ghost, without_stored_zeros
+    from ffo_core.engine import build_ghost, classify, without_stored_zeros
     from ffo_core.layers.cvxpy_layer import _inspect_params
 
     cp_ = layer.compiled

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ffo_core.engine.ffo_backward import FFOOptions, ffo_backward
+from ffo_core.engine import FFOOptions
+from ffo_core.engine.ffo_backward import ffo_backward
 from ffo_core.errors import FFOError
 from ffo_core.protocol import Objective, Solution, Status
 

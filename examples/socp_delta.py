@@ -33,6 +33,7 @@ import argparse
 import os
 import time
 import warnings
+from dataclasses import replace
 
 import cvxpy as cp
 import numpy as np
@@ -96,10 +97,9 @@ def sweep(n: int, deltas: np.ndarray, seed: int = 0) -> dict:
     for label, solver in BACKENDS.items():
         for central in (False, True):
             layer = FFOLayer(prob, params, [y], solver=solver, central=central)
-            layer.options.base_check = None  # keep one-sided differences one-sided
             errs = []
-            for d in deltas:
-                layer.options.delta = float(d)
+            for d in deltas:  # base_check=None keeps one-sided differences one-sided
+                layer.options = replace(layer.options, base_check=None, delta=float(d))
                 try:
                     g = gradient(layer, values, w)
                 except SolverError as exc:  # e.g. SCS at its iteration limit

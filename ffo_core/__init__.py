@@ -12,10 +12,14 @@ from .errors import (
     ConfigError,
     FFOError,
     GhostProblemError,
+    GradientHealthWarning,
+    InaccurateSolutionWarning,
+    InvalidGradientError,
     InvalidParameterError,
     NotDPPError,
     ProblemError,
     SolverError,
+    UnsupportedError,
 )
 from .protocol import (
     Backend,
@@ -36,6 +40,10 @@ from .registry import available_backends, get_backend, register_backend, unregis
 __version__ = "0.1.0"
 
 _LAZY = {"FFOLayer": ".layers.cvxpy_layer", "FFOQPLayer": ".layers.qp_layer"}
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str):
@@ -59,6 +67,9 @@ __all__ = [
     "FFOLayer",
     "FFOQPLayer",
     "GhostProblemError",
+    "GradientHealthWarning",
+    "InaccurateSolutionWarning",
+    "InvalidGradientError",
     "InvalidParameterError",
     "NotDPPError",
     "Objective",
@@ -69,6 +80,7 @@ __all__ = [
     "SolverError",
     "SparsePattern",
     "Status",
+    "UnsupportedError",
     "available_backends",
     "get_backend",
     "register_backend",

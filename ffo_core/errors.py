@@ -11,13 +11,15 @@ of a problem (bad input, solver failure, missing backend), not a bug.
     ├── ProblemError (also ValueError)           the CVXPY problem cannot be compiled
     │   └── NotDPPError                          ... because it is not DPP
     ├── ConfigError (also ValueError)            bad solver config string or setting
+    ├── UnsupportedError                         a use the layers refuse by name (double
+    │                                            backward, torch.func transforms, ...)
     ├── BackendUnavailable                       unknown name, missing package/licence
     └── SolverError                              a solve did not give a usable answer
         └── GhostProblemError                    ... the backward (ghost) solve failed
 
 Warnings (not errors; ``warnings.warn`` categories): :class:`GradientHealthWarning` (the
 optional gradient health check of ``FFOLayer(check_every=N)`` found the first-order gradient
-far from the exact one) and ``ffo_core.engine.solves.InaccurateSolutionWarning``.
+far from the exact one) and :class:`InaccurateSolutionWarning`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ class ConfigError(FFOError, ValueError):
     """A solver config string or one of its settings is malformed or unknown."""
 
 
+class UnsupportedError(FFOError):
+    """A use of a layer that ffo does not support, refused by name rather than answered
+    wrongly: differentiating the backward again (``create_graph=True``), ``torch.func``
+    transforms, a modelling feature with no faithful translation."""
+
+
 class BackendUnavailable(FFOError):
     """A backend name is unknown, or the backend is installed but cannot run here."""
 
@@ -78,6 +86,11 @@ class GhostProblemError(SolverError):
     backward pass adds it, and it appears in the message)."""
 
     delta: float | None = None
+
+
+class InaccurateSolutionWarning(UserWarning):
+    """A solver returned a solution it flags as inaccurate (``Status.OPTIMAL_INACCURATE``);
+    the layers' ``inaccurate="warn"`` policy (the default) warns with this."""
 
 
 class GradientHealthWarning(UserWarning):

@@ -50,9 +50,9 @@ import torch
 
 from ffo_core import FFOLayer, get_backend
 from ffo_core.datamap.compile import compile_problem
+from ffo_core.engine import FFOOptions, classify
 from ffo_core.engine import kkt_cones as kc
-from ffo_core.engine.active_set import classify
-from ffo_core.engine.ffo_backward import FFOOptions, ffo_backward
+from ffo_core.engine.ffo_backward import ffo_backward
 from ffo_core.engine.kkt_backward import kkt_backward, kkt_backward_cones
 from ffo_core.protocol import ConeConstraints, ConeDims, Equalities, Objective
 

@@ -155,13 +155,8 @@ def test_batch_backward_is_the_per_sample_backward():
     sample without loss (c = 0) and two that share their matrices' GhostSource."""
     import cvxpy as cp
 
-    from ffo_core.engine.ffo_backward import (
-        FFOOptions,
-        FFOSample,
-        GhostSource,
-        ffo_backward,
-        ffo_backward_batch,
-    )
+    from ffo_core.engine import FFOOptions, FFOSample, GhostSource, ffo_backward_batch
+    from ffo_core.engine.ffo_backward import ffo_backward
     from ffo_core.registry import get_backend
 
     backend = get_backend("clarabel")
@@ -209,7 +204,7 @@ def test_batch_backward_is_the_per_sample_backward():
 def test_batch_backward_hands_back_a_failed_ghost_and_goes_on():
     """A sample whose ghost solve fails holds its GhostProblemError (with the failing
     delta); the other samples still get their gradients."""
-    from ffo_core.engine.ffo_backward import FFOOptions, FFOSample, ffo_backward_batch
+    from ffo_core.engine import FFOOptions, FFOSample, ffo_backward_batch
     from ffo_core.errors import GhostProblemError
     from ffo_core.protocol import Solution, Status
     from ffo_core.registry import get_backend
@@ -237,7 +232,7 @@ def test_batch_backward_hands_back_a_failed_ghost_and_goes_on():
 def test_layer_gradient_does_not_depend_on_the_backward_chunk_size(monkeypatch):
     """The layer stages its backward in chunks of BACKWARD_CHUNK_BYTES of per-sample data;
     one sample per chunk gives the same gradients as the whole batch at once."""
-    import ffo_core.engine.ffo_backward as ffo_mod
+    import ffo_core.layers.runtime as ffo_mod
 
     qp = random_qp(10, 8, 3, seed=5)
     rng = np.random.default_rng(2)
@@ -299,8 +294,8 @@ def test_second_solve_of_a_ghost_goes_through_resolve():
 def test_backward_chunks_cover_the_batch_within_the_byte_budget(monkeypatch):
     """backward_chunks splits a batch into consecutive ranges of at most
     BACKWARD_CHUNK_BYTES // sample_bytes samples (at least one each), covering it once."""
-    import ffo_core.engine.ffo_backward as ffo_mod
-    from ffo_core.engine.ffo_backward import backward_chunks
+    import ffo_core.layers.runtime as ffo_mod
+    from ffo_core.layers.runtime import backward_chunks
 
     monkeypatch.setattr(ffo_mod, "BACKWARD_CHUNK_BYTES", 100)
     assert backward_chunks(7, 30) == [range(0, 3), range(3, 6), range(6, 7)]

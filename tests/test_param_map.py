@@ -8,7 +8,7 @@ from problems import random_qp
 
 from ffo_core.datamap.compile import compile_problem, flatten_f, unflatten_f
 from ffo_core.datamap.param_map import _Adjoint, _DenseBlock, bind, pattern_values, split_of
-from ffo_core.engine.ffo_backward import DataGradient
+from ffo_core.engine import DataGradient
 
 
 def _bind_flat(cp_, flat, batched, batch):

@@ -459,7 +459,7 @@ def test_shared_ghost_parts_and_backward_chunks_change_no_gradient(monkeypatch):
     and stages the batch in chunks (BACKWARD_CHUNK_BYTES); neither changes a gradient:
     shared G and A against the same values repeated per sample (parts formed per sample),
     and one sample per chunk against the whole batch."""
-    import ffo_core.engine.ffo_backward as ffo_mod
+    import ffo_core.layers.runtime as ffo_mod
 
     shared, _ = strict_qp(12, 9, 3, seed=11, batch=4, batched=("p", "h"))
     repeated = list(shared)

@@ -44,7 +44,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..arrays import all_finite
-from ..engine.ffo_backward import GhostSource
+from ..engine.data_gradient import low_rank_factors
+from ..engine.ghost import GhostSource
 from ..protocol import ConeConstraints, Equalities
 from ..sparse_ops import prune, row_norms, stack_rows, upper_triangle
 from .compile import CompiledProblem, flatten_f, unflatten_f
@@ -312,14 +313,7 @@ def _gathered_values(
 
 def _factors(name: str, grads: list) -> tuple[np.ndarray, np.ndarray]:
     """``(U, V)`` of the summed gradient of matrix section ``name`` over ``grads``."""
-    ys = [g.base[0] for g in grads]
-    wys = [g.direction[0] for g in grads]
-    if name == "P":
-        U = 0.5 * np.column_stack(wys + ys)
-    else:
-        k = 1 if name == "A" else 2
-        U = np.column_stack([g.direction[k] for g in grads] + [g.base[k] for g in grads])
-    return U, np.column_stack(ys + wys)
+    return low_rank_factors(name, [g.base for g in grads], [g.direction for g in grads])
 
 
 def _vector(name: str, grad) -> np.ndarray:

@@ -63,7 +63,7 @@ from ..errors import SolverError
 from ..protocol import ConeConstraints, Equalities, Objective, Solution
 from . import kkt_cones
 from .active_set import ActiveSet, block_slices, classify
-from .ffo_backward import DataGradient, FFOOptions, lagrangian_gradient_derivative
+from .data_gradient import DataGradient, lagrangian_gradient_derivative
 
 
 def _solve_kkt(K: sp.csc_matrix, rhs: np.ndarray, n: int) -> np.ndarray:
@@ -104,26 +104,46 @@ def _solve_kkt(K: sp.csc_matrix, rhs: np.ndarray, n: int) -> np.ndarray:
     return w
 
 
+def _thresholds(options) -> dict:
+    """The active-set thresholds of ``options`` (any object with ``tau_s``/``tau_lam``,
+    e.g. the layers' options; None: the defaults of :mod:`.active_set`)."""
+    return {
+        "tau_s": getattr(options, "tau_s", None),
+        "tau_lam": getattr(options, "tau_lam", None),
+    }
+
+
+def _dual_rhs(c_dual, p: int, rows: np.ndarray) -> np.ndarray:
+    """``[-c_nu; -c_lam[rows]]``: the right-hand side of the equality and ghost rows when
+    the loss reaches the duals (zeros otherwise)."""
+    if c_dual is None:
+        return np.zeros(p + rows.size)
+    c_nu, c_lam = c_dual
+    return -np.concatenate([c_nu, c_lam[rows]])
+
+
 def kkt_backward(
     g: Objective,
     h: ConeConstraints,
     e: Equalities,
     sol: Solution,
     c: np.ndarray,
-    options: FFOOptions | None = None,
+    options=None,
+    *,
+    c_dual: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> DataGradient:
-    """Exact gradient of ``c'y*`` with respect to the sample's data."""
-    options = options or FFOOptions()
+    """Exact gradient of ``c'y* (+ c_nu'nu* + c_lam'lam*)`` with respect to the sample's
+    data.  ``options``: anything with ``tau_s``/``tau_lam`` (active-set thresholds)."""
     if h.dims.kinds - {"nonneg"}:
-        return kkt_backward_cones(g, h, e, sol, c, options)
+        return kkt_backward_cones(g, h, e, sol, c, options, c_dual=c_dual)
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
-    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam, rhs=h.h)
+    active = classify(sol, h.dims, rhs=h.h, **_thresholds(options))
     locked = np.flatnonzero(active.locked)
     n, p, k = g.n, e.p, locked.size
     GL = h.G.tocsr()[locked]
     P = g.P if g.P is not None else sp.csc_matrix((n, n))
     K = sp.bmat([[P, e.A.T, GL.T], [e.A, None, None], [GL, None, None]], format="csc")
-    rhs = np.concatenate([-c, np.zeros(p + k)])
+    rhs = np.concatenate([-c, _dual_rhs(c_dual, p, locked)])
     w = _solve_kkt(K, rhs, n)
     z, z_nu = w[:n], w[n : n + p]
     z_lam = np.zeros(h.m)
@@ -156,7 +176,9 @@ def kkt_backward_cones(
     e: Equalities,
     sol: Solution,
     c: np.ndarray,
-    options: FFOOptions | None = None,
+    options=None,
+    *,
+    c_dual: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> DataGradient:
     """Exact gradient of ``c'y*`` for problems with SOC/EXP/PSD blocks (residual map).
 
@@ -164,9 +186,8 @@ def kkt_backward_cones(
     Jacobian is singular (no unique solution or multiplier, or strict complementarity
     fails in a way the chosen generalised Jacobian cannot absorb).
     """
-    options = options or FFOOptions()
     y, nu, lam = sol.primal, sol.eq_dual, sol.ineq_dual
-    active = classify(sol, h.dims, tau_s=options.tau_s, tau_lam=options.tau_lam, rhs=h.h)
+    active = classify(sol, h.dims, rhs=h.h, **_thresholds(options))
     n, p = g.n, e.p
     blocks = cone_jacobian_blocks(h, sol, active)
     locked = np.flatnonzero(active.locked)
@@ -184,7 +205,7 @@ def kkt_backward_cones(
         [[P, e.A.T, Gk.T @ D], [e.A, None, sp.csc_matrix((p, k))], [Gk, None, D - sp.identity(k)]],
         format="csc",
     )
-    rhs = np.concatenate([-c, np.zeros(p + k)])
+    rhs = np.concatenate([-c, _dual_rhs(c_dual, p, rows)])
     w, how = _solve_residual_jacobian(J, rhs)
     z, z_nu = w[:n], w[n : n + p]
     z_lam = np.zeros(h.m)

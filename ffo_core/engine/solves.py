@@ -27,16 +27,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..errors import ConfigError, FFOError, GhostProblemError, SolverError
+from ..errors import (
+    ConfigError,
+    FFOError,
+    GhostProblemError,
+    InaccurateSolutionWarning,
+    SolverError,
+)
 from ..protocol import Backend, Solution, Status
 
 T = TypeVar("T")
 
 INACCURATE_POLICIES = ("warn", "raise", "ignore")
-
-
-class InaccurateSolutionWarning(UserWarning):
-    """A solver returned a solution it flags as inaccurate (``Status.OPTIMAL_INACCURATE``)."""
 
 
 def backend_name(backend: Any) -> str:

@@ -55,26 +55,12 @@ import scipy.sparse as sp
 import torch
 
 from ..config import check_choice
-from ..engine.active_set import classify
-from ..engine.ffo_backward import (
-    FFOOptions,
-    FFOSample,
-    GhostSource,
-    backward_chunks,
-    ffo_backward_batch,
-)
-from ..engine.kkt_backward import kkt_backward
-from ..engine.solves import (
-    INACCURATE_POLICIES,
-    BatchRunner,
-    GuardedBackend,
-    check_solutions,
-    with_batch_index,
-)
-from ..errors import ConfigError, GhostProblemError, InvalidParameterError, SolverError
+from ..engine.data_gradient import low_rank_factors
+from ..engine.ghost import GhostSource
+from ..errors import ConfigError, InvalidParameterError
 from ..protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
-from ..registry import get_backend
 from ..sparse_ops import upper_triangle
+from .runtime import SolverLayer, check_upstream
 from .tensors import (
     SparseEntries,
     check_finite,
@@ -87,7 +73,6 @@ from .tensors import (
     to_numpy,
 )
 
-BACKWARDS = ("ffo", "kkt")
 BROADCAST_GRADS = ("sum", "mean")
 NAMES = ("Q", "p", "G", "h", "A", "b")
 _MATRICES = ("Q", "G", "A")
@@ -161,6 +146,11 @@ class _Call:
                 size += 36 * mats[0].nnz
         return size
 
+    def solver_problem(self, i: int) -> tuple[Objective, ConeConstraints, Equalities]:
+        """What the solver gets: :meth:`sample` (dense inputs' zeros are not stored; a
+        sparse input's explicit zeros are, and adapters drop them)."""
+        return self.sample(i)
+
     def sample(self, i: int) -> tuple[Objective, ConeConstraints, Equalities]:
         def pick(seq, batched):
             return seq[i] if batched else seq[0]
@@ -176,8 +166,21 @@ class _Call:
         )
 
 
-def _empty(t) -> bool:
-    return t is None or (isinstance(t, torch.Tensor) and t.numel() == 0 and not is_sparse(t))
+def _empty(name: str, t) -> bool:
+    """An absent argument: None, ``torch.empty(0)``, or a matrix/vector with no rows.  A
+    zero-size *batch* (a leading dimension of 0 on a batched argument) is not absence:
+    it is refused, since solving nothing for it would silently drop its constraints."""
+    if t is None:
+        return True
+    if not isinstance(t, torch.Tensor) or is_sparse(t) or t.numel() != 0:
+        return False
+    batched_rank = 3 if name in _MATRICES else 2
+    if t.dim() == batched_rank and t.shape[0] == 0:
+        raise InvalidParameterError(
+            f"argument {name} has a batch of size 0 (shape {tuple(t.shape)}); pass an empty "
+            "tensor (torch.empty(0)) or None for no constraints, or a nonempty batch"
+        )
+    return True
 
 
 def _inspect(tensors) -> _Call:
@@ -185,7 +188,7 @@ def _inspect(tensors) -> _Call:
     raw = dict(zip(NAMES, tensors))
     args: dict[str, _Arg] = {}
     for name, t in raw.items():
-        if _empty(t):
+        if _empty(name, t):
             if name in ("Q", "p"):
                 raise InvalidParameterError(
                     f"argument {name} is required (got an empty tensor or None)"
@@ -312,225 +315,80 @@ def _vectors(call: _Call, name: str) -> np.ndarray:
     arg = call.args[name]
     if not arg.present:
         return np.zeros((1, 0))
-    v = to_numpy(arg.tensor)
+    v = to_numpy(arg.tensor).copy()  # the backward uses the forward's values
     return v if arg.batched else v[None]
 
 
-# -- gradients: protocol data -> tensors ---------------------------------------------------
-def _low_rank(
-    name: str, y: np.ndarray, dq: np.ndarray, a: np.ndarray | None, dual0: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Factors ``(U, V)`` with ``U @ V.T`` the data gradient of block ``name`` on *every*
-    entry, from the quantities the backward pass returned.
-
-    :func:`ffo_backward` (like :func:`kkt_backward`) returns the exact derivative of the
-    bilinear ``grad_data L`` at a base point ``(y0, dual0)`` along the differenced
-    primal-dual direction ``(w_y, w_dual)``.  Its vector parts *are* that direction,
-    ``dq = w_y`` and ``dh = -w_lam`` (``db = -w_nu``), so with ``a = -dh`` (or ``-db``)
-
-        dG = a y0' + dual0 dq'            dA likewise with nu
-        dQ = (dq y0' + y0 dq') / 2
-
-    which on ``G``'s pattern is exactly what the backward computed there.  The base point
-    is ``DataGradient.base`` when the backward reports it (the forward solution with duals
-    off the ghost rows zeroed for the one-sided difference, the midpoint of the two ghost
-    solutions for the central one), else the forward solution.
-    """
-    if name == "Q":
-        return 0.5 * np.stack([dq, y], axis=1), np.stack([y, dq], axis=1)
-    return np.stack([a, dual0], axis=1), np.stack([y, dq], axis=1)
-
-
-@dataclass
-class _Record:
-    """What one sample's backward leaves for the assembly of the input gradients."""
-
-    vectors: dict[str, np.ndarray]  # dq, dh, db
-    factors: dict[str, tuple[np.ndarray, np.ndarray]]  # dense matrices: (U, V)
-    pattern: dict[str, np.ndarray]  # sparse matrices: values on the CSC data
-    diagnostics: dict
+# -- gradients and checks ---------------------------------------------------------------
+def _check_psd(call: _Call) -> None:
+    """Refuse a dense ``Q`` that is not positive semidefinite, naming it (and the batch
+    index): a Cholesky factorisation of ``(Q + Q')/2 + eps I`` per sample, ``eps`` = 1e-9
+    times the largest diagonal entry (so a singular PSD ``Q``, an LP's zero, passes).  A
+    sparse ``Q`` is not densified for this: its negative diagonal entries are refused
+    (:func:`_matrices`) and the rest is left to the solver's status."""
+    arg = call.args["Q"]
+    n = call.n
+    if arg.sparse is not None:
+        return
+    t = arg.tensor.detach().to("cpu", torch.float64)
+    dense = 0.5 * (t + t.mT) if t.dim() == 3 else (0.5 * (t + t.T))[None]
+    diag = dense.diagonal(dim1=-2, dim2=-1)
+    eps = 1e-9 * torch.clamp(diag.abs().amax(dim=-1), min=1.0)
+    eye = torch.eye(n, dtype=dense.dtype)
+    _, info = torch.linalg.cholesky_ex(dense + eps[:, None, None] * eye)
+    bad = torch.nonzero(info).flatten().tolist()
+    if bad:
+        where = f" at batch index {bad[:5]}" if arg.batched else ""
+        raise InvalidParameterError(
+            f"argument Q{where} is not positive semidefinite (its Cholesky factorisation "
+            "fails): the QP is not convex"
+        )
 
 
-class FFOQPLayer(torch.nn.Module):
+class FFOQPLayer(SolverLayer):
     """A batch of QPs ``min 1/2 y'Qy + p'y s.t. Gy <= h, Ay = b`` as a differentiable layer,
     with qpth's ``QPFunction`` call ``layer(Q, p, G, h, A, b) -> (batch, n)``.
 
     Args:
-        solver: a backend or config string, e.g. ``"clarabel"``,
-            ``"clarabel:tol_gap_abs=1e-10,tol_gap_rel=1e-10"``, ``"scs:eps_abs=1e-9"``.
-        backward: ``"ffo"`` (first-order, default) or ``"kkt"`` (exact implicit
-            differentiation; factorises the reduced KKT matrix).
-        delta, kappa, central, tau_s, tau_lam: see :class:`ffo_core.engine.ffo_backward.FFOOptions`.
-        n_jobs: threads for per-sample solves (default: one per core if the backend is
-            thread safe).
-        inaccurate: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` an inaccurate solve.
+        solver: a backend or config string, e.g. ``"clarabel"``, ``"scs:eps_abs=1e-9"``.
         broadcast_grad: gradient of an argument shared by the batch: ``"sum"`` of the
             per-sample gradients (default, autograd's meaning) or their ``"mean"`` (qpth's).
+        **options: ``backward``, ``delta``, ``kappa``, ``central``, ``tau_s``, ``tau_lam``,
+            ``n_jobs``, ``inaccurate``, ``ghost_fallback``, ``time_limit``, ``check_every``,
+            ``check_threshold``, ``check_rel_tol``: see
+            :class:`~ffo_core.layers.runtime.SolverLayer` (both layers take them).
 
     Solves run in float64 on the CPU; the output takes the inputs' dtype (float64 if any
-    is float64) and device.  ``last_diagnostics`` holds per-sample details of the last
-    backward pass (delta, active-set sizes).
+    is float64) and device.
     """
 
     def __init__(
-        self,
-        solver: str | Backend = "clarabel",
-        *,
-        backward: str = "ffo",
-        delta: float | None = None,
-        kappa: float | None = None,
-        central: bool | None = None,
-        tau_s: float | None = None,
-        tau_lam: float | None = None,
-        n_jobs: int | None = None,
-        inaccurate: str = "warn",
-        broadcast_grad: str = "sum",
+        self, solver: str | Backend = "clarabel", *, broadcast_grad: str = "sum", **options
     ) -> None:
-        super().__init__()
-        check_choice("backward", backward, BACKWARDS)
-        check_choice("inaccurate", inaccurate, INACCURATE_POLICIES)
         check_choice("broadcast_grad", broadcast_grad, BROADCAST_GRADS)
-        self.backend = get_backend(solver)
-        missing = self.backend.capabilities.missing_cones(ConeDims(nonneg=1), True)
-        if missing or not self.backend.capabilities.quadratic_objective:
+        super().__init__(solver, **options)
+        caps = self.backend.capabilities
+        if caps.missing_cones(ConeDims(nonneg=1), True) or not caps.quadratic_objective:
             raise ConfigError(
                 f"backend {self.backend.name!r} cannot solve QPs directly "
                 "(needs a quadratic objective, zero and nonnegative cones)"
             )
-        self.backward_mode = backward
-        self.options = FFOOptions(
-            delta=delta, kappa=kappa, central=central, tau_s=tau_s, tau_lam=tau_lam
-        )
-        self._runner = BatchRunner(self.backend, n_jobs)
-        self.inaccurate = inaccurate
         self.broadcast_grad = broadcast_grad
-        self.last_diagnostics: list[dict] = []
 
     def extra_repr(self) -> str:
-        return (
-            f"solver={self.backend.name!r}, backward={self.backward_mode!r}, "
-            f"central={self.options.central}"
-        )
+        extra = f", broadcast_grad={self.broadcast_grad!r}" if self.broadcast_grad != "sum" else ""
+        return super().extra_repr() + extra
 
-    # -- forward, in NumPy --------------------------------------------------------------
     def prepare(self, Q, p, G=None, h=None, A=None, b=None) -> _Call:
         """Validate the arguments and build every sample's protocol data."""
         call = _inspect((Q, p, G, h, A, b))
         for name in _MATRICES:
             _matrices(call, name)
+        _check_psd(call)
         call.q = _vectors(call, "p")
         call.h = _vectors(call, "h")
         call.b = _vectors(call, "b")
         return call
-
-    def solve(self, call: _Call) -> list[Solution]:
-        """Solve every sample and check the statuses (SolverError names the batch index)."""
-        sols = self._runner.run(
-            "forward", lambda i: GuardedBackend(self.backend, i).solve(*call.sample(i)), call.batch
-        )
-        check_solutions(sols, self.backend, self.inaccurate)
-        call.sols = sols
-        return sols
-
-    # -- backward, in NumPy -------------------------------------------------------------
-    def _grads(self, call: _Call, c: np.ndarray) -> list:
-        """Every sample's data gradient: the KKT mode sample by sample, the first-order
-        mode staged over chunks of the batch (:func:`ffo_backward_batch`, as
-        :meth:`ffo_core.layers.cvxpy_layer.FFOLayer.data_gradients`)."""
-        if self.backward_mode == "kkt":
-
-            def one(i: int):
-                g, h, e = call.sample(i)
-                try:
-                    return kkt_backward(g, h, e, call.sols[i], c[i], self.options)
-                except SolverError as exc:
-                    raise with_batch_index(exc, i)  # noqa: B904  (exc itself, its cause kept)
-
-            return self._runner.run("backward", one, call.batch)
-        grads: list = []
-        for indices in backward_chunks(call.batch, call.sample_bytes()):
-            samples = []
-            for i in indices:
-                g, h, e = call.sample(i)
-                guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
-                samples.append(
-                    FFOSample(guard, g, h, e, call.sols[i], c[i], call.ghost_source(h, e))
-                )
-            out = ffo_backward_batch(
-                samples, self.options, run=lambda fn, k: self._runner.run("backward", fn, k)
-            )
-            for i, grad in zip(indices, out):
-                if isinstance(grad, GhostProblemError):
-                    raise with_batch_index(grad, i)
-                grads.append(grad)
-        return grads
-
-    def _record(self, call: _Call, i: int, grad, needs: dict) -> _Record:
-        """What sample ``i``'s data gradient ``grad`` gives the assembly of the inputs'."""
-        sol = call.sols[i]
-        if grad.base is not None:  # the point the backward differentiated at
-            y, nu0, lam0 = grad.base
-        else:
-            _, h, _ = call.sample(i)
-            active = classify(
-                sol, h.dims, tau_s=self.options.tau_s, tau_lam=self.options.tau_lam, rhs=h.h
-            )
-            y, nu0 = sol.primal, sol.eq_dual
-            lam0 = np.where(active.ghost_rows, sol.ineq_dual, 0.0)
-        rec = _Record({"p": grad.q, "h": grad.h, "b": grad.b}, {}, {}, grad.diagnostics)
-        blocks = {"Q": ("P", None, None), "G": ("G", grad.h, lam0), "A": ("A", grad.b, nu0)}
-        for name, (part, drhs, dual0) in blocks.items():
-            if not needs[name]:
-                continue
-            if call.args[name].sparse is not None:
-                rec.pattern[name] = getattr(grad, part)  # formed only when needed
-                continue
-            a = None if drhs is None else -drhs
-            rec.factors[name] = _low_rank(name, y, grad.q, a, dual0)
-        return rec
-
-    def _assemble(self, call: _Call, name: str, records: list[_Record]) -> torch.Tensor:
-        """Gradient tensor of argument ``name`` from the per-sample records."""
-        arg = call.args[name]
-        t = arg.tensor
-        dtype, device = t.dtype, t.device
-        B = call.batch
-        scale = 1.0 if arg.batched or self.broadcast_grad == "sum" else 1.0 / B
-        if name in ("p", "h", "b"):
-            v = np.stack([r.vectors[name] for r in records])
-            v = v if arg.batched else scale * v.sum(axis=0)
-            return torch.as_tensor(v, dtype=dtype, device=device)
-        if arg.sparse is not None:
-            pos = call.positions[name]
-            if arg.batched:
-                vals = np.concatenate([r.pattern[name][pos[i]] for i, r in enumerate(records)])
-            else:
-                total = records[0].pattern[name].copy()
-                for r in records[1:]:
-                    total += r.pattern[name]
-                vals = scale * total[pos[0]]
-            return arg.sparse.like(vals, dtype, device)
-        U = torch.as_tensor(
-            np.stack([r.factors[name][0] for r in records]), dtype=dtype, device=device
-        )
-        V = torch.as_tensor(
-            np.stack([r.factors[name][1] for r in records]), dtype=dtype, device=device
-        )
-        if arg.batched:
-            return torch.bmm(U, V.transpose(1, 2))
-        k = U.shape[-1]
-        U = U.permute(1, 0, 2).reshape(U.shape[1], B * k)
-        V = V.permute(1, 0, 2).reshape(V.shape[1], B * k)
-        out = U @ V.T
-        return out.mul_(scale) if scale != 1.0 else out
-
-    def gradients(self, call: _Call, c: np.ndarray, needs: dict) -> dict[str, torch.Tensor]:
-        """Input gradients of ``sum_i c[i]'y_i`` for the arguments with ``needs[name]``."""
-        records = [
-            self._record(call, i, grad, needs) for i, grad in enumerate(self._grads(call, c))
-        ]
-        self.last_diagnostics = [r.diagnostics for r in records]
-        return {name: self._assemble(call, name, records) for name in NAMES if needs[name]}
 
     def forward(self, Q, p, G=None, h=None, A=None, b=None) -> torch.Tensor:
         """Solutions ``(batch, n)`` of the QPs (see the class docstring)."""
@@ -538,27 +396,57 @@ class FFOQPLayer(torch.nn.Module):
         inputs = [
             call.args[name].tensor if call.args[name].present else torch.empty(0) for name in NAMES
         ]
-        return _QPFunction.apply(self, call, *inputs)
+        (y,) = self._apply(call, *inputs)
+        return y
 
-
-class _QPFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, layer: FFOQPLayer, call: _Call, *inputs):
-        sols = layer.solve(call)
+    # -- the runtime's layer-specific part --------------------------------------------------
+    def _outputs(self, call: _Call, sols: list[Solution]) -> tuple[torch.Tensor, ...]:
         Y = np.stack([s.primal for s in sols])
-        ctx.layer, ctx.call = layer, call
-        return torch.as_tensor(Y, dtype=call.dtype, device=call.device)
+        return (torch.as_tensor(Y, dtype=call.dtype, device=call.device),)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        layer, call = ctx.layer, ctx.call
-        flags = ctx.needs_input_grad[2:]
-        needs = {name: bool(flag) and call.args[name].present for name, flag in zip(NAMES, flags)}
-        if not any(needs.values()):
-            return (None, None) + (None,) * len(NAMES)
-        c = grad_y.detach().to("cpu", torch.float64).numpy()
-        grads = layer.gradients(call, c, needs)
-        return (None, None) + tuple(grads.get(name) for name in NAMES)
+    def _output_names(self, call: _Call) -> list[str]:
+        return ["y"]
+
+    def _upstream(self, call: _Call, grad_outputs):
+        (grad_y,) = grad_outputs
+        return check_upstream("y", grad_y, True), None
+
+    def _input_names(self, call: _Call) -> list[str]:
+        return [f"argument {name}" for name in NAMES]
+
+    def _input_gradients(self, call: _Call, grads, needs) -> tuple:
+        wanted = {name: bool(flag) and call.args[name].present for name, flag in zip(NAMES, needs)}
+        return tuple(self._assemble(call, name, grads) if wanted[name] else None for name in NAMES)
+
+    def _assemble(self, call: _Call, name: str, grads) -> torch.Tensor:
+        """Gradient tensor of argument ``name`` from the per-sample data gradients."""
+        arg = call.args[name]
+        dtype, device = arg.tensor.dtype, arg.tensor.device
+        B = call.batch
+        scale = 1.0 if arg.batched or self.broadcast_grad == "sum" else 1.0 / B
+        if name in ("p", "h", "b"):
+            v = np.stack([getattr(g, {"p": "q"}.get(name, name)) for g in grads])
+            v = v if arg.batched else scale * v.sum(axis=0)
+            return torch.as_tensor(v, dtype=dtype, device=device)
+        section = "P" if name == "Q" else name
+        if arg.sparse is not None:  # the gradient on the entries the user stored
+            pos = call.positions[name]
+            if arg.batched:
+                vals = np.concatenate([getattr(g, section)[pos[i]] for i, g in enumerate(grads)])
+            else:
+                vals = scale * sum(getattr(g, section) for g in grads)[pos[0]]
+            return arg.sparse.like(vals, dtype, device)
+        if arg.batched:  # one (rows, 2) x (2, n) product per sample
+            factors = [low_rank_factors(section, [g.base], [g.direction]) for g in grads]
+            U = torch.as_tensor(np.stack([f[0] for f in factors]), dtype=dtype, device=device)
+            V = torch.as_tensor(np.stack([f[1] for f in factors]), dtype=dtype, device=device)
+            return torch.bmm(U, V.transpose(1, 2))
+        U, V = low_rank_factors(section, [g.base for g in grads], [g.direction for g in grads])
+        out = (
+            torch.as_tensor(U, dtype=dtype, device=device)
+            @ torch.as_tensor(V, dtype=dtype, device=device).T
+        )
+        return out.mul_(scale) if scale != 1.0 else out
 
 
 __all__ = ["FFOQPLayer"]

@@ -1,0 +1,557 @@
+"""The runtime both layers share: options, guarded solves, the backward modes, the
+fallback policy, the gradient health check, chunking and the ``torch.autograd.Function``.
+
+A layer (:class:`~ffo_core.layers.cvxpy_layer.FFOLayer`,
+:class:`~ffo_core.layers.qp_layer.FFOQPLayer`) derives from :class:`SolverLayer` and only
+says how its inputs become problem data and how solutions and data gradients become
+tensors (the four methods marked "layer-specific" below).  Everything else -- what is
+solved, in which threads, what happens when a solve fails, how the backward is checked --
+is here, once, so both layers behave identically.
+
+The per-call problem data is an object with this interface (duck-typed):
+
+* ``batch``: the number of samples;
+* ``sample(i) -> (Objective, ConeConstraints, Equalities)``: sample ``i``'s data on the
+  structural pattern (what gradients are taken on);
+* ``solver_problem(i)``: the same data as the solver gets it (stored zeros dropped);
+* ``ghost_source(h, e)``: a :class:`~ffo_core.engine.ghost.GhostSource` shared by the
+  samples whose matrices are the same, or None;
+* ``sample_bytes()``: rough bytes one sample holds during the backward (for chunking);
+* ``sols``: the forward solutions, set by the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import warnings
+from collections import deque
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import check_choice
+from ..engine.data_gradient import DataGradient
+from ..engine.ffo_backward import FFOOptions, ffo_backward
+from ..engine.kkt_backward import kkt_backward
+from ..engine.schedule import FFOSample, ffo_backward_batch
+from ..engine.solves import (
+    INACCURATE_POLICIES,
+    BatchRunner,
+    GuardedBackend,
+    backend_name,
+    check_solutions,
+    with_batch_index,
+)
+from ..errors import (
+    ConfigError,
+    GhostProblemError,
+    GradientHealthWarning,
+    InvalidGradientError,
+    SolverError,
+    UnsupportedError,
+)
+from ..protocol import Backend, Solution, Status
+from ..registry import get_backend
+from .tensors import bad_batch_indices
+
+BACKWARDS = ("ffo", "kkt")
+#: ``ghost_fallback`` policies (see :class:`SolverLayer`).
+GHOST_FALLBACKS = ("raise", "smaller-delta", "kkt", "smaller-delta+kkt")
+#: Entries kept in ``health_log`` (the oldest are dropped).
+HEALTH_LOG_SIZE = 1000
+#: Per-sample data (bytes, as the problem data estimates it: ``sample_bytes()``) that a
+#: first-order backward keeps alive at once; a batch is staged in chunks of at most this.
+BACKWARD_CHUNK_BYTES = 256 << 20
+
+logger = logging.getLogger("ffo_core")
+
+
+def backward_chunks(batch: int, sample_bytes: int) -> list[range]:
+    """The batch indices in chunks that hold at most :data:`BACKWARD_CHUNK_BYTES` of
+    per-sample data (``sample_bytes`` each; at least one sample per chunk)."""
+    step = max(1, BACKWARD_CHUNK_BYTES // max(1, sample_bytes))
+    return [range(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+def _is_number(x) -> bool:
+    return (
+        isinstance(x, (int, float, np.integer, np.floating))
+        and not isinstance(x, bool)
+        and math.isfinite(float(x))
+    )
+
+
+def with_time_limit(backend: Backend, seconds: float) -> Backend:
+    """A copy of ``backend`` with a per-solve time limit; ``backend`` is not modified."""
+    name = backend_name(backend)
+    copy = getattr(backend, "with_settings", None)
+    if not callable(copy):
+        raise ConfigError(
+            f"time_limit={seconds:g}: backend {name!r} cannot take a time limit: it has no "
+            "with_settings(**settings) method returning a copy with new settings "
+            "(see docs/reliability.md); set the limit in its own settings instead"
+        )
+    try:
+        limited = copy(time_limit=seconds)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(
+            f"time_limit={seconds:g}: backend {name!r} has no time limit: {exc}"
+        ) from exc
+    if limited is backend:
+        raise ConfigError(
+            f"time_limit: backend {name!r}'s with_settings() returned the "
+            "backend itself; it must return a copy"
+        )
+    return limited
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(a @ b / (na * nb))
+
+
+def _short(exc: SolverError) -> str:
+    """A failure in a few words (the status), for lists of retries."""
+    return f"status {exc.status.value}" if exc.status is not None else str(exc)[:200]
+
+
+class SolverLayer(torch.nn.Module):
+    """What :class:`~ffo_core.FFOLayer` and :class:`~ffo_core.FFOQPLayer` share.
+
+    Args (keyword, after ``solver``; both layers take all of them):
+        solver: a backend or config string, e.g. ``"clarabel"``,
+            ``"clarabel:tol_gap_abs=1e-10,tol_gap_rel=1e-10"``.
+        backward: ``"ffo"`` (first-order, default) or ``"kkt"`` (exact implicit
+            differentiation; it factorises the reduced KKT matrix).
+        delta, kappa, central, tau_s, tau_lam: see
+            :class:`ffo_core.engine.ffo_backward.FFOOptions` (validated here).
+        n_jobs: threads for per-sample solves (default: one per core if the backend is
+            thread safe, with a measured pool-or-one-thread choice per phase).
+        inaccurate: what to do with an inaccurate solve (forward or ghost): ``"warn"``
+            (default, an :class:`~ffo_core.engine.solves.InaccurateSolutionWarning`),
+            ``"raise"`` (a :class:`SolverError`; :class:`GhostProblemError` for a ghost) or
+            ``"ignore"``.  ``last_status`` holds every sample's status of the last forward.
+        ghost_fallback: what to do when a sample's ghost problem fails (a bad status, an
+            exception in the backend, a malformed or non-finite answer): ``"raise"``
+            (default), ``"smaller-delta"`` (retry with delta/10, then delta/100), ``"kkt"``
+            (that sample's exact KKT gradient) or ``"smaller-delta+kkt"``.  Which one was
+            used is ``last_diagnostics[i]["ghost_fallback"]``.
+        time_limit: seconds per solve (forward and ghost), through the backend's
+            ``with_settings(time_limit=...)`` copy (the backend given is not modified).
+        check_every: gradient health check: every ``check_every``-th backward call (0 or
+            None: never) compares the first-order gradient of one sample (the first with a
+            nonzero upstream gradient) with the exact KKT gradient, logs it (logger
+            ``"ffo_core"``), appends it to ``health_log`` and warns
+            (:class:`~ffo_core.errors.GradientHealthWarning`) below ``check_threshold``
+            (cosine, default 0.99) or above ``check_rel_tol`` (relative error, default 0.1;
+            None: cosine only).
+
+    ``last_diagnostics`` holds, after a backward pass, per-sample details (delta, sizes of
+    the active set, weakly active rows, fallback).  One layer may be called from several
+    threads at once; ``last_*`` then describe the most recent call of any thread.
+    """
+
+    def __init__(
+        self,
+        solver: str | Backend = "clarabel",
+        *,
+        backward: str = "ffo",
+        delta: float | None = None,
+        kappa: float | None = None,
+        central: bool | None = None,
+        tau_s: float | None = None,
+        tau_lam: float | None = None,
+        n_jobs: int | None = None,
+        inaccurate: str = "warn",
+        ghost_fallback: str = "raise",
+        time_limit: float | None = None,
+        check_every: int | None = None,
+        check_threshold: float = 0.99,
+        check_rel_tol: float | None = 0.1,
+    ) -> None:
+        super().__init__()
+        check_choice("backward", backward, BACKWARDS)
+        check_choice("inaccurate", inaccurate, INACCURATE_POLICIES)
+        check_choice("ghost_fallback", ghost_fallback, GHOST_FALLBACKS)
+        check_every = 0 if check_every is None else check_every
+        if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0:
+            raise ConfigError(f"check_every must be a nonnegative int or None, got {check_every!r}")
+        if not _is_number(check_threshold) or not -1.0 <= check_threshold <= 1.0:
+            raise ConfigError(
+                f"check_threshold must be a number in [-1, 1], got {check_threshold!r}"
+            )
+        if check_rel_tol is not None and (not _is_number(check_rel_tol) or check_rel_tol <= 0):
+            raise ConfigError(
+                f"check_rel_tol must be a positive number or None, got {check_rel_tol!r}"
+            )
+        if time_limit is not None and (not _is_number(time_limit) or time_limit <= 0):
+            raise ConfigError(
+                f"time_limit must be a positive number of seconds or None, got {time_limit!r}"
+            )
+        self.options = FFOOptions(
+            delta=delta, kappa=kappa, central=central, tau_s=tau_s, tau_lam=tau_lam
+        )
+        backend = get_backend(solver)
+        if time_limit is not None:
+            backend = with_time_limit(backend, float(time_limit))
+        self.backend = backend
+        self.backward_mode = backward
+        self._runner = BatchRunner(self.backend, n_jobs)
+        self.inaccurate = inaccurate
+        self.ghost_fallback = ghost_fallback
+        self.time_limit = None if time_limit is None else float(time_limit)
+        self.check_every = check_every
+        self.check_threshold = float(check_threshold)
+        self.check_rel_tol = None if check_rel_tol is None else float(check_rel_tol)
+        self.health_log: deque[dict] = deque(maxlen=HEALTH_LOG_SIZE)
+        self.last_diagnostics: list[dict] = []
+        self.last_status: list[Status] = []
+        self._lock = threading.Lock()
+        self._backward_calls = 0
+
+    def extra_repr(self) -> str:
+        parts = [f"solver={self.backend.name!r}", f"backward={self.backward_mode!r}"]
+        if self.backward_mode == "ffo":
+            changed = {
+                k: v for k, v in vars(self.options).items()
+                if v != getattr(FFOOptions(), k)
+            }  # fmt: skip
+            parts += [f"{k}={v!r}" for k, v in changed.items()]
+        return ", ".join(parts)
+
+    # -- layer-specific: how inputs and outputs map to problem data ----------------------
+    def _outputs(self, problems, sols: list[Solution]) -> tuple[torch.Tensor, ...]:
+        """The output tensors of the solutions."""
+        raise NotImplementedError
+
+    def _output_names(self, problems) -> list[str]:
+        """One name per output, for messages."""
+        raise NotImplementedError
+
+    def _upstream(self, problems, grad_outputs) -> tuple[np.ndarray, Any]:
+        """``(c, c_dual)``: the upstream gradient per sample, ``c`` of shape ``(batch, n)``
+        on the primal variable and ``c_dual = (c_nu (batch, p), c_lam (batch, m))`` on the
+        duals (None when no output is a dual).  The gradients are finite (checked)."""
+        raise NotImplementedError
+
+    def _input_gradients(self, problems, grads: list[DataGradient], needs) -> tuple:
+        """The gradient tensor of every input (None where ``needs[k]`` is False)."""
+        raise NotImplementedError
+
+    def _input_names(self, problems) -> list[str]:
+        """One name per input, for messages."""
+        raise NotImplementedError
+
+    def _parameter_vector(self, problems, data_gradient: np.ndarray) -> np.ndarray:
+        """A data gradient (the compiled data order) in the inputs' coordinates, for the
+        health check's second cosine (default: the data itself)."""
+        return data_gradient
+
+    # -- the forward ----------------------------------------------------------------------
+    def solve_all(self, problems) -> list[Solution]:
+        """Solve every sample (guarded: every failure is a typed error naming the sample)
+        and apply the status and ``inaccurate`` policies."""
+
+        def one(i: int) -> Solution:
+            return GuardedBackend(self.backend, i).solve(*problems.solver_problem(i))
+
+        sols = self._runner.run("forward", one, problems.batch)
+        self.last_status = [s.status for s in sols]
+        check_solutions(sols, self.backend, self.inaccurate)
+        return sols
+
+    def _apply(self, problems, *tensors):
+        """Run the autograd function on validated problem data."""
+        return _LayerFunction.apply(self, problems, *tensors)
+
+    # -- the backward ---------------------------------------------------------------------
+    def data_gradients(self, problems, sols: list[Solution], c: np.ndarray, c_dual=None):
+        """Per-sample gradient of ``c[i]'y_i (+ c_dual parts)`` with respect to the data:
+        the KKT mode sample by sample, the first-order mode staged over chunks of the batch
+        (:func:`~ffo_core.engine.schedule.ffo_backward_batch`), then the fallback policy and
+        the health check."""
+
+        def dual(i: int):
+            return None if c_dual is None else (c_dual[0][i], c_dual[1][i])
+
+        if self.backward_mode == "kkt":
+
+            def one(i: int) -> DataGradient:
+                g, h, e = problems.sample(i)
+                try:
+                    grad = kkt_backward(g, h, e, sols[i], c[i], self.options, c_dual=dual(i))
+                except SolverError as exc:
+                    raise with_batch_index(exc, i)  # noqa: B904  (exc itself, cause kept)
+                if not grad.is_finite():
+                    raise with_batch_index(
+                        SolverError(
+                            "backward='kkt': the gradient is not finite",
+                            backend=self.backend.name,
+                        ),
+                        i,
+                    )
+                return grad
+
+            grads = self._runner.run("backward", one, problems.batch)
+        else:
+            grads = []
+            for indices in backward_chunks(problems.batch, problems.sample_bytes()):
+                grads += self._ffo_chunk(problems, sols, c, dual, indices)
+        self.last_diagnostics = [g.diagnostics for g in grads]
+        with self._lock:
+            self._backward_calls += 1
+            call = self._backward_calls
+        if self.check_every and self.backward_mode == "ffo" and call % self.check_every == 0:
+            self._health_check(call, problems, sols, c, dual, grads)
+        return grads
+
+    def _ffo_chunk(self, problems, sols, c, dual, indices: range) -> list[DataGradient]:
+        """First-order data gradients of the samples ``indices``, staged over the chunk,
+        then the fallback policy for each sample whose ghost failed."""
+        samples = []
+        for i in indices:
+            g, h, e = problems.sample(i)
+            guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
+            samples.append(
+                FFOSample(guard, g, h, e, sols[i], c[i], problems.ghost_source(h, e), dual(i))
+            )
+        results = ffo_backward_batch(
+            samples, self.options, run=lambda fn, k: self._runner.run("backward", fn, k)
+        )
+        grads = []
+        for i, s, grad in zip(indices, samples, results):
+            if isinstance(grad, DataGradient):
+                grad = self._finite(i, grad)
+            if isinstance(grad, DataGradient):
+                grad.diagnostics["ghost_fallback"] = None
+            else:
+                try:
+                    grad = self._ffo_fallback(i, s, grad)
+                except SolverError as exc:
+                    raise with_batch_index(exc, i)  # noqa: B904  (exc itself, cause kept)
+            grads.append(grad)
+        return grads
+
+    def _finite(self, i: int, grad: DataGradient) -> DataGradient | GhostProblemError:
+        """``grad``, or the error that says it is not finite (a ghost solution too far
+        from the forward one for its delta), for the ``ghost_fallback`` policy."""
+        if grad.is_finite():
+            return grad
+        delta = grad.diagnostics["delta"]
+        exc = GhostProblemError(
+            f"the first-order gradient is not finite (the ghost solution is too far from "
+            f"the forward one for this delta) (delta={delta:.3g})",
+            batch_index=i,
+            backend=self.backend.name,
+        )
+        exc.delta = delta
+        return exc
+
+    def _ffo_once(self, i: int, s: FFOSample, options: FFOOptions) -> DataGradient:
+        grad = self._finite(
+            i,
+            ffo_backward(
+                s.backend, s.g, s.h, s.e, s.sol, s.c, options, source=s.source, c_dual=s.c_dual
+            ),
+        )
+        if isinstance(grad, GhostProblemError):
+            raise grad
+        return grad
+
+    def _ffo_fallback(self, i: int, s: FFOSample, first: GhostProblemError) -> DataGradient:
+        """Sample ``i`` (``s``) after its ghost failed with ``first``: the
+        ``ghost_fallback`` policy."""
+        if self.ghost_fallback == "raise":
+            raise first
+        tried = [f"delta chosen by default: {first}"]
+        last: SolverError = first
+        if self.ghost_fallback.startswith("smaller-delta") and first.delta is not None:
+            for k in (1, 2):  # from the step that failed (it may have been shrunk)
+                delta = first.delta / 10.0**k
+                try:
+                    grad = self._ffo_once(i, s, replace(self.options, delta=delta))
+                except GhostProblemError as exc:
+                    tried.append(f"delta={delta:.3g}: {_short(exc)}")
+                    last = exc
+                    continue
+                grad.diagnostics.update(
+                    ghost_fallback="smaller-delta", fallback_delta=delta, ghost_error=str(first)
+                )
+                logger.info(
+                    "batch index %d: ghost problem failed (%s); smaller delta %.3g succeeded",
+                    i, first, delta,
+                )  # fmt: skip
+                return grad
+        if self.ghost_fallback.endswith("kkt"):
+            try:
+                grad = kkt_backward(s.g, s.h, s.e, s.sol, s.c, self.options, c_dual=s.c_dual)
+            except SolverError as exc:
+                tried.append(f"KKT fallback: {exc}")
+                raise GhostProblemError(
+                    f"batch index {i}: the ghost problem failed and so did every fallback "
+                    f"({'; '.join(tried)})",
+                    status=first.status,
+                    batch_index=i,
+                    backend=self.backend.name,
+                ) from exc
+            grad.diagnostics.update(ghost_fallback="kkt", ghost_error=str(first))
+            logger.info(
+                "batch index %d: ghost problem failed (%s); used the KKT gradient", i, first
+            )
+            return grad
+        raise GhostProblemError(
+            f"batch index {i}: the ghost problem failed and so did every fallback "
+            f"({'; '.join(tried)})",
+            status=last.status,
+            batch_index=i,
+            backend=self.backend.name,
+        ) from last
+
+    def _health_check(self, call: int, problems, sols, c, dual, grads) -> None:
+        """Compare one sample's first-order data gradient with the exact KKT one."""
+        live = np.any(c != 0, axis=1)
+        if dual(0) is not None:
+            live |= np.any(dual_array(dual, problems.batch) != 0, axis=1)
+        nonzero = np.flatnonzero(live)
+        i = int(nonzero[0]) if nonzero.size else 0
+        record: dict[str, Any] = {
+            "call": call,
+            "sample": i,
+            "ghost_fallback": grads[i].diagnostics.get("ghost_fallback"),
+        }
+        g, h, e = problems.sample(i)
+        try:
+            ref = kkt_backward(g, h, e, sols[i], c[i], self.options, c_dual=dual(i)).vector()
+        except SolverError as exc:
+            record.update(cosine=None, cosine_params=None, rel_err=None, error=str(exc))
+            self.health_log.append(record)
+            logger.warning(
+                "gradient health check, backward call %d: no KKT reference for "
+                "batch index %d (%s)",
+                call, i, exc,
+            )  # fmt: skip
+            return
+        mine = grads[i].vector()
+        cos = _cosine(mine, ref)
+        cos_params = _cosine(
+            self._parameter_vector(problems, mine), self._parameter_vector(problems, ref)
+        )
+        norm = float(np.linalg.norm(ref))
+        rel = float(np.linalg.norm(mine - ref) / norm) if norm > 0 else float(np.linalg.norm(mine))
+        record.update(cosine=cos, cosine_params=cos_params, rel_err=rel)
+        self.health_log.append(record)
+        problems_found = []
+        if cos < self.check_threshold:
+            problems_found.append(
+                f"cosine similarity {cos:.6f} is below check_threshold={self.check_threshold}"
+            )
+        if self.check_rel_tol is not None and rel > self.check_rel_tol:
+            problems_found.append(
+                f"relative error {rel:.2e} is above check_rel_tol={self.check_rel_tol}"
+            )
+        if problems_found:
+            message = (
+                f"gradient health check, backward call {call}, batch index {i}: "
+                f"first-order vs KKT gradient: {' and '.join(problems_found)} (cosine "
+                f"{cos:.6f}, relative error {rel:.2e}); consider tighter solver "
+                "tolerances, central=True, a smaller kappa, or backward='kkt'"
+            )
+            logger.warning(message)
+            warnings.warn(message, GradientHealthWarning, stacklevel=2)
+        else:
+            logger.info(
+                "gradient health check, backward call %d, batch index %d: cosine "
+                "%.6f (params %.6f), relative error %.2e",
+                call, i, cos, cos_params, rel,
+            )  # fmt: skip
+
+    # -- copies and pickles -----------------------------------------------------------------
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_lock", None)  # locks cannot be copied or pickled
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
+
+def dual_array(dual, batch: int) -> np.ndarray:
+    """The dual upstream gradients of every sample joined, ``(batch, p + m)``."""
+    return np.stack([np.concatenate(dual(i)) for i in range(batch)])
+
+
+def check_upstream(name: str, grad: torch.Tensor, batched: bool) -> np.ndarray:
+    """``grad`` (the gradient flowing into output ``name``) as float64 NumPy, refused with
+    :class:`InvalidGradientError` naming the output and batch indices when not finite."""
+    values = grad.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(values).all():
+        raise InvalidGradientError(
+            f"the gradient flowing into the layer's output {name} contains NaN "
+            f"or Inf{bad_batch_indices(~torch.isfinite(grad.detach()), batched)}; it "
+            "comes from the loss or a later layer, and the layer refuses to "
+            "propagate it"
+        )
+    return values
+
+
+class _LayerFunction(torch.autograd.Function):
+    """Forward: the layer's solves; backward: its data gradients, as tensors."""
+
+    @staticmethod
+    def forward(layer: SolverLayer, problems, *inputs):
+        problems.sols = layer.solve_all(problems)
+        return layer._outputs(problems, problems.sols)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.layer, ctx.problems = inputs[0], inputs[1]
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        layer, problems = ctx.layer, ctx.problems
+        needs = ctx.needs_input_grad[2:]
+        if not any(needs):
+            return (None, None) + (None,) * len(needs)
+        if torch.is_grad_enabled():
+            raise UnsupportedError(
+                "the layer's backward cannot be differentiated again (create_graph=True: a "
+                "gradient penalty, a Hessian-vector product): its gradient is a finite "
+                "difference of solutions, not a differentiable function; call backward "
+                "without create_graph, or detach what goes into the penalty"
+            )
+        c, c_dual = layer._upstream(problems, grad_outputs)
+        grads = layer.data_gradients(problems, problems.sols, c, c_dual)
+        out = layer._input_gradients(problems, grads, needs)
+        names = layer._input_names(problems)
+        for name, value in zip(names, out):
+            if value is None:
+                continue
+            data = value._values() if value.layout == torch.sparse_coo else value
+            if value.layout in (torch.sparse_csr, torch.sparse_csc):
+                data = value.values()
+            if not bool(torch.isfinite(data).all()):
+                raise SolverError(
+                    f"the gradient of {name} overflows (Inf or NaN): the data's magnitudes "
+                    "are too large for float64 arithmetic",
+                    backend=layer.backend.name,
+                )
+        return (None, None) + tuple(out)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise UnsupportedError(
+            "torch.func transforms that batch a call (vmap, jacrev, jacfwd) are not "
+            "supported by ffo layers; pass the batch as a leading dimension instead"
+        )
+
+
+__all__ = ["BACKWARD_CHUNK_BYTES", "GHOST_FALLBACKS", "SolverLayer", "backward_chunks"]
