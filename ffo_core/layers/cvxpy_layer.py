@@ -39,6 +39,7 @@ class _Call:
     bound: BoundData
     info: CallInfo
     sols: list[Solution] | None = None
+    backend: Backend | None = None
 
     @property
     def batch(self) -> int:
@@ -119,9 +120,14 @@ class FFOLayer(SolverLayer):
         outs = ", ".join(s.name for s in self.compiled.variables)
         return f"parameters=({names}), variables=({outs}), {super().extra_repr()}"
 
-    def forward(self, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, *params: torch.Tensor, solver_args: dict | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The variables' optimal values for these parameter values; ``solver_args``
+        (optional) sets solver settings for this call only (:mod:`ffo_core.solver_args`)."""
         info = inspect_params(self.compiled.params, params, self._rules)
-        return self._apply(_Call(self._data(params, info), info), *params)
+        call = _Call(self._data(params, info), info)
+        return self._apply(call, *params, solver_args=solver_args)
 
     def _data(self, tensors, info: CallInfo) -> BoundData:
         """The batch's problem data (:mod:`ffo_core.datamap.param_map`): shared parameters

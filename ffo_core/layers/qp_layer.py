@@ -114,6 +114,7 @@ class _Call:
     # storage position, in the solver's CSC, of every stored entry of a sparse argument
     positions: dict[str, list[np.ndarray]] = field(default_factory=dict)
     sols: list[Solution] = field(default_factory=list)
+    backend: Backend | None = None  # the call's, set by the runtime
     # P[k]'s upper triangle, formed on first use and shared by every solve that uses P[k]
     P_upper: dict[int, sp.csc_matrix] = field(default_factory=dict)
     _source: GhostSource | None = None  # see ghost_source
@@ -390,13 +391,14 @@ class FFOQPLayer(SolverLayer):
         call.b = _vectors(call, "b")
         return call
 
-    def forward(self, Q, p, G=None, h=None, A=None, b=None) -> torch.Tensor:
-        """Solutions ``(batch, n)`` of the QPs (see the class docstring)."""
+    def forward(self, Q, p, G=None, h=None, A=None, b=None, *, solver_args=None) -> torch.Tensor:
+        """Solutions ``(batch, n)`` of the QPs (see the class docstring); ``solver_args``
+        (optional) sets solver settings for this call only (:mod:`ffo_core.solver_args`)."""
         call = self.prepare(Q, p, G, h, A, b)
         inputs = [
             call.args[name].tensor if call.args[name].present else torch.empty(0) for name in NAMES
         ]
-        (y,) = self._apply(call, *inputs)
+        (y,) = self._apply(call, *inputs, solver_args=solver_args)
         return y
 
     # -- the runtime's layer-specific part --------------------------------------------------

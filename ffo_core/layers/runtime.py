@@ -17,7 +17,8 @@ The per-call problem data is an object with this interface (duck-typed):
 * ``ghost_source(h, e)``: a :class:`~ffo_core.engine.ghost.GhostSource` shared by the
   samples whose matrices are the same, or None;
 * ``sample_bytes()``: rough bytes one sample holds during the backward (for chunking);
-* ``sols``: the forward solutions, set by the runtime.
+* ``sols``: the forward solutions, and ``backend``: the backend of the call (the layer's,
+  or its copy configured by the call's ``solver_args``), both set by the runtime.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from ..engine.kkt_backward import kkt_backward
 from ..engine.schedule import FFOSample, ffo_backward_batch
 from ..engine.solves import (
     INACCURATE_POLICIES,
-    BatchRunner,
     GuardedBackend,
     backend_name,
     check_solutions,
@@ -56,6 +56,8 @@ from ..errors import (
 )
 from ..protocol import Backend, Solution, Status
 from ..registry import get_backend
+from ..solver_args import with_solver_args
+from .executors import Executor
 from .tensors import bad_batch_indices
 
 BACKWARDS = ("ffo", "kkt")
@@ -153,6 +155,14 @@ class SolverLayer(torch.nn.Module):
             (:class:`~ffo_core.errors.GradientHealthWarning`) below ``check_threshold``
             (cosine, default 0.99) or above ``check_rel_tol`` (relative error, default 0.1;
             None: cosine only).
+        solver_args: solver settings as a dict (:mod:`ffo_core.solver_args`: the backend's
+            own names, or common cvxpylayers keys such as ``eps``, ``max_iters``,
+            ``verbose`` that it translates); a call's ``solver_args=`` adds to these for
+            that call only.
+        executor: where a batch's solves (forward and ghost) run: ``"threads"`` (default:
+            this process's thread pool, ``n_jobs``), ``"ray"`` (the Ray cluster the process
+            is connected to, or a local runtime started for it) or ``"ray://HOST:PORT"``
+            (:mod:`ffo_core.layers.executors`).
 
     ``last_diagnostics`` holds, after a backward pass, per-sample details (delta, sizes of
     the active set, weakly active rows, fallback).  One layer may be called from several
@@ -176,6 +186,8 @@ class SolverLayer(torch.nn.Module):
         check_every: int | None = None,
         check_threshold: float = 0.99,
         check_rel_tol: float | None = 0.1,
+        solver_args: dict | None = None,
+        executor: str = "threads",
     ) -> None:
         super().__init__()
         check_choice("backward", backward, BACKWARDS)
@@ -199,12 +211,15 @@ class SolverLayer(torch.nn.Module):
         self.options = FFOOptions(
             delta=delta, kappa=kappa, central=central, tau_s=tau_s, tau_lam=tau_lam
         )
-        backend = get_backend(solver)
+        backend = with_solver_args(get_backend(solver), solver_args)
         if time_limit is not None:
             backend = with_time_limit(backend, float(time_limit))
         self.backend = backend
+        self.solver_args = dict(solver_args or {})
+        self._call_backends: dict = {}  # per-call solver_args -> configured copy
         self.backward_mode = backward
-        self._runner = BatchRunner(self.backend, n_jobs)
+        self.executor = Executor.of(executor, n_jobs)
+        self._runner = self.executor.runner(self.backend)
         self.inaccurate = inaccurate
         self.ghost_fallback = ghost_fallback
         self.time_limit = None if time_limit is None else float(time_limit)
@@ -259,17 +274,38 @@ class SolverLayer(torch.nn.Module):
     def solve_all(self, problems) -> list[Solution]:
         """Solve every sample (guarded: every failure is a typed error naming the sample)
         and apply the status and ``inaccurate`` policies."""
+        backend = problems.backend
 
         def one(i: int) -> Solution:
-            return GuardedBackend(self.backend, i).solve(*problems.solver_problem(i))
+            return GuardedBackend(backend, i).solve(*problems.solver_problem(i))
 
         sols = self._runner.run("forward", one, problems.batch)
         self.last_status = [s.status for s in sols]
-        check_solutions(sols, self.backend, self.inaccurate)
+        check_solutions(sols, backend, self.inaccurate)
         return sols
 
-    def _apply(self, problems, *tensors):
+    def backend_for(self, solver_args: dict | None = None):
+        """The backend a call's solves go to: the layer's, or a copy configured by the
+        call's ``solver_args`` (made once per distinct setting and kept), as the executor
+        runs it (:meth:`Executor.backend`: the backend itself, or a remote proxy)."""
+        key: Any = ()
+        if solver_args:
+            try:
+                key = tuple(sorted(solver_args.items()))
+                hash(key)
+            except (AttributeError, TypeError):
+                return self.executor.backend(with_solver_args(self.backend, solver_args))
+        found = self._call_backends.get(key)
+        if found is None:
+            if len(self._call_backends) >= 16:  # a few settings alternate; more is a loop
+                self._call_backends.clear()
+            configured = with_solver_args(self.backend, solver_args)
+            found = self._call_backends.setdefault(key, self.executor.backend(configured))
+        return found
+
+    def _apply(self, problems, *tensors, solver_args: dict | None = None):
         """Run the autograd function on validated problem data."""
+        problems.backend = self.backend_for(solver_args)
         return _LayerFunction.apply(self, problems, *tensors)
 
     # -- the backward ---------------------------------------------------------------------
@@ -294,7 +330,7 @@ class SolverLayer(torch.nn.Module):
                     raise with_batch_index(
                         SolverError(
                             "backward='kkt': the gradient is not finite",
-                            backend=self.backend.name,
+                            backend=problems.backend.name,
                         ),
                         i,
                     )
@@ -319,7 +355,7 @@ class SolverLayer(torch.nn.Module):
         samples = []
         for i in indices:
             g, h, e = problems.sample(i)
-            guard = GuardedBackend(self.backend, i, ghost=True, inaccurate=self.inaccurate)
+            guard = GuardedBackend(problems.backend, i, ghost=True, inaccurate=self.inaccurate)
             samples.append(
                 FFOSample(guard, g, h, e, sols[i], c[i], problems.ghost_source(h, e), dual(i))
             )
