@@ -40,6 +40,10 @@ import numpy as np
 from ..protocol import ConeDims, Solution
 from .kkt_cones import interior_margin
 
+#: A complementary pair counts as unsettled (:attr:`ActiveSet.ambiguous`) when both its
+#: members exceed this fraction of their thresholds.
+UNSETTLED = 1e-2
+
 #: Accuracy assumed when a solver reports none.
 DEFAULT_ACCURACY = 1e-8
 
@@ -58,10 +62,17 @@ class ActiveSet:
     #: rows of cone blocks kept although weakly active (multiplier and distance to the
     #: boundary both numerically zero); a subset of ``kept``
     weak_blocks: np.ndarray | None = None
+    #: nonnegative rows whose slack and multiplier are *both* above
+    #: :data:`UNSETTLED` times their thresholds: the solver left the pair undecided (a row
+    #: near a kink) or the point far from its exact value there (a leftover multiplier on
+    #: a row with slack moves ``y``); :mod:`.polish` settles them
+    ambiguous: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.weak_blocks is None:
             self.weak_blocks = np.zeros_like(self.kept)
+        if self.ambiguous is None:
+            self.ambiguous = np.zeros_like(self.kept)
 
     @property
     def ghost_rows(self) -> np.ndarray:
@@ -152,6 +163,8 @@ def classify_batch(
         tau_rows = root * np.maximum(1.0, np.maximum(np.abs(h_nn), np.abs(h_nn - S[:, nn])))
     locked[:, nn] = s_nn * taus_lam < lam_nn * tau_rows
     weak[:, nn] = (s_nn <= tau_rows) & (lam_nn <= taus_lam)
+    ambiguous = np.zeros((batch, m), dtype=bool)
+    ambiguous[:, nn] = (s_nn > UNSETTLED * tau_rows) & (lam_nn > UNSETTLED * taus_lam)
 
     out = []
     for i in range(batch):
@@ -173,7 +186,9 @@ def classify_batch(
         kept_dims = (
             ConeDims(0, tuple(soc), exp, tuple(psd)) if soc or exp or psd else _NO_CONES
         )  # shared: its `kinds` is formed once, not per ghost
-        out.append(ActiveSet(locked[i], kept[i], weak[i], kept_dims, t_s, t_lam, weak_blocks))
+        out.append(
+            ActiveSet(locked[i], kept[i], weak[i], kept_dims, t_s, t_lam, weak_blocks, ambiguous[i])
+        )
     return out
 
 

@@ -38,6 +38,7 @@ from ..config import check_choice
 from ..engine.data_gradient import DataGradient
 from ..engine.ffo_backward import FFOOptions, ffo_backward
 from ..engine.kkt_backward import kkt_backward
+from ..engine.polish import polish
 from ..engine.schedule import FFOSample, ffo_backward_batch
 from ..engine.solves import (
     INACCURATE_POLICIES,
@@ -159,6 +160,12 @@ class SolverLayer(torch.nn.Module):
             own names, or common cvxpylayers keys such as ``eps``, ``max_iters``,
             ``verbose`` that it translates); a call's ``solver_args=`` adds to these for
             that call only.
+        polish: refine a forward solution whose solver left some inequality undecided
+            (both its slack and its multiplier above their thresholds: a row near a kink)
+            by solving the equality-constrained problem of its active set and correcting
+            the set until the answer is primal and dual feasible
+            (:mod:`ffo_core.engine.polish`; default True).  ``last_polish`` says what
+            happened per sample.
         executor: where a batch's solves (forward and ghost) run: ``"threads"`` (default:
             this process's thread pool, ``n_jobs``), ``"ray"`` (the Ray cluster the process
             is connected to, or a local runtime started for it) or ``"ray://HOST:PORT"``
@@ -188,6 +195,7 @@ class SolverLayer(torch.nn.Module):
         check_rel_tol: float | None = 0.1,
         solver_args: dict | None = None,
         executor: str = "threads",
+        polish: bool = True,
     ) -> None:
         super().__init__()
         check_choice("backward", backward, BACKWARDS)
@@ -218,6 +226,10 @@ class SolverLayer(torch.nn.Module):
         self.solver_args = dict(solver_args or {})
         self._call_backends: dict = {}  # per-call solver_args -> configured copy
         self.backward_mode = backward
+        if polish not in (True, False):
+            raise ConfigError(f"polish must be True or False, got {polish!r}")
+        self.polish = polish
+        self.last_polish: list[str] = []
         self.executor = Executor.of(executor, n_jobs)
         self._runner = self.executor.runner(self.backend)
         self.inaccurate = inaccurate
@@ -275,12 +287,24 @@ class SolverLayer(torch.nn.Module):
         """Solve every sample (guarded: every failure is a typed error naming the sample)
         and apply the status and ``inaccurate`` policies."""
         backend = problems.backend
+        outcomes = ["off"] * problems.batch
 
         def one(i: int) -> Solution:
-            return GuardedBackend(backend, i).solve(*problems.solver_problem(i))
+            guard = GuardedBackend(backend, i)
+            g, h, e = problems.solver_problem(i)
+            sol = guard.solve(g, h, e)
+            if self.polish and sol.status.has_solution and h.dims.nonneg:
+                source = problems.ghost_source(*problems.sample(i)[1:])
+                done = polish(
+                    guard, g, h, e, sol, tau_s=self.options.tau_s,
+                    tau_lam=self.options.tau_lam, source=source,
+                )  # fmt: skip
+                sol, outcomes[i] = done.sol, done.outcome
+            return sol
 
         sols = self._runner.run("forward", one, problems.batch)
         self.last_status = [s.status for s in sols]
+        self.last_polish = outcomes
         check_solutions(sols, backend, self.inaccurate)
         return sols
 
