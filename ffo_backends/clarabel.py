@@ -79,6 +79,10 @@ class ClarabelBackend(BackendBase):
         thread_safe=True,
     )
 
+    #: A ghost problem on curved cones is solved with these (unless the user set them):
+    #: its point is only ~sqrt(tolerance) accurate on the cone (ffo_core.engine.solves).
+    tight_settings = {"tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11, "tol_feas": 1e-11}
+
     def setting_names(self):
         import clarabel
 

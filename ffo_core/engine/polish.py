@@ -36,6 +36,7 @@ from ..errors import SolverError
 from ..protocol import Backend, ConeConstraints, Equalities, Objective, Solution, Status
 from .active_set import classify
 from .ghost import GhostSource, build_ghost
+from .scaling import in_units
 
 #: Equality-constrained solves a polish may take before it gives up.
 MAX_ROUNDS = 4
@@ -74,7 +75,10 @@ def polish(
     source = source if source is not None else GhostSource.of(h, e)
     nn = np.zeros(h.m, dtype=bool)
     nn[: h.dims.nonneg] = True
-    row_scale = np.maximum(1.0, np.maximum(np.abs(h.h), np.abs(h.h - sol.slack)))
+    # violations are measured in the units the forward was solved in (:mod:`.scaling`)
+    unit_s, unit_lam, _ = in_units(sol, np.ones(h.m), np.ones(h.m), h.h)
+    s0, _, h0 = in_units(sol, sol.slack, sol.ineq_dual, h.h)
+    row_scale = np.maximum(1.0, np.maximum(np.abs(h0), np.abs(h0 - s0)))
     locked = active.locked.copy()
     tried: set[bytes] = set()
     for rounds in range(1, MAX_ROUNDS + 1):
@@ -99,9 +103,10 @@ def polish(
         lam[trial.kept] = got.ineq_dual
         slack = h.h - h.G @ y
         acc = got.info.accuracy if got.info.accuracy and got.info.accuracy > 0 else 1e-9
-        lam_scale = max(1.0, float(np.abs(lam).max(initial=0.0)))
-        primal_bad = nn & ~locked & (slack < -VIOLATION_FACTOR * acc * row_scale)
-        dual_bad = locked & (lam < -VIOLATION_FACTOR * acc * lam_scale)
+        s_u, lam_u = slack * unit_s, lam * unit_lam
+        lam_scale = max(1.0, float(np.abs(lam_u).max(initial=0.0)))
+        primal_bad = nn & ~locked & (s_u < -VIOLATION_FACTOR * acc * row_scale)
+        dual_bad = locked & (lam_u < -VIOLATION_FACTOR * acc * lam_scale)
         if not (primal_bad.any() or dual_bad.any()):
             slack[locked] = 0.0
             slack[nn] = np.maximum(slack[nn], 0.0)

@@ -237,6 +237,25 @@ def check_solutions(
             warnings.warn(message, InaccurateSolutionWarning, stacklevel=3)
 
 
+def tightened(backend: Backend) -> Backend:
+    """``backend`` configured for a more accurate solve, for the small ghost problems of
+    curved cones (where an interior-point point is only ~sqrt(tolerance) accurate and the
+    finite difference divides its error by delta): the backend's own ``tightened()`` when
+    it has one (the wrappers of the engine re-wrap), else its ``tight_settings`` (a class
+    attribute: setting name -> value) applied through ``with_settings`` to the settings
+    the user did not give, else the backend itself."""
+    own = getattr(backend, "tightened", None)
+    if callable(own):
+        return own()
+    table = getattr(backend, "tight_settings", None)
+    copy = getattr(backend, "with_settings", None)
+    if not table or not callable(copy):
+        return backend
+    given = getattr(backend, "settings", {}) or {}
+    extra = {k: v for k, v in table.items() if k not in given}
+    return copy(**extra) if extra else backend
+
+
 def with_batch_index(exc: SolverError, i: int) -> SolverError:
     """``exc`` naming batch index ``i`` (its message too, as ``backward pass, batch index
     i: ...``, unless it names one already); returned for ``raise``."""
@@ -284,6 +303,12 @@ class GuardedBackend:
         if attr == "_backend":  # not set yet (copy, pickle): no recursion
             raise AttributeError(attr)
         return getattr(self._backend, attr)
+
+    def tightened(self) -> GuardedBackend:
+        """This guard around :func:`tightened` of the wrapped backend."""
+        return GuardedBackend(
+            tightened(self._backend), self.batch_index, ghost=self.ghost, inaccurate=self.inaccurate
+        )
 
     def _where(self) -> str:
         what = "backward (ghost) solve" if self.ghost else "forward solve"

@@ -39,6 +39,7 @@ from ..engine.data_gradient import DataGradient
 from ..engine.ffo_backward import FFOOptions, ffo_backward
 from ..engine.kkt_backward import kkt_backward
 from ..engine.polish import polish
+from ..engine.scaling import ScaledBackend
 from ..engine.schedule import FFOSample, ffo_backward_batch
 from ..engine.solves import (
     INACCURATE_POLICIES,
@@ -328,8 +329,9 @@ class SolverLayer(torch.nn.Module):
         return found
 
     def _apply(self, problems, *tensors, solver_args: dict | None = None):
-        """Run the autograd function on validated problem data."""
-        problems.backend = self.backend_for(solver_args)
+        """Run the autograd function on validated problem data.  The call's solves see
+        badly scaled problems rescaled (:mod:`ffo_core.engine.scaling`)."""
+        problems.backend = ScaledBackend(self.backend_for(solver_args))
         return _LayerFunction.apply(self, problems, *tensors)
 
     # -- the backward ---------------------------------------------------------------------
