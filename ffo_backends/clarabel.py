@@ -34,7 +34,7 @@ the DFL ghosts; up to the solver's tolerance in general).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -81,7 +81,7 @@ class ClarabelBackend(BackendBase):
 
     #: A ghost problem on curved cones is solved with these (unless the user set them):
     #: its point is only ~sqrt(tolerance) accurate on the cone (ffo_core.engine.solves).
-    tight_settings = {"tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11, "tol_feas": 1e-11}
+    tight_settings: ClassVar[dict] = {"tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11, "tol_feas": 1e-11}
 
     def setting_names(self):
         import clarabel

@@ -28,7 +28,7 @@ from ..errors import InvalidParameterError, ProblemError
 from ..protocol import Backend, Solution
 from ..registry import available_backends
 from .parameters import REDUCED_ATTRIBUTES, CallInfo, inspect_params, value_rules
-from .runtime import SolverLayer, check_upstream
+from .runtime import SolverLayer, check_upstream, refuse_transforms
 from .tensors import at_batch_indices
 
 
@@ -125,6 +125,7 @@ class FFOLayer(SolverLayer):
     ) -> tuple[torch.Tensor, ...]:
         """The variables' optimal values for these parameter values; ``solver_args``
         (optional) sets solver settings for this call only (:mod:`ffo_core.solver_args`)."""
+        refuse_transforms(params)
         info = inspect_params(self.compiled.params, params, self._rules)
         call = _Call(self._data(params, info), info)
         return self._apply(call, *params, solver_args=solver_args)

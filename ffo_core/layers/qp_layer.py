@@ -60,7 +60,7 @@ from ..engine.ghost import GhostSource
 from ..errors import ConfigError, InvalidParameterError
 from ..protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
 from ..sparse_ops import upper_triangle
-from .runtime import SolverLayer, check_upstream
+from .runtime import SolverLayer, check_upstream, refuse_transforms
 from .tensors import (
     SparseEntries,
     check_finite,
@@ -394,6 +394,7 @@ class FFOQPLayer(SolverLayer):
     def forward(self, Q, p, G=None, h=None, A=None, b=None, *, solver_args=None) -> torch.Tensor:
         """Solutions ``(batch, n)`` of the QPs (see the class docstring); ``solver_args``
         (optional) sets solver settings for this call only (:mod:`ffo_core.solver_args`)."""
+        refuse_transforms((Q, p, G, h, A, b))
         call = self.prepare(Q, p, G, h, A, b)
         inputs = [
             call.args[name].tensor if call.args[name].present else torch.empty(0) for name in NAMES

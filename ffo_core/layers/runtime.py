@@ -53,6 +53,7 @@ from ..errors import (
     GhostProblemError,
     GradientHealthWarning,
     InvalidGradientError,
+    InvalidParameterError,
     SolverError,
     UnsupportedError,
 )
@@ -546,6 +547,20 @@ class SolverLayer(torch.nn.Module):
         self._lock = threading.Lock()
 
 
+def refuse_transforms(tensors) -> None:
+    """Refuse inputs wrapped by a ``torch.func`` transform (vmap, grad, jacrev) before any
+    of their values are read (reading them fails with an unrelated error)."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is None:
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and wrapped(t):
+            raise UnsupportedError(
+                "torch.func transforms (vmap, grad, jacrev, jacfwd) are not supported by "
+                "ffo layers; pass a batch as a leading dimension and use loss.backward()"
+            )
+
+
 def dual_array(dual, batch: int) -> np.ndarray:
     """The dual upstream gradients of every sample joined, ``(batch, p + m)``."""
     return np.stack([np.concatenate(dual(i)) for i in range(batch)])
@@ -565,13 +580,25 @@ def check_upstream(name: str, grad: torch.Tensor, batched: bool) -> np.ndarray:
     return values
 
 
+#: Output dtypes whose range a solution may exceed (float64 solves, narrow outputs).
+_NARROW = (torch.float16, torch.bfloat16)
+
+
 class _LayerFunction(torch.autograd.Function):
     """Forward: the layer's solves; backward: its data gradients, as tensors."""
 
     @staticmethod
     def forward(layer: SolverLayer, problems, *inputs):
         problems.sols = layer.solve_all(problems)
-        return layer._outputs(problems, problems.sols)
+        outputs = layer._outputs(problems, problems.sols)
+        for name, out in zip(layer._output_names(problems), outputs):
+            if out.dtype in _NARROW and not bool(torch.isfinite(out).all()):
+                raise InvalidParameterError(
+                    f"output {name}: the solution's values do not fit {out.dtype} (largest "
+                    f"finite value {torch.finfo(out.dtype).max:g}); pass float32 or float64 "
+                    "inputs"
+                )
+        return outputs
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -192,23 +192,30 @@ class SparseEntries:
 
         COO and CSR give back their own layout; a CSC tensor's gradient is returned as COO
         on the same pattern (autograd cannot accumulate a CSC gradient into a CSC leaf).
+        The indices are the input's own (valid by construction), so torch's invariant
+        checks are off, explicitly (torch warns when they are off implicitly).
         """
         t = self.tensor
         v = torch.as_tensor(values, dtype=dtype, device=device)
         if t.layout == torch.sparse_coo:
-            return torch.sparse_coo_tensor(t.indices().to(device), v, t.shape, is_coalesced=True)
+            return torch.sparse_coo_tensor(
+                t.indices().to(device), v, t.shape, is_coalesced=True, check_invariants=False
+            )
         if t.layout == torch.sparse_csr:
             return torch.sparse_csr_tensor(
                 t.crow_indices().to(device),
                 t.col_indices().to(device),
                 v.reshape(t.values().shape),
                 t.shape,
+                check_invariants=False,
             )
         idx = [torch.as_tensor(self.rows), torch.as_tensor(self.cols)]
         if t.dim() == 3:
             counts = torch.as_tensor(np.diff(self.offsets))
             idx.insert(0, torch.arange(t.shape[0]).repeat_interleave(counts))
-        return torch.sparse_coo_tensor(torch.stack(idx).to(device), v, t.shape).coalesce()
+        return torch.sparse_coo_tensor(
+            torch.stack(idx).to(device), v, t.shape, check_invariants=False
+        ).coalesce()
 
 
 def entries_to_csc(
