@@ -1,9 +1,20 @@
-"""The ``ffo`` command line: ``ffo backends`` (more subcommands register here)."""
+"""The ``ffo`` command line: ``ffo backends``, ``ffo conformance NAME``, ``ffo --version``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+DESCRIPTION = """\
+ffo: any convex solver as a differentiable PyTorch layer, with a fully first-order
+backward pass.
+
+commands:
+  ffo backends              list the installed backends, whether each can run here (and
+                            why not), its cones and capabilities
+  ffo conformance NAME      prove a backend right: solutions, statuses and gradients on
+                            a problem zoo (ffo conformance --help)
+"""
 
 
 def _cones(caps) -> str:
@@ -16,7 +27,7 @@ def _cones(caps) -> str:
 def cmd_backends(args: argparse.Namespace) -> int:
     from .registry import available_backends
 
-    rows = [("backend", "version", "available", "cones", "quad", "warm", "note")]
+    rows = [("backend", "version", "available", "cones", "quad", "batch", "note")]
     for name, info in available_backends().items():
         caps = info.capabilities
         rows.append(
@@ -26,7 +37,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 "yes" if info.available else "no",
                 _cones(caps),
                 "-" if caps is None else ("yes" if caps.quadratic_objective else "no (SOC)"),
-                "-" if caps is None else ("yes" if caps.warm_start else "no"),
+                "-" if caps is None else ("device" if caps.device else "-"),
                 info.reason or "",
             )
         )
@@ -38,24 +49,19 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Modules contributing subcommands: each has ``add_subparser(subparsers)`` that adds its
-#: parser and sets ``func``.  Imported lazily so ``ffo backends`` stays fast.
-SUBCOMMAND_MODULES = ("ffo_conformance.cli",)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
+    from ffo_conformance import cli as conformance_cli
 
-    parser = argparse.ArgumentParser(prog="ffo", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ffo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"ffo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("backends", help="list backends, whether they can run here, and why")
     p.set_defaults(func=cmd_backends)
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        module.add_subparser(sub)
+    conformance_cli.add_subparser(sub)
     return parser
 
 

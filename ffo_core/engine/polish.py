@@ -17,12 +17,15 @@ result satisfies the KKT conditions to the accuracy of that last solve -- an equ
 the easiest problem a solver gets, and it is solved to ~1e-10 -- with exact zeros where
 they belong, so the backward's active set is exact too.
 
-It runs only where the solver left a row undecided (:attr:`ActiveSet.ambiguous`), on
-problems with a nonnegative block; cone blocks the solver found active stay cones in the
+It runs on problems with a nonnegative block whose solution the solver left short of
+exact: a pair undecided (:attr:`ActiveSet.ambiguous`), or a reported accuracy worse than
+:data:`SETTLED_ACCURACY` (SCS's projections leave every pair complementary while its
+point is ~1e-3 off at its defaults); cone blocks the solver found active stay cones in the
 polish problem, as in the ghost.  If polishing does not settle within
 :data:`MAX_ROUNDS` solves, or its problem fails (a pure LP whose solution is not unique, a
 degenerate vertex whose locked rows are inconsistent), the solver's own point is kept and
-the reason is reported -- never a worse answer.
+the reason is reported -- never a worse answer.  A backend that takes a warm start
+(``Capabilities.warm_start``) starts each polish solve at the forward point.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from .active_set import classify
 from .ghost import GhostSource, build_ghost
 from .scaling import in_units
 
+#: A forward solution reported at least this accurate, with no unsettled pair, is kept as
+#: it is (an active-set or simplex answer; an interior-point one at tight tolerances).
+SETTLED_ACCURACY = 1e-10
 #: Equality-constrained solves a polish may take before it gives up.
 MAX_ROUNDS = 4
 #: A violation counts when it exceeds this many times the polish solve's own accuracy
@@ -70,7 +76,8 @@ def polish(
     if not h.dims.nonneg or not sol.status.has_solution:
         return Polished(sol, "not needed", 0)
     active = classify(sol, h.dims, tau_s=tau_s, tau_lam=tau_lam, rhs=h.h)
-    if not active.ambiguous.any():
+    accuracy = sol.info.accuracy if sol.info.accuracy is not None else 1.0
+    if not active.ambiguous.any() and accuracy <= SETTLED_ACCURACY:
         return Polished(sol, "not needed", 0)
     source = source if source is not None else GhostSource.of(h, e)
     nn = np.zeros(h.m, dtype=bool)
@@ -85,8 +92,9 @@ def polish(
         tried.add(locked.tobytes())
         trial = replace(active, locked=locked)
         ghost_h, ghost_e = build_ghost(source, trial)
+        warm = _warm_start(sol, trial, e.p) if backend.capabilities.warm_start else None
         try:
-            got = backend.solve(g, ghost_h, ghost_e)
+            got = backend.solve(g, ghost_h, ghost_e, warm_start=warm)
         except SolverError as exc:
             return Polished(
                 sol, f"kept the solver's point: the polish solve failed ({exc})", rounds
@@ -121,6 +129,21 @@ def polish(
         if locked.tobytes() in tried:
             return Polished(sol, "kept the solver's point: the active set cycles", rounds)
     return Polished(sol, f"kept the solver's point: not settled in {MAX_ROUNDS} solves", MAX_ROUNDS)
+
+
+def _warm_start(sol: Solution, active, p: int) -> Solution:
+    """The forward point in the polish problem's layout (equalities, then the locked rows
+    as equalities; the kept cone blocks): a first-order solver starts at its answer's
+    neighbour (measured on the box QP at n = 100-500: SCS 25 -> 0 iterations, OSQP
+    75 -> 25)."""
+    return Solution(
+        Status.OPTIMAL,
+        sol.primal,
+        np.concatenate([sol.eq_dual[:p], sol.ineq_dual[active.locked]]),
+        sol.ineq_dual[active.kept],
+        sol.slack[active.kept],
+        sol.info,
+    )
 
 
 __all__ = ["MAX_ROUNDS", "Polished", "polish"]

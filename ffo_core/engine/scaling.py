@@ -117,6 +117,18 @@ class Scaling:
             info=replace(sol.info, extra={**sol.info.extra, "scaling": self}),
         )
 
+    def scaled(self, sol: Solution) -> Solution:
+        """A point of the original problem (a warm start) in the scaled problem's units:
+        the inverse of :meth:`solution`."""
+        a, b = self.alpha, self.beta
+        return replace(
+            sol,
+            primal=np.asarray(sol.primal) / a,
+            eq_dual=(a / b) * np.asarray(sol.eq_dual) / self.d_A,
+            ineq_dual=(a / b) * np.asarray(sol.ineq_dual) / self.d_G,
+            slack=self.d_G * np.asarray(sol.slack) / a,
+        )
+
     def units(self, slack: np.ndarray, lam: np.ndarray, h: np.ndarray):
         """``(s, lam, h)`` of the original problem in the scaled problem's units."""
         a, b = self.alpha, self.beta
@@ -151,6 +163,8 @@ class ScaledBackend:
         if scaling is None:
             return self._backend.solve(g, h, e, extra_linear_term, **kwargs)
         g2, h2, e2, t2 = scaling.problem(g, h, e, extra_linear_term)
+        if kwargs.get("warm_start") is not None:
+            kwargs["warm_start"] = scaling.scaled(kwargs["warm_start"])
         sol = self._backend.solve(g2, h2, e2, t2, **kwargs)
         out = scaling.solution(sol)
         if extra_linear_term is not None:  # a ghost: kept for its second solve (resolve)
