@@ -17,11 +17,13 @@ result satisfies the KKT conditions to the accuracy of that last solve -- an equ
 the easiest problem a solver gets, and it is solved to ~1e-10 -- with exact zeros where
 they belong, so the backward's active set is exact too.
 
-It runs on problems with a nonnegative block whose solution the solver left short of
-exact: a pair undecided (:attr:`ActiveSet.ambiguous`), or a reported accuracy worse than
-:data:`SETTLED_ACCURACY` (SCS's projections leave every pair complementary while its
-point is ~1e-3 off at its defaults); cone blocks the solver found active stay cones in the
-polish problem, as in the ghost.  If polishing does not settle within
+It runs on polyhedral problems (zero and nonnegative cones only: with a curved cone block
+the polish problem would be another conic solve, no more accurate than the forward, and
+dropping an inactive block frees CVXPY's auxiliary variables that only it constrains)
+whose solution the solver left short of exact: a pair undecided
+(:attr:`ActiveSet.ambiguous`), or a reported accuracy worse than :data:`SETTLED_ACCURACY`
+(SCS's projections leave every pair complementary while its point is ~1e-3 off at its
+defaults).  If polishing does not settle within
 :data:`MAX_ROUNDS` solves, or its problem fails (a pure LP whose solution is not unique, a
 degenerate vertex whose locked rows are inconsistent), the solver's own point is kept and
 the reason is reported -- never a worse answer.  A backend that takes a warm start
@@ -75,6 +77,8 @@ def polish(
     """``sol`` refined on its active set (module docstring)."""
     if not h.dims.nonneg or not sol.status.has_solution:
         return Polished(sol, "not needed", 0)
+    if h.dims.kinds - {"nonneg"}:
+        return Polished(sol, "not needed: the problem has curved cone blocks", 0)
     active = classify(sol, h.dims, tau_s=tau_s, tau_lam=tau_lam, rhs=h.h)
     accuracy = sol.info.accuracy if sol.info.accuracy is not None else 1.0
     if not active.ambiguous.any() and accuracy <= SETTLED_ACCURACY:

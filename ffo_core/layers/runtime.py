@@ -162,11 +162,12 @@ class SolverLayer(torch.nn.Module):
             own names, or common cvxpylayers keys such as ``eps``, ``max_iters``,
             ``verbose`` that it translates); a call's ``solver_args=`` adds to these for
             that call only.
-        polish: refine a forward solution whose solver left some inequality undecided
-            (both its slack and its multiplier above their thresholds: a row near a kink)
-            by solving the equality-constrained problem of its active set and correcting
-            the set until the answer is primal and dual feasible
-            (:mod:`ffo_core.engine.polish`; default True).  ``last_polish`` says what
+        polish: refine an optimal forward solution of a polyhedral problem (LP/QP) that
+            the solver left short of exact (a pair undecided near a kink, or a reported
+            accuracy worse than 1e-10) by solving the equality-constrained problem of its
+            active set and correcting the set until the answer is primal and dual feasible
+            (:mod:`ffo_core.engine.polish`; default True).  A solution the solver flags
+            inaccurate is left to the ``inaccurate`` policy.  ``last_polish`` says what
             happened per sample.
         executor: where a batch's solves (forward and ghost) run: ``"threads"`` (default:
             this process's thread pool, ``n_jobs``), ``"ray"`` (the Ray cluster the process
@@ -295,7 +296,7 @@ class SolverLayer(torch.nn.Module):
             guard = GuardedBackend(backend, i)
             g, h, e = problems.solver_problem(i)
             sol = guard.solve(g, h, e)
-            if self.polish and sol.status.has_solution and h.dims.nonneg:
+            if self.polish and sol.status is Status.OPTIMAL and h.dims.nonneg:
                 source = problems.ghost_source(*problems.sample(i)[1:])
                 done = polish(
                     guard, g, h, e, sol, tau_s=self.options.tau_s,
