@@ -128,6 +128,7 @@ Python >= 3.12).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
 from collections import OrderedDict
@@ -249,21 +250,72 @@ def moreau_row_order(dims: ConeDims) -> tuple[np.ndarray, dict[str, Any]]:
     return perm, cones
 
 
-def _csr_map(rows, cols, src, weights, shape, nnz_in):
-    """The CSR pattern of entries ``(rows, cols)`` (duplicates summed) and the sparse map
-    ``M`` (``nnz_out x nnz_in``) with ``out_values = M @ in_values``: entry ``k`` of the
-    input adds ``weights[k]`` times its value to the output entry at ``(rows, cols)``."""
-    n_rows, n_cols = shape
-    keys = rows.astype(np.int64) * max(n_cols, 1) + cols.astype(np.int64)
-    out_keys, out_idx = np.unique(keys, return_inverse=True)
-    out_rows = out_keys // max(n_cols, 1)
-    indices = (out_keys % max(n_cols, 1)).astype(np.int64)
+class ValueMap:
+    """Protocol entry values -> Moreau's CSR entry values, for ``(k, nnz_in)`` arrays.
+
+    The usual case is a gather (``values[:, take]``; for ``P``, the mean of the entry and
+    its mirror, ``(values[:, take] + values[:, mirror]) / 2``, which is the entry itself
+    bit for bit when the two are equal); patterns with duplicate entries, or a ``P``
+    pattern that is not structurally symmetric, take a sparse ``nnz_out x nnz_in`` matrix.
+    """
+
+    def __init__(self, nnz_out: int, take=None, mirror=None, matrix=None) -> None:
+        self.nnz_out, self.take, self.mirror, self.matrix = nnz_out, take, mirror, matrix
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=float)
+        if self.nnz_out == 0:
+            return np.zeros((values.shape[0], 0))
+        if self.matrix is not None:
+            return np.ascontiguousarray((self.matrix @ values.T).T)
+        out = values[:, self.take]
+        if self.mirror is not None:
+            out = 0.5 * (out + values[:, self.mirror])
+        return out
+
+
+def _csr_pattern(keys: np.ndarray, n_rows: int, n_cols: int):
+    """``(indptr, indices, rows)`` of the CSR pattern with sorted unique ``keys``
+    (``row * n_cols + col``)."""
+    rows = keys // max(n_cols, 1)
+    indices = (keys % max(n_cols, 1)).astype(np.int64)
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.add.at(indptr, out_rows + 1, 1)
-    indptr = np.cumsum(indptr)
+    np.add.at(indptr, rows + 1, 1)
+    return np.cumsum(indptr), indices, rows.astype(np.int64)
+
+
+def csr_map(rows, cols, shape, mirror: bool = False):
+    """The CSR pattern of the entries ``(rows[k], cols[k])`` (input entry ``k``), and the
+    :class:`ValueMap` from input values to its entry values; with ``mirror`` (a square
+    ``P``), the pattern of ``P`` and ``P'`` together and the values of ``(P + P')/2``."""
+    n_rows, n_cols = shape
+    width = max(n_cols, 1)
+    rows, cols = rows.astype(np.int64), cols.astype(np.int64)
+    keys = rows * width + cols
+    nnz_in = keys.size
+    order = np.argsort(keys, kind="stable")
+    unique = nnz_in == 0 or bool(np.all(np.diff(keys[order]) > 0))
+    if unique and not mirror:
+        return (*_csr_pattern(keys[order], n_rows, n_cols), ValueMap(nnz_in, take=order))
+    if unique:
+        tkeys = cols * width + rows
+        torder = np.argsort(tkeys, kind="stable")
+        if np.array_equal(keys[order], tkeys[torder]):  # structurally symmetric
+            return (
+                *_csr_pattern(keys[order], n_rows, n_cols),
+                ValueMap(nnz_in, take=order, mirror=torder),
+            )
+    # general: duplicates summed; with mirror, the union with the transpose
+    src = np.arange(nnz_in)
+    weights = np.ones(nnz_in)
+    if mirror:
+        keys = np.concatenate([keys, cols * width + rows])
+        src = np.concatenate([src, src])
+        weights = np.full(2 * nnz_in, 0.5)
+    out_keys, out_idx = np.unique(keys, return_inverse=True)
     M = sp.csr_matrix((weights, (out_idx.ravel(), src)), shape=(out_keys.size, nnz_in), dtype=float)
     M.sum_duplicates()
-    return indptr, indices, out_rows.astype(np.int64), M
+    return (*_csr_pattern(out_keys, n_rows, n_cols), ValueMap(out_keys.size, matrix=M))
 
 
 class MoreauForm:
@@ -306,17 +358,10 @@ class MoreauForm:
             self.P_indptr = np.zeros(n + 1, dtype=np.int64)
             self.P_indices = np.zeros(0, dtype=np.int64)
             self.P_rows = np.zeros(0, dtype=np.int64)
-            self.P_map = sp.csr_matrix((0, self.nnzP_in))
+            self.P_map = ValueMap(0)
         else:
-            r, c = P.indices.astype(np.int64), P.cols.astype(np.int64)
-            k = np.arange(P.nnz)
-            self.P_indptr, self.P_indices, self.P_rows, self.P_map = _csr_map(
-                np.concatenate([r, c]),
-                np.concatenate([c, r]),
-                np.concatenate([k, k]),
-                np.full(2 * P.nnz, 0.5),
-                (n, n),
-                P.nnz,
+            self.P_indptr, self.P_indices, self.P_rows, self.P_map = csr_map(
+                P.indices, P.cols, (n, n), mirror=True
             )
         #: position of each diagonal entry in Moreau's P values (None: one is missing)
         diag = np.flatnonzero(self.P_rows == self.P_indices)
@@ -325,14 +370,7 @@ class MoreauForm:
         self.nnzA_in, self.nnzG_in = A.nnz, G.nnz
         rows = np.concatenate([A.indices.astype(np.int64), p + self.inv[G.indices]])
         cols = np.concatenate([A.cols.astype(np.int64), G.cols.astype(np.int64)])
-        nnz_in = A.nnz + G.nnz
-        self.A_indptr, self.A_indices, self.A_rows, self.A_map = _csr_map(
-            rows, cols, np.arange(nnz_in), np.ones(nnz_in), (self.rows, n), nnz_in
-        )
-        # the same patterns as scatter maps for the residual: (out x nnz) indicators
-        self._P_by_row = _indicator(self.P_rows, n)
-        self._A_by_row = _indicator(self.A_rows, self.rows)
-        self._A_by_col = _indicator(self.A_indices, n)
+        self.A_indptr, self.A_indices, self.A_rows, self.A_map = csr_map(rows, cols, (self.rows, n))
 
     @property
     def nnzP(self) -> int:
@@ -352,7 +390,7 @@ class MoreauForm:
         """Moreau's ``P`` values, ``(k, nnzP)``, from the protocol's ``(k, P.nnz)``."""
         if P_values is None or self.nnzP == 0:
             return np.zeros((1, self.nnzP))
-        return _apply(self.P_map, P_values)
+        return self.P_map(P_values)
 
     def A_values(self, A_values, G_values) -> np.ndarray:
         """Moreau's stacked ``[A; G[perm]]`` values, ``(k, nnzA)``."""
@@ -360,7 +398,7 @@ class MoreauForm:
         both = np.concatenate(
             [_rows(A_values, k, self.nnzA_in), _rows(G_values, k, self.nnzG_in)], axis=1
         )
-        return _apply(self.A_map, both)
+        return self.A_map(both)
 
     def rhs(self, b, h) -> np.ndarray:
         """Moreau's ``[b; h[perm]]``, ``(k, rows)``."""
@@ -385,9 +423,9 @@ class MoreauForm:
         """Relative KKT residual of each sample, ``(batch,)``, in Moreau's form (equal to
         the protocol's: the conversion is a permutation of rows): see the module docstring.
         ``Pv``, ``Av`` may have a leading dimension 1 (shared)."""
-        Px = _scatter(self._P_by_row, Pv * x[:, self.P_indices]) if self.nnzP else 0.0 * x
-        Ax = _scatter(self._A_by_row, Av * x[:, self.A_indices])
-        ATz = _scatter(self._A_by_col, Av * z[:, self.A_rows])
+        Px = _segment_sum(Pv * x[:, self.P_indices], self.P_rows, self.n)
+        Ax = _segment_sum(Av * x[:, self.A_indices], self.A_rows, self.rows)
+        ATz = _segment_sum(Av * z[:, self.A_rows], self.A_indices, self.n)
         with np.errstate(invalid="ignore", over="ignore"):
             scale = np.maximum(1.0, np.maximum(_amax(q), _amax(Px)))
             stat = _amax(Px + q + ATz) / scale
@@ -407,22 +445,13 @@ class MoreauForm:
         return np.where(finite & np.isfinite(res), res, np.inf)
 
 
-def _indicator(targets: np.ndarray, size: int) -> sp.csr_matrix:
-    """``(size x len(targets))`` 0/1 matrix: column ``k`` has its 1 in row ``targets[k]``."""
-    k = targets.size
-    return sp.csr_matrix((np.ones(k), (targets, np.arange(k))), shape=(size, k))
-
-
-def _scatter(M: sp.csr_matrix, prod: np.ndarray) -> np.ndarray:
-    """``(M @ prod.T).T``: per-sample sums of entry products into rows or columns."""
-    return np.ascontiguousarray((M @ prod.T).T)
-
-
-def _apply(M: sp.csr_matrix, values: np.ndarray) -> np.ndarray:
-    """``(M @ values.T).T`` for ``(k, nnz_in)`` values (``M`` is ``nnz_out x nnz_in``)."""
-    if M.shape[0] == 0:
-        return np.zeros((values.shape[0], 0))
-    return np.ascontiguousarray((M @ np.asarray(values, dtype=float).T).T)
+def _segment_sum(prod: np.ndarray, targets: np.ndarray, size: int) -> np.ndarray:
+    """``out[b, t] = sum of prod[b, k] over k with targets[k] == t``, ``(batch, size)``."""
+    batch = prod.shape[0]
+    if prod.shape[1] == 0:
+        return np.zeros((batch, size))
+    idx = (np.arange(batch)[:, None] * size + targets[None, :]).ravel()
+    return np.bincount(idx, weights=prod.ravel(), minlength=batch * size).reshape(batch, size)
 
 
 def _rows(values: np.ndarray, k: int, size: int) -> np.ndarray:
@@ -498,11 +527,18 @@ def _pattern_copies(batch: ProblemBatch) -> tuple:
 
 
 def _pattern_values(M, shape) -> tuple[SparsePattern, np.ndarray]:
-    """A CSC matrix as its canonical pattern and values (duplicates summed, stored zeros
-    kept), ``values`` shaped ``(1, nnz)``."""
-    M = sp.csc_matrix(M, shape=shape, copy=True)
-    M.sum_duplicates()
-    pat = SparsePattern.of(M)
+    """A sparse matrix as its canonical CSC pattern and values (duplicates summed, stored
+    zeros kept), ``values`` shaped ``(1, nnz)``; the caller's arrays are not written."""
+    M = sp.csc_matrix(M)
+    if tuple(M.shape) != tuple(shape):
+        raise SolverError(
+            f"moreau: a matrix of shape {M.shape}, expected {shape}", backend="moreau"
+        )
+    if not M.has_canonical_format:
+        M = M.copy()
+        M.sum_duplicates()
+    cols = np.repeat(np.arange(shape[1], dtype=np.int32), np.diff(M.indptr))
+    pat = SparsePattern(tuple(shape), M.indices.astype(np.int32), M.indptr.astype(np.int64), cols)
     return pat, np.asarray(M.data, dtype=float)[None, :]
 
 
@@ -645,8 +681,9 @@ class MoreauBackend(BackendBase):
         import moreau
 
         P, A = form.matrices(Pv, Av)
-        solver = moreau.Solver(P, q, A, b, form.cones(), self._settings(method, 1))
-        sol = solver.solve()
+        with _moreau_errors():
+            solver = moreau.Solver(P, q, A, b, form.cones(), self._settings(method, 1))
+            sol = solver.solve()
         info = solver.info
         return (
             np.array(sol.x, dtype=float),
@@ -671,6 +708,8 @@ class MoreauBackend(BackendBase):
             None,
         )
         B = int(batch.batch)
+        if B <= 0:
+            raise SolverError(f"moreau: a batch of {B} problems", backend="moreau")
         form = self._form(batch)
         q = _rows(_numpy(batch.q), B, batch.n)
         if extra_linear_term is not None:
@@ -682,13 +721,14 @@ class MoreauBackend(BackendBase):
         if mP.shape[0] != mA.shape[0]:  # Moreau wants both shared or both per sample
             k = max(mP.shape[0], mA.shape[0])
             mP, mA = _rows(mP, k, form.nnzP), _rows(mA, k, form.nnzA)
-        solver = self._compiled(batch, form, method, B)
         shared = mA.shape[0] == 1
-        solver.setup(
-            mP[0] if shared else np.ascontiguousarray(mP),
-            mA[0] if shared else np.ascontiguousarray(mA),
-        )
-        sol = solver.solve(np.ascontiguousarray(q), np.ascontiguousarray(mb))
+        with _moreau_errors():
+            solver = self._compiled(batch, form, method, B)
+            solver.setup(
+                mP[0] if shared else np.ascontiguousarray(mP),
+                mA[0] if shared else np.ascontiguousarray(mA),
+            )
+            sol = solver.solve(np.ascontiguousarray(q), np.ascontiguousarray(mb))
         info = solver.info
         raw = [str(st) for st in info.status]
         iters = np.atleast_1d(np.asarray(info.iterations)).astype(int).tolist()
@@ -810,6 +850,16 @@ class MoreauBackend(BackendBase):
             )
         nu, lam, slack = form.to_protocol(z, s)
         return BatchSolution(status, x, nu, lam, slack, infos)
+
+
+@contextlib.contextmanager
+def _moreau_errors():
+    """Moreau's own complaints (``ValueError``/``RuntimeError`` from its input checks or a
+    device) as :class:`SolverError` naming them."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as exc:
+        raise SolverError(f"moreau: {type(exc).__name__}: {exc}", backend="moreau") from exc
 
 
 def _no_solution(out: BatchSolution, k: int) -> Solution:

@@ -422,6 +422,36 @@ def test_structures_in_a_row_on_one_instance_never_share_a_compiled_solver():
         assert np.array_equal(out.ineq_dual, first.ineq_dual)
 
 
+def test_duplicate_entries_and_a_one_sided_P_pattern():
+    """Patterns outside the canonical case: ``G`` with an entry stored twice (values add,
+    as in scipy) and ``P`` with a stored zero in its upper triangle only."""
+    rng = np.random.default_rng(22)
+    n, m = 5, 6
+    pb = random_batch(rng, 3, n, 1, ConeDims(nonneg=m), shared=("P",))
+    # G: repeat the first stored entry, splitting its value in two
+    G = pb.G
+    dup = SparsePattern(
+        G.shape,
+        np.r_[G.indices[:1], G.indices],
+        G.indptr + np.r_[0, np.ones(n, dtype=np.int64)],
+        np.r_[G.cols[:1], G.cols],
+    )
+    Gv = np.c_[0.5 * pb.G_values[:, :1], pb.G_values]
+    Gv[:, 1] *= 0.5
+    # P: diagonal, plus (0, 1) stored as an explicit zero, (1, 0) not stored
+    Pm = sp.csc_matrix(np.diag(rng.uniform(1.0, 2.0, n)))
+    rows, cols = np.r_[Pm.indices, 0], np.r_[np.arange(n), 1]
+    Pvals = np.r_[Pm.data, 0.0]
+    order = np.lexsort((rows, cols))
+    Ppat = SparsePattern.from_rows_cols(rows[order], cols[order], (n, n))
+    odd = ProblemBatch(**{**pb.__dict__, "G": dup, "G_values": Gv, "P": Ppat})
+    odd.P_values = Pvals[order][None, :]
+    for method in METHODS:
+        out = MoreauBackend(**{**TIGHT_IPM, "solver": method}).solve_batch(odd)
+        for k in range(3):
+            assert_same(out.sample(k), CLARABEL.solve(*odd.sample(k)), 1e-6, method)
+
+
 @pytest.mark.parametrize("method", ["ipm", "active_set"])
 def test_answers_do_not_depend_on_what_ran_before(method):
     rng = np.random.default_rng(12)
@@ -587,8 +617,12 @@ def _sudoku_rows() -> np.ndarray:
     return A[keep]
 
 
-def test_ffolayer_keeps_z_nonneg():
-    """cvxpylayers 1.2 with ``solver="MOREAU"`` returns the unconstrained ``10 p`` here."""
+@pytest.mark.parametrize("form", ["z >= 0", "-I z <= 0", "0 <= z <= 1"])
+def test_ffolayer_keeps_z_nonneg(form):
+    """cvxpylayers 1.2 with ``solver="MOREAU"`` drops constraint rows whose data are
+    constant with a zero right-hand side (all three forms here) and returns the
+    unconstrained ``10 p``.  Through FFOLayer on Moreau: ``clip(10 p, 0, upper)``, and the
+    gradient ``10 w`` where the bound is not active."""
     import cvxpy as cp
     import torch
 
@@ -597,19 +631,26 @@ def test_ffolayer_keeps_z_nonneg():
     n = 6
     p = cp.Parameter(n)
     z = cp.Variable(n)
-    prob = cp.Problem(cp.Minimize(0.05 * cp.sum_squares(z) - p @ z), [z >= 0])
+    cons = {
+        "z >= 0": [z >= 0],
+        "-I z <= 0": [-np.eye(n) @ z <= np.zeros(n)],
+        "0 <= z <= 1": [z >= 0, z <= 1],
+    }[form]
+    upper = 1.0 if form == "0 <= z <= 1" else np.inf
+    prob = cp.Problem(cp.Minimize(0.05 * cp.sum_squares(z) - p @ z), cons)
     pv = torch.tensor(
-        [[1.0, -1.0, 2.0, -2.0, 0.5, -0.5], [-1.0, 1.0, -2.0, 2.0, -0.5, 0.5]],
+        [[0.05, -1.0, 2.0, -2.0, 0.03, -0.5], [-1.0, 0.07, -2.0, 2.0, -0.5, 0.5]],
         dtype=torch.float64,
         requires_grad=True,
     )
     w = torch.arange(1.0, 7.0, dtype=torch.float64)
-    for solver in ("moreau", "moreau:solver=active_set"):
+    free = ((10 * pv > 0) & (10 * pv < upper)).detach()
+    for solver in ("moreau", "moreau:solver=active_set", "moreau:solver=ipm"):
         layer = FFOLayer(prob, [p], [z], solver=solver)
         (out,) = layer(pv)
-        assert torch.allclose(out, torch.clamp(10 * pv, min=0).detach(), atol=1e-7)
+        assert torch.allclose(out, torch.clamp(10 * pv, 0, upper).detach(), atol=1e-7), solver
         (grad,) = torch.autograd.grad((w * out).sum(), [pv])
-        assert torch.allclose(grad, 10 * w * (pv > 0), atol=1e-5), solver
+        assert torch.allclose(grad, 10 * w * free, atol=1e-5), solver
 
 
 def test_qp_layer_keeps_z_nonneg_on_the_sudoku_qp():
