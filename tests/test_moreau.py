@@ -552,6 +552,23 @@ def test_active_set_answers_above_verify_tol_are_solved_again_by_the_ipm():
         assert_same(strict.sample(k), CLARABEL.solve(*pb.sample(k)), 1e-6)
 
 
+def test_an_ipm_breakdown_on_a_qp_is_tried_by_the_active_set():
+    """A Sudoku QP on which Moreau 0.4.1's IPM stops at InsufficientProgress (1 of the
+    benchmark's 1024 samples): the active set's answer passes the check and is reported."""
+    n = 64
+    p = np.random.default_rng(0).random((1024, n))[1020]
+    g = Objective(sp.csc_matrix(0.1 * np.eye(n)), -p)
+    h = ConeConstraints(sp.csc_matrix(-np.eye(n)), np.zeros(n), ConeDims(nonneg=n))
+    e = Equalities(sp.csc_matrix(_sudoku_rows()), np.ones(40))
+    sol = MoreauBackend(solver="ipm").solve(g, h, e)
+    assert sol.info.extra["first_try"].startswith("ipm InsufficientProgress")
+    assert sol.info.extra["method"] == "active_set" and sol.status == Status.OPTIMAL
+    # the Sudoku QP is degenerate (more active rows than variables): its duals are not
+    # unique, so the point is compared, and the duals through the KKT residual
+    assert close(sol.primal, CLARABEL.solve(g, h, e).primal, 1e-6)
+    assert sol.info.accuracy < 1e-9
+
+
 def test_iteration_limit_is_reported_not_an_optimum():
     rng = np.random.default_rng(15)
     g, h, e = random_batch(rng, 1, 8, 2, ConeDims(nonneg=8, soc=(3,))).sample(0)
