@@ -48,11 +48,13 @@ With the slack ``s >= 0`` (``Gx + s = h``) and the augmented Lagrangian
 
 ``H`` is factorised once (Cholesky; its inverse is formed from the factor, so an iteration
 is one batched matrix-vector product: on the CPU three to five times faster than the two
-triangular solves with the factor, and the triangular solves are slower still on GPUs).  ``s+`` and ``lam+`` are the positive and negative parts
-of one vector, so every iterate is exactly complementary with ``s, lam >= 0``, and at a
-fixed point ``Ax = b``, ``Gx + s = h``: a KKT point.  The stationarity residual of an
-iterate is ``P x+ + q + A'nu+ + G'lam+ = rho G'(s+ - s)``.  Stopping rule (relative,
-OSQP-like, in the scaled problem; ``tol`` is dimensionless)::
+triangular solves with the factor, and triangular solves are slower still on GPUs).
+``s+`` and ``lam+`` are the positive and negative parts of one vector, so every iterate is
+exactly complementary with ``s, lam >= 0``, and at a fixed point ``Ax = b``,
+``Gx + s = h``: a KKT point.  The stationarity residual of an iterate is
+``P x+ + q + A'nu+ + G'lam+ = rho G'(s+ - s)``.  Stopping rule (relative, OSQP-like, in the
+scaled problem; ``tol`` is dimensionless; ``|Px|`` is left out of the dual scale, as at the
+solution it is at most the sum of the other three)::
 
     max(|A x - b|, |G x + s - h|)   <= tol * max(|A x|, |G x|, |s|, |b|, |h|)
     |rho G'(s+ - s)|                <= tol * max(|q|, |A'nu|, |G'lam|)              (inf-norms)
