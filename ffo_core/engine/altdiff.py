@@ -29,8 +29,9 @@ problem, and the answers are mapped back.  With unit rows the constraint Gram
 the objective's curvature: ``rho = trace(P) / n``, the mean eigenvalue of ``P`` (per
 sample).  Multiplying the objective by ``alpha`` multiplies ``rho`` and the duals by
 ``alpha`` and leaves the iterates' ``x`` unchanged; multiplying a row by ``beta`` changes
-nothing (it is normalised away); so the iteration count is scale-free.  On the problems of
-docs/altdiff.md this choice was the fastest of ``rho x {0.01, 0.1, 1, 10, 100}``.  An LP
+nothing (it is normalised away); so the iteration count is scale-free.  On the three
+problem families of docs/altdiff.md (dense, DFL, random strictly complementary; n = 200)
+this choice was the fastest of ``rho x {0.01, 0.1, 1, 10, 100}``.  An LP
 (``P = 0``) has no curvature scale; there ``rho = ||q||_2 / sqrt(n)`` (see
 :func:`default_rho`), and ADMM is slow on LPs whatever ``rho``: use another mode.  A
 caller may pass ``rho`` (a number or a ``(B,)`` tensor) instead.
