@@ -113,6 +113,10 @@ class FFOLayer(SolverLayer):
                 f"{', '.join(sorted(missing))} cone(s) this problem needs; "
                 f"backends that do: {', '.join(able) or 'none'}"
             )
+        if self.backward_mode == "altdiff":
+            from .altdiff_mode import check_polyhedral
+
+            check_polyhedral(self.compiled.dims, "this problem's canonical form")
         self._rules = [value_rules(prm) for prm in parameters]
 
     def extra_repr(self) -> str:

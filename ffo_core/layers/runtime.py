@@ -63,7 +63,7 @@ from ..solver_args import with_solver_args
 from .executors import Executor
 from .tensors import bad_batch_indices
 
-BACKWARDS = ("ffo", "kkt")
+BACKWARDS = ("ffo", "kkt", "altdiff")
 #: ``ghost_fallback`` policies (see :class:`SolverLayer`).
 GHOST_FALLBACKS = ("raise", "smaller-delta", "kkt", "smaller-delta+kkt")
 #: Entries kept in ``health_log`` (the oldest are dropped).
@@ -134,8 +134,12 @@ class SolverLayer(torch.nn.Module):
     Args (keyword, after ``solver``; both layers take all of them):
         solver: a backend or config string, e.g. ``"clarabel"``,
             ``"clarabel:tol_gap_abs=1e-10,tol_gap_rel=1e-10"``.
-        backward: ``"ffo"`` (first-order, default) or ``"kkt"`` (exact implicit
-            differentiation; it factorises the reduced KKT matrix).
+        backward: ``"ffo"`` (first-order, default), ``"kkt"`` (exact implicit
+            differentiation; it factorises the reduced KKT matrix) or ``"altdiff"``
+            (Alt-Diff: ADMM continued from the forward point and differentiated in reverse
+            mode; polyhedral problems; dense data, docs/altdiff.md), with
+            ``altdiff_tol`` (relative, default 1e-8; looser gives the truncated variant)
+            and ``altdiff_max_iter`` (default 100000).
         delta, kappa, central, tau_s, tau_lam: see
             :class:`ffo_core.engine.ffo_backward.FFOOptions` (validated here).
         n_jobs: threads for per-sample solves (default: one per core if the backend is
@@ -199,6 +203,8 @@ class SolverLayer(torch.nn.Module):
         solver_args: dict | None = None,
         executor: str = "threads",
         polish: bool = True,
+        altdiff_tol: float = 1e-8,
+        altdiff_max_iter: int = 100_000,
     ) -> None:
         super().__init__()
         check_choice("backward", backward, BACKWARDS)
@@ -229,6 +235,11 @@ class SolverLayer(torch.nn.Module):
         self.solver_args = dict(solver_args or {})
         self._call_backends: dict = {}  # per-call solver_args -> configured copy
         self.backward_mode = backward
+        if not _is_number(altdiff_tol) or altdiff_tol <= 0:
+            raise ConfigError(f"altdiff_tol must be a positive number, got {altdiff_tol!r}")
+        if not isinstance(altdiff_max_iter, int) or altdiff_max_iter < 1:
+            raise ConfigError(f"altdiff_max_iter must be a positive int, got {altdiff_max_iter!r}")
+        self.altdiff_tol, self.altdiff_max_iter = float(altdiff_tol), altdiff_max_iter
         if polish not in (True, False):
             raise ConfigError(f"polish must be True or False, got {polish!r}")
         self.polish = polish
@@ -365,6 +376,13 @@ class SolverLayer(torch.nn.Module):
                 return grad
 
             grads = self._runner.run("backward", one, problems.batch)
+        elif self.backward_mode == "altdiff":
+            from .altdiff_mode import altdiff_gradients  # torch work, loaded when asked
+
+            samples = [problems.sample(i) for i in range(problems.batch)]
+            grads = altdiff_gradients(
+                samples, sols, c, c_dual, self.altdiff_tol, self.altdiff_max_iter
+            )
         else:
             grads = []
             for indices in backward_chunks(problems.batch, problems.sample_bytes()):
