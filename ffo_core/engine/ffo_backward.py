@@ -258,7 +258,7 @@ def finish(plan: GhostPlan, options: FFOOptions, base_error: float | None) -> Da
     active, delta, sol = plan.active, plan.delta, plan.sol
     forward = (sol.primal, sol.eq_dual, np.where(active.ghost_rows, sol.ineq_dual, 0.0))
     fallback = base_error is not None and base_error > options.base_check
-    if fallback:  # a fresh solve: step 3 kept no Solution
+    if fallback and plan.lower is None:  # a fresh solve: step 3 kept no Solution
         plan.lower, _ = _ghost_at(plan, -delta)
     if plan.lower is not None:
         direction = tuple((u - w) / (2 * delta) for u, w in zip(plan.upper, plan.lower))

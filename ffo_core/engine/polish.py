@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import SolverError
 from ..protocol import Backend, ConeConstraints, Equalities, Objective, Solution, Status
-from .active_set import classify
+from .active_set import ActiveSet, classify
 from .ghost import GhostSource, build_ghost
 from .scaling import in_units
 
@@ -63,6 +63,80 @@ class Polished(NamedTuple):
     rounds: int
 
 
+class _Polishing:
+    """One sample's polish between solves: the trial active set (:meth:`trial`) and what a
+    solve of its problem decides (:meth:`take`: done, or the next trial)."""
+
+    def __init__(self, h: ConeConstraints, e: Equalities, sol: Solution, active) -> None:
+        self.h, self.e, self.sol, self.active = h, e, sol, active
+        self.nn = np.zeros(h.m, dtype=bool)
+        self.nn[: h.dims.nonneg] = True
+        # violations are measured in the units the forward was solved in (:mod:`.scaling`)
+        self.unit_s, self.unit_lam, _ = in_units(sol, np.ones(h.m), np.ones(h.m), h.h)
+        s0, _, h0 = in_units(sol, sol.slack, sol.ineq_dual, h.h)
+        self.row_scale = np.maximum(1.0, np.maximum(np.abs(h0), np.abs(h0 - s0)))
+        self.locked = active.locked.copy()
+        self.tried: set[bytes] = set()
+        self.rounds = 0
+        self.result: Polished | None = None
+
+    def trial(self) -> ActiveSet:
+        self.tried.add(self.locked.tobytes())
+        self.rounds += 1
+        return replace(self.active, locked=self.locked)
+
+    def keep(self, why: str) -> None:
+        self.result = Polished(self.sol, f"kept the solver's point: {why}", self.rounds)
+
+    def take(self, got: Solution, trial: ActiveSet) -> None:
+        """The polish problem of ``trial`` solved (``got``, in its own layout): accept the
+        point, or move violated rows and leave :attr:`result` unset for another round."""
+        h, e, sol, nn, locked = self.h, self.e, self.sol, self.nn, self.locked
+        if not got.status.has_solution:
+            return self.keep(f"the polish problem ended {got.status.value}")
+        y, nu = got.primal, got.eq_dual[: e.p]
+        lam = np.zeros(h.m)
+        lam[locked] = got.eq_dual[e.p :]
+        lam[trial.kept] = got.ineq_dual
+        slack = h.h - h.G @ y
+        acc = got.info.accuracy if got.info.accuracy and got.info.accuracy > 0 else 1e-9
+        s_u, lam_u = slack * self.unit_s, lam * self.unit_lam
+        lam_scale = max(1.0, float(np.abs(lam_u).max(initial=0.0)))
+        primal_bad = nn & ~locked & (s_u < -VIOLATION_FACTOR * acc * self.row_scale)
+        dual_bad = locked & (lam_u < -VIOLATION_FACTOR * acc * lam_scale)
+        if not (primal_bad.any() or dual_bad.any()):
+            slack[locked] = 0.0
+            slack[nn] = np.maximum(slack[nn], 0.0)
+            lam[nn] = np.maximum(lam[nn], 0.0)
+            info = replace(
+                got.info,
+                raw_status=f"{sol.info.raw_status} (polished)",
+                extra={"polish_rounds": self.rounds},
+            )
+            point = Solution(Status.OPTIMAL, y, nu, lam, slack, info)
+            self.result = Polished(point, "polished", self.rounds)
+            return None
+        self.locked = (locked | primal_bad) & ~dual_bad
+        if self.locked.tobytes() in self.tried:
+            return self.keep("the active set cycles")
+        if self.rounds >= MAX_ROUNDS:
+            return self.keep(f"not settled in {MAX_ROUNDS} solves")
+        return None
+
+
+def _start(h: ConeConstraints, e: Equalities, sol: Solution, tau_s, tau_lam):
+    """A :class:`_Polishing`, or the :class:`Polished` of a solution that needs none."""
+    if not h.dims.nonneg or not sol.status.has_solution:
+        return Polished(sol, "not needed", 0)
+    if h.dims.kinds - {"nonneg"}:
+        return Polished(sol, "not needed: the problem has curved cone blocks", 0)
+    active = classify(sol, h.dims, tau_s=tau_s, tau_lam=tau_lam, rhs=h.h)
+    accuracy = sol.info.accuracy if sol.info.accuracy is not None else 1.0
+    if not active.ambiguous.any() and accuracy <= SETTLED_ACCURACY:
+        return Polished(sol, "not needed", 0)
+    return _Polishing(h, e, sol, active)
+
+
 def polish(
     backend: Backend,
     g: Objective,
@@ -74,65 +148,66 @@ def polish(
     tau_lam: float | None = None,
     source: GhostSource | None = None,
 ) -> Polished:
-    """``sol`` refined on its active set (module docstring)."""
-    if not h.dims.nonneg or not sol.status.has_solution:
-        return Polished(sol, "not needed", 0)
-    if h.dims.kinds - {"nonneg"}:
-        return Polished(sol, "not needed: the problem has curved cone blocks", 0)
-    active = classify(sol, h.dims, tau_s=tau_s, tau_lam=tau_lam, rhs=h.h)
-    accuracy = sol.info.accuracy if sol.info.accuracy is not None else 1.0
-    if not active.ambiguous.any() and accuracy <= SETTLED_ACCURACY:
-        return Polished(sol, "not needed", 0)
+    """``sol`` refined on its active set (module docstring), one solve at a time."""
+    state = _start(h, e, sol, tau_s, tau_lam)
+    if isinstance(state, Polished):
+        return state
     source = source if source is not None else GhostSource.of(h, e)
-    nn = np.zeros(h.m, dtype=bool)
-    nn[: h.dims.nonneg] = True
-    # violations are measured in the units the forward was solved in (:mod:`.scaling`)
-    unit_s, unit_lam, _ = in_units(sol, np.ones(h.m), np.ones(h.m), h.h)
-    s0, _, h0 = in_units(sol, sol.slack, sol.ineq_dual, h.h)
-    row_scale = np.maximum(1.0, np.maximum(np.abs(h0), np.abs(h0 - s0)))
-    locked = active.locked.copy()
-    tried: set[bytes] = set()
-    for rounds in range(1, MAX_ROUNDS + 1):
-        tried.add(locked.tobytes())
-        trial = replace(active, locked=locked)
+    while state.result is None:
+        trial = state.trial()
         ghost_h, ghost_e = build_ghost(source, trial)
         warm = _warm_start(sol, trial, e.p) if backend.capabilities.warm_start else None
         try:
             got = backend.solve(g, ghost_h, ghost_e, warm_start=warm)
         except SolverError as exc:
-            return Polished(
-                sol, f"kept the solver's point: the polish solve failed ({exc})", rounds
-            )
-        if not got.status.has_solution:
-            return Polished(
-                sol,
-                f"kept the solver's point: the polish problem ended {got.status.value}",
-                rounds,
-            )
-        y, nu = got.primal, got.eq_dual[: e.p]
-        lam = np.zeros(h.m)
-        lam[locked] = got.eq_dual[e.p :]
-        lam[trial.kept] = got.ineq_dual
-        slack = h.h - h.G @ y
-        acc = got.info.accuracy if got.info.accuracy and got.info.accuracy > 0 else 1e-9
-        s_u, lam_u = slack * unit_s, lam * unit_lam
-        lam_scale = max(1.0, float(np.abs(lam_u).max(initial=0.0)))
-        primal_bad = nn & ~locked & (s_u < -VIOLATION_FACTOR * acc * row_scale)
-        dual_bad = locked & (lam_u < -VIOLATION_FACTOR * acc * lam_scale)
-        if not (primal_bad.any() or dual_bad.any()):
-            slack[locked] = 0.0
-            slack[nn] = np.maximum(slack[nn], 0.0)
-            lam[nn] = np.maximum(lam[nn], 0.0)
-            info = replace(
-                got.info,
-                raw_status=f"{sol.info.raw_status} (polished)",
-                extra={"polish_rounds": rounds},
-            )
-            return Polished(Solution(Status.OPTIMAL, y, nu, lam, slack, info), "polished", rounds)
-        locked = (locked | primal_bad) & ~dual_bad
-        if locked.tobytes() in tried:
-            return Polished(sol, "kept the solver's point: the active set cycles", rounds)
-    return Polished(sol, f"kept the solver's point: not settled in {MAX_ROUNDS} solves", MAX_ROUNDS)
+            state.keep(f"the polish solve failed ({exc})")
+            break
+        state.take(got, trial)
+    return state.result
+
+
+def polish_batch(
+    batched,
+    samples: list[tuple[Objective, ConeConstraints, Equalities]],
+    sols: list[Solution],
+    *,
+    tau_s: float | None = None,
+    tau_lam: float | None = None,
+) -> list[Polished]:
+    """:func:`polish` of every sample, each round's polish problems in one ``solve_batch``
+    (:func:`~.batched.ghost_batch` at ``delta = 0`` with the exact right-hand sides)."""
+    from .batched import ghost_batch, solve_problems
+
+    states = [_start(h, e, s, tau_s, tau_lam) for (g, h, e), s in zip(samples, sols)]
+    while True:
+        ks = [k for k, s in enumerate(states) if isinstance(s, _Polishing) and s.result is None]
+        if not ks:
+            break
+        trials = [states[k].trial() for k in ks]
+        batch, _ = ghost_batch(
+            [samples[k] for k in ks], trials, [None] * len(ks), [0.0] * len(ks),
+            [np.zeros(samples[k][0].n) for k in ks],
+        )  # fmt: skip
+        try:
+            answers = solve_problems(batched, batch, None)
+        except SolverError as exc:
+            for k in ks:
+                states[k].keep(f"the polish solve failed ({exc})")
+            break
+        for k, trial, got in zip(ks, trials, answers):
+            states[k].take(_compact(got, samples[k][2].p, trial), trial)
+    return [s if isinstance(s, Polished) else s.result for s in states]
+
+
+def _compact(got: Solution, p: int, trial: ActiveSet) -> Solution:
+    """A polish problem's answer in :func:`~.batched.ghost_batch`'s layout (equality rows
+    ``[A; G]``, absent where not locked; a polished problem is polyhedral, so it has no
+    cone rows) in the compact layout of :func:`~.ghost.build_ghost` (``[A; G_locked]``),
+    which :meth:`_Polishing.take` reads."""
+    if not got.status.has_solution:
+        return got
+    eq = np.concatenate([got.eq_dual[:p], got.eq_dual[p:][trial.locked]])
+    return replace(got, eq_dual=eq)
 
 
 def _warm_start(sol: Solution, active, p: int) -> Solution:
@@ -150,4 +225,4 @@ def _warm_start(sol: Solution, active, p: int) -> Solution:
     )
 
 
-__all__ = ["MAX_ROUNDS", "Polished", "polish"]
+__all__ = ["MAX_ROUNDS", "Polished", "polish", "polish_batch"]

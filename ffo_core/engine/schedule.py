@@ -27,9 +27,11 @@ import numpy as np
 from ..errors import GhostProblemError
 from ..protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
 from .active_set import ActiveSet, classify_batch
+from .batched import ghost_answers, ghost_batch, solve_problems
 from .data_gradient import DataGradient
 from .ffo_backward import FFOOptions, GhostPlan, finish, plan, solve_plan, zero_gradient
-from .ghost import GhostSource, base_point_errors, build_ghosts
+from .ghost import GhostSource, base_point_errors, build_ghosts, curved_step
+from .solves import backend_name
 
 
 class FFOSample(NamedTuple):
@@ -59,12 +61,15 @@ def ffo_backward_batch(
     samples: Sequence[FFOSample],
     options: FFOOptions | None = None,
     run: Callable[[Callable[[int], None], int], object] | None = None,
+    batched=None,
 ) -> list[DataGradient | GhostProblemError]:
     """:func:`~.ffo_backward.ffo_backward` of every sample, step by step over the batch
     (module docstring).  ``run(fn, count)`` calls ``fn(i)`` for every index (default: in
-    order).  Returns one entry per sample: its :class:`DataGradient`, or the
-    :class:`GhostProblemError` (with ``delta``) its ghost raised, for the caller's fallback
-    policy.  Other errors propagate."""
+    order).  ``batched``: a backend with ``solve_batch`` (:func:`~.batched.batch_solver`):
+    step 3 then solves every sample's ghost in one call per step kind
+    (:func:`_solve_batched`) instead of one call per sample.  Returns one entry per sample:
+    its :class:`DataGradient`, or the :class:`GhostProblemError` (with ``delta``) its ghost
+    raised, for the caller's fallback policy.  Other errors propagate."""
     options = options or FFOOptions()
     live = [k for k, s in enumerate(samples) if s.live]
     actives = dict(zip(live, _active_sets([samples[k] for k in live], options)))  # 1
@@ -76,6 +81,9 @@ def ffo_backward_batch(
         plans[k] = plan(
             s.backend, s.g, s.h, s.e, s.sol, s.c, actives[k], options, s.source, s.c_dual
         )
+    if batched is not None:
+        _solve_batched(plans, options, batched)
+        return _finish_all(plans, options, batched)
     ghosts = build_ghosts(
         [plans[k].source for k in live], [actives[k] for k in live],
         [plans[k].through() for k in live],
@@ -95,7 +103,20 @@ def ffo_backward_batch(
             solve(i)
     else:
         run(solve, len(plans))
+    return _finish_all(plans, options)
+
+
+def _finish_all(plans: list, options: FFOOptions, batched=None) -> list:
+    """Step 4 for every plan: the base-point check at once, then each difference; with
+    ``batched``, the ``-delta`` solves of the one-sided plans that fail the check go in one
+    batch first."""
     errors = _base_errors(plans, options)  # 4
+    if batched is not None:
+        again = [
+            k for k, e in errors.items()
+            if e > options.base_check and isinstance(plans[k], GhostPlan)
+        ]  # fmt: skip
+        _ghosts_at(plans, again, -1.0, batched)
     out = []
     for k, planned in enumerate(plans):
         if isinstance(planned, GhostPlan):
@@ -105,6 +126,77 @@ def ffo_backward_batch(
                 planned = exc
         out.append(planned)
     return out
+
+
+def _ghosts_at(plans: list, ks: list[int], sign: float, batched) -> None:
+    """The ghosts of ``plans[k]``, ``k`` in ``ks``, at ``delta = sign * plan.delta``, in one
+    ``solve_batch``: sets ``upper`` (sign > 0) or ``lower``; a sample whose ghost failed
+    becomes its :class:`GhostProblemError` (all of them when the whole call failed)."""
+    ks = [k for k in ks if isinstance(plans[k], GhostPlan)]
+    if not ks:
+        return
+    ps = [plans[k] for k in ks]
+    samples = [(p.g, p.h, p.e) for p in ps]
+    actives = [p.active for p in ps]
+    steps = [sign * p.delta for p in ps]
+    duals = [p.c_dual for p in ps] if any(p.c_dual is not None for p in ps) else None
+    batch, extra = ghost_batch(samples, actives, [p.through() for p in ps], steps,
+                               [p.c for p in ps], duals)  # fmt: skip
+    try:
+        answers = solve_problems(batched, batch, extra, ghost=True)
+    except GhostProblemError as exc:  # the whole call failed: every sample in it
+        for k, p in zip(ks, ps):
+            own = GhostProblemError(str(exc), status=exc.status, backend=exc.backend)
+            own.__cause__ = exc
+            plans[k] = _with_delta(own, abs(p.delta))
+        return
+    points = ghost_answers(answers, samples, actives)
+    for k, p, sol, point, step in zip(ks, ps, answers, points, steps):
+        if not sol.status.has_solution:
+            plans[k] = _with_delta(
+                GhostProblemError(
+                    f"the ghost problem of the backward pass ended with status "
+                    f"{sol.status.value} ({backend_name(batched)})",
+                    status=sol.status,
+                    backend=backend_name(batched),
+                ),
+                abs(step),
+            )
+        elif sign > 0:
+            p.upper = point
+        else:
+            p.lower = point
+
+
+def _with_delta(exc: GhostProblemError, delta: float) -> GhostProblemError:
+    if exc.delta is None:
+        exc.delta = delta
+        exc.args = (f"{exc.args[0] if exc.args else exc} (delta={delta:.3g})",)
+    return exc
+
+
+def _solve_batched(plans: list, options: FFOOptions, batched) -> None:
+    """Step 3 with a batched backend (the per-sample :func:`~.ffo_backward.solve_plan`,
+    one batch per kind of solve): every ghost at ``+delta``; the curved ones whose step
+    left a block's linear range again at a smaller delta (at most twice); the central ones
+    at ``-delta``."""
+    live = [k for k, p in enumerate(plans) if isinstance(p, GhostPlan)]
+    _ghosts_at(plans, live, 1.0, batched)
+    for _ in range(2):
+        shrink = []
+        for k in live:
+            p = plans[k]
+            if not isinstance(p, GhostPlan) or options.delta is not None:
+                continue
+            moved = curved_step(p.h, p.active, p.sol, p.upper)
+            if moved > options.max_curved_step:
+                p.delta *= options.max_curved_step / moved
+                shrink.append(k)
+        if not shrink:
+            break
+        _ghosts_at(plans, shrink, 1.0, batched)
+    _ghosts_at(plans, [k for k in live if isinstance(plans[k], GhostPlan) and plans[k].central],
+               -1.0, batched)  # fmt: skip
 
 
 def _active_sets(samples: Sequence[FFOSample], options: FFOOptions) -> list[ActiveSet]:

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 from ..config import check_choice
+from ..engine.batched import batch_solver, problem_batch, solve_problems
 from ..engine.data_gradient import DataGradient
 from ..engine.ffo_backward import FFOOptions, ffo_backward
 from ..engine.kkt_backward import kkt_backward
-from ..engine.polish import polish
+from ..engine.polish import polish, polish_batch
 from ..engine.scaling import ScaledBackend
 from ..engine.schedule import FFOSample, ffo_backward_batch
 from ..engine.solves import (
@@ -298,28 +299,50 @@ class SolverLayer(torch.nn.Module):
 
     # -- the forward ----------------------------------------------------------------------
     def solve_all(self, problems) -> list[Solution]:
-        """Solve every sample (guarded: every failure is a typed error naming the sample)
-        and apply the status and ``inaccurate`` policies."""
+        """Solve every sample (guarded: every failure is a typed error naming the sample),
+        polish polyhedral solutions, and apply the status and ``inaccurate`` policies.  A
+        backend with ``solve_batch`` gets the whole batch in one call (and each polish
+        round in one more)."""
         backend = problems.backend
-        outcomes = ["off"] * problems.batch
+        batched = batch_solver(backend)
+        if batched is not None:
+            sols = self._solve_batched(problems, batched)
+        else:
+            outcomes = ["off"] * problems.batch
 
-        def one(i: int) -> Solution:
-            guard = GuardedBackend(backend, i)
-            g, h, e = problems.solver_problem(i)
-            sol = guard.solve(g, h, e)
-            if self.polish and sol.status is Status.OPTIMAL and h.dims.nonneg:
-                source = problems.ghost_source(*problems.sample(i)[1:])
-                done = polish(
-                    guard, g, h, e, sol, tau_s=self.options.tau_s,
-                    tau_lam=self.options.tau_lam, source=source,
-                )  # fmt: skip
-                sol, outcomes[i] = done.sol, done.outcome
-            return sol
+            def one(i: int) -> Solution:
+                guard = GuardedBackend(backend, i)
+                g, h, e = problems.solver_problem(i)
+                sol = guard.solve(g, h, e)
+                if self.polish and sol.status is Status.OPTIMAL and h.dims.nonneg:
+                    source = problems.ghost_source(*problems.sample(i)[1:])
+                    done = polish(
+                        guard, g, h, e, sol, tau_s=self.options.tau_s,
+                        tau_lam=self.options.tau_lam, source=source,
+                    )  # fmt: skip
+                    sol, outcomes[i] = done.sol, done.outcome
+                return sol
 
-        sols = self._runner.run("forward", one, problems.batch)
+            sols = self._runner.run("forward", one, problems.batch)
+            self.last_polish = outcomes
         self.last_status = [s.status for s in sols]
-        self.last_polish = outcomes
         check_solutions(sols, backend, self.inaccurate)
+        return sols
+
+    def _solve_batched(self, problems, batched) -> list[Solution]:
+        """The forward of a batched backend: one ``solve_batch``, then the polish of the
+        optimal samples, a round at a time (:func:`~ffo_core.engine.polish.polish_batch`)."""
+        samples = [problems.solver_problem(i) for i in range(problems.batch)]
+        sols = solve_problems(batched, problem_batch(samples))
+        self.last_polish = ["off"] * problems.batch
+        if self.polish and samples[0][1].dims.nonneg:
+            ks = [k for k, s in enumerate(sols) if s.status is Status.OPTIMAL]
+            done = polish_batch(
+                batched, [samples[k] for k in ks], [sols[k] for k in ks],
+                tau_s=self.options.tau_s, tau_lam=self.options.tau_lam,
+            )  # fmt: skip
+            for k, d in zip(ks, done):
+                sols[k], self.last_polish[k] = d.sol, d.outcome
         return sols
 
     def backend_for(self, solver_args: dict | None = None):
@@ -406,7 +429,10 @@ class SolverLayer(torch.nn.Module):
                 FFOSample(guard, g, h, e, sols[i], c[i], problems.ghost_source(h, e), dual(i))
             )
         results = ffo_backward_batch(
-            samples, self.options, run=lambda fn, k: self._runner.run("backward", fn, k)
+            samples,
+            self.options,
+            run=lambda fn, k: self._runner.run("backward", fn, k),
+            batched=batch_solver(problems.backend),
         )
         grads = []
         for i, s, grad in zip(indices, samples, results):
