@@ -180,12 +180,13 @@ def _check_problem(problem, parameters, variables, gp: bool) -> dict:
     missing = [p.name() for p in problem.parameters() if p.id not in given]
     if missing:
         raise ProblemError(
-            f"every parameter of the problem must be listed in `parameters`; "
-            f"missing: {', '.join(missing)}"
+            "the layer's parameters must exactly match problem.parameters(): every "
+            f"parameter of the problem must be listed; missing: {', '.join(missing)}"
         )
     extra = [p.name() for p in parameters if p.id not in {q.id for q in problem.parameters()}]
     if extra:
         raise ProblemError(
+            "the layer's parameters must exactly match problem.parameters(): "
             f"`parameters` lists parameters the problem does not use: {', '.join(extra)}"
         )
     if len(given) != len(parameters):
@@ -201,8 +202,8 @@ def _check_problem(problem, parameters, variables, gp: bool) -> dict:
     for v in variables:
         if not isinstance(v, cp.Variable) or (v.id not in known and v.id not in owners):
             raise ProblemError(
-                "`variables` must be variables of the problem or dual variables of its "
-                f"constraints (constraint.dual_variables[k]); got {v!r}"
+                "`variables` must be a subset of problem.variables() and dual variables "
+                f"of its constraints (constraint.dual_variables[k]); got {v!r}"
             )
     for v in problem.variables():
         if v.attributes.get("boolean") or v.attributes.get("integer"):

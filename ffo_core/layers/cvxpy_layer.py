@@ -131,8 +131,7 @@ class FFOLayer(SolverLayer):
                 f"{', '.join(sorted(missing))} cone(s) this problem needs; "
                 f"backends that do: {', '.join(able) or 'none'}"
             )
-        logged = {f.user for f in self.compiled.feeds if f.log}
-        self._rules = [value_rules(prm, log=k in logged) for k, prm in enumerate(parameters)]
+        self._rules = [value_rules(prm) for prm in parameters]
         feeds = self.compiled.feeds
         self._plain_feeds = [f.user for f in feeds] == list(range(len(parameters))) and not any(
             f.log for f in feeds

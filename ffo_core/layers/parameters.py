@@ -2,9 +2,8 @@
 solved: types, devices, shapes, finiteness, batch sizes and the values a parameter's
 declared CVXPY attributes allow (``nonneg=True``, ``bounds=...``, ``PSD=True``: the
 symmetric matrix of the upper triangle has no eigenvalue below ``-1e-8 max(1, |S|)``,
-``diag=True`` / ``sparsity=...``: zeros off the pattern; a geometric program's parameter
-that enters as its logarithm: positive).  ``symmetric=True`` is not checked: the layer
-reads the upper triangle, as cvxpylayers does.  Every refusal is an
+``diag=True`` / ``sparsity=...``: zeros off the pattern).  ``symmetric=True`` is not
+checked: the layer reads the upper triangle, as cvxpylayers does.  Every refusal is an
 :class:`~ffo_core.errors.InvalidParameterError` naming the parameter."""
 
 from __future__ import annotations
@@ -101,17 +100,16 @@ def _index_mask(shape: tuple[int, ...], idx) -> np.ndarray:
     return mask
 
 
-def value_rules(param, log: bool = False) -> list[ValueRule]:
-    """The value constraints a ``cp.Parameter``'s declared attributes impose; ``log``: the
-    parameter enters a geometric program as its logarithm (values must be positive)."""
+def value_rules(param) -> list[ValueRule]:
+    """The value constraints a ``cp.Parameter``'s declared attributes impose (a geometric
+    program's parameter that enters as its logarithm is declared ``pos=True``: CVXPY's DGP
+    rules require it)."""
     attrs = getattr(param, "attributes", {}) or {}
     rules = [
         ValueRule(attr, f"{attr}=True (values {text})")
         for attr, text in _SIGNS.items()
         if attrs.get(attr)
     ]
-    if log and not attrs.get("pos"):
-        rules.append(ValueRule("pos", "positivity (gp=True: it enters as its logarithm)"))
     shape = tuple(param.shape)
     for attr in ("PSD", "NSD"):
         if attrs.get(attr):
@@ -161,8 +159,9 @@ def inspect_params(
     """
     if len(tensors) != len(slots):
         raise InvalidParameterError(
-            f"the layer takes {len(slots)} parameter tensors "
-            f"({', '.join(s.name for s in slots)}), got {len(tensors)}"
+            f"A tensor must be provided for each CVXPY parameter: the layer takes "
+            f"{len(slots)} parameter tensors ({', '.join(s.name for s in slots)}), "
+            f"got {len(tensors)}"
         )
     for slot, t in zip(slots, tensors):
         if not isinstance(t, torch.Tensor):
@@ -203,9 +202,14 @@ def inspect_params(
             batched.append(True)
             sizes[slot.name] = shape[0]
         else:
+            what = (
+                "shape"
+                if len(shape) in (len(slot.shape), len(slot.shape) + 1)
+                else ("dimensionality")
+            )
             raise InvalidParameterError(
-                f"parameter {slot.name}: expected shape {slot.shape} or "
-                f"(batch, {', '.join(map(str, slot.shape))}), got {shape}"
+                f"Invalid parameter {what}: parameter {slot.name}: expected shape "
+                f"{slot.shape} or (batch, {', '.join(map(str, slot.shape))}), got {shape}"
             )
         values = t.detach()
         check_finite(slot.name, values, batched[-1])  # one pass, no mask when finite
@@ -218,7 +222,10 @@ def inspect_params(
                     f"{bad_batch_indices(bad, batched[-1])} (e.g. {first:g})"
                 )
     if len(set(sizes.values())) > 1:
-        raise InvalidParameterError(f"inconsistent batch sizes: {sizes}")
+        raise InvalidParameterError(
+            f"Inconsistent batch sizes: the batched parameters have inconsistent batch "
+            f"sizes {sizes}"
+        )
     batch = next(iter(sizes.values()), 1)
     if batch == 0:
         raise InvalidParameterError("batch size is 0")
