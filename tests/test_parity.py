@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffo_core import FFOLayer
+from ffo_core import FFOLayer, NotDPPError, ProblemError
 
 #: Clarabel at 1e-10, for the layer and for CVXPY's reference solves.
 TIGHT_SETTINGS = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10}
@@ -151,12 +151,12 @@ def layer_run(layer, values_per_sample, weights, batched: bool):
     )
 
 
-def check_case(case: Case, backward: str, batched: bool) -> None:
+def check_case(case: Case, backward: str, batched: bool, solver: str = TIGHT) -> None:
     rng = np.random.default_rng(7)
     samples = [case.sample(rng) for _ in range(2 if batched else 1)]
     wrng = np.random.default_rng(11)
     weights = [wrng.standard_normal(v.shape) for v in case.outputs]
-    layer = FFOLayer(case.problem, case.params, case.outputs, solver=TIGHT, backward=backward,
+    layer = FFOLayer(case.problem, case.params, case.outputs, solver=solver, backward=backward,
                      gp=case.gp)  # fmt: skip
     outs, grads = layer_run(layer, samples, weights, batched)
     for i, values in enumerate(samples):
@@ -259,6 +259,23 @@ def case_scalars() -> Case:
         [a, t],
         [x, y, con.dual_variables[0]],
         lambda rng: [np.array(rng.uniform(0.5, 1.5)), np.array(rng.uniform(0.2, 0.4))],
+    )
+
+
+def case_nd_symmetric_variable() -> Case:
+    """A (2, 3, 3) symmetric variable (two symmetric matrices), a PSD constraint on one
+    and a trace constraint on the other.  (CVXPY itself cannot take a value for an n-d
+    symmetric *parameter*; the layer refuses one with a ProblemError.)"""
+    X = cp.Variable((2, 3, 3), symmetric=True, name="X")
+    B = cp.Parameter((2, 3, 3), name="B")
+    psd, tr = X[0] >> 0, cp.trace(X[1]) == 1
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - B)), [psd, tr])
+    return Case(
+        "nd-symmetric-variable",
+        prob,
+        [B],
+        [X, psd.dual_variables[0], tr.dual_variables[0]],
+        lambda rng: [rng.standard_normal((2, 3, 3))],
     )
 
 
@@ -383,6 +400,7 @@ CASES = {
         case_attribute_variables,
         case_scalars,
         case_nd_arrays,
+        case_nd_symmetric_variable,
         case_attribute_parameters,
         case_eq_ineq_duals,
         case_soc_duals,
@@ -403,3 +421,27 @@ def test_values_and_gradients_unbatched(name, backward):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_values_and_gradients_batched(name, backward):
     check_case(CASES[name](), backward, batched=True)
+
+
+#: ECOS has no quadratic objective: CVXPY moves it into a second-order cone, so the cone
+#: rows (and the duals' positions) differ from the Clarabel target's.
+ECOS_TIGHT = "ecos:abstol=1e-10,reltol=1e-10,feastol=1e-10"
+
+
+@pytest.mark.parametrize("name", ["eq_ineq_duals", "soc_duals", "exp_duals", "symmetric_sdp"])
+def test_backend_without_quadratic_objective(name):
+    case = CASES[name]()
+    if name == "symmetric_sdp":  # ECOS has no PSD cone: refused by name, naming who has
+        with pytest.raises(ProblemError, match="psd.*backends that do: clarabel"):
+            FFOLayer(case.problem, case.params, case.outputs, solver=ECOS_TIGHT)
+        return
+    case.fd_eps = 1e-3  # ECOS's solutions are good to ~1e-8
+    check_case(case, "ffo", batched=False, solver=ECOS_TIGHT)
+
+
+def test_parametric_quad_form_needs_a_quadratic_objective():
+    x = cp.Variable(2)
+    P = cp.Parameter((2, 2), PSD=True)
+    prob = cp.Problem(cp.Minimize(cp.quad_form(x, P)), [x >= 1])
+    with pytest.raises(NotDPPError, match="quad_form"):
+        FFOLayer(prob, [P], [x], solver="ecos")

@@ -256,3 +256,33 @@ def test_symmetric_parameter_reads_the_upper_triangle_as_cvxpylayers():
     b.sum().backward()
     assert upper.grad[1, 0] == 0 and skewed.grad[1, 0] == 0
     torch.testing.assert_close(upper.grad, skewed.grad)
+
+
+def test_raw_cone_constraint_duals_match_cvxpy():
+    """NonPos, Zero and a 1x1 PSD constraint written directly (CVXPY's sign conventions:
+    the NonPos dual is >= 0)."""
+    x = cp.Variable(2)
+    t = cp.Parameter(2)
+    cons = [cp.NonPos(x - 3), cp.Zero(x[0] - t[0]), cp.PSD(cp.reshape(x[1], (1, 1), order="F"))]
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - t)), cons)
+    layer = FFOLayer(prob, [t], [x] + [c.dual_variables[0] for c in cons])
+    value = np.array([1.0, 4.0])
+    outs = layer(torch.tensor(value, dtype=F64))
+    t.value = value
+    prob.solve(cp.CLARABEL)
+    for out, con in zip(outs[1:], cons):
+        np.testing.assert_allclose(out.numpy(), np.reshape(con.dual_value, out.shape), atol=1e-6)
+    assert outs[1][1] > 1  # x[1] <= 3 is active, with a positive multiplier
+
+
+def test_dual_of_an_unsupported_constraint_is_refused_by_name():
+    x, y, z = cp.Variable(2), cp.Variable(2), cp.Variable(2)
+    t = cp.Parameter(2)
+    con = cp.constraints.RelEntrConeQuad(x, y, z, 3, 3)
+    prob = cp.Problem(
+        cp.Minimize(cp.sum_squares(x - t) + cp.sum_squares(y) + cp.sum_squares(z)),
+        [con, x >= 0, y >= 0.1, z <= 5],
+    )
+    FFOLayer(prob, [t], [x])  # the primal is fine
+    with pytest.raises(UnsupportedError, match="RelEntrConeQuad.*cannot be a layer output"):
+        FFOLayer(prob, [t], [x, con.dual_variables[0]])
