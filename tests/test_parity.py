@@ -391,6 +391,24 @@ def case_gp() -> Case:
     )
 
 
+def case_gp_log_and_raw() -> Case:
+    """A GP parameter that enters twice: as a coefficient (its logarithm) and as an
+    exponent (itself); the layer feeds both and autograd adds the two gradients."""
+    x, y = cp.Variable(pos=True, name="x"), cp.Variable(pos=True, name="y")
+    a = cp.Parameter(pos=True, name="a")
+    cons = [a * x * y <= 1, x >= y**a, x <= 4]
+    prob = cp.Problem(cp.Minimize(1 / (x * y**2) + x), cons)
+    return Case(
+        "gp-log-and-raw",
+        prob,
+        [a],
+        [x, y, cons[0].dual_variables[0]],
+        lambda rng: [np.array(rng.uniform(0.4, 0.6))],
+        gp=True,
+        fd_eps=1e-3,
+    )
+
+
 CASES = {
     f.__name__[5:]: f
     for f in (
@@ -406,6 +424,7 @@ CASES = {
         case_soc_duals,
         case_exp_duals,
         case_gp,
+        case_gp_log_and_raw,
     )
 }
 
