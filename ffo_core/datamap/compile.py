@@ -1,32 +1,38 @@
 """Compile a DPP CVXPY problem, once, into an affine map from parameters to solver data.
 
 CVXPY's DPP canonicalisation (``problem.get_problem_data``) yields tensors such that the
-canonical problem data is an affine function of the parameter vector ``theta`` (each
-parameter flattened in column-major order, followed by a constant 1).  We keep one sparse
-matrix ``M`` of shape ``(n_data, n_theta + 1)`` with
+canonical problem data is an affine function of CVXPY's parameter vector.  We keep one
+sparse matrix ``M`` of shape ``(n_data, n_theta + 1)`` with
 
     data = M @ [theta; 1]
 
-where ``data`` is the concatenation of the protocol's problem data (:mod:`ffo_core.protocol`)
-restricted to the fixed sparsity pattern:
+where ``theta`` is the layer's inputs in the user's order, each the *full* value of a user
+parameter (or, for a geometric program, of its logarithm: :attr:`CompiledProblem.feeds`)
+flattened in column-major order, and ``data`` is the concatenation of the protocol's
+problem data (:mod:`ffo_core.protocol`) restricted to the fixed sparsity pattern:
 
     [ P entries (CSC order) | q | A entries (CSC order) | b | G entries (CSC order) | h ]
 
 so that for a batch the whole forward data is one sparse mat-mul ``M @ Theta`` and the
 backward map is ``M.T @ dData``.  ``P`` is stored full (both triangles), so each stored entry
 is an independent coordinate of the data and needs no doubling in the backward pass.
+Where CVXPY reduces a parameter (``symmetric``, ``PSD``, ``diag``, ``sparsity``: a smaller
+parameter of its upper triangle, diagonal, pattern), the selection is folded into ``M``
+(:func:`~.recovery.parameter_selection`), so the layer takes and returns full tensors.
+The outputs -- variables, reduced ones recovered, and dual variables -- are sparse maps
+of the canonical primal and dual solutions (:class:`~.recovery.OutputMap`).
 
 We compile with CVXPY's chain for the Clarabel target (a pure canonicalisation: no solver is
 called); for backends without a quadratic objective we pass ``use_quad_obj=False`` and CVXPY
 moves the quadratic term into a second-order cone.  Its data, ``A x + s = b``, ``s`` in
 ``Zero x NonNeg x SOC x EXP x PSD``, is the protocol's convention, the zero block being the
-equalities.
+equalities, and its duals are CVXPY's (``constraint.dual_value``) before the inversion.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cvxpy as cp
 import numpy as np
@@ -34,6 +40,7 @@ import scipy.sparse as sp
 
 from ..errors import NotDPPError, ProblemError
 from ..protocol import ConeConstraints, ConeDims, Equalities, Objective, SparsePattern
+from .recovery import Feed, OutputMap, dual_recovery, parameter_selection, variable_recovery
 
 CONSTANT_ID = -1  # CVXPY's id for the constant column of the parameter vector
 
@@ -71,11 +78,18 @@ class CompiledProblem:
     A: SparsePattern  # equalities (p, n)
     G: SparsePattern  # cone rows (m, n)
     dims: ConeDims
-    params: list[Slot]  # user parameters, in the user's order
-    variables: list[Slot]  # user variables, in the user's order
+    params: list[Slot]  # the map's inputs (``feeds``), columns of ``M`` in this order
+    variables: list[Slot]  # the requested primal variables' canonical columns
     n_theta: int
     const_col: int
     quadratic: bool
+    #: what each block of ``params`` is fed with (a user parameter, or its log)
+    feeds: list[Feed] = field(default_factory=list)
+    #: the user's parameters (names and shapes), in the user's order
+    user_params: list[Slot] = field(default_factory=list)
+    #: the layer's outputs, in the user's order (:class:`~.recovery.OutputMap`)
+    outputs: list[OutputMap] = field(default_factory=list)
+    gp: bool = False
 
     def __post_init__(self) -> None:
         sizes = [
@@ -138,48 +152,91 @@ def _structural_rows(T: sp.csr_matrix) -> np.ndarray:
     return np.flatnonzero(np.diff(T.indptr))
 
 
-def _check_problem(problem, parameters, variables) -> None:
+def _dual_owners(problem: cp.Problem) -> dict:
+    """``{dual variable id: its constraint}`` over the problem's constraints."""
+    return {dv.id: con for con in problem.constraints for dv in con.dual_variables}
+
+
+def _check_problem(problem, parameters, variables, gp: bool) -> dict:
+    """Refuse what cannot be a layer, naming it; returns :func:`_dual_owners`."""
     if not isinstance(problem, cp.Problem):
         raise ProblemError(f"expected a cvxpy.Problem, got {type(problem).__name__}")
-    if not problem.is_dcp():
-        raise ProblemError("the problem is not DCP (not convex as written)")
+    if gp:
+        if not problem.is_dgp():
+            raise ProblemError(
+                "gp=True but the problem is not DGP (log-log convex as written); see "
+                "https://www.cvxpy.org/tutorial/dgp/index.html"
+            )
+        if not problem.is_dgp(dpp=True):
+            raise NotDPPError(
+                "the problem is DGP but not DPP: its log-space data is not an affine "
+                "function of the parameters' logarithms, so it cannot be a layer; see "
+                "https://www.cvxpy.org/tutorial/dpp/index.html"
+            )
+    elif not problem.is_dcp():
+        hint = "; it is log-log convex (DGP): pass gp=True" if problem.is_dgp() else ""
+        raise ProblemError(f"the problem is not DCP (not convex as written){hint}")
     given = {p.id for p in parameters}
     missing = [p.name() for p in problem.parameters() if p.id not in given]
     if missing:
         raise ProblemError(
-            f"every parameter of the problem must be listed in `parameters`; "
-            f"missing: {', '.join(missing)}"
+            "the layer's parameters must exactly match problem.parameters(): every "
+            f"parameter of the problem must be listed; missing: {', '.join(missing)}"
         )
     extra = [p.name() for p in parameters if p.id not in {q.id for q in problem.parameters()}]
     if extra:
         raise ProblemError(
+            "the layer's parameters must exactly match problem.parameters(): "
             f"`parameters` lists parameters the problem does not use: {', '.join(extra)}"
         )
     if len(given) != len(parameters):
         raise ProblemError("`parameters` lists a parameter twice")
+    for prm in parameters:
+        if prm.is_complex():
+            raise ProblemError(
+                f"parameter {prm.name()} is complex: the layer is real (split it into its "
+                "real and imaginary parts, two real parameters)"
+            )
+    owners = _dual_owners(problem)
     known = {v.id for v in problem.variables()}
     for v in variables:
-        if not isinstance(v, cp.Variable) or v.id not in known:
-            raise ProblemError(f"`variables` must be variables of the problem; got {v!r}")
+        if not isinstance(v, cp.Variable) or (v.id not in known and v.id not in owners):
+            raise ProblemError(
+                "`variables` must be a subset of problem.variables() and dual variables "
+                f"of its constraints (constraint.dual_variables[k]); got {v!r}"
+            )
     for v in problem.variables():
         if v.attributes.get("boolean") or v.attributes.get("integer"):
             raise ProblemError(
                 f"variable {v.name()} is integer/boolean: a layer needs a "
                 "convex (continuous) problem to differentiate"
             )
+        if v.is_complex():
+            raise ProblemError(
+                f"variable {v.name()} is complex: the layer is real (write it as two real "
+                "variables)"
+            )
     if not variables:
         raise ProblemError("`variables` is empty: say which variables the layer returns")
+    return owners
 
 
-def compile_problem(
-    problem: cp.Problem, parameters, variables, *, quadratic: bool = True
-) -> CompiledProblem:
-    """Canonicalise ``problem`` once; ``quadratic=False`` moves ``P`` into an SOC."""
-    parameters, variables = list(parameters), list(variables)
-    _check_problem(problem, parameters, variables)
+def _canonicalise(target: cp.Problem, quadratic: bool, canon_backend):
+    """CVXPY's data for the Clarabel target, with its errors in our hierarchy."""
+    if not quadratic and not target.is_dpp():
+        # CVXPY admits a parametric quad_form(x, P) only into a quadratic objective
+        raise NotDPPError(
+            "the problem is not DPP for a backend without a quadratic objective: a "
+            "parametric quad_form(x, P) needs a backend that takes one (e.g. clarabel, "
+            "scs, gurobi, mosek), or write it as cp.sum_squares(L @ x) with L a "
+            "parameter; see https://www.cvxpy.org/tutorial/dpp/index.html"
+        )
     try:
-        data, _, _ = problem.get_problem_data(
-            cp.CLARABEL, enforce_dpp=True, solver_opts={"use_quad_obj": quadratic}
+        return target.get_problem_data(
+            cp.CLARABEL,
+            enforce_dpp=True,
+            solver_opts={"use_quad_obj": quadratic},
+            canon_backend=canon_backend,
         )
     except cp.error.DPPError as exc:
         raise NotDPPError(
@@ -188,8 +245,58 @@ def compile_problem(
             "rather than `cp.quad_form(y, Q.T @ Q)`, and never multiply two parameters); "
             "see https://www.cvxpy.org/tutorial/dpp/index.html"
         ) from exc
-    except cp.error.SolverError as exc:
+    except (cp.error.SolverError, ValueError) as exc:
         raise ProblemError(f"CVXPY could not canonicalise the problem: {exc}") from exc
+
+
+def _single(id_map: dict, key: int, what: str) -> int:
+    ids = id_map.get(key, [key])
+    if len(ids) != 1:
+        raise ProblemError(f"{what} is split by CVXPY into {len(ids)} parts (complex?)")
+    return int(ids[0])
+
+
+def compile_problem(
+    problem: cp.Problem,
+    parameters,
+    variables,
+    *,
+    quadratic: bool = True,
+    gp: bool = False,
+    canon_backend: str | None = None,
+) -> CompiledProblem:
+    """Canonicalise ``problem`` once; ``quadratic=False`` moves ``P`` into an SOC.
+
+    ``variables`` may hold the problem's variables and dual variables of its constraints
+    (``constraint.dual_variables[k]``).  ``gp=True``: a log-log convex (DGP) problem,
+    reduced by CVXPY's ``Dgp2Dcp``; its parameters enter as their logarithms (the feeds
+    say which) and its variables come back as ``exp`` of the log-space solution.
+    ``canon_backend`` is passed to CVXPY."""
+    parameters, variables = list(parameters), list(variables)
+    owners = _check_problem(problem, parameters, variables, gp)
+    index_of = {p.id: k for k, p in enumerate(parameters)}
+    target, var_ids, con_ids = problem, {}, {}
+    if gp:
+        from cvxpy.reductions.dgp2dcp.dgp2dcp import Dgp2Dcp
+
+        dgp = Dgp2Dcp(problem)
+        target, _ = dgp.apply(problem)
+        logs = {new.id: index_of[orig.id] for orig, new in dgp.canon_methods._parameters.items()}
+        feeds, leaves = [], []
+        for prm in target.parameters():
+            if prm.id in logs:
+                feeds.append(Feed(logs[prm.id], log=True))
+            elif prm.id in index_of:
+                feeds.append(Feed(index_of[prm.id]))
+            else:
+                raise ProblemError(f"internal: DGP parameter {prm.name()} has no origin")
+            leaves.append(prm)
+        var_ids = {k: v[0] for k, v in dgp.var_id_map.items()}
+        con_ids = dict(dgp.cons_id_map)
+    else:
+        feeds = [Feed(k) for k in range(len(parameters))]
+        leaves = parameters
+    data, chain, _ = _canonicalise(target, quadratic, canon_backend)
     pp = data["param_prob"]
     cd = pp.cone_dims
     if getattr(cd, "p3d", None) or getattr(cd, "pnd", None):
@@ -236,29 +343,80 @@ def compile_problem(
     G_pattern = SparsePattern.from_rows_cols(g_rows[order], g_cols[order], (m, n))
     h_rows = offset[p:][old_of_new]
     blocks += [-TA[rA[eq]], offset[:p], -TA[rA[cone][order]], h_rows]
-    M = sp.vstack(blocks, format="csr")
+    M_cvx = sp.vstack(blocks, format="csr")
 
-    n_theta = int(pp.total_param_size)
-    const_col = int(pp.param_id_to_col[CONSTANT_ID])
-    params = []
-    for prm in parameters:
-        if prm.id not in pp.param_id_to_col:
-            raise ProblemError(
-                f"parameter {prm.name()} has an attribute (symmetric, PSD, diag, sparsity) "
-                "that CVXPY reduces to a smaller parameter; declare it without the "
-                "attribute and add the constraint explicitly"
-            )
-        params.append(
-            Slot(prm.name(), tuple(prm.shape), int(pp.param_id_to_col[prm.id]), int(prm.size))
-        )
-    var_slots = []
+    # the columns in the layer's order: each feed's full value (F-order), then the constant
+    param_ids = chain.compose_param_id_map()
+    final_params = {prm.id: prm for prm in pp.parameters}
+    n_cvx = int(pp.total_param_size)
+    fold_rows, fold_cols, fold_vals, params = [], [], [], []
+    start = 0
+    for feed, leaf in zip(feeds, leaves):
+        user = parameters[feed.user]
+        name = f"log({user.name()})" if feed.log else user.name()
+        fid = _single(param_ids, leaf.id, f"parameter {user.name()}")
+        if fid in pp.param_id_to_col:  # else no data depends on it: zero columns
+            L = parameter_selection(leaf, int(final_params[fid].size)).tocoo()
+            fold_rows.append(int(pp.param_id_to_col[fid]) + L.row)
+            fold_cols.append(start + L.col)
+            fold_vals.append(L.data)
+        params.append(Slot(name, tuple(user.shape), start, int(user.size)))
+        start += int(user.size)
+    n_theta = start
+    fold_rows.append([int(pp.param_id_to_col[CONSTANT_ID])])
+    fold_cols.append([n_theta])
+    fold_vals.append([1.0])
+    fold = sp.csr_matrix(
+        (np.concatenate(fold_vals), (np.concatenate(fold_rows), np.concatenate(fold_cols))),
+        shape=(n_cvx + 1, n_theta + 1),
+    )
+    M = (M_cvx @ fold).tocsr()
+    M.sort_indices()
+
+    # the outputs: primal variables and dual variables
+    var_map = chain.compose_var_id_map()
+    final_vars = {v.id: v for v in pp.variables}
+    target_vars = {v.id: v for v in target.variables()}
+    con_map = chain.compose_constr_id_map()
+    con_rows, row = {}, 0
+    for con in pp.constraints:
+        con_rows[con.id] = (con, row)
+        row += int(con.size)
+    dual_pos = np.r_[np.arange(p), p + new_of_old].astype(np.int64)  # CVXPY row -> [nu; lam]
+    context = next(
+        (r.solver_context for r in chain.reductions if type(r).__name__ == "ExactCone2Cone"),
+        None,
+    )
+    outputs, var_slots = [], []
     for v in variables:
-        if v.id not in pp.var_id_to_col:
-            raise ProblemError(
-                f"variable {v.name()} was replaced by CVXPY during canonicalisation "
-                "(attributes such as symmetric/PSD/diag); declare it without the attribute"
+        if v.id in owners:
+            con = owners[v.id]
+            fid = con_map.get(con_ids.get(con.id, con.id), con_ids.get(con.id, con.id))
+            if fid not in con_rows:
+                raise ProblemError(
+                    f"internal: constraint {con} has no rows in CVXPY's canonical program"
+                )
+            final, r0 = con_rows[fid]
+            D = dual_recovery(v, con, final, context, int(final.size)).tocoo()
+            matrix = sp.csr_matrix(
+                (D.data, (D.row, dual_pos[r0 + D.col])), shape=(int(v.size), p + m)
             )
-        var_slots.append(Slot(v.name(), tuple(v.shape), int(pp.var_id_to_col[v.id]), int(v.size)))
+            outputs.append(OutputMap(v.name(), tuple(v.shape), "dual", matrix))
+            continue
+        vid = var_ids.get(v.id, v.id)
+        fid = _single(var_map, vid, f"variable {v.name()}")
+        if fid not in pp.var_id_to_col:
+            raise ProblemError(f"variable {v.name()} has no entries in CVXPY's canonical program")
+        col, size = int(pp.var_id_to_col[fid]), int(final_vars[fid].size)
+        R = variable_recovery(target_vars[vid], size).tocoo()
+        matrix = sp.csr_matrix((R.data, (R.row, col + R.col)), shape=(int(v.size), n))
+        plain = size == v.size and not getattr(target_vars[vid], "_has_dim_reducing_attr", False)
+        outputs.append(
+            OutputMap(
+                v.name(), tuple(v.shape), "primal", matrix, exp=gp, offset=col if plain else None
+            )
+        )
+        var_slots.append(Slot(v.name(), tuple(v.shape), col, size))
     return CompiledProblem(
         M=M,
         n=n,
@@ -269,6 +427,10 @@ def compile_problem(
         params=params,
         variables=var_slots,
         n_theta=n_theta,
-        const_col=const_col,
+        const_col=n_theta,
         quadratic=P_pattern is not None,
+        feeds=feeds,
+        user_params=[Slot(prm.name(), tuple(prm.shape), 0, int(prm.size)) for prm in parameters],
+        outputs=outputs,
+        gp=gp,
     )

@@ -17,7 +17,7 @@ fallbacks, the health check -- is the runtime both layers share
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from ..datamap.param_map import BoundData, bind
 from ..errors import InvalidParameterError, ProblemError
 from ..protocol import Backend, Solution
 from ..registry import available_backends
-from .parameters import REDUCED_ATTRIBUTES, CallInfo, inspect_params, value_rules
+from .parameters import CallInfo, inspect_params, value_rules
 from .runtime import SolverLayer, check_upstream, refuse_transforms
 from .tensors import at_batch_indices
 
@@ -65,14 +65,30 @@ class FFOLayer(SolverLayer):
     """A differentiable layer whose output is the solution of a DPP CVXPY problem.
 
     Args:
-        problem: a DPP ``cvxpy.Problem``.
+        problem: a DPP ``cvxpy.Problem`` (a DGP one with ``gp=True``).
         parameters: its ``cp.Parameter``s, in the order the layer is called with.
-        variables: the ``cp.Variable``s whose optimal values the layer returns.
+        variables: what the layer returns, in this order: variables of the problem and
+            dual variables of its constraints (``constraint.dual_variables[k]``, in the
+            shape and sign of CVXPY's ``constraint.dual_value``; equality, inequality,
+            SOC, exponential-cone and PSD constraints).
         solver: a backend or config string, e.g. ``"clarabel"``.
+        gp: the problem is log-log convex (DGP): CVXPY's ``Dgp2Dcp`` reduces it to a
+            convex one in the logarithms of its variables; parameters and outputs stay in
+            the original space (a parameter that enters as its logarithm must be
+            positive); gradients follow by the chain rule.
+        canon_backend: CVXPY's canonicalisation backend (``"SCIPY"``, ``"CPP"``...; None:
+            CVXPY's choice), used once, here.
         **options: ``backward``, ``delta``, ``kappa``, ``central``, ``tau_s``, ``tau_lam``,
             ``n_jobs``, ``inaccurate``, ``ghost_fallback``, ``time_limit``, ``check_every``,
-            ``check_threshold``, ``check_rel_tol``: see
+            ``check_threshold``, ``check_rel_tol``, ``solver_args``, ``executor``: see
             :class:`~ffo_core.layers.runtime.SolverLayer` (both layers take them).
+
+    Every attribute CVXPY accepts on a variable or parameter works (``nonneg``,
+    ``bounds``, ``symmetric``, ``PSD``, ``NSD``, ``diag``, ``sparsity``, scalars, n-d
+    shapes): a ``symmetric``/``PSD``/``NSD`` parameter reads the upper triangle of its
+    tensor (as cvxpylayers does) and its gradient lives there; a symmetric variable comes
+    back as the full matrix (:mod:`ffo_core.datamap.recovery`).  Integer, boolean and
+    complex leaves are refused by name.
 
     The problem is canonicalised once, here; a call only does sparse mat-muls and solves.
     Bad input is refused before solving (:func:`~.parameters.inspect_params`); every
@@ -81,24 +97,26 @@ class FFOLayer(SolverLayer):
     """
 
     def __init__(
-        self, problem, parameters, variables, solver: str | Backend = "clarabel", **options
+        self,
+        problem,
+        parameters,
+        variables,
+        solver: str | Backend = "clarabel",
+        *,
+        gp: bool = False,
+        canon_backend: str | None = None,
+        **options,
     ) -> None:
         super().__init__(solver, **options)
         parameters, variables = list(parameters), list(variables)
-        for prm in parameters:
-            attrs = getattr(prm, "attributes", None) or {}
-            declared = [a for a in REDUCED_ATTRIBUTES if attrs.get(a)]
-            if declared:
-                raise ProblemError(
-                    f"parameter {prm.name()} is declared with {declared[0]}=True: CVXPY "
-                    "replaces such a parameter by a smaller one during canonicalisation, "
-                    "so a layer cannot take its full tensor; declare it as a plain "
-                    f"cp.Parameter({tuple(prm.shape)}) and pass values with the property "
-                    "(e.g. L @ L.T for PSD, (M + M.T)/2 for symmetric)"
-                )
         caps = self.backend.capabilities
         self.compiled: CompiledProblem = compile_problem(
-            problem, parameters, variables, quadratic=caps.quadratic_objective
+            problem,
+            parameters,
+            variables,
+            quadratic=caps.quadratic_objective,
+            gp=bool(gp),
+            canon_backend=canon_backend,
         )
         missing = caps.missing_cones(self.compiled.dims, self.compiled.p > 0)
         if missing:
@@ -118,21 +136,42 @@ class FFOLayer(SolverLayer):
 
             check_polyhedral(self.compiled.dims, "this problem's canonical form")
         self._rules = [value_rules(prm) for prm in parameters]
+        feeds = self.compiled.feeds
+        self._plain_feeds = [f.user for f in feeds] == list(range(len(parameters))) and not any(
+            f.log for f in feeds
+        )
+        self._duals = any(o.source == "dual" for o in self.compiled.outputs)
 
     def extra_repr(self) -> str:
-        names = ", ".join(s.name for s in self.compiled.params)
-        outs = ", ".join(s.name for s in self.compiled.variables)
-        return f"parameters=({names}), variables=({outs}), {super().extra_repr()}"
+        names = ", ".join(s.name for s in self.compiled.user_params)
+        outs = ", ".join(o.name for o in self.compiled.outputs)
+        gp = ", gp=True" if self.compiled.gp else ""
+        return f"parameters=({names}), variables=({outs}){gp}, {super().extra_repr()}"
 
     def forward(
         self, *params: torch.Tensor, solver_args: dict | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """The variables' optimal values for these parameter values; ``solver_args``
+        """The outputs' optimal values for these parameter values; ``solver_args``
         (optional) sets solver settings for this call only (:mod:`ffo_core.solver_args`)."""
         refuse_transforms(params)
-        info = inspect_params(self.compiled.params, params, self._rules)
-        call = _Call(self._data(params, info), info)
-        return self._apply(call, *params, solver_args=solver_args)
+        compiled = self.compiled
+        info = inspect_params(compiled.user_params, params, self._rules)
+        if self._plain_feeds:
+            inputs = params
+        else:  # a geometric program: parameters that enter as logarithms
+            inputs = tuple(
+                torch.log(params[f.user]) if f.log else params[f.user] for f in compiled.feeds
+            )
+            info = replace(
+                info,
+                batched=[info.batched[f.user] for f in compiled.feeds],
+                param_dtypes=[t.dtype for t in inputs],
+            )
+        call = _Call(self._data(inputs, info), info)
+        outs = self._apply(call, *inputs, solver_args=solver_args)
+        if compiled.gp:
+            outs = tuple(torch.exp(o) if om.exp else o for o, om in zip(outs, compiled.outputs))
+        return outs
 
     def _data(self, tensors, info: CallInfo) -> BoundData:
         """The batch's problem data (:mod:`ffo_core.datamap.param_map`): shared parameters
@@ -151,33 +190,56 @@ class FFOLayer(SolverLayer):
 
     # -- the runtime's layer-specific part --------------------------------------------------
     def _outputs(self, call: _Call, sols: list[Solution]) -> tuple[torch.Tensor, ...]:
-        X = np.stack([s.primal for s in sols])
+        compiled, info = self.compiled, call.info
+        Y = np.stack([s.primal for s in sols])
+        Z = None
+        if self._duals:
+            Z = np.stack(
+                [
+                    np.concatenate([_dual(s.eq_dual, compiled.p), _dual(s.ineq_dual, compiled.m)])
+                    for s in sols
+                ]
+            )
         outs = []
-        for slot in self.compiled.variables:
-            value = unflatten_f(X[:, slot.offset : slot.offset + slot.size], slot.shape)
-            if not call.info.any_batched:
+        for om in compiled.outputs:
+            source = Y if om.source == "primal" else Z
+            if om.offset is not None:
+                flat = source[:, om.offset : om.offset + om.size]
+            else:
+                flat = (om.matrix @ source.T).T
+            value = unflatten_f(np.asarray(flat), om.shape)
+            if not info.any_batched:
                 value = value[0]
             outs.append(
-                torch.as_tensor(
-                    np.ascontiguousarray(value), dtype=call.info.dtype, device=call.info.device
-                )
+                torch.as_tensor(np.array(value, order="C"), dtype=info.dtype, device=info.device)
             )
         return tuple(outs)
 
     def _output_names(self, call: _Call) -> list[str]:
-        return [slot.name for slot in self.compiled.variables]
+        return [o.name for o in self.compiled.outputs]
 
     def _upstream(self, call: _Call, grad_outputs):
-        info = call.info
-        c = np.zeros((info.size, self.compiled.n))
-        for slot, g in zip(self.compiled.variables, grad_outputs):
+        compiled, info = self.compiled, call.info
+        c = np.zeros((info.size, compiled.n))
+        c_dual = None
+        for om, g in zip(compiled.outputs, grad_outputs):
             if g is None:
                 continue
-            values = check_upstream(slot.name, g, info.any_batched)
+            values = check_upstream(om.name, g, info.any_batched)
             if not info.any_batched:
                 values = values[None]
-            c[:, slot.offset : slot.offset + slot.size] = flatten_f(values, info.size, slot.shape)
-        return c, None
+            flat = flatten_f(values, info.size, om.shape)
+            if om.source == "dual":
+                if c_dual is None:
+                    c_dual = np.zeros((info.size, compiled.p + compiled.m))
+                c_dual += (om.matrix.T @ flat.T).T
+            elif om.offset is not None:
+                c[:, om.offset : om.offset + om.size] += flat
+            else:
+                c += (om.matrix.T @ flat.T).T
+        if c_dual is None:
+            return c, None
+        return c, (c_dual[:, : compiled.p], c_dual[:, compiled.p :])
 
     def _input_names(self, call: _Call) -> list[str]:
         return [f"parameter {slot.name}" for slot in self.compiled.params]
@@ -196,6 +258,15 @@ class FFOLayer(SolverLayer):
         keep = np.ones(self.compiled.n_theta + 1, dtype=bool)
         keep[self.compiled.const_col] = False
         return (self.compiled.M.T @ data_gradient)[keep]
+
+
+def _dual(value, size: int) -> np.ndarray:
+    """A solution's dual block (``size`` zeros when the backend gave none for 0 rows)."""
+    if value is None:
+        if size:
+            raise ProblemError("internal: the backend returned no duals")
+        return np.zeros(0)
+    return np.asarray(value, dtype=float)
 
 
 __all__ = ["FFOLayer"]

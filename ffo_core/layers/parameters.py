@@ -1,6 +1,9 @@
 """The parameter tensors of an :class:`~ffo_core.FFOLayer` call, checked before anything is
 solved: types, devices, shapes, finiteness, batch sizes and the values a parameter's
-declared CVXPY attributes allow (``nonneg=True``, ``bounds=...``).  Every refusal is an
+declared CVXPY attributes allow (``nonneg=True``, ``bounds=...``, ``PSD=True``: the
+symmetric matrix of the upper triangle has no eigenvalue below ``-1e-8 max(1, |S|)``,
+``diag=True`` / ``sparsity=...``: zeros off the pattern).  ``symmetric=True`` is not
+checked: the layer reads the upper triangle, as cvxpylayers does.  Every refusal is an
 :class:`~ffo_core.errors.InvalidParameterError` naming the parameter."""
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ class ValueRule:
     (batched or not) that violate it.
     """
 
-    kind: str  # nonneg, pos, nonpos, neg, boolean, ...
+    kind: str  # nonneg, pos, nonpos, neg, boolean, integer, bounds, PSD, NSD, pattern
     text: str  # e.g. "nonneg=True (values >= 0)"
-    mask: np.ndarray | None = None  # boolean/integer: the constrained entries
+    mask: np.ndarray | None = None  # boolean/integer: the constrained entries; pattern: off it
     lo: np.ndarray | None = None  # bounds
     hi: np.ndarray | None = None
 
@@ -53,6 +56,10 @@ class ValueRule:
         if kind in ("boolean", "integer"):
             wrong = (t != 0) & (t != 1) if kind == "boolean" else t != torch.round(t)
             return wrong & torch.as_tensor(self.mask, device=t.device)
+        if kind == "pattern":  # diag / sparsity: entries off the pattern must be zero
+            return (t != 0) & torch.as_tensor(self.mask, device=t.device)
+        if kind in ("PSD", "NSD"):
+            return _definite_violations(t, kind == "PSD")
         out = torch.zeros(t.shape, dtype=torch.bool, device=t.device)  # bounds
         if self.lo is not None:
             out |= t < torch.as_tensor(self.lo, device=t.device)
@@ -61,18 +68,22 @@ class ValueRule:
         return out
 
 
-#: Attributes whose parameters CVXPY replaces by a smaller one during canonicalisation (the
-#: layer cannot map the user's tensor onto it), or that are complex.
-REDUCED_ATTRIBUTES = (
-    "PSD",
-    "NSD",
-    "symmetric",
-    "diag",
-    "hermitian",
-    "complex",
-    "imag",
-    "sparsity",
-)
+#: Relative tolerance of the PSD/NSD value check (CVXPY refuses such values outright).
+DEFINITE_TOL = 1e-8
+
+
+def _definite_violations(t: torch.Tensor, psd: bool) -> torch.Tensor:
+    """Every entry of the matrices (last two axes of ``t``) whose upper triangle is not a
+    positive (``psd``) or negative semidefinite matrix, within :data:`DEFINITE_TOL`."""
+    upper = torch.triu(t.to(torch.float64))
+    sym = upper + torch.triu(upper, 1).transpose(-1, -2)
+    eig = torch.linalg.eigvalsh(sym)
+    scale = eig.abs().amax(dim=-1).clamp(min=1.0)
+    worst = eig[..., 0] if psd else -eig[..., -1]
+    bad = worst < -DEFINITE_TOL * scale
+    return bad[..., None, None].expand(t.shape)
+
+
 _SIGNS = {"nonneg": ">= 0", "pos": "> 0", "nonpos": "<= 0", "neg": "< 0"}
 
 
@@ -90,7 +101,9 @@ def _index_mask(shape: tuple[int, ...], idx) -> np.ndarray:
 
 
 def value_rules(param) -> list[ValueRule]:
-    """The value constraints a ``cp.Parameter``'s declared attributes impose."""
+    """The value constraints a ``cp.Parameter``'s declared attributes impose (a geometric
+    program's parameter that enters as its logarithm is declared ``pos=True``: CVXPY's DGP
+    rules require it)."""
     attrs = getattr(param, "attributes", {}) or {}
     rules = [
         ValueRule(attr, f"{attr}=True (values {text})")
@@ -98,6 +111,25 @@ def value_rules(param) -> list[ValueRule]:
         if attrs.get(attr)
     ]
     shape = tuple(param.shape)
+    for attr in ("PSD", "NSD"):
+        if attrs.get(attr):
+            kind = "positive" if attr == "PSD" else "negative"
+            rules.append(
+                ValueRule(
+                    attr,
+                    f"{attr}=True (the symmetric matrix of its upper triangle must be "
+                    f"{kind} semidefinite)",
+                )
+            )
+    if attrs.get("diag") or getattr(param, "sparse_idx", None) is not None:
+        off = np.ones(shape, dtype=bool)
+        if attrs.get("diag"):
+            off[np.diag_indices(shape[0])] = False
+            text = "diag=True (entries off the diagonal must be 0)"
+        else:
+            off[param.sparse_idx] = False
+            text = "sparsity (entries off the declared pattern must be 0)"
+        rules.append(ValueRule("pattern", text, mask=off))
     for attr, text in (("boolean", "values 0 or 1"), ("integer", "integer values")):
         if attrs.get(attr):
             mask = _index_mask(shape, getattr(param, f"{attr}_idx", None))
@@ -127,8 +159,9 @@ def inspect_params(
     """
     if len(tensors) != len(slots):
         raise InvalidParameterError(
-            f"the layer takes {len(slots)} parameter tensors "
-            f"({', '.join(s.name for s in slots)}), got {len(tensors)}"
+            f"A tensor must be provided for each CVXPY parameter: the layer takes "
+            f"{len(slots)} parameter tensors ({', '.join(s.name for s in slots)}), "
+            f"got {len(tensors)}"
         )
     for slot, t in zip(slots, tensors):
         if not isinstance(t, torch.Tensor):
@@ -169,9 +202,14 @@ def inspect_params(
             batched.append(True)
             sizes[slot.name] = shape[0]
         else:
+            what = (
+                "shape"
+                if len(shape) in (len(slot.shape), len(slot.shape) + 1)
+                else ("dimensionality")
+            )
             raise InvalidParameterError(
-                f"parameter {slot.name}: expected shape {slot.shape} or "
-                f"(batch, {', '.join(map(str, slot.shape))}), got {shape}"
+                f"Invalid parameter {what}: parameter {slot.name}: expected shape "
+                f"{slot.shape} or (batch, {', '.join(map(str, slot.shape))}), got {shape}"
             )
         values = t.detach()
         check_finite(slot.name, values, batched[-1])  # one pass, no mask when finite
@@ -184,7 +222,10 @@ def inspect_params(
                     f"{bad_batch_indices(bad, batched[-1])} (e.g. {first:g})"
                 )
     if len(set(sizes.values())) > 1:
-        raise InvalidParameterError(f"inconsistent batch sizes: {sizes}")
+        raise InvalidParameterError(
+            f"Inconsistent batch sizes: the batched parameters have inconsistent batch "
+            f"sizes {sizes}"
+        )
     batch = next(iter(sizes.values()), 1)
     if batch == 0:
         raise InvalidParameterError("batch size is 0")
