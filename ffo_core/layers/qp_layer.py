@@ -354,6 +354,10 @@ class FFOQPLayer(SolverLayer):
         solver: a backend or config string, e.g. ``"clarabel"``, ``"scs:eps_abs=1e-9"``.
         broadcast_grad: gradient of an argument shared by the batch: ``"sum"`` of the
             per-sample gradients (default, autograd's meaning) or their ``"mean"`` (qpth's).
+        duals: also return the multipliers, ``(y, lam, nu)``: ``lam`` ``(batch, m)`` of
+            ``G y <= h`` (``>= 0``) and ``nu`` ``(batch, p)`` of ``A y = b``, with the
+            Lagrangian ``1/2 y'Qy + p'y + lam'(Gy - h) + nu'(Ay - b)``; gradients flow
+            through them too.
         **options: ``backward``, ``delta``, ``kappa``, ``central``, ``tau_s``, ``tau_lam``,
             ``n_jobs``, ``inaccurate``, ``ghost_fallback``, ``time_limit``, ``check_every``,
             ``check_threshold``, ``check_rel_tol``: see
@@ -364,10 +368,18 @@ class FFOQPLayer(SolverLayer):
     """
 
     def __init__(
-        self, solver: str | Backend = "clarabel", *, broadcast_grad: str = "sum", **options
+        self,
+        solver: str | Backend = "clarabel",
+        *,
+        broadcast_grad: str = "sum",
+        duals: bool = False,
+        **options,
     ) -> None:
         check_choice("broadcast_grad", broadcast_grad, BROADCAST_GRADS)
+        if duals not in (True, False):
+            raise ConfigError(f"duals must be True or False, got {duals!r}")
         super().__init__(solver, **options)
+        self.duals = duals
         caps = self.backend.capabilities
         if caps.missing_cones(ConeDims(nonneg=1), True) or not caps.quadratic_objective:
             raise ConfigError(
@@ -399,20 +411,35 @@ class FFOQPLayer(SolverLayer):
         inputs = [
             call.args[name].tensor if call.args[name].present else torch.empty(0) for name in NAMES
         ]
-        (y,) = self._apply(call, *inputs, solver_args=solver_args)
-        return y
+        outs = self._apply(call, *inputs, solver_args=solver_args)
+        return outs if self.duals else outs[0]
 
     # -- the runtime's layer-specific part --------------------------------------------------
     def _outputs(self, call: _Call, sols: list[Solution]) -> tuple[torch.Tensor, ...]:
-        Y = np.stack([s.primal for s in sols])
-        return (torch.as_tensor(Y, dtype=call.dtype, device=call.device),)
+        fields = ("primal", "ineq_dual", "eq_dual") if self.duals else ("primal",)
+        return tuple(
+            torch.as_tensor(
+                np.stack([getattr(s, f) for s in sols]).reshape(call.batch, -1),
+                dtype=call.dtype,
+                device=call.device,
+            )
+            for f in fields
+        )
 
     def _output_names(self, call: _Call) -> list[str]:
-        return ["y"]
+        return ["y", "lam", "nu"] if self.duals else ["y"]
 
     def _upstream(self, call: _Call, grad_outputs):
-        (grad_y,) = grad_outputs
-        return check_upstream("y", grad_y, True), None
+        c = check_upstream("y", grad_outputs[0], True)
+        if not self.duals:
+            return c, None
+        c_lam, c_nu = (
+            check_upstream(name, g, True) if g is not None else np.zeros((call.batch, size))
+            for name, g, size in zip(("lam", "nu"), grad_outputs[1:], (call.m, call.p))
+        )
+        if not (c_lam.any() or c_nu.any()):
+            return c, None
+        return c, (c_nu.reshape(call.batch, call.p), c_lam.reshape(call.batch, call.m))
 
     def _input_names(self, call: _Call) -> list[str]:
         return [f"argument {name}" for name in NAMES]
