@@ -407,6 +407,16 @@ class FFOQPLayer(SolverLayer):
         """Solutions ``(batch, n)`` of the QPs (see the class docstring); ``solver_args``
         (optional) sets solver settings for this call only (:mod:`ffo_core.solver_args`)."""
         refuse_transforms((Q, p, G, h, A, b))
+        backend = self.backend_for(solver_args)
+        if getattr(backend.capabilities, "device", False):
+            from . import device_qp
+
+            call = _inspect((Q, p, G, h, A, b))
+            if device_qp.applies(self, backend, call):
+                inputs = [a.tensor if a.present else torch.empty(0) for a in call.args.values()]
+                qp = device_qp.dense_qp(call)
+                outs = device_qp.DeviceQPFunction.apply(self, call, qp, backend, *inputs)
+                return outs if self.duals else outs[0]
         call = self.prepare(Q, p, G, h, A, b)
         inputs = [
             call.args[name].tensor if call.args[name].present else torch.empty(0) for name in NAMES

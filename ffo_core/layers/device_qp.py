@@ -1,0 +1,348 @@
+"""The dense QP path on a device backend: ``FFOQPLayer`` with tensors that never leave
+their device.
+
+When the backend is a *device* backend (``Capabilities.device``: it takes torch tensors in
+``solve_batch`` and answers on their device, as ``pdipm`` does) and the layer's inputs are
+dense, :class:`~ffo_core.layers.qp_layer.FFOQPLayer` runs its forward and its first-order
+backward here, in torch, with no copy to NumPy: qpth's use (large batches of small dense
+QPs on a GPU) on the library's own backward.  The steps are those of the engine, written
+over the batch:
+
+1. forward: the batch as one :class:`~ffo_core.protocol.ProblemBatch` of dense patterns
+   (values in column-major order, matrices the batch shares sent once), one
+   ``solve_batch``; then the polish of :mod:`ffo_core.engine.polish` -- the equality
+   problem of the suggested active set, solved for the whole batch at once, rows moved in
+   or out until primal and dual feasible (at most 4 rounds) -- so the point is exact;
+2. backward: the active set of that point (:mod:`ffo_core.engine.active_set`'s rule), one
+   ghost batch at ``delta = (1 + ||y*||) / ||c||`` with the locked rows *through* ``y*``
+   (unlocked rows absent), and the one-sided difference ``w = (ghost - forward) / delta``;
+   a sample whose point could not be polished gets the ``-delta`` ghost too (central);
+3. the data gradient is the Lagrangian derivative along ``w``
+   (:mod:`ffo_core.engine.data_gradient`), formed densely: ``dQ = (w_y y' + y w_y')/2``,
+   ``dG = w_lam y' + lam w_y'``, ``dA = w_nu y' + nu w_y'``, ``dp = w_y``,
+   ``dh = -w_lam``, ``db = -w_nu``.
+
+Used for ``backward="ffo"`` without the health check; every other configuration (the KKT
+and Alt-Diff modes, ``check_every``, sparse inputs) takes the general path, which copies the
+data to the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import GhostProblemError, SolverError
+from ..protocol import ProblemBatch, SparsePattern
+from .runtime import check_upstream
+
+#: Polish rounds, as :data:`ffo_core.engine.polish.MAX_ROUNDS`.
+ROUNDS = 4
+#: A pair is unsettled when both members exceed this fraction of their thresholds
+#: (:data:`ffo_core.engine.active_set.UNSETTLED`).
+UNSETTLED = 1e-2
+
+
+def _dense_pattern(rows: int, cols: int) -> SparsePattern:
+    """Every entry of a ``rows x cols`` matrix, in CSC order."""
+    import numpy as np
+
+    indices = np.tile(np.arange(rows, dtype=np.int32), cols)
+    indptr = (
+        np.arange(0, rows * cols + 1, rows, dtype=np.int64)
+        if rows
+        else np.zeros(cols + 1, dtype=np.int64)
+    )
+    return SparsePattern(
+        (rows, cols), indices, indptr, np.repeat(np.arange(cols, dtype=np.int32), rows)
+    )
+
+
+def _column_major(M: torch.Tensor) -> torch.Tensor:
+    """``(k, rows, cols)`` -> ``(k, rows * cols)`` in CSC order."""
+    return M.transpose(-1, -2).reshape(M.shape[0], -1)
+
+
+class DenseQP:
+    """One call's dense data on its device: ``Q (1|B, n, n)`` (symmetrised), ``q (B, n)``,
+    ``G (1|B, m, n)``, ``h (1|B, m)``, ``A (1|B, p, n)``, ``b (1|B, p)``."""
+
+    def __init__(self, Q, q, G, h, A, b, batch: int) -> None:
+        self.Q, self.q, self.G, self.h, self.A, self.b = Q, q, G, h, A, b
+        self.batch, self.n = batch, q.shape[-1]
+        self.m, self.p = G.shape[-2], A.shape[-2]
+
+    def batch_of(self, G, h, A, b, extra=None) -> ProblemBatch:
+        n = self.n
+        return ProblemBatch(
+            self.batch, _dense_pattern(n, n), _column_major(self.Q), self.q,
+            _dense_pattern(A.shape[-2], n), _column_major(A), b,
+            _dense_pattern(G.shape[-2], n), _column_major(G), h, _nonneg(G.shape[-2]),
+        )  # fmt: skip
+
+
+def _nonneg(m: int):
+    from ..protocol import ConeDims
+
+    return ConeDims(nonneg=m)
+
+
+def _solve(backend, batch: ProblemBatch, extra=None, ghost: bool = False):
+    """``solve_batch`` with the statuses checked; ``(y, nu, lam, s, accuracy (B,))``."""
+    error = GhostProblemError if ghost else SolverError
+    what = "backward (ghost) solve" if ghost else "forward solve"
+    answer = backend.solve_batch(batch, extra)
+    bad = [k for k, s in enumerate(answer.status) if not s.has_solution]
+    if bad:
+        st = answer.status[bad[0]]
+        raise error(
+            f"{what} of batch index {bad[0]}: status {st.value} (solver {backend.name}: "
+            f"{answer.info[bad[0]].raw_status})",
+            status=st,
+            batch_index=bad[0],
+            backend=backend.name,
+        )
+    acc = torch.tensor(
+        [i.accuracy if i.accuracy and i.accuracy > 0 else 1e-8 for i in answer.info],
+        dtype=answer.primal.dtype,
+        device=answer.primal.device,
+    )
+    return answer.primal, answer.eq_dual, answer.ineq_dual, answer.slack, acc, answer.status
+
+
+def _classify(s, lam, h, acc):
+    """Locked and unsettled rows, the rule of :func:`ffo_core.engine.active_set.classify`."""
+    root = torch.sqrt(torch.clamp(acc, min=1e-16))[:, None]
+    h = h.expand_as(s)
+    tau_rows = root * torch.clamp(torch.maximum(h.abs(), (h - s).abs()), min=1.0)
+    tau_lam = root * torch.clamp(lam.abs().amax(dim=1, keepdim=True), min=1.0)
+    s_p, lam_p = s.clamp(min=0), lam.clamp(min=0)
+    locked = s_p * tau_lam < lam_p * tau_rows
+    unsettled = (s_p > UNSETTLED * tau_rows) & (lam_p > UNSETTLED * tau_lam)
+    return locked, unsettled, tau_rows
+
+
+def _equality_batch(qp: DenseQP, locked, rhs_rows, extra=None):
+    """The problems with ``[A; G_locked]`` as equalities (unlocked rows absent) and no
+    inequality: ``rhs_rows`` ``(B, p + m)`` right-hand sides."""
+    B, n = qp.batch, qp.n
+    G = qp.G.expand(B, -1, -1) * locked[..., None]
+    E = torch.cat([qp.A.expand(B, -1, -1), G], dim=1)
+    keep = torch.cat([torch.ones_like(rhs_rows[:, : qp.p], dtype=torch.bool), locked], dim=1)
+    rhs = torch.where(keep, rhs_rows, torch.zeros_like(rhs_rows))
+    empty = qp.G.new_zeros((B, 0, n))
+    return qp.batch_of(empty, qp.G.new_zeros((B, 0)), E, rhs), extra
+
+
+def forward(backend, qp: DenseQP, polish: bool):
+    """Step 1: ``(y, nu, lam, s, accuracy, polished (B,) bool, statuses)``."""
+    y, nu, lam, s, acc, status = _solve(backend, qp.batch_of(qp.G, qp.h, qp.A, qp.b))
+    polished = torch.zeros(qp.batch, dtype=torch.bool, device=y.device)
+    if not polish or qp.m == 0:
+        return y, nu, lam, s, acc, polished, status
+    locked, unsettled, _ = _classify(s, lam, qp.h, acc)
+    todo = unsettled.any(dim=1) | (acc > 1e-10)
+    polished |= ~todo
+    h = qp.h.expand(qp.batch, -1)
+    exact = torch.cat([qp.b.expand(qp.batch, -1), h], dim=1)
+    for _ in range(ROUNDS):
+        if not bool(todo.any()):
+            break
+        batch, _ = _equality_batch(qp, locked, exact)
+        try:
+            yp, eq, _, _, accp, _ = _solve(backend, batch)
+        except SolverError:
+            break  # keep the solver's points
+        lam_p = torch.where(locked, eq[:, qp.p :], torch.zeros_like(lam))
+        slack_p = h - torch.einsum("kmn,kn->km", qp.G.expand(qp.batch, -1, -1), yp)
+        tol = 100.0 * accp[:, None]
+        lam_scale = torch.clamp(lam_p.abs().amax(dim=1, keepdim=True), min=1.0)
+        row_scale = torch.clamp(torch.maximum(h.abs(), (h - slack_p).abs()), min=1.0)
+        primal_bad = ~locked & (slack_p < -tol * row_scale)
+        dual_bad = locked & (lam_p < -tol * lam_scale)
+        ok = todo & ~(primal_bad.any(dim=1) | dual_bad.any(dim=1))
+        y = torch.where(ok[:, None], yp, y)
+        nu = torch.where(ok[:, None], eq[:, : qp.p], nu)
+        lam = torch.where(ok[:, None], lam_p.clamp(min=0), lam)
+        s = torch.where(ok[:, None], torch.where(locked, 0.0, slack_p.clamp(min=0)), s)
+        acc = torch.where(ok, accp, acc)
+        polished |= ok
+        todo &= ~ok
+        locked = torch.where(todo[:, None], (locked | primal_bad) & ~dual_bad, locked)
+    return y, nu, lam, s, acc, polished, status
+
+
+def backward(backend, qp: DenseQP, point, c, c_dual):
+    """Steps 2-3: the direction ``w = (w_y, w_nu, w_lam)`` and the base ``(y, nu, lam)``."""
+    y, nu, lam, s, acc, polished = point
+    B = qp.batch
+    locked, _, _ = _classify(s, lam, qp.h, acc)
+    size = c.norm(dim=1)
+    if c_dual is not None:
+        size = torch.sqrt(size**2 + c_dual[0].norm(dim=1) ** 2 + c_dual[1].norm(dim=1) ** 2)
+    live = size > 0
+    delta = torch.where(live, (1.0 + y.norm(dim=1)) / torch.where(live, size, 1.0), 1.0)
+    G = qp.G.expand(B, -1, -1)
+    E = torch.cat([qp.A.expand(B, -1, -1), G * locked[..., None]], dim=1)
+    through = torch.einsum("kmn,kn->km", E, y)
+    shift = None
+    if c_dual is not None:
+        shift = torch.cat([c_dual[0], torch.where(locked, c_dual[1], 0.0)], dim=1)
+
+    def ghost(sign: float, ks=None):
+        d = sign * delta
+        rhs = through - (d[:, None] * shift if shift is not None else 0.0)
+        batch, _ = _equality_batch(qp, locked, rhs)
+        yg, eq, _, _, _, _ = _solve(backend, batch, d[:, None] * c, ghost=True)
+        lam_g = torch.where(locked, eq[:, qp.p :], torch.zeros_like(lam))
+        return yg, eq[:, : qp.p], lam_g
+
+    base = (y, nu, torch.where(locked, lam, torch.zeros_like(lam)))
+    up = ghost(1.0)
+    w = [(u - f) / delta[:, None] for u, f in zip(up, base)]
+    central = ~polished & live
+    if bool(central.any()):  # an unpolished point is no base for a one-sided difference
+        down = ghost(-1.0)
+        for k in range(3):
+            mid = (up[k] - down[k]) / (2 * delta[:, None])
+            w[k] = torch.where(central[:, None], mid, w[k])
+        base = tuple(
+            torch.where(central[:, None], (u + d) / 2, b) for u, d, b in zip(up, down, base)
+        )
+    w = [torch.where(live[:, None], wk, torch.zeros_like(wk)) for wk in w]
+    return base, tuple(w)
+
+
+def input_gradients(qp: DenseQP, base, w, args, needs, scale_of):
+    """The gradient of every input (None where not needed), densely (module docstring)."""
+    (y, nu, lam), (wy, wnu, wlam) = base, w
+    outer = {
+        "Q": lambda: 0.5 * (wy[:, :, None] * y[:, None, :] + y[:, :, None] * wy[:, None, :]),
+        "p": lambda: wy,
+        "G": lambda: wlam[:, :, None] * y[:, None, :] + lam[:, :, None] * wy[:, None, :],
+        "h": lambda: -wlam,
+        "A": lambda: wnu[:, :, None] * y[:, None, :] + nu[:, :, None] * wy[:, None, :],
+        "b": lambda: -wnu,
+    }
+    out = []
+    for name, need in zip(("Q", "p", "G", "h", "A", "b"), needs):
+        arg = args[name]
+        if not need or not arg.present:
+            out.append(None)
+            continue
+        value = outer[name]()
+        if not arg.batched:
+            value = scale_of(arg) * value.sum(dim=0)
+        out.append(value.to(arg.tensor.dtype))
+    return tuple(out)
+
+
+class DeviceQPFunction(torch.autograd.Function):
+    """Forward and first-order backward of :class:`FFOQPLayer` on a device backend."""
+
+    @staticmethod
+    def forward(layer, call, qp, backend, *inputs):
+        y, nu, lam, s, acc, polished, status = forward(backend, qp, layer.polish)
+        call.point = (y, nu, lam, s, acc, polished)
+        layer.last_status = list(status)
+        layer.last_polish = ["polished" if bool(p) else "not polished" for p in polished]
+        outs = (y, lam, nu) if layer.duals else (y,)
+        return tuple(o.to(call.dtype) for o in outs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.layer, ctx.call, ctx.qp, ctx.backend = inputs[:4]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        layer, call, qp, backend = ctx.layer, ctx.call, ctx.qp, ctx.backend
+        needs = ctx.needs_input_grad[4:]
+        if not any(needs):
+            return (None,) * (4 + len(needs))
+        c = _upstream("y", grads[0], qp).to(qp.q.dtype)
+        c_dual = None
+        if layer.duals and any(g is not None and bool(g.ne(0).any()) for g in grads[1:]):
+            c_lam = _upstream("lam", grads[1], qp) if grads[1] is not None else None
+            c_nu = _upstream("nu", grads[2], qp) if grads[2] is not None else None
+            zeros = qp.q.new_zeros
+            c_dual = (
+                c_nu.to(qp.q.dtype) if c_nu is not None else zeros((qp.batch, qp.p)),
+                c_lam.to(qp.q.dtype) if c_lam is not None else zeros((qp.batch, qp.m)),
+            )
+        base, w = backward(backend, qp, call.point, c, c_dual)
+        B = qp.batch
+
+        def scale_of(arg):
+            return 1.0 if layer.broadcast_grad == "sum" else 1.0 / B
+
+        out = input_gradients(qp, base, w, call.args, needs, scale_of)
+        for name, value in zip("QpGhAb", out):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise SolverError(
+                    f"the gradient of argument {name} overflows {value.dtype}",
+                    backend=backend.name,
+                )
+        layer.last_diagnostics = [{"delta": None, "device": str(qp.q.device)}] * B
+        return (None, None, None, None) + out
+
+
+def _upstream(name: str, grad, qp: DenseQP) -> torch.Tensor:
+    if not bool(torch.isfinite(grad).all()):
+        check_upstream(name, grad.cpu(), True)  # raises, naming the batch indices
+    return grad.reshape(qp.batch, -1)
+
+
+def applies(layer, backend, call) -> bool:
+    """The device path serves this call: a device backend with ``solve_batch``, the
+    first-order mode without the health check, dense inputs."""
+    caps = getattr(backend, "capabilities", None)
+    return bool(
+        caps is not None
+        and caps.device
+        and callable(getattr(backend, "solve_batch", None))
+        and layer.backward_mode == "ffo"
+        and not layer.check_every
+        and all(a.sparse is None for a in call.args.values())
+    )
+
+
+def dense_qp(call) -> DenseQP:
+    """The call's tensors, on their device in the output dtype (module docstring); a dense
+    ``Q`` that is not positive semidefinite is refused as on the general path."""
+    from ..errors import InvalidParameterError
+
+    a, dtype, n = call.args, call.dtype, call.n
+
+    def mat(name, rows):
+        t = a[name].tensor
+        if t is None:
+            return torch.zeros((1, rows, n), dtype=dtype, device=call.device)
+        t = t.detach().to(dtype)
+        return t if t.dim() == 3 else t[None]
+
+    def vec(name, size):
+        t = a[name].tensor
+        if t is None:
+            return torch.zeros((1, size), dtype=dtype, device=call.device)
+        t = t.detach().to(dtype).clone()  # the backward uses the forward's values
+        return t if t.dim() == 2 else t[None]
+
+    Q = mat("Q", n)
+    Q = 0.5 * (Q + Q.transpose(-1, -2))
+    diag = Q.diagonal(dim1=-2, dim2=-1)
+    eps = 1e-9 * torch.clamp(diag.abs().amax(dim=-1), min=1.0)
+    eye = torch.eye(n, dtype=dtype, device=Q.device)
+    _, info = torch.linalg.cholesky_ex(Q + eps[:, None, None] * eye)
+    bad = torch.nonzero(info).flatten().tolist()
+    if bad:
+        where = f" at batch index {bad[:5]}" if a["Q"].batched else ""
+        raise InvalidParameterError(
+            f"argument Q{where} is not positive semidefinite (its Cholesky factorisation "
+            "fails): the QP is not convex"
+        )
+    return DenseQP(
+        Q.clone(), vec("p", n), mat("G", call.m).clone(), vec("h", call.m),
+        mat("A", call.p).clone(), vec("b", call.p), call.batch,
+    )  # fmt: skip
+
+
+__all__ = ["DenseQP", "DeviceQPFunction", "applies"]
