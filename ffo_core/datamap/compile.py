@@ -167,7 +167,8 @@ def _check_problem(problem, parameters, variables, gp: bool) -> dict:
                 "gp=True but the problem is not DGP (log-log convex as written); see "
                 "https://www.cvxpy.org/tutorial/dgp/index.html"
             )
-        if not problem.is_dgp(dpp=True):
+        # a decorator hides is_dgp's signature from mypy
+        if not problem.is_dgp(dpp=True):  # type: ignore[call-arg]
             raise NotDPPError(
                 "the problem is DGP but not DPP: its log-space data is not an affine "
                 "function of the parameters' logarithms, so it cannot be a layer; see "

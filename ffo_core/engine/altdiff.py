@@ -202,7 +202,7 @@ def _check(data) -> QPData:
             )
     B = max(t.shape[0] for t in data)
     n, p, m = q.shape[1], data.A.shape[1], data.G.shape[1]
-    want = {
+    shapes: dict[str, tuple[int, ...]] = {
         "P": (n, n),
         "q": (n,),
         "A": (p, n),
@@ -210,7 +210,7 @@ def _check(data) -> QPData:
         "G": (m, n),
         "h": (m,),
     }
-    for name, shape in want.items():
+    for name, shape in shapes.items():
         t = getattr(data, name)
         if tuple(t.shape[1:]) != shape or t.shape[0] not in (1, B):
             raise InvalidParameterError(

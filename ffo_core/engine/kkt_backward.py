@@ -95,7 +95,7 @@ def _solve_kkt(K: sp.csc_matrix, rhs: np.ndarray, n: int) -> np.ndarray:
     for _ in range(5):
         w = w + lu.solve(rhs - K @ w)
     if not np.all(np.isfinite(w)) or np.linalg.norm(K @ w - rhs) > 1e-6 * max(
-        1.0, np.linalg.norm(rhs)
+        1.0, float(np.linalg.norm(rhs))
     ):
         raise SolverError(
             "backward='kkt': the reduced KKT system has no solution (for an "
@@ -261,7 +261,7 @@ def _solve_residual_jacobian(J: sp.csc_matrix, rhs: np.ndarray) -> tuple[np.ndar
         w = spla.lsmr(J, rhs, atol=1e-14, btol=1e-14, maxiter=20 * J.shape[0])[0]
         how = "lsmr"
     res = np.linalg.norm(J @ w - rhs)
-    if not np.all(np.isfinite(w)) or res > 1e-7 * scale * max(1.0, np.linalg.norm(w)):
+    if not np.all(np.isfinite(w)) or res > 1e-7 * scale * max(1.0, float(np.linalg.norm(w))):
         raise SolverError(
             "backward='kkt': the Jacobian of the KKT residual map is singular and the "
             f"derivative system inconsistent ({how} residual {res:.2e}): the solution map "

@@ -196,7 +196,7 @@ def backward(backend, qp: DenseQP, point, c, c_dual):
         lam_g = torch.where(locked, eq[:, qp.p :], torch.zeros_like(lam))
         return yg, eq[:, : qp.p], lam_g
 
-    base = (y, nu, torch.where(locked, lam, torch.zeros_like(lam)))
+    base: tuple[torch.Tensor, ...] = (y, nu, torch.where(locked, lam, torch.zeros_like(lam)))
     up = ghost(1.0)
     w = [(u - f) / delta[:, None] for u, f in zip(up, base)]
     central = ~polished & live
@@ -223,7 +223,7 @@ def input_gradients(qp: DenseQP, base, w, args, needs, scale_of):
         "A": lambda: wnu[:, :, None] * y[:, None, :] + nu[:, :, None] * wy[:, None, :],
         "b": lambda: -wnu,
     }
-    out = []
+    out: list[torch.Tensor | None] = []
     for name, need in zip(("Q", "p", "G", "h", "A", "b"), needs):
         arg = args[name]
         if not need or not arg.present:

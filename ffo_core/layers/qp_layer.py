@@ -481,12 +481,12 @@ class FFOQPLayer(SolverLayer):
             U = torch.as_tensor(np.stack([f[0] for f in factors]), dtype=dtype, device=device)
             V = torch.as_tensor(np.stack([f[1] for f in factors]), dtype=dtype, device=device)
             return torch.bmm(U, V.transpose(1, 2))
-        U, V = low_rank_factors(section, [g.base for g in grads], [g.direction for g in grads])
-        out = (
-            torch.as_tensor(U, dtype=dtype, device=device)
-            @ torch.as_tensor(V, dtype=dtype, device=device).T
+        Uf, Vf = low_rank_factors(section, [g.base for g in grads], [g.direction for g in grads])
+        summed = (
+            torch.as_tensor(Uf, dtype=dtype, device=device)
+            @ torch.as_tensor(Vf, dtype=dtype, device=device).T
         )
-        return out.mul_(scale) if scale != 1.0 else out
+        return summed.mul_(scale) if scale != 1.0 else summed
 
 
 __all__ = ["FFOQPLayer"]
