@@ -15,7 +15,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[ffo] setting up $VENV (first run or pyproject changed) ..." >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
   "$VENV/bin/python" -m pip install -q "torch==2.13.0" >&2
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,solvers,bench]" >&2
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,solvers,bench,ray]" >&2
   for plugin in "$ROOT"/plugins/*/pyproject.toml; do
     "$VENV/bin/python" -m pip install -q -e "$(dirname "$plugin")" >&2
   done
