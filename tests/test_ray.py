@@ -50,16 +50,10 @@ def cluster():
 
     from ffo_core.layers import ray_executor
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # the test backends below travel by value (the workers cannot import this module)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-    )
+    ray_executor.start_local(num_cpus=2, logging_level=logging.ERROR)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}  # local only
     try:
         yield ray
     finally:
@@ -428,3 +422,31 @@ def test_a_sample_that_kills_every_worker_is_a_typed_error_naming_it(cluster):
     assert time.monotonic() - start < 60
     q[4, 0] = 0.5
     assert torch.equal(layer(Q, q, G, h, A, b), FFOQPLayer("clarabel")(Q, q, G, h, A, b))
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_process_without_ray_gets_a_local_runtime_on_loopback():
+    """executor="ray" in a process that never called ray.init: a runtime on this machine
+    only (127.0.0.1) is started, used, and stopped by ffo's shutdown()."""
+    import subprocess
+
+    script = """
+import numpy as np, torch, ray
+from ffo_core import FFOQPLayer
+from ffo_core.layers import ray_executor
+Q = torch.eye(5, dtype=torch.float64)
+p = torch.tensor(np.random.default_rng(0).standard_normal((4, 5)))
+G, h = -torch.eye(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+y = FFOQPLayer("clarabel", executor="ray")(Q, p, G, h)
+assert torch.equal(y, FFOQPLayer("clarabel")(Q, p, G, h))
+print(sorted({n["NodeManagerAddress"] for n in ray.nodes()}))
+ray_executor.shutdown()
+print(ray.is_initialized())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-3:-1] == ["['127.0.0.1']", "False"], out.stdout

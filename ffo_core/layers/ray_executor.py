@@ -40,10 +40,9 @@ How it works (``docs/scaling.md`` has the measurements):
 
 Which cluster: the one this process is connected to (``ray.init(...)`` by the user);
 otherwise ``executor="ray://HOST:PORT"`` connects there (Ray Client), ``"ray"`` connects
-to ``RAY_ADDRESS`` when that is set, and else starts a local runtime on this machine
-(``ray.init(address="local")``, no dashboard, worker output not forwarded, usage stats
-off unless ``RAY_USAGE_STATS_ENABLED`` says otherwise).  :func:`shutdown` stops the
-workers (and the local runtime if this module started it).
+to ``RAY_ADDRESS`` when that is set, and else starts a runtime on this machine only
+(:func:`start_local`).  :func:`shutdown` stops the workers (and the local runtime if this
+module started it).
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ logger = logging.getLogger("ffo_core")
 #: How often (seconds) a waiting caller thread looks for a cancelled batch.
 POLL_SECONDS = 0.2
 #: Arrays and matrices smaller than this (bytes) always travel by value.
-KEY_MIN_BYTES = 4096
+KEY_MIN_BYTES = 512
 #: ``info.extra`` key of the token a :class:`RayBackend` answer carries for ``resolve``.
 TOKEN_KEY = "ray_resolve"
 
@@ -877,21 +876,55 @@ _POOLS_LOCK = threading.Lock()
 _STARTED_LOCAL = False
 
 
+def start_local(num_cpus: int | None = None, **init: Any):
+    """Start a Ray runtime on this machine only (every Ray process listening on 127.0.0.1,
+    as Ray does on macOS and Windows), quietly: no dashboard, worker output not forwarded,
+    usage stats off unless ``RAY_USAGE_STATS_ENABLED`` says otherwise.  ``num_cpus``:
+    the CPUs it offers (default: all); ``init``: more ``ray.init`` arguments.  Returns the
+    ``ray`` module.  :func:`shutdown` stops it."""
+    global _STARTED_LOCAL
+    ray = _import_ray()
+    from ray._private import ray_constants
+
+    saved_env = {k: os.environ.get(k) for k in (_LOOPBACK_ENV, "RAY_USAGE_STATS_ENABLED")}
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ[_LOOPBACK_ENV] = "0"  # read by the workers Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # and by this process's ray.init
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            **{"logging_level": logging.WARNING, **init},
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    _STARTED_LOCAL = True
+    return ray
+
+
+#: Ray's switch for single-machine runtimes (what it uses on macOS and Windows).
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def _connect(spec: str):
     """``ray``, connected (module docstring: which cluster)."""
-    global _STARTED_LOCAL
     ray = _import_ray()
     if ray.is_initialized():
         return ray
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if spec.startswith("ray://"):
-        ray.init(address=spec, **quiet)
+        ray.init(address=spec, log_to_driver=False, logging_level=logging.WARNING)
     elif os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
+        ray.init(log_to_driver=False, logging_level=logging.WARNING)
     else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", include_dashboard=False, **quiet)
-        _STARTED_LOCAL = True
+        start_local()
     return ray
 
 
@@ -1149,4 +1182,5 @@ __all__ = [
     "RayRunner",
     "RayWorkerError",
     "shutdown",
+    "start_local",
 ]
