@@ -428,7 +428,8 @@ def test_a_sample_that_kills_every_worker_is_a_typed_error_naming_it(cluster):
 @pytest.mark.slow
 def test_a_process_without_ray_gets_a_local_runtime_on_loopback():
     """executor="ray" in a process that never called ray.init: a runtime on this machine
-    only (127.0.0.1) is started, used, and stopped by ffo's shutdown()."""
+    only (127.0.0.1) is started and used; after the user restarts Ray the layer starts new
+    workers; ffo's shutdown() stops the runtime it started."""
     import subprocess
 
     script = """
@@ -438,9 +439,14 @@ from ffo_core.layers import ray_executor
 Q = torch.eye(5, dtype=torch.float64)
 p = torch.tensor(np.random.default_rng(0).standard_normal((4, 5)))
 G, h = -torch.eye(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
-y = FFOQPLayer("clarabel", executor="ray")(Q, p, G, h)
+layer = FFOQPLayer("clarabel", executor="ray")
+y = layer(Q, p, G, h)
 assert torch.equal(y, FFOQPLayer("clarabel")(Q, p, G, h))
-print(sorted({n["NodeManagerAddress"] for n in ray.nodes()}))
+nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+ray.shutdown()  # the user restarts Ray: the layer's workers are gone with it
+ray_executor.start_local(num_cpus=1)
+assert torch.equal(layer(Q, p, G, h), y)
+print(nodes)
 ray_executor.shutdown()
 print(ray.is_initialized())
 """

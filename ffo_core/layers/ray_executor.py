@@ -928,14 +928,26 @@ def _connect(spec: str):
     return ray
 
 
+def _session(ray) -> str:
+    """What identifies this process's connection: the job and the driver's node (a new
+    local runtime numbers its jobs from 1 again, but its node is new)."""
+    context = ray.get_runtime_context()
+    return f"{context.get_job_id()}@{context.get_node_id()}"
+
+
 def _pool(executor: RayExecutor) -> _Pool:
     """The pool an executor's solves go to (connecting and starting workers on first use)."""
     bound = executor._bound
-    if bound is not None and _POOLS.get(bound.job_id) is bound and bound.ray.is_initialized():
+    if (
+        bound is not None
+        and _POOLS.get(bound.job_id) is bound
+        and bound.ray.is_initialized()
+        and _session(bound.ray) == bound.job_id
+    ):
         return bound
     with _POOLS_LOCK:
         ray = _connect(executor.spec)
-        job = ray.get_runtime_context().get_job_id()
+        job = _session(ray)
         pool = _POOLS.get(job)
         if pool is None:
             for old in _POOLS.values():  # a previous ray.init: its actors are gone
