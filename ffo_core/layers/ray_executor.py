@@ -489,7 +489,7 @@ class _Pool:
             getattr(ray.exceptions, name)
             for name in (
                 "RayActorError", "WorkerCrashedError", "ObjectLostError", "NodeDiedError",
-                "LocalRayletDiedError", "ObjectFetchTimedOutError", "RaySystemError",
+                "LocalRayletDiedError", "ObjectFetchTimedOutError",
             )
             if hasattr(ray.exceptions, name)
         )  # fmt: skip
