@@ -26,8 +26,11 @@ class Executor:
         self.n_jobs = n_jobs
 
     @staticmethod
-    def of(spec: str, n_jobs: int | None = None) -> Executor:
-        """The executor a layer's ``executor=`` names."""
+    def of(spec: str | Executor, n_jobs: int | None = None) -> Executor:
+        """The executor a layer's ``executor=`` names (an :class:`Executor` instance, e.g.
+        a configured :class:`~ffo_core.layers.ray_executor.RayExecutor`, is used as is)."""
+        if isinstance(spec, Executor):
+            return spec
         if spec == "threads":
             return Executor(n_jobs)
         if isinstance(spec, str) and (spec == "ray" or spec.startswith("ray://")):
