@@ -152,7 +152,7 @@ def test_cvxpy_layer_qp_matches_threads_and_survives_a_copy(cluster):
 @needs_ray
 def test_a_second_call_ships_no_structure(cluster):
     batch, n, m = 8, 40, 600  # every shared array over the by-value threshold but A, b
-    layer = FFOQPLayer(TIGHT, executor="ray")
+    layer = FFOQPLayer(TIGHT, executor="ray", polish=False)  # count the forward solves only
     Q, q, G, h, _, _ = qp_inputs(batch=batch, n=n, m=m)
     h = h[0]  # shared
     rng = np.random.default_rng(5)
@@ -180,7 +180,8 @@ def test_a_second_call_ships_no_structure(cluster):
 
 # -- failures -------------------------------------------------------------------------------------
 class PoisonedClarabel(ClarabelBackend):
-    """Clarabel, except that a problem with ``q[0] == 1000`` raises inside ``solve``:
+    """Clarabel, except that a problem with ``q[0] == 7`` (a value well inside what the
+    engine's rescaling leaves alone, so the backend sees it) raises inside ``solve``:
     ``mode`` "solver" a SolverError with a status, "python" a ValueError."""
 
     def setting_names(self):
@@ -195,7 +196,7 @@ class PoisonedClarabel(ClarabelBackend):
             self.settings = kept
 
     def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
-        if g.q[0] == 1000.0:
+        if g.q[0] == 7.0:
             if self.settings.get("mode") == "solver":
                 raise SolverError("the solver gave up", status=Status.NUMERICAL_ERROR)
             raise ValueError("bad input on purpose")
@@ -206,7 +207,7 @@ class PoisonedClarabel(ClarabelBackend):
 @pytest.mark.parametrize("mode", ["solver", "python"])
 def test_a_samples_failure_keeps_its_type_and_batch_index(cluster, mode):
     Q, q, G, h, A, b = qp_inputs()
-    q[3, 0] = 1000.0
+    q[3, 0] = 7.0
     errors = []
     for executor in ("threads", "ray"):
         layer = FFOQPLayer(PoisonedClarabel(mode=mode), executor=executor)
@@ -399,11 +400,11 @@ def test_ctrl_c_cancels_the_batch(cluster):
 
 
 class FatalClarabel(ClarabelBackend):
-    """Clarabel whose process dies on a problem with ``q[0] == 1000`` (a sample that
+    """Clarabel whose process dies on a problem with ``q[0] == 7`` (a sample that
     kills its worker every time, as one that runs it out of memory)."""
 
     def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
-        if g.q[0] == 1000.0 and _in_ray_worker():
+        if g.q[0] == 7.0 and _in_ray_worker():
             os._exit(1)
         return super().solve(g, h, e, extra_linear_term, warm_start=warm_start)
 
@@ -413,7 +414,7 @@ def test_a_sample_that_kills_every_worker_is_a_typed_error_naming_it(cluster):
     from ffo_core.layers.ray_executor import RayWorkerError
 
     Q, q, G, h, A, b = qp_inputs()
-    q[4, 0] = 1000.0
+    q[4, 0] = 7.0
     layer = FFOQPLayer(FatalClarabel(), executor="ray")
     start = time.monotonic()
     with pytest.raises(RayWorkerError, match="forward solve of batch index 4") as info:

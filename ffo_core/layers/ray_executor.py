@@ -1032,6 +1032,15 @@ class RayBackend:
     def _call(self, g, h, e, term, warm_start, token) -> Solution:
         return _pool(self.executor).call(self.spec, g, h, e, term, warm_start, token)
 
+    def tightened(self) -> RayBackend:
+        """This proxy over the wrapped backend's tightened copy
+        (:func:`ffo_core.engine.solves.tightened`: the settings of curved ghosts), so a
+        ghost is solved on a worker exactly as in the thread pool."""
+        from ..engine.solves import tightened
+
+        tight = tightened(self.local)
+        return self if tight is self.local else type(self)(self.executor, tight)
+
     def __reduce__(self):
         return (_rebuild_backend, (self.executor, self.spec.payload))
 
