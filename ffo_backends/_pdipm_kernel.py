@@ -69,6 +69,15 @@ RAW = {
 #: a row of G with more stored nonzeros than this (or than n/8) joins the dense part of
 #: G' diag(d) G (one matrix product); sparser rows are summed entry pair by entry pair
 PAIR_ROW_NNZ = 32
+#: iterative refinement stops at relative residual eps**REFINE_EXPONENT (3e-13 in
+#: float64, 3e-6 in float32), or when a step gains less than a factor REFINE_RATIO
+REFINE_EXPONENT = 0.8
+REFINE_RATIO = 5.0
+#: a Cholesky-based solve whose refined relative residual stays above eps**FALLBACK_EXPONENT
+#: (1.5e-8 in float64, 3.5e-4 in float32) is redone by LU
+FALLBACK_EXPONENT = 0.5
+#: a data matrix at most this full is multiplied through its nonzero entries
+SPARSE_FILL = 0.3
 #: Ruiz equilibration: each pass's row/column norms are clipped to this range
 EQ_MIN, EQ_MAX = 1e-4, 1e4
 #: fraction of the way to the boundary of the cone that a step may go
@@ -192,6 +201,51 @@ def mtv(M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.bmm(y.unsqueeze(1), M).squeeze(1)
 
 
+@dataclass
+class Op:
+    """A data matrix ``(1|B, r, c)`` for products with batches of vectors: by matrix
+    products when it is dense, by its nonzero entries (the union over the batch) when at
+    most a fraction :data:`SPARSE_FILL` of it is filled (a bound, a one-hot constraint)."""
+
+    M: torch.Tensor
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    vals: torch.Tensor | None = None  # (1|B, nnz)
+
+    @classmethod
+    def of(cls, M: torch.Tensor) -> Op:
+        r, c = M.shape[1], M.shape[2]
+        nz = (M != 0).any(0)
+        if r * c == 0 or int(nz.sum()) > SPARSE_FILL * r * c:
+            return cls(M)
+        rows, cols = torch.nonzero(nz, as_tuple=True)
+        return cls(M, rows, cols, M[:, rows, cols])
+
+    def take(self, idx: torch.Tensor) -> Op:
+        vals = None if self.vals is None else _take(self.vals, idx)
+        return Op(_take(self.M, idx), self.rows, self.cols, vals)
+
+    def mm(self, X: torch.Tensor) -> torch.Tensor:
+        """``M X``, ``X`` (B, c, k) -> (B, r, k)."""
+        if self.rows is None:
+            return mm(self.M, X)
+        out = X.new_zeros(X.shape[0], self.M.shape[1], X.shape[2])
+        return out.index_add_(1, self.rows, self.vals[:, :, None] * X.index_select(1, self.cols))
+
+    def mtm(self, Y: torch.Tensor) -> torch.Tensor:
+        """``M' Y``, ``Y`` (B, r, k) -> (B, c, k)."""
+        if self.rows is None:
+            return mtm(self.M, Y)
+        out = Y.new_zeros(Y.shape[0], self.M.shape[2], Y.shape[2])
+        return out.index_add_(1, self.cols, self.vals[:, :, None] * Y.index_select(1, self.rows))
+
+    def mv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mm(x[:, :, None])[:, :, 0] if self.rows is not None else mv(self.M, x)
+
+    def mtv(self, y: torch.Tensor) -> torch.Tensor:
+        return self.mtm(y[:, :, None])[:, :, 0] if self.rows is not None else mtv(self.M, y)
+
+
 # -- equilibration ---------------------------------------------------------------------------
 
 
@@ -217,6 +271,14 @@ class Scaled:
     bn: torch.Tensor
     hn: torch.Tensor
     gtdg: GtDG
+    Pdiag: torch.Tensor | None  # (1|B, n) P's diagonal when P is diagonal (or zero), else None
+    Pop: Op | None  # P, A, G for products
+    Aop: Op
+    Gop: Op
+    multi_rows: torch.Tensor  # rows of G with more than one nonzero
+    C: torch.Tensor  # (1|B, p + k, n): [A; G[multi_rows]]
+    Cop: Op
+    schur_ok: bool  # p + k <= n: the "schur" factorisation is worth it (if P is diagonal)
 
     @property
     def n(self) -> int:
@@ -235,6 +297,12 @@ class Scaled:
             self,
             batch=int(idx.numel()),
             P=None if self.P is None else _take(self.P, idx),
+            Pdiag=None if self.Pdiag is None else _take(self.Pdiag, idx),
+            Pop=None if self.Pop is None else self.Pop.take(idx),
+            Aop=self.Aop.take(idx),
+            Gop=self.Gop.take(idx),
+            C=_take(self.C, idx),
+            Cop=self.Cop.take(idx),
             q=_take(self.q, idx),
             A=_take(self.A, idx),
             b=_take(self.b, idx),
@@ -292,6 +360,18 @@ def equilibrate(data: Data, mg: torch.Tensor, iters: int) -> Scaled:
     c = 1.0 / scale.clamp(EQ_MIN, EQ_MAX)
     if P is not None:
         P = c * P
+    if P is None:
+        Pdiag = q.new_zeros(1, n)
+    else:
+        Pdiag = torch.diagonal(P, dim1=1, dim2=2)
+        off = P - torch.diag_embed(Pdiag)
+        Pdiag = Pdiag if not bool((off != 0).any()) else None
+    gtdg = GtDG.of(G)
+    multi_rows = torch.nonzero(gtdg.multi).flatten()
+    if A.shape[0] != G.shape[0] and p and m:
+        C = torch.cat([_per_sample(A, data.batch), _per_sample(G[:, multi_rows], data.batch)], 1)
+    else:
+        C = torch.cat([A, G[:, multi_rows]], 1)
     return Scaled(
         batch=data.batch,
         P=P,
@@ -308,7 +388,15 @@ def equilibrate(data: Data, mg: torch.Tensor, iters: int) -> Scaled:
         qn=_amax(data.q),
         bn=_amax(data.b),
         hn=_amax(data.h * mg),
-        gtdg=GtDG.of(G),
+        gtdg=gtdg,
+        Pdiag=Pdiag,
+        Pop=None if P is None else Op.of(P),
+        Aop=Op.of(A),
+        Gop=Op.of(G),
+        multi_rows=multi_rows,
+        C=C,
+        Cop=Op.of(C),
+        schur_ok=C.shape[1] <= n,
     )
 
 
@@ -326,6 +414,8 @@ class GtDG:
     pair_vals: torch.Tensor  # (1|B, npairs) G[r, i] * G[r, j]
     dense_rows: torch.Tensor  # (md,) rows handled by the matrix product
     Gd: torch.Tensor  # (1|B, md, n)
+    multi: torch.Tensor  # (m,) bool: rows with more than one nonzero (in some sample)
+    diagonal: bool  # no such row: G' diag(d) G is diagonal
 
     @classmethod
     def of(cls, G: torch.Tensor) -> GtDG:
@@ -352,10 +442,27 @@ class GtDG:
         else:
             pair_rows = pair_pos = torch.zeros(0, dtype=torch.long, device=dev)
             pair_vals = G.new_zeros(G.shape[0], 0)
-        return cls(n, pair_rows, pair_pos, pair_vals, dense_rows, G[:, dense_rows, :])
+        multi = counts > 1
+        return cls(
+            n,
+            pair_rows,
+            pair_pos,
+            pair_vals,
+            dense_rows,
+            G[:, dense_rows, :],
+            multi,
+            not bool(multi.any()),
+        )
 
     def take(self, idx: torch.Tensor) -> GtDG:
         return replace(self, pair_vals=_take(self.pair_vals, idx), Gd=_take(self.Gd, idx))
+
+    def diag(self, d: torch.Tensor) -> torch.Tensor:
+        """The diagonal of ``G' diag(d) G`` (``(B, n)``) when it is :attr:`diagonal`."""
+        out = d.new_zeros(d.shape[0], self.n)
+        if self.pair_rows.numel():
+            out.index_add_(1, self.pair_pos // (self.n + 1), d[:, self.pair_rows] * self.pair_vals)
+        return out
 
     def add_to(self, H: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """``H + G' diag(d) G`` (``H`` (B, n, n), modified in place and returned)."""
@@ -376,6 +483,13 @@ class GtDG:
 # -- the KKT system --------------------------------------------------------------------------
 
 
+def _chol_solve(L: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``(L L')^{-1} r`` by two triangular solves (faster than ``cholesky_solve`` on the
+    CPU for small batched matrices)."""
+    y = torch.linalg.solve_triangular(L, r, upper=False)
+    return torch.linalg.solve_triangular(L.transpose(1, 2), y, upper=True)
+
+
 class KKT:
     """One factorisation of the KKT system of the scaled batch ``sc`` at the point with
     inequality weights ``d = z/s`` and ``W = s/z`` (both 0 on absent rows):
@@ -383,52 +497,99 @@ class KKT:
         P dx + A'dnu + G'dz = rx,   A dx = re,   G dx - W dz = rg   (present rows; dz = 0
                                                                      on absent ones)
 
-    Rows with ``d <= theta`` are eliminated (``dz = d (G dx - rg)``, adding
-    ``G' diag(d) G`` to ``P``); the others (``k`` at most per sample, nearly active: small
-    ``W``) stay in the matrix, so that their ``dz`` is not a tiny difference times a huge
-    ``d``:
+    Two factorisations, the cheaper one where it applies:
+
+    ``"schur"``, when ``P`` is diagonal and the rows of ``G`` with more than one nonzero
+    ("multi" rows, ``k``) and the equalities are at most ``n``: bound rows are eliminated
+    into the diagonal ``H = P + G_B' diag(d_B) G_B``, the others stay as unknowns, and
+    ``C = [A; G_M]`` gives the positive definite ``(p + k) x (p + k)``
+
+        S = C (H + rho I)^-1 C' + diag(rho, W_M + rho),
+
+    factorised by Cholesky (nothing at all when ``p + k = 0``).  Keeping ``G_M``'s
+    multipliers as unknowns means a nearly active row's ``dz`` (small ``W``) is never a
+    tiny difference times a huge ``d``; a bound row's elimination is a diagonal scaling,
+    harmless.
+
+    ``"lu"`` (and ``"chol"``) otherwise: rows are eliminated except multi rows with
+    ``d > theta`` (nearly active), kept as unknowns for the same reason (``k`` at most per
+    sample, padded):
 
         [H + rho I   A'         G_K'          ]      H = P + G_E' diag(d_E) G_E
         [A          -rho I      0             ]
         [G_K         0         -(W_K + rho) I ]
 
-    factorised by Cholesky when it is only its first block, else by LU with partial
-    pivoting; every solve is refined in the full space against ``rho = 0``."""
+    factorised by LU with partial pivoting, or by Cholesky of its first block when it is
+    the whole matrix (``p = k = 0``).
 
-    def __init__(self, sc: Scaled, d: torch.Tensor, W: torch.Tensor, opts: Options) -> None:
+    Every solve is refined in the full space against ``rho = 0``; a Cholesky
+    factorisation that fails, or a refined solve that stays inaccurate, hands the solve
+    to the LU factorisation of the same system."""
+
+    def __init__(self, sc: Scaled, d, W, opts: Options, force_lu: bool = False) -> None:
         B, n, p, m = d.shape[0], sc.n, sc.p, sc.m
-        reg = opts.reg
-        self.sc, self.d, self.W, self.refine = sc, d, W, opts.refine
-        theta = torch.finfo(d.dtype).eps ** -0.25
-        kept = d > theta
-        self.k = k = int(kept.sum(1).max()) if m else 0
-        if k:
-            order = torch.argsort(kept.to(torch.int8), dim=1, descending=True, stable=True)
-            self.order = order[:, :k]
-            self.valid = kept.gather(1, self.order)
-            self.dE = torch.where(kept, 0.0, d)
-        else:
-            self.dE = d
+        reg = self.reg = opts.reg
+        self.sc, self.d, self.W, self.opts = sc, d, W, opts
+        self.k, self.dE, self.fallback = 0, d, None
+        if sc.Pdiag is not None and sc.schur_ok and not force_lu:
+            single = sc.mg * ~sc.gtdg.multi if m else sc.mg
+            self.dE = d * single if m else d
+            hd = sc.Pdiag + sc.gtdg.diag(self.dE) if m else sc.Pdiag.expand(B, n)
+            self.hd = hd + reg
+            self.mode = "schur"
+            kc = sc.C.shape[1]
+            if kc == 0:
+                return
+            C = sc.C
+            Ct = C[0].T if C.shape[0] == 1 else C.transpose(1, 2)
+            S = torch.matmul(C * (1.0 / self.hd)[:, None, :], Ct)
+            diag = S.diagonal(dim1=1, dim2=2)
+            diag[:, :p] += reg
+            if kc > p:
+                present = _per_sample(sc.mg, B)[:, sc.multi_rows] > 0
+                WM = W[:, sc.multi_rows]
+                diag[:, p:] += torch.where(present, WM + reg, 1.0)
+            L, info = torch.linalg.cholesky_ex(S)
+            if bool((info == 0).all()):
+                self.chol = L
+                return
+            force_lu = True
+        self._factor_lu(B, n, p, m, reg, force_lu)
+
+    def _factor_lu(self, B, n, p, m, reg, lu_only):
+        sc, d, W = self.sc, self.d, self.W
+        self.dE = d
+        if m:
+            theta = torch.finfo(d.dtype).eps ** -0.25
+            kept = (d > theta) & sc.gtdg.multi
+            k = int(kept.sum(1).max())
+            if k:
+                order = torch.argsort(kept.to(torch.int8), dim=1, descending=True, stable=True)
+                self.order = order[:, :k]
+                self.valid = kept.gather(1, self.order)
+                self.dE = torch.where(kept, 0.0, d)
+                self.k = k
+        k = self.k
         if sc.P is not None:
             H = _per_sample(sc.P, B).clone(memory_format=torch.contiguous_format)
         else:
             H = d.new_zeros(B, n, n)
-        self.H = sc.gtdg.add_to(H, self.dE)
-        eye = torch.eye(n, dtype=d.dtype, device=d.device)
-        self.lu = None
-        if p == 0 and k == 0:
-            L, info = torch.linalg.cholesky_ex(self.H + reg * eye)
+        H = sc.gtdg.add_to(H, self.dE)
+        H.diagonal(dim1=1, dim2=2).add_(reg)
+        if p == 0 and k == 0 and not lu_only:
+            L, info = torch.linalg.cholesky_ex(H)
             if bool((info == 0).all()):
-                self.chol = L
+                self.mode, self.chol = "chol", L
                 return
         N = n + p + k
-        K = d.new_zeros(B, N, N)
-        K[:, :n, :n] = self.H + reg * eye
+        K = d.new_empty(B, N, N)
+        K[:, :n, :n] = H
         if p:
             A = _per_sample(sc.A, B)
             K[:, :n, n : n + p] = A.transpose(1, 2)
             K[:, n : n + p, :n] = A
-            K[:, n : n + p, n : n + p] = -reg * torch.eye(p, dtype=d.dtype, device=d.device)
+            K[:, n : n + p, n:] = 0.0
+            K[:, n : n + p, n : n + p].diagonal(dim1=1, dim2=2).fill_(-reg)
         if k:
             G = sc.G
             if G.shape[0] == 1:
@@ -438,17 +599,35 @@ class KKT:
             GK = GK * self.valid[:, :, None]
             K[:, n + p :, :n] = GK
             K[:, :n, n + p :] = GK.transpose(1, 2)
+            K[:, n + p :, n:] = 0.0
             WK = W.gather(1, self.order)
-            K[:, n + p :, n + p :] = torch.diag_embed(torch.where(self.valid, -(WK + reg), -1.0))
+            K[:, n + p :, n + p :].diagonal(dim1=1, dim2=2).copy_(
+                torch.where(self.valid, -(WK + reg), -1.0)
+            )
         LU, piv, _ = torch.linalg.lu_factor_ex(K)
-        self.lu = (LU, piv)
+        self.mode, self.lu = "lu", (LU, piv)
 
     def _core(self, rx, re, rg):
         """The regularised solve (no refinement); right-hand sides with ``c`` columns."""
         sc, n, p = self.sc, self.sc.n, self.sc.p
-        r1 = rx + mtm(sc.G, self.dE[:, :, None] * rg)
-        if self.lu is None:
-            dx, dnu, dzK = torch.cholesky_solve(r1, self.chol), re[:, :0], None
+        r1 = rx + sc.Gop.mtm(self.dE[:, :, None] * rg) if sc.m else rx
+        if self.mode == "schur":
+            hd = self.hd[:, :, None]
+            if sc.C.shape[1] == 0:
+                dx, dnu, w = r1 / hd, re, None
+            else:
+                r2 = torch.cat([re, rg[:, sc.multi_rows]], dim=1) if sc.C.shape[1] > p else re
+                w = _chol_solve(self.chol, sc.Cop.mm(r1 / hd) - r2)
+                dx = (r1 - sc.Cop.mtm(w)) / hd
+                dnu = w[:, :p]
+            dz = self.dE[:, :, None] * (sc.Gop.mm(dx) - rg) if sc.m else rg
+            if w is not None and sc.C.shape[1] > p:
+                present = (_per_sample(sc.mg, dz.shape[0])[:, sc.multi_rows] > 0)[:, :, None]
+                dz[:, sc.multi_rows] = torch.where(present, w[:, p:], 0.0)
+            return dx, dnu, dz
+        dzK = None
+        if self.mode == "chol":
+            dx, dnu = _chol_solve(self.chol, r1), re[:, :0]
         else:
             parts = [r1, re]
             if self.k:
@@ -457,32 +636,41 @@ class KKT:
                 parts.append(torch.gather(rg, 1, idx) * self.valid[:, :, None])
             sol = torch.linalg.lu_solve(*self.lu, torch.cat(parts, dim=1))
             dx, dnu, dzK = sol[:, :n], sol[:, n : n + p], sol[:, n + p :]
-        dz = self.dE[:, :, None] * (mm(sc.G, dx) - rg)
-        if self.k:
+        dz = self.dE[:, :, None] * (sc.Gop.mm(dx) - rg)
+        if dzK is not None and self.k:
             dz.scatter_add_(1, idx, dzK * self.valid[:, :, None])
         return dx, dnu, dz
 
     def _residual(self, rx, re, rg, dx, dnu, dz):
         sc = self.sc
-        res_x = rx - mtm(sc.A, dnu) - mtm(sc.G, dz)
-        if sc.P is not None:
-            res_x = res_x - mm(sc.P, dx)
-        res_e = re - mm(sc.A, dx)
-        res_g = (rg - mm(sc.G, dx) + self.W[:, :, None] * dz) * sc.mg[:, :, None]
+        res_x = rx - sc.Aop.mtm(dnu) - sc.Gop.mtm(dz)
+        if sc.Pop is not None:
+            res_x = res_x - sc.Pop.mm(dx)
+        res_e = re - sc.Aop.mm(dx)
+        res_g = (rg - sc.Gop.mm(dx) + self.W[:, :, None] * dz) * sc.mg[:, :, None]
         err = torch.stack([_amax(res_x, 1), _amax(res_e, 1), _amax(res_g, 1)]).amax(0)
         return (res_x, res_e, res_g), err
 
     def solve(self, rx: torch.Tensor, re: torch.Tensor, rg: torch.Tensor):
         """``(dx, dnu, dz)`` for right-hand sides with ``c`` columns: ``rx`` (B, n, c),
         ``re`` (B, p, c), ``rg`` (B, m, c) (0 on absent rows)."""
+        if self.fallback is not None:
+            return self.fallback.solve(rx, re, rg)
+        sol, err = self._refined(rx, re, rg)
+        if self.mode != "lu" and bool(
+            (err > torch.finfo(err.dtype).eps ** FALLBACK_EXPONENT).any()
+        ):
+            self.fallback = KKT(self.sc, self.d, self.W, self.opts, force_lu=True)
+            return self.fallback.solve(rx, re, rg)
+        return sol
+
+    def _refined(self, rx, re, rg):
         sol = self._core(rx, re, rg)
-        if not self.refine:
-            return sol
         scale = 1.0 + torch.stack([_amax(rx, 1), _amax(re, 1), _amax(rg, 1)]).amax(0)
-        floor = 8 * torch.finfo(rx.dtype).eps
+        floor = torch.finfo(rx.dtype).eps ** REFINE_EXPONENT
         res, err = self._residual(rx, re, rg, *sol)
         err = err / scale
-        for _ in range(self.refine):
+        for _ in range(self.opts.refine):
             if bool((err <= floor).all()):
                 break
             corr = self._core(*res)
@@ -490,13 +678,14 @@ class KKT:
             cres, cerr = self._residual(rx, re, rg, *cand)
             cerr = cerr / scale
             better = cerr < err  # (B, c): keep the better of the two, per column
-            if not bool(better.any()):
-                break
             keep = better[:, None, :]
             sol = tuple(torch.where(keep, a, b) for a, b in zip(cand, sol))
+            if not bool((cerr * REFINE_RATIO < err).any()):  # too little left to gain
+                err = torch.minimum(err, cerr)
+                break
             res = tuple(torch.where(keep, a, b) for a, b in zip(cres, res))
             err = torch.where(better, cerr, err)
-        return sol
+        return sol, err
 
 
 # -- the iterations --------------------------------------------------------------------------
@@ -540,9 +729,9 @@ def measure(sc: Scaled, st: State) -> Measures:
     certificate ratios (in the equilibrated space, where the data are of order 1)."""
     x, nu, z, s, tau, kappa = st.fields()
     mg = sc.mg
-    Px = mv(sc.P, x) if sc.P is not None else torch.zeros_like(x)
-    Ax, Gx = mv(sc.A, x), mv(sc.G, x)
-    Atnu, Gtz = mtv(sc.A, nu), mtv(sc.G, z)
+    Px = sc.Pop.mv(x) if sc.Pop is not None else torch.zeros_like(x)
+    Ax, Gx = sc.Aop.mv(x), sc.Gop.mv(x)
+    Atnu, Gtz = sc.Aop.mtv(nu), sc.Gop.mtv(z)
     q_x = (sc.q * x).sum(1)
     xPx = (x * Px).sum(1)
     bz = (sc.b * nu).sum(1) + (sc.h * z).sum(1)
@@ -674,7 +863,7 @@ def newton_step(sc: Scaled, st: State, ms: Measures, opts: Options):
 
     xi = x / tau[:, None]
     v = xi - x1
-    Pv = mv(sc.P, v) if sc.P is not None else torch.zeros_like(v)
+    Pv = sc.Pop.mv(v) if sc.Pop is not None else torch.zeros_like(v)
     den = -(kappa / tau + (v * Pv).sum(1) + (z1 * z1 * W).sum(1))
     qP = q + 2.0 * ms.Px / tau[:, None]
 
