@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -73,13 +74,20 @@ PAIR_ROW_NNZ = 32
 #: float64, 3e-6 in float32), or when a step gains less than a factor REFINE_RATIO
 REFINE_EXPONENT = 0.8
 REFINE_RATIO = 5.0
+#: ... and, inside the iterations, at this fraction of the sample's current accuracy (an
+#: early Newton direction needs no more)
+REFINE_FRACTION = 1e-3
 #: a Cholesky-based solve whose refined relative residual stays above eps**FALLBACK_EXPONENT
 #: (1.5e-8 in float64, 3.5e-4 in float32) is redone by LU
 FALLBACK_EXPONENT = 0.5
-#: a data matrix at most this full is multiplied through its nonzero entries
+#: a data matrix at most this full is multiplied through its nonzero entries, when the
+#: dense product would take more than SPARSE_MIN_WORK multiply-adds per column
 SPARSE_FILL = 0.3
+SPARSE_MIN_WORK = 65536
 #: Ruiz equilibration: each pass's row/column norms are clipped to this range
 EQ_MIN, EQ_MAX = 1e-4, 1e4
+#: ... and the passes stop early once every factor is within exp(EQ_DONE) of 1
+EQ_DONE = 0.05
 #: fraction of the way to the boundary of the cone that a step may go
 STEP_FRACTION = 0.99
 #: steps shorter than this count as no progress; a sample stops after this many
@@ -204,13 +212,15 @@ def mtv(M: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Op:
     """A data matrix ``(1|B, r, c)`` for products with batches of vectors: by matrix
-    products when it is dense, by its nonzero entries (the union over the batch) when at
-    most a fraction :data:`SPARSE_FILL` of it is filled (a bound, a one-hot constraint)."""
+    products when it is dense; when at most a fraction :data:`SPARSE_FILL` of it is filled
+    (bounds, one-hot constraints), by one sparse product with the block-diagonal matrix of
+    the batch's samples (torch CSR, built on first use)."""
 
     M: torch.Tensor
     rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
-    vals: torch.Tensor | None = None  # (1|B, nnz)
+    vals: torch.Tensor | None = None  # (1|B, nnz) over the union of the batch's nonzeros
+    _blocks: tuple | None = None  # (batch, S, S') block-diagonal sparse matrices
 
     @classmethod
     def of(cls, M: torch.Tensor) -> Op:
@@ -225,25 +235,56 @@ class Op:
         vals = None if self.vals is None else _take(self.vals, idx)
         return Op(_take(self.M, idx), self.rows, self.cols, vals)
 
+    def _block(self, batch: int, transpose: bool) -> torch.Tensor:
+        if self._blocks is None or self._blocks[0] != batch:
+            r, c = self.M.shape[1], self.M.shape[2]
+            dev = self.vals.device
+            k = torch.arange(batch, device=dev)[:, None]
+            rows = (self.rows[None] + r * k).flatten()
+            cols = (self.cols[None] + c * k).flatten()
+            vals = self.vals.expand(batch, -1).flatten()
+            blocks = []
+            for i, j, shape in (
+                (rows, cols, (batch * r, batch * c)),
+                (cols, rows, (batch * c, batch * r)),
+            ):
+                coo = torch.sparse_coo_tensor(
+                    torch.stack([i, j]), vals, shape, check_invariants=False
+                ).coalesce()
+                with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                    warnings.simplefilter("ignore", UserWarning)
+                    blocks.append(coo.to_sparse_csr())
+            self._blocks = (batch, *blocks)
+        return self._blocks[2 if transpose else 1]
+
+    def _sparse(self, X: torch.Tensor, transpose: bool) -> torch.Tensor:
+        B, _, k = X.shape
+        out = self.M.shape[2 if transpose else 1]
+        if self.rows.numel() == 0:
+            return X.new_zeros(B, out, k)
+        S = self._block(B, transpose)
+        return (S @ X.reshape(-1, k)).reshape(B, out, k)
+
+    def _use_sparse(self, batch: int) -> bool:
+        return self.rows is not None and batch * self.M.shape[1] * self.M.shape[2] > SPARSE_MIN_WORK
+
     def mm(self, X: torch.Tensor) -> torch.Tensor:
         """``M X``, ``X`` (B, c, k) -> (B, r, k)."""
-        if self.rows is None:
-            return mm(self.M, X)
-        out = X.new_zeros(X.shape[0], self.M.shape[1], X.shape[2])
-        return out.index_add_(1, self.rows, self.vals[:, :, None] * X.index_select(1, self.cols))
+        return self._sparse(X, False) if self._use_sparse(X.shape[0]) else mm(self.M, X)
 
     def mtm(self, Y: torch.Tensor) -> torch.Tensor:
         """``M' Y``, ``Y`` (B, r, k) -> (B, c, k)."""
-        if self.rows is None:
-            return mtm(self.M, Y)
-        out = Y.new_zeros(Y.shape[0], self.M.shape[2], Y.shape[2])
-        return out.index_add_(1, self.cols, self.vals[:, :, None] * Y.index_select(1, self.rows))
+        return self._sparse(Y, True) if self._use_sparse(Y.shape[0]) else mtm(self.M, Y)
 
     def mv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mm(x[:, :, None])[:, :, 0] if self.rows is not None else mv(self.M, x)
+        if self._use_sparse(x.shape[0]):
+            return self._sparse(x[:, :, None], False)[:, :, 0]
+        return mv(self.M, x)
 
     def mtv(self, y: torch.Tensor) -> torch.Tensor:
-        return self.mtm(y[:, :, None])[:, :, 0] if self.rows is not None else mtv(self.M, y)
+        if self._use_sparse(y.shape[0]):
+            return self._sparse(y[:, :, None], True)[:, :, 0]
+        return mtv(self.M, y)
 
 
 # -- equilibration ---------------------------------------------------------------------------
@@ -342,6 +383,9 @@ def equilibrate(data: Data, mg: torch.Tensor, iters: int) -> Scaled:
         dc = factor(cols)
         da = factor(A.abs().amax(dim=(0, 2))) if p else Ea
         dg = factor(G.abs().amax(dim=(0, 2))) if m else Eg
+        worst = torch.cat([dc, da, dg]).log().abs().amax() if n + p + m else 0.0
+        if float(worst) < EQ_DONE:  # every norm within a few percent of 1: done
+            break
         if P is not None:
             P = P * dc[:, None] * dc[None, :]
         if p:
@@ -651,23 +695,28 @@ class KKT:
         err = torch.stack([_amax(res_x, 1), _amax(res_e, 1), _amax(res_g, 1)]).amax(0)
         return (res_x, res_e, res_g), err
 
-    def solve(self, rx: torch.Tensor, re: torch.Tensor, rg: torch.Tensor):
+    def solve(self, rx: torch.Tensor, re: torch.Tensor, rg: torch.Tensor, target=None):
         """``(dx, dnu, dz)`` for right-hand sides with ``c`` columns: ``rx`` (B, n, c),
-        ``re`` (B, p, c), ``rg`` (B, m, c) (0 on absent rows)."""
+        ``re`` (B, p, c), ``rg`` (B, m, c) (0 on absent rows).  ``target`` ``(B,)``: the
+        relative residual each sample needs (refinement stops there; default: as
+        accurate as refinement gets)."""
         if self.fallback is not None:
-            return self.fallback.solve(rx, re, rg)
-        sol, err = self._refined(rx, re, rg)
+            return self.fallback.solve(rx, re, rg, target)
+        eps = torch.finfo(rx.dtype).eps
+        floor = eps**REFINE_EXPONENT
+        if target is not None:
+            floor = target.clamp(min=floor)[:, None]
+        sol, err = self._refined(rx, re, rg, floor)
         if self.mode != "lu" and bool(
-            (err > torch.finfo(err.dtype).eps ** FALLBACK_EXPONENT).any()
+            (err > torch.clamp(torch.as_tensor(floor), min=eps**FALLBACK_EXPONENT)).any()
         ):
             self.fallback = KKT(self.sc, self.d, self.W, self.opts, force_lu=True)
-            return self.fallback.solve(rx, re, rg)
+            return self.fallback.solve(rx, re, rg, target)
         return sol
 
-    def _refined(self, rx, re, rg):
+    def _refined(self, rx, re, rg, floor):
         sol = self._core(rx, re, rg)
         scale = 1.0 + torch.stack([_amax(rx, 1), _amax(re, 1), _amax(rg, 1)]).amax(0)
-        floor = torch.finfo(rx.dtype).eps ** REFINE_EXPONENT
         res, err = self._residual(rx, re, rg, *sol)
         err = err / scale
         for _ in range(self.opts.refine):
@@ -858,7 +907,8 @@ def newton_step(sc: Scaled, st: State, ms: Measures, opts: Options):
     rx = torch.stack([-q, -ms.rx], dim=2)
     re = torch.stack([b, -ms.re], dim=2)
     rg = torch.stack([h * mg, (s - ms.rg) * mg], dim=2)
-    dx, dnu, dz = kkt.solve(rx, re, rg)
+    target = (REFINE_FRACTION * ms.accuracy).clamp(max=REFINE_FRACTION)
+    dx, dnu, dz = kkt.solve(rx, re, rg, target)
     x1, nu1, z1 = dx[:, :, 0], dnu[:, :, 0], dz[:, :, 0]
 
     xi = x / tau[:, None]
@@ -890,7 +940,9 @@ def newton_step(sc: Scaled, st: State, ms: Measures, opts: Options):
     rctau = tau * kappa - smu + dtau_a * dk_a
     e = eta[:, None]
     rg = (-e * ms.rg + rc / zsafe) * mg
-    dx, dnu, dz = kkt.solve((-e * ms.rx)[:, :, None], (-e * ms.re)[:, :, None], rg[:, :, None])
+    dx, dnu, dz = kkt.solve(
+        (-e * ms.rx)[:, :, None], (-e * ms.re)[:, :, None], rg[:, :, None], target
+    )
     step = combine(dx[:, :, 0], dnu[:, :, 0], dz[:, :, 0], -eta * ms.rtau + rctau / tau, rc, rctau)
     alpha = STEP_FRACTION * _step_length(st, step[2], step[3], step[4], step[5], mg)
     alpha = alpha.clamp(max=1.0)

@@ -198,10 +198,12 @@ def test_batch_matches_clarabel(pdipm, ref, shared):
 
 def test_extra_linear_term_and_per_sample_agreement(pdipm, ref):
     rng = np.random.default_rng(3)
-    samples = [random_problem(rng, 10, 12, 2, density=0.6) for _ in range(4)]
-    # one structure: the same matrices' pattern, different values
-    batch = make_batch(samples)
     extra = rng.standard_normal((4, 10))
+    samples = []
+    for k in range(4):  # q + extra is the constructed (strictly complementary) cost
+        P, q, A, b, G, h = random_problem(rng, 10, 12, 2, density=0.6)
+        samples.append((P, q - extra[k], A, b, G, h))
+    batch = make_batch(samples)  # one structure: the union pattern, different values
     out = pdipm.solve_batch(batch, extra)
     for k in range(4):
         g, h, e = batch.sample(k)
