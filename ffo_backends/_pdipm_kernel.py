@@ -570,16 +570,18 @@ class KKT:
     factorisation that fails, or a refined solve that stays inaccurate, hands the solve
     to the LU factorisation of the same system."""
 
-    def __init__(self, sc: Scaled, d, W, opts: Options, force_lu: bool = False) -> None:
+    def __init__(
+        self, sc: Scaled, d, W, opts: Options, force_lu: bool = False, prox: float = 0.0
+    ) -> None:
         B, n, p, m = d.shape[0], sc.n, sc.p, sc.m
         reg = self.reg = opts.reg
-        self.sc, self.d, self.W, self.opts = sc, d, W, opts
+        self.sc, self.d, self.W, self.opts, self.prox = sc, d, W, opts, prox
         self.k, self.dE, self.fallback = 0, d, None
         if sc.Pdiag is not None and sc.schur_ok and not force_lu:
             single = sc.mg * ~sc.gtdg.multi if m else sc.mg
             self.dE = d * single if m else d
             hd = sc.Pdiag + sc.gtdg.diag(self.dE) if m else sc.Pdiag.expand(B, n)
-            self.hd = hd + reg
+            self.hd = hd + (reg + prox)
             self.mode = "schur"
             kc = sc.C.shape[1]
             if kc == 0:
@@ -619,7 +621,7 @@ class KKT:
         else:
             H = d.new_zeros(B, n, n)
         H = sc.gtdg.add_to(H, self.dE)
-        H.diagonal(dim1=1, dim2=2).add_(reg)
+        H.diagonal(dim1=1, dim2=2).add_(reg + self.prox)
         if p == 0 and k == 0 and not lu_only:
             L, info = torch.linalg.cholesky_ex(H)
             if bool((info == 0).all()):
@@ -688,6 +690,8 @@ class KKT:
     def _residual(self, rx, re, rg, dx, dnu, dz):
         sc = self.sc
         res_x = rx - sc.Aop.mtm(dnu) - sc.Gop.mtm(dz)
+        if self.prox:
+            res_x = res_x - self.prox * dx
         if sc.Pop is not None:
             res_x = res_x - sc.Pop.mm(dx)
         res_e = re - sc.Aop.mm(dx)
@@ -710,7 +714,7 @@ class KKT:
         if self.mode != "lu" and bool(
             (err > torch.clamp(torch.as_tensor(floor), min=eps**FALLBACK_EXPONENT)).any()
         ):
-            self.fallback = KKT(self.sc, self.d, self.W, self.opts, force_lu=True)
+            self.fallback = KKT(self.sc, self.d, self.W, self.opts, True, self.prox)
             return self.fallback.solve(rx, re, rg, target)
         return sol
 
@@ -812,12 +816,39 @@ def measure(sc: Scaled, st: State) -> Measures:
     accuracy = torch.stack([dual, prim_e, prim_g, comp, gap]).amax(0)
     accuracy = torch.where(torch.isnan(accuracy), torch.inf, accuracy)
 
-    inf = torch.full_like(q_x, torch.inf)
-    Atz = _amax(Atnu + Gtz)
-    infeas = torch.where(bz < 0, Atz / -bz, inf)
-    worst = torch.stack([_amax(Px), _amax(Ax), _amax((Gx * mg).clamp(min=0))]).amax(0)
-    unbdd = torch.where(q_x < 0, worst / -q_x, inf)
+    infeas, unbdd = ratios(sc, q_x, bz, Px, Ax, Gx, Atnu + Gtz)
     return Measures(rx, re, rg, rtau, Px, mu, accuracy, infeas, unbdd)
+
+
+def ratios(sc: Scaled, q_x, bz, Px, Ax, Gx, AGtz):
+    """The certificate ratios of a direction ``x`` and a dual direction ``(nu, z)``
+    (``z >= 0``): ``||A'nu + G'z|| / -(b'nu + h'z)`` and
+    ``max(||Px||, ||Ax||, ||(Gx)+||) / -q'x`` (inf where the denominator is not positive).
+    Homogeneous, so any candidate may be tested; a ratio ``r`` means every primal
+    (resp. dual) feasible point has norm at least ``1/r``."""
+    inf = torch.full_like(q_x, torch.inf)
+    infeas = torch.where(bz < 0, _amax(AGtz) / -bz, inf)
+    worst = torch.stack([_amax(Px), _amax(Ax), _amax((Gx * sc.mg).clamp(min=0))]).amax(0)
+    unbdd = torch.where(q_x < 0, worst / -q_x, inf)
+    return infeas, unbdd
+
+
+def direction_ratios(sc: Scaled, x1, nu1, z1):
+    """:func:`ratios` of the embedding's constant direction ``(x1, nu1, z1)``, the KKT
+    solution for ``(-q, b, h)``: where the KKT matrix is (nearly) singular it is (nearly)
+    a certificate, long before the iterates show one (a direction that no constraint and
+    no curvature bounds, an inconsistent pair of equalities)."""
+    z1 = z1.clamp(min=0) * sc.mg
+    Px = sc.Pop.mv(x1) if sc.Pop is not None else torch.zeros_like(x1)
+    return ratios(
+        sc,
+        (sc.q * x1).sum(1),
+        (sc.b * nu1).sum(1) + (sc.h * z1).sum(1),
+        Px,
+        sc.Aop.mv(x1),
+        sc.Gop.mv(x1),
+        sc.Aop.mtv(nu1) + sc.Gop.mtv(z1),
+    )
 
 
 def classify(ms: Measures, tol: float, tol_infeas: float, fallback: int) -> torch.Tensor:
@@ -867,12 +898,14 @@ def _step_length(st: State, dz, ds, dtau, dkappa, mg) -> torch.Tensor:
 
 
 def initial_point(sc: Scaled, opts: Options) -> State:
-    """The least-squares start: the KKT solution with ``W = I``,
-    ``P x + A'nu + G'z = -q, A x = b, G x - z = h``, then ``s = -z``, and ``s``, ``z``
-    shifted into the positive orthant (Clarabel's start for QPs); ``tau = kappa = 1``."""
+    """The least-squares start: the KKT solution with ``W = I`` and a proximal term,
+    ``(P + I) x + A'nu + G'z = -q, A x = b, G x - z = h`` (Clarabel's start for QPs,
+    plus ``I``: without it a direction that no constraint and no curvature bounds puts
+    ``x`` at ``1 / rho``), then ``s = -z``, and ``s``, ``z`` shifted into the positive
+    orthant; ``tau = kappa = 1``."""
     B, mg = sc.batch, sc.mg
     ones = _per_sample(mg, B).clone(memory_format=torch.contiguous_format)
-    kkt = KKT(sc, ones, ones, opts)
+    kkt = KKT(sc, ones, ones, opts, prox=1.0)
     rx = -_per_sample(sc.q, B)[:, :, None]
     re = _per_sample(sc.b, B)[:, :, None]
     rg = (sc.h * mg).expand(B, -1)[:, :, None]
@@ -910,6 +943,7 @@ def newton_step(sc: Scaled, st: State, ms: Measures, opts: Options):
     target = (REFINE_FRACTION * ms.accuracy).clamp(max=REFINE_FRACTION)
     dx, dnu, dz = kkt.solve(rx, re, rg, target)
     x1, nu1, z1 = dx[:, :, 0], dnu[:, :, 0], dz[:, :, 0]
+    certificates = direction_ratios(sc, x1, nu1, z1)
 
     xi = x / tau[:, None]
     v = xi - x1
@@ -949,7 +983,7 @@ def newton_step(sc: Scaled, st: State, ms: Measures, opts: Options):
     finite = torch.isfinite(alpha)
     for v in step:
         finite &= torch.isfinite(v).all(1) if v.dim() > 1 else torch.isfinite(v)
-    return step, torch.where(finite, alpha, torch.nan)
+    return step, torch.where(finite, alpha, torch.nan), certificates
 
 
 def ipm(sc: Scaled, opts: Options, start: float):
@@ -964,6 +998,7 @@ def ipm(sc: Scaled, opts: Options, start: float):
     iters = torch.zeros(B, dtype=torch.long, device=dev)
     best_acc = torch.full((B,), torch.inf, dtype=dt, device=dev)
     best_score = torch.full((B,), torch.inf, dtype=dt, device=dev)
+    best_mu = torch.full((B,), torch.inf, dtype=dt, device=dev)
     since = torch.zeros(B, dtype=torch.long, device=dev)  # iterations without progress
     stall = torch.zeros(B, dtype=torch.long, device=dev)  # consecutive tiny steps
     idx, loc = torch.arange(B, device=dev), sc
@@ -985,8 +1020,14 @@ def ipm(sc: Scaled, opts: Options, start: float):
         score = torch.stack(
             [ms.accuracy / opts.tol, ms.infeas / opts.tol_infeas, ms.unbdd / opts.tol_infeas]
         ).amin(0)
-        progress = score < 0.5 * best_score[idx]
+        if it == 0:
+            mu0 = ms.mu * torch.finfo(dt).eps
+        # progress: the best residual ratio halves, or mu does (down to eps mu_0)
+        progress = (score < 0.5 * best_score[idx]) | (
+            (ms.mu < 0.5 * best_mu[idx]) & (ms.mu > mu0[idx])
+        )
         best_score[idx] = torch.minimum(best_score[idx], score)
+        best_mu[idx] = torch.minimum(best_mu[idx], ms.mu)
         since[idx] = torch.where(progress, 0, since[idx] + 1)
 
         new = classify(ms, opts.tol, opts.tol_infeas, RUNNING)
@@ -1005,7 +1046,7 @@ def ipm(sc: Scaled, opts: Options, start: float):
             keep = torch.nonzero(go).flatten()
             idx, loc, cur = idx[keep], loc.take(keep), cur.take(keep)
             ms = Measures(*(v.index_select(0, keep) for v in vars(ms).values()))
-        step, alpha = newton_step(loc, cur, ms, opts)
+        step, alpha, (dir_inf, dir_unb) = newton_step(loc, cur, ms, opts)
         bad = torch.isnan(alpha)
         a = torch.where(bad, 0.0, alpha)
         a1 = a[:, None]
@@ -1023,6 +1064,9 @@ def ipm(sc: Scaled, opts: Options, start: float):
         else:
             st.put(idx, upd)
         iters[idx] += 1
+        found = torch.where(dir_unb <= opts.tol_infeas, UNBOUNDED, RUNNING)
+        found = torch.where(dir_inf <= opts.tol_infeas, INFEASIBLE, found)
+        code[idx] = torch.where(found != RUNNING, found, code[idx])
         stall[idx] = torch.where(a < SMALL_STEP, stall[idx] + 1, 0)
         failed = bad | (stall[idx] >= STALL_ITERATIONS)
         if bool(failed.any()):

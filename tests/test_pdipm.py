@@ -66,29 +66,34 @@ def ref():
 
 def random_problem(rng, n, m, p, kind="qp", density=1.0):
     """Dense ``(P, q, A, b, G, h)`` with a known unique, strictly complementary optimum
-    ``y0`` (multipliers 0.5..1.5 on the active rows, slacks 0.2..1 on the others, the
-    active rows and ``A`` linearly independent so the duals are unique; an LP has ``n - p``
-    active rows: a nondegenerate vertex)."""
-    y0 = rng.standard_normal(n)
+    (see :func:`vectors_for`); an LP has ``n - p`` active rows: a nondegenerate vertex."""
     n_active = min(m, n - p) if kind == "lp" else min(round(0.4 * m), n - p)
     active = np.zeros(m, dtype=bool)
     active[rng.permutation(m)[:n_active]] = True
-    while True:
+    while True:  # the active rows and A linearly independent: unique duals
         G = rng.standard_normal((m, n)) * (rng.random((m, n)) < density)
         for i in np.flatnonzero(~G.any(axis=1)):
             G[i, rng.integers(n)] = 1.0
         A = rng.standard_normal((p, n)) * (rng.random((p, n)) < max(density, 0.5))
         if np.linalg.matrix_rank(np.vstack([A, G[active]])) == p + n_active:
             break
-    lam = np.where(active, rng.uniform(0.5, 1.5, m), 0.0)
-    h = G @ y0 + np.where(active, 0.0, rng.uniform(0.2, 1.0, m))
     if kind == "lp":
         P = np.zeros((n, n))
     else:
         F = rng.standard_normal((n, n)) / np.sqrt(n)
         P = F.T @ F + 0.1 * np.eye(n)
-    q = -(P @ y0 + A.T @ rng.standard_normal(p) + G.T @ lam)
-    return P, q, A, A @ y0, G, h
+    return (P, *vectors_for(rng, P, A, G, active))
+
+
+def vectors_for(rng, P, A, G, active):
+    """``(q, A, b, G, h)`` making a random ``y0`` optimal with multipliers 0.5..1.5 on the
+    ``active`` rows and slacks 0.2..1 on the others (strict complementarity)."""
+    m, n = G.shape
+    y0 = rng.standard_normal(n)
+    lam = np.where(active, rng.uniform(0.5, 1.5, m), 0.0)
+    h = G @ y0 + np.where(active, 0.0, rng.uniform(0.2, 1.0, m))
+    q = -(P @ y0 + A.T @ rng.standard_normal(A.shape[0]) + G.T @ lam)
+    return q, A, A @ y0, G, h
 
 
 def protocol(P, q, A, b, G, h):
@@ -171,21 +176,21 @@ def test_single_solve_matches_clarabel(pdipm, ref, kind, density, p):
 @pytest.mark.parametrize("shared", [(), ("P", "A", "G"), ("P", "q", "A", "b", "G")])
 def test_batch_matches_clarabel(pdipm, ref, shared):
     rng = np.random.default_rng(len(shared))
-    base = random_problem(rng, 12, 15, 2, density=0.5)
+    P0, _, A0, _, G0, _ = random_problem(rng, 12, 15, 2, density=0.5)
+    active = np.arange(15) < 5
     samples = []
     for k in range(5):
-        P, q, A, b, G, h = (np.array(v) for v in base)
-        if "P" not in shared:
-            P = P + 0.1 * k * np.eye(12)
-        if "G" not in shared:
-            G = G * (1.0 + 0.1 * rng.standard_normal(G.shape))
-        if "A" not in shared:
-            A = A * (1.0 + 0.1 * rng.standard_normal(A.shape))
-        samples.append((P, q + 0.3 * rng.standard_normal(12), A, b, G, h + 0.2 * rng.random(15)))
-    if "q" in shared:
-        samples = [(s[0], samples[0][1], *s[2:]) for s in samples]
-    if "b" in shared:
-        samples = [(*s[:3], samples[0][3], *s[4:]) for s in samples]
+        P = P0 if "P" in shared else P0 + 0.1 * k * np.eye(12)
+        G = G0 if "G" in shared else G0 * (1.0 + 0.1 * rng.standard_normal(G0.shape))
+        A = A0 if "A" in shared else A0 * (1.0 + 0.1 * rng.standard_normal(A0.shape))
+        samples.append((P, *vectors_for(rng, P, A, G, active)))
+    if "q" in shared:  # the same q: a shared y0 and multipliers
+        samples = [(*samples[0][:1], *vectors_for(np.random.default_rng(0), P0, A0, G0, active))]
+        samples = samples * 5
+        samples = [
+            (s[0], s[1], s[2], s[3], s[4], s[5] + 0.1 * k * (~active))
+            for k, s in enumerate(samples)
+        ]
     batch = make_batch(samples, shared)
     out = pdipm.solve_batch(batch)
     assert isinstance(out.primal, np.ndarray) and out.primal.dtype == np.float64
