@@ -106,6 +106,39 @@ class Options:
     reg: float
     equilibrate_iter: int
     time_limit: float | None
+    max_memory: float = math.inf  # bytes
+
+
+class TooLarge(Exception):
+    """The batch's factorisations would need more than ``Options.max_memory``."""
+
+    def __init__(self, what: str, need: float) -> None:
+        super().__init__(f"{what}: about {need / 2**30:.1f} GiB")
+        self.what, self.need = what, need
+
+
+def check_memory(data: Data, opts: Options) -> None:
+    """Raise :class:`TooLarge` when the iterations' dense matrices (an estimate, by the
+    factorisation the structure allows: see :class:`KKT`) exceed ``opts.max_memory``."""
+    B, n, p, m = data.batch, data.n, data.p, data.m
+    nz = (data.G != 0).any(0) if m else data.G.new_zeros(0, n, dtype=torch.bool)
+    row_nnz = nz.sum(1)
+    multi = int((row_nnz > 1).sum())
+    diag_P = data.P is None or not bool(
+        (data.P - torch.diag_embed(torch.diagonal(data.P, dim1=1, dim2=2)) != 0).any()
+    )
+    if diag_P and p + multi <= n:
+        k = p + multi
+        matrices = 3 * k * k + k * n  # S, its factor, C diag(1/h)
+        what = f"the {k} x {k} Schur complements of a batch of {B}"
+    else:
+        N = n + p + min(multi, n)
+        matrices = 3 * n * n + 2 * N * N  # H, its copy, the KKT matrix and its LU factors
+        what = f"the {N} x {N} KKT matrices of a batch of {B}"
+    vectors = 80 * (n + m + p) + 3 * int(nz.sum())  # iterates, residuals, sparse products
+    need = data.q.element_size() * B * (matrices + vectors)
+    if need > opts.max_memory:
+        raise TooLarge(what, need)
 
 
 @dataclass
@@ -1118,6 +1151,7 @@ def direct(sc: Scaled, opts: Options):
 def run(data: Data, opts: Options) -> Result:
     """Solve every sample of ``data`` (see the module docstring)."""
     start = time.perf_counter()
+    check_memory(data, opts)
     B, n, p, m = data.batch, data.n, data.p, data.m
     q = data.q
     dev, dt = q.device, q.dtype

@@ -20,13 +20,18 @@ certificate rather than a stall:
 
 * one scaling of the data per batch (Ruiz equilibration of the KKT matrix plus a cost
   scaling), so shared matrices stay shared;
-* per iteration and sample one KKT matrix ``[P + G' diag(lam/s) G + rho I, A'; A, -rho I]``,
-  factorised densely (Cholesky when there are no equalities, LU with partial pivoting
-  otherwise), solved for three right-hand sides, each refined against the unregularised
-  matrix (``refine`` steps at most): rank-deficient equalities, a singular ``P`` and rows
-  that are all zeros are fine;
-* ``G' diag(d) G`` is summed over pairs of nonzeros for rows with few of them (a box, a
-  simplex row of ``Sudoku``) and by a matrix product for the others;
+* per iteration and sample one factorisation of the KKT system, solved for three
+  right-hand sides, each refined against the unregularised system: when ``P`` is diagonal
+  (bound rows of ``G``, one nonzero each, are folded into that diagonal) a Cholesky
+  factorisation of the ``(p + k) x (p + k)`` Schur complement of the equalities and the
+  ``k`` other rows of ``G`` (OptNet's Sudoku: 40 x 40; a box QP with a budget row:
+  1 x 1); otherwise Cholesky of ``P + G' diag(lam/s) G + rho I`` (no equalities) or LU
+  with partial pivoting of ``[P + G_E' diag(lam/s) G_E + rho I, A', G_K'; A, -rho I, 0;
+  G_K, 0, -diag(s/lam)]``, where the nearly active rows ``G_K`` stay unknowns instead of
+  being eliminated (their multipliers would otherwise be tiny differences times huge
+  weights); a Cholesky solve that fails or stays inaccurate is redone by LU.
+  Rank-deficient equalities, a singular ``P`` and rows that are all zeros are fine;
+* sparse data matrices (bounds, one-hot rows) are multiplied through their nonzeros;
 * *absent rows* (an all-zero row of ``A`` with ``b_i = 0``, of ``G`` with ``h_i >= 0``, in
   some samples of a batch: how the engine batches ghost problems with different active
   sets) are dropped from that sample (``lam_i = 0``, ``s_i = h_i``; an absent equality's
@@ -46,10 +51,14 @@ Statuses and accuracy.  ``OPTIMAL`` when the largest of the unscaled relative re
     s'lam / (1 + |f|),   |f - dual objective| / (1 + |f|)        (infinity norms, f = objective)
 
 is at most ``tol``; that number is ``SolveInfo.accuracy``.  ``INFEASIBLE`` when the
-embedding's ``(nu, lam)`` satisfies ``||A'nu + G'lam|| <= tol_infeas * -(b'nu + h'lam)``,
-``UNBOUNDED`` when its ``x`` satisfies ``max(||Px||, ||Ax||, ||(Gx)+||) <= tol_infeas *
--q'x`` (both measured on the equilibrated data; such a ratio bounds the size of any
-feasible point, resp. dual point, from below by its inverse).  A sample stopped by
+embedding's ``(nu, lam)`` (or its constant Newton direction's) satisfies
+``||A'nu + G'lam|| <= tol_infeas * -(b'nu + h'lam)``, ``UNBOUNDED`` when its ``x`` satisfies
+``max(||Px||, ||Ax||, ||(Gx)+||) <= tol_infeas * -q'x`` (both measured on the equilibrated
+data; such a ratio bounds the size of every feasible point, resp. dual point, from below by
+its inverse, so it is never met by a problem with a moderate solution).  An optimum is
+reported only when the residuals above are met, so an infeasible or unbounded problem is
+never OPTIMAL; one that is unbounded along a direction no constraint touches can end
+``NUMERICAL_ERROR`` instead of ``UNBOUNDED``.  A sample stopped by
 ``max_iter``, ``time_limit`` or lack of progress is ``OPTIMAL_INACCURATE`` /
 ``INFEASIBLE_INACCURATE`` / ``UNBOUNDED_INACCURATE`` if it meets ``tol_inaccurate``, else
 ``ITERATION_LIMIT`` / ``TIME_LIMIT`` / ``NUMERICAL_ERROR``; a NaN or Inf in a sample's
@@ -78,16 +87,20 @@ setting            float64 default    float32 default    meaning
 A setting given explicitly applies to both dtypes.  float32 is about 1e-6 accurate at
 best, hence its looser defaults; float16 and bfloat16 are refused.
 
-Cost.  Dense linear algebra: per iteration and sample ``O((n + p)^3)`` for the
-factorisation and ``O(m n)`` for products with ``G``; memory about
-``batch * ((n + p)^2 * 2 + n^2) + (batch or 1) * (n^2 + (m + p) n)`` numbers.  It is made
-for many small problems (hundreds of variables); a batch whose estimate exceeds
-``max_memory_gb`` is refused with a ``SolverError`` before anything is allocated.  Use a
-sparse backend (``clarabel``) for large sparse problems.
+Cost.  Dense linear algebra, made for many small problems (up to a few hundred
+variables): per iteration and sample ``O(n (p + k)^2 + (p + k)^3)`` in the Schur case,
+``O((n + p + k)^3)`` otherwise, plus products with the data; memory for ``batch`` such
+matrices and the dense data (once when shared by the batch).  A batch whose estimate
+exceeds ``max_memory_gb`` is refused with a ``SolverError`` before the memory is taken.
+Use a sparse backend (``clarabel``) for large sparse problems.  On the CPU, torch's
+per-operation overhead (a few microseconds, some hundreds of operations per iteration)
+dominates small batches; the method pays off with large batches and on a GPU.
 
 Thread safety: no state is kept between calls; one instance may be used from many
-threads.  Results on the CPU are deterministic; on CUDA the sums over entry pairs use
-atomic additions, so repeated solves can differ in the last bits.  There is no warm start.
+threads.  Results on the CPU are deterministic; on CUDA some sums use atomic additions,
+so repeated solves can differ in the last bits.  There is no warm start.  A sample's
+answer does not depend on the other samples of its batch beyond solver accuracy (the
+equilibration is common to the batch).
 """
 
 from __future__ import annotations
@@ -199,7 +212,6 @@ class PDIPMBackend(BackendBase):
 
         col = 1 if dtype_is_float32 else 0
         values = {k: self.settings.get(k, v[col]) for k, v in DEFAULTS.items()}
-        values.pop("max_memory_gb")
         return Options(
             tol=float(values["tol"]),
             tol_inaccurate=max(float(values["tol_inaccurate"]), float(values["tol"])),
@@ -209,25 +221,31 @@ class PDIPMBackend(BackendBase):
             reg=float(values["reg"]),
             equilibrate_iter=int(values["equilibrate_iter"]),
             time_limit=None if values["time_limit"] is None else float(values["time_limit"]),
+            max_memory=float(values["max_memory_gb"]) * 2**30,
         )
 
     # -- sizes ---------------------------------------------------------------------------------
-    def _check_memory(self, batch: int, n: int, p: int, m: int, shared: int, itemsize: int):
-        """Refuse a batch whose dense storage estimate exceeds ``max_memory_gb``
-        (``shared``: how many of P, A, G have one copy for the whole batch)."""
-        limit = float(self.settings.get("max_memory_gb", DEFAULTS["max_memory_gb"][0]))
-        per_sample = 2 * (n + p) ** 2 + 3 * n * n + 2 * (m + p) * n + 20 * (n + m + p)
-        data = 3 * (n * n + (m + p) * n)  # original, equilibration passes, scaled
-        copies = batch if shared < 3 else 1
-        need = itemsize * (batch * per_sample + copies * data)
-        if need > limit * 2**30:
-            raise SolverError(
-                f"pdipm stores each sample's KKT matrices densely: batch {batch} with "
-                f"n={n}, p={p}, m={m} needs about {need / 2**30:.1f} GiB, more than "
-                f"max_memory_gb={limit:g} (raise it with 'pdipm:max_memory_gb=...', split "
-                "the batch, or use a sparse backend such as clarabel)",
-                backend=self.name,
-            )
+    def _memory_limit(self) -> float:
+        """``max_memory_gb`` in bytes."""
+        return float(self.settings.get("max_memory_gb", DEFAULTS["max_memory_gb"][0])) * 2**30
+
+    def _refuse(self, what: str, need: float) -> None:
+        limit = self._memory_limit()
+        raise SolverError(
+            f"pdipm stores {what} densely: about {need / 2**30:.1f} GiB, more than "
+            f"max_memory_gb={limit / 2**30:g} (raise it with 'pdipm:max_memory_gb=...', "
+            "split the batch, or use a sparse backend such as clarabel)",
+            backend=self.name,
+        )
+
+    def _check_data(self, batch: int, n: int, p: int, m: int, per_sample, itemsize: int):
+        """Refuse a batch whose dense data would exceed ``max_memory_gb`` before it is
+        formed (``per_sample``: which of P, A, G have values per sample)."""
+        sizes = {"P": n * n, "A": p * n, "G": m * n}
+        count = sum(sizes[k] * (batch if k in per_sample else 1) for k in sizes)
+        need = 3 * itemsize * count  # the data, an equilibration pass, the scaled copy
+        if need > self._memory_limit():
+            self._refuse(f"the data of a batch of {batch} (n={n}, p={p}, m={m})", need)
 
     # -- the protocol ------------------------------------------------------------------------
     def solve(
@@ -251,7 +269,7 @@ class PDIPMBackend(BackendBase):
                 backend=self.name,
             )
         n, p, m = g.n, e.p, h.m
-        self._check_memory(1, n, p, m, 3, 8)
+        self._check_data(1, n, p, m, (), 8)
 
         def dense(M, rows):
             if M is None:
@@ -269,7 +287,7 @@ class PDIPMBackend(BackendBase):
             P = 0.5 * (P + P.transpose(1, 2))
         data = K.Data(1, P, vec(q), dense(e.A, p), vec(e.b), dense(h.G, m), vec(h.h))
         start = time.perf_counter()
-        res = K.run(data, self.options(False))
+        res = self._run(K, data, False)
         elapsed = time.perf_counter() - start
         sol = self._answer(res, elapsed, numpy=True)
         return sol.sample(0)
@@ -342,13 +360,17 @@ class PDIPMBackend(BackendBase):
             flat.index_add_(1, index, v)  # duplicates of a non-canonical pattern add up
             return flat.view(v.shape[0], rows, cols)
 
-        shared = sum(
-            1
-            for v, pat in ((batch.P_values, batch.P), (batch.A_values, 1), (batch.G_values, 1))
-            if pat is None or np.shape(v)[0] == 1
-        )
+        per_sample = {
+            name
+            for name, values in (
+                ("P", batch.P_values),
+                ("A", batch.A_values),
+                ("G", batch.G_values),
+            )
+            if values is not None and np.shape(values)[0] != 1
+        }
         itemsize = 4 if dtype == torch.float32 else 8
-        self._check_memory(B, n, p, m, shared, itemsize)
+        self._check_data(B, n, p, m, per_sample, itemsize)
         P = None
         if batch.P is not None and batch.P.nnz:
             P = matrix("P_values", batch.P, batch.P_values)
@@ -369,10 +391,16 @@ class PDIPMBackend(BackendBase):
             raise InvalidParameterError(f"pdipm: q has {q.shape[0]} rows for a batch of {B}")
         start = time.perf_counter()
         with torch.no_grad():
-            res = K.run(data, self.options(dtype == torch.float32))
+            res = self._run(K, data, dtype == torch.float32)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return self._answer(res, time.perf_counter() - start, numpy=numpy_out)
+
+    def _run(self, K, data, float32: bool):
+        try:
+            return K.run(data, self.options(float32))
+        except K.TooLarge as exc:
+            self._refuse(exc.what, exc.need)
 
     @staticmethod
     def _answer(res, elapsed: float, numpy: bool) -> BatchSolution:

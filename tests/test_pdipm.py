@@ -526,7 +526,25 @@ def test_oversized_batches_and_other_cones_refused(pdipm):
         ConeDims(nonneg=n),
     )
     with pytest.raises(SolverError, match="max_memory_gb"):
-        pdipm.solve_batch(batch)
+        pdipm.solve_batch(batch)  # the dense data alone: 3 x 3.2 GB
+    # data that fit, factorisations that do not: a dense shared P, a batch of 50
+    n, B = 1000, 50
+    dense = SparsePattern.of(sp.csc_matrix(np.ones((n, n))))
+    batch = ProblemBatch(
+        B,
+        dense,
+        np.full((1, dense.nnz), 1e-3) + np.eye(n)[dense.indices, dense.cols][None],
+        np.zeros((B, n)),
+        SparsePattern.of(sp.csc_matrix((0, n))),
+        np.zeros((1, 0)),
+        np.zeros((1, 0)),
+        SparsePattern.of(sp.eye(n, format="csc")),
+        np.ones((1, n)),
+        np.ones((1, n)),
+        ConeDims(nonneg=n),
+    )
+    with pytest.raises(SolverError, match="KKT matrices of a batch of 50.*max_memory_gb=1"):
+        get_backend("pdipm:max_memory_gb=1").solve_batch(batch)
     g = Objective(None, np.ones(3))
     h = ConeConstraints(sp.csc_matrix(-np.eye(3)), np.zeros(3), ConeDims(soc=(3,)))
     with pytest.raises(SolverError, match="zero and nonnegative"):
