@@ -90,6 +90,10 @@ EQ_MIN, EQ_MAX = 1e-4, 1e4
 EQ_DONE = 0.05
 #: fraction of the way to the boundary of the cone that a step may go
 STEP_FRACTION = 0.99
+#: a constant direction whose certificate ratio is below SHARPEN_BELOW (but above the
+#: tolerance) gets SHARPEN_STEPS steps of inverse iteration (see sharpened_ratios)
+SHARPEN_BELOW = 1e-2
+SHARPEN_STEPS = 2
 #: steps shorter than this count as no progress; a sample stops after this many
 #: iterations without progress (tiny steps, or no halving of its best residual ratio)
 SMALL_STEP = 1e-8
@@ -643,7 +647,7 @@ class KKT:
             kept = (d > theta) & sc.gtdg.multi
             k = int(kept.sum(1).max())
             if k:
-                order = torch.argsort(kept.to(torch.int8), dim=1, descending=True, stable=True)
+                order = torch.argsort(kept.to(torch.int32), dim=1, descending=True, stable=True)
                 self.order = order[:, :k]
                 self.valid = kept.gather(1, self.order)
                 self.dE = torch.where(kept, 0.0, d)
@@ -884,6 +888,32 @@ def direction_ratios(sc: Scaled, x1, nu1, z1):
     )
 
 
+def sharpened_ratios(sc: Scaled, kkt: KKT, x1, nu1, z1, tol_infeas: float):
+    """:func:`direction_ratios` of ``(x1, nu1, z1)``, and where one of them is promising
+    but not yet small enough, of the result of :data:`SHARPEN_STEPS` steps of inverse
+    iteration with the regularised KKT matrix (either sign): the regularisation caps a
+    singular direction's growth at ``1/rho`` per solve, and each step multiplies what
+    lies along the (near) null space of the KKT matrix (a direction no constraint and no
+    curvature bounds, an inconsistent set of equalities) by ``1/rho`` against the rest."""
+    infeas, unbdd = direction_ratios(sc, x1, nu1, z1)
+    best = torch.minimum(infeas, unbdd)
+    promising = (best > tol_infeas) & (best < SHARPEN_BELOW)
+    if not bool(promising.any()):
+        return infeas, unbdd
+    X = [v[:, :, None] for v in (x1, nu1, z1 * sc.mg)]
+    for _ in range(SHARPEN_STEPS):
+        X = list(kkt._core(*X))
+        X[2] = X[2] * sc.mg[:, :, None]
+        size = torch.stack([_amax(v, 1)[:, 0] for v in X]).amax(0).clamp(min=1e-300)
+        X = [v / size[:, None, None] for v in X]
+    x, nu, z = (v[:, :, 0] for v in X)
+    for sign in (1.0, -1.0):
+        i2, u2 = direction_ratios(sc, sign * x, sign * nu, sign * z)
+        infeas = torch.where(promising, torch.minimum(infeas, i2), infeas)
+        unbdd = torch.where(promising, torch.minimum(unbdd, u2), unbdd)
+    return infeas, unbdd
+
+
 def classify(ms: Measures, tol: float, tol_infeas: float, fallback: int) -> torch.Tensor:
     """Status codes from the measures: optimal / infeasible / unbounded at the given
     tolerances, else ``fallback``."""
@@ -976,7 +1006,7 @@ def newton_step(sc: Scaled, st: State, ms: Measures, opts: Options):
     target = (REFINE_FRACTION * ms.accuracy).clamp(max=REFINE_FRACTION)
     dx, dnu, dz = kkt.solve(rx, re, rg, target)
     x1, nu1, z1 = dx[:, :, 0], dnu[:, :, 0], dz[:, :, 0]
-    certificates = direction_ratios(sc, x1, nu1, z1)
+    certificates = sharpened_ratios(sc, kkt, x1, nu1, z1, opts.tol_infeas)
 
     xi = x / tau[:, None]
     v = xi - x1
