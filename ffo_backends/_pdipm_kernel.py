@@ -19,18 +19,15 @@ variables ``(x, nu, z, s, tau, kappa)`` with
 
 whose solutions give the optimum ``(x, nu, z, s) / tau`` when ``tau > 0`` and a
 certificate of infeasibility (``nu, z``) or unboundedness (``x``) when ``kappa > 0``.  Each
-iteration factorises one KKT matrix per sample,
-
-    [H + rho I   A'    ]      H = P + G' diag(z/s) G
-    [A          -delta I],
-
-(Cholesky of ``H + rho I`` when there are no equalities, else LU with partial pivoting),
-and solves it for three right-hand sides (the embedding's constant one, the affine and the
-combined direction), each with iterative refinement against the unregularised matrix.  The
-data are equilibrated first (Ruiz, one scaling common to the batch, so that shared matrices
-stay shared).  Samples whose inequality rows are all absent are equality-constrained QPs
-and are solved directly by one refined KKT solve; those that do not come out optimal go
-through the embedding (which detects infeasibility and unboundedness).
+iteration factorises one KKT system per sample (see :class:`KKT`: a Schur complement when
+``P`` is diagonal, else the KKT matrix with nearly active rows kept as unknowns) and solves
+it for three right-hand sides (the embedding's constant one, the affine and the combined
+direction), each refined against the unregularised system.  The data are equilibrated
+first (Ruiz, one scaling common to the batch, so that shared matrices stay shared).
+Samples whose inequality rows are all absent are equality-constrained QPs and are solved
+directly by one refined KKT solve; those that do not come out optimal go through the
+embedding (which detects infeasibility and unboundedness).  Statuses are decided per
+sample, and samples leave the iterations as they finish.
 """
 
 from __future__ import annotations
@@ -1131,7 +1128,7 @@ def ipm(sc: Scaled, opts: Options, start: float):
         found = torch.where(dir_inf <= opts.tol_infeas, INFEASIBLE, found)
         code[idx] = torch.where(found != RUNNING, found, code[idx])
         stall[idx] = torch.where(a < SMALL_STEP, stall[idx] + 1, 0)
-        failed = bad | (stall[idx] >= STALL_ITERATIONS)
+        failed = (bad | (stall[idx] >= STALL_ITERATIONS)) & (found == RUNNING)
         if bool(failed.any()):
             # judged on the point before the failed step (bad) or on the last one
             sel = torch.nonzero(failed).flatten()
@@ -1206,8 +1203,9 @@ def run(data: Data, opts: Options) -> Result:
             finite &= per_sample(torch.isfinite(t).flatten(1).all(1))
     present_e = (data.A != 0).any(2)  # (1|B, p)
     present_g = (data.G != 0).any(2)  # (1|B, m)
-    bad_e = per_sample((~present_e & (data.b != 0)).any(1)) if p else ~finite & False
-    bad_g = per_sample((~present_g & (data.h < 0)).any(1)) if m else ~finite & False
+    none = torch.zeros_like(finite)
+    bad_e = per_sample((~present_e & (data.b != 0)).any(1)) if p else none
+    bad_g = per_sample((~present_g & (data.h < 0)).any(1)) if m else none
     out.status[~finite] = NUMERICAL_ERROR
     for k in torch.nonzero(~finite).flatten().tolist():
         out.notes[k] = "NaN or Inf in the data"
@@ -1219,7 +1217,7 @@ def run(data: Data, opts: Options) -> Result:
             "an all-zero row with a nonzero right-hand side (0 = b_i != 0 or 0 <= h_i < 0)"
         )
     todo = finite & ~trivial
-    has_ineq = per_sample(present_g.any(1)) if m else torch.zeros(B, dtype=torch.bool, device=dev)
+    has_ineq = per_sample(present_g.any(1)) if m else none
     mg_all = present_g.to(dt)
 
     def scaled_subset(idx: torch.Tensor) -> Scaled:

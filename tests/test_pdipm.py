@@ -504,6 +504,8 @@ def test_settings(ref):
     tight = get_backend("pdipm:tol=1e-11").solve(*prob)
     assert loose.info.accuracy <= 1e-4 and tight.info.accuracy <= 1e-11
     assert loose.info.iterations < tight.info.iterations
+    for spec in ("pdipm:equilibrate_iter=0", "pdipm:refine=0"):  # the options switch off
+        assert get_backend(spec).solve(*prob).status.has_solution
     assert get_backend("pdipm").with_settings(time_limit=1e-9).solve(*prob).status in (
         Status.TIME_LIMIT,
         Status.OPTIMAL_INACCURATE,
