@@ -20,8 +20,14 @@ What each group proves (real solves throughout; the reference is Clarabel at 1e-
 (f) the conformance suite at the defaults (slow), and a CUDA check (skipped without CUDA).
 
 Tolerances: pdipm stops at relative residual 1e-9 (float64), so solutions and duals are
-within ``DIST = 1e-6`` (relative, infinity norm) of Clarabel's on these well-conditioned
-instances (measured: 2e-8 at worst); float32 stops at 1e-5 and is within 1e-3.
+within ``DIST = 1e-6`` (relative, infinity norm) of Clarabel's on these strictly
+complementary instances (measured: 1.5e-7 at worst); float32 stops at 1e-5 and is within
+``FLOAT32_DIST = 1e-3`` (measured: 2.4e-4).  Gradients through the layers (``GRAD_REL =
+1e-6``, relative): the first-order gradient against the exact KKT gradient of a tight
+Clarabel solve (measured 2e-9; the ghost problem of a QP with a fixed active set is affine
+in the step, so the one-sided difference is exact up to solver accuracy), the KKT mode
+through pdipm's solution (2e-9), central finite differences of pdipm solves at tol 1e-11
+(9e-9), and FFOLayer's gradients (2e-9).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from ffo_core.protocol import (
 REF = "clarabel:tol_gap_abs=1e-12,tol_gap_rel=1e-12,tol_feas=1e-12,tol_ktratio=1e-10"
 DIST = 1e-6
 FLOAT32_DIST = 1e-3
+GRAD_REL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -598,11 +605,11 @@ def test_qp_layer_forward_and_gradients(ref):
     assert rel(y, y_ref) <= DIST
     for g, r in zip(grads, grads_ref):
         cos = float((g * r).sum() / (g.norm() * r.norm()))
-        assert cos >= 0.9999 and rel(g, r) <= 1e-3, (cos, rel(g, r))
+        assert cos >= 0.999999 and rel(g, r) <= GRAD_REL, (cos, rel(g, r))
     # and the exact KKT gradient through pdipm's own solution
     _, grads_kkt = layer_grads(FFOQPLayer(solver="pdipm", backward="kkt"), inputs, weight)
     for g, r in zip(grads_kkt, grads_ref):
-        assert rel(g, r) <= 1e-6
+        assert rel(g, r) <= GRAD_REL
 
 
 def test_qp_layer_finite_differences():
@@ -623,7 +630,7 @@ def test_qp_layer_finite_differences():
                 xs[slot].view(-1)[j] += sign * eps
                 vals.append(float((tight(*xs) * weight).sum()))
             flat[j] = (vals[0] - vals[1]) / (2 * eps)
-        assert rel(grads[slot], fd) <= 1e-4, slot
+        assert rel(grads[slot], fd) <= GRAD_REL, slot
 
 
 def test_ffolayer_with_pdipm(ref):
@@ -649,7 +656,7 @@ def test_ffolayer_with_pdipm(ref):
         outs[name] = (sol.detach(), qq.grad, hh.grad)
     assert rel(outs["pdipm"][0], outs["ref"][0]) <= DIST
     for g, r in zip(outs["pdipm"][1:], outs["ref"][1:]):
-        assert rel(g, r) <= 1e-3
+        assert rel(g, r) <= GRAD_REL
 
 
 # -- (f) the conformance suite -----------------------------------------------------------------
