@@ -1049,69 +1049,81 @@ def newton_step(sc: Scaled, st: State, ms: Measures, opts: Options):
 def ipm(sc: Scaled, opts: Options, start: float):
     """The embedding's iterations on every sample of ``sc``; returns codes, iteration
     counts, accuracies and the point to answer with (per sample, the iterate of best
-    accuracy)."""
+    accuracy).  The bookkeeping is local to the running samples and written out when
+    samples finish."""
     B = sc.batch
     dev, dt = sc.q.device, sc.q.dtype
-    st = initial_point(sc, opts)
-    best = State(*(t.clone() for t in st.fields()))
+    cur = initial_point(sc, opts)
+    # outputs, per sample of sc
     code = torch.zeros(B, dtype=torch.long, device=dev)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
-    best_acc = torch.full((B,), torch.inf, dtype=dt, device=dev)
-    best_score = torch.full((B,), torch.inf, dtype=dt, device=dev)
-    best_mu = torch.full((B,), torch.inf, dtype=dt, device=dev)
-    since = torch.zeros(B, dtype=torch.long, device=dev)  # iterations without progress
-    stall = torch.zeros(B, dtype=torch.long, device=dev)  # consecutive tiny steps
+    accuracy = torch.full((B,), torch.inf, dtype=dt, device=dev)
+    answer = State(*(t.clone() for t in cur.fields()))
+    # per running sample
     idx, loc = torch.arange(B, device=dev), sc
+    best = State(*(t.clone() for t in cur.fields()))
+    inf = torch.full((B,), torch.inf, dtype=dt, device=dev)
+    best_acc, best_score, best_mu = inf, inf.clone(), inf.clone()
+    zero = torch.zeros(B, dtype=torch.long, device=dev)
+    since, stall, count = zero, zero.clone(), zero.clone()
+    decided = torch.full((B,), RUNNING, dtype=torch.long, device=dev)  # by the last step
+    failed = torch.zeros(B, dtype=torch.bool, device=dev)
+    mu0 = None
     for it in range(opts.max_iter + 1):
-        running = torch.nonzero(code == RUNNING).flatten()
-        if running.numel() == 0:
-            break
-        if running.numel() != idx.numel():
-            idx, loc = running, sc.take(running)
-        cur = st if idx.numel() == B else st.take(idx)
         ms = measure(loc, cur)
-        # the best point so far (the residuals of a nearly degenerate problem can grow
-        # again once the KKT matrices get too ill-conditioned)
-        improved = ms.accuracy < best_acc[idx]
+        improved = ms.accuracy < best_acc
         if bool(improved.any()):
-            sel = torch.nonzero(improved).flatten()
-            best.put(idx[sel], cur.take(sel))
-            best_acc[idx[sel]] = ms.accuracy[sel]
+            best = State(
+                *(
+                    torch.where(improved[:, None] if b.dim() > 1 else improved, c, b)
+                    for b, c in zip(best.fields(), cur.fields())
+                )
+            )
+            best_acc = torch.minimum(best_acc, ms.accuracy)
         score = torch.stack(
             [ms.accuracy / opts.tol, ms.infeas / opts.tol_infeas, ms.unbdd / opts.tol_infeas]
         ).amin(0)
-        if it == 0:
+        if mu0 is None:
             mu0 = ms.mu * torch.finfo(dt).eps
         # progress: the best residual ratio halves, or mu does (down to eps mu_0)
-        progress = (score < 0.5 * best_score[idx]) | (
-            (ms.mu < 0.5 * best_mu[idx]) & (ms.mu > mu0[idx])
-        )
-        best_score[idx] = torch.minimum(best_score[idx], score)
-        best_mu[idx] = torch.minimum(best_mu[idx], ms.mu)
-        since[idx] = torch.where(progress, 0, since[idx] + 1)
+        progress = (score < 0.5 * best_score) | ((ms.mu < 0.5 * best_mu) & (ms.mu > mu0))
+        best_score = torch.minimum(best_score, score)
+        best_mu = torch.minimum(best_mu, ms.mu)
+        since = torch.where(progress, 0, since + 1)
 
         new = classify(ms, opts.tol, opts.tol_infeas, RUNNING)
-        new = torch.where((new == RUNNING) & (best_acc[idx] <= opts.tol), OPTIMAL, new)
+        new = torch.where((new == RUNNING) & (best_acc <= opts.tol), OPTIMAL, new)
+        new = torch.where(new == RUNNING, decided, new)  # a certificate from the last step
         out_of_time = opts.time_limit is not None and time.perf_counter() - start > opts.time_limit
         if it == opts.max_iter or out_of_time:
             fallback = TIME_LIMIT if out_of_time else ITERATION_LIMIT
-            new = torch.where(new == RUNNING, _stop(ms, best_acc[idx], opts, fallback), new)
-        stuck = (new == RUNNING) & (since[idx] >= STALL_ITERATIONS)
-        new = torch.where(stuck, _stop(ms, best_acc[idx], opts, NUMERICAL_ERROR), new)
-        go = new == RUNNING
-        if not bool(go.all()):
-            code[idx] = new
-            if not bool(go.any()):
+            new = torch.where(new == RUNNING, _stop(ms, best_acc, opts, fallback), new)
+        stuck = (new == RUNNING) & (failed | (since >= STALL_ITERATIONS))
+        if bool(stuck.any()):
+            new = torch.where(stuck, _stop(ms, best_acc, opts, NUMERICAL_ERROR), new)
+        done = new != RUNNING
+        if bool(done.any()):
+            sel = torch.nonzero(done).flatten()
+            out = idx[sel]
+            code[out] = new[sel]
+            iters[out] = count[sel]
+            accuracy[out] = best_acc[sel]
+            answer.put(out, best.take(sel))
+            if bool(done.all()):
                 break
-            keep = torch.nonzero(go).flatten()
-            idx, loc, cur = idx[keep], loc.take(keep), cur.take(keep)
+            keep = torch.nonzero(~done).flatten()
+            idx, loc, cur, best = idx[keep], loc.take(keep), cur.take(keep), best.take(keep)
             ms = Measures(*(v.index_select(0, keep) for v in vars(ms).values()))
+            best_acc, best_score, best_mu, mu0 = (
+                t[keep] for t in (best_acc, best_score, best_mu, mu0)
+            )
+            since, stall, count = since[keep], stall[keep], count[keep]
         step, alpha, (dir_inf, dir_unb) = newton_step(loc, cur, ms, opts)
         bad = torch.isnan(alpha)
         a = torch.where(bad, 0.0, alpha)
         a1 = a[:, None]
         DX, DN, DZ, DS, DT, DK = (torch.nan_to_num(v) for v in step)
-        upd = State(
+        cur = State(
             cur.x + a1 * DX,
             cur.nu + a1 * DN,
             cur.z + a1 * DZ,
@@ -1119,22 +1131,13 @@ def ipm(sc: Scaled, opts: Options, start: float):
             cur.tau + a * DT,
             cur.kappa + a * DK,
         )
-        if idx.numel() == B:
-            st = upd
-        else:
-            st.put(idx, upd)
-        iters[idx] += 1
-        found = torch.where(dir_unb <= opts.tol_infeas, UNBOUNDED, RUNNING)
-        found = torch.where(dir_inf <= opts.tol_infeas, INFEASIBLE, found)
-        code[idx] = torch.where(found != RUNNING, found, code[idx])
-        stall[idx] = torch.where(a < SMALL_STEP, stall[idx] + 1, 0)
-        failed = (bad | (stall[idx] >= STALL_ITERATIONS)) & (found == RUNNING)
-        if bool(failed.any()):
-            # judged on the point before the failed step (bad) or on the last one
-            sel = torch.nonzero(failed).flatten()
-            ms2 = measure(loc.take(sel), st.take(idx[sel]))
-            code[idx[sel]] = _stop(ms2, best_acc[idx[sel]], opts, NUMERICAL_ERROR)
-    return code, iters, best_acc, best
+        count = count + 1
+        decided = torch.where(dir_unb <= opts.tol_infeas, UNBOUNDED, RUNNING)
+        decided = torch.where(dir_inf <= opts.tol_infeas, INFEASIBLE, decided)
+        stall = torch.where(a < SMALL_STEP, stall + 1, 0)
+        # judged at the next measure: on the point before a failed step (bad), or the last
+        failed = bad | (stall >= STALL_ITERATIONS)
+    return code, iters, accuracy, answer
 
 
 def _stop(ms: Measures, best_acc: torch.Tensor, opts: Options, fallback: int) -> torch.Tensor:
