@@ -191,7 +191,8 @@ class PDIPMBackend(BackendBase):
 
     @staticmethod
     def _check(key: str, value: Any) -> None:
-        bad = ConfigError(f"pdipm setting {key}={value!r}: ")
+        """Raise :class:`ConfigError` naming ``key`` and ``value`` when it is out of range."""
+        bad = f"pdipm setting {key}={value!r}: "
         if key in _POSITIVE_FLOATS:
             ok = (
                 isinstance(value, (int, float))
