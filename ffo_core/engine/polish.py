@@ -25,8 +25,10 @@ whose solution the solver left short of exact: a pair undecided
 (SCS's projections leave every pair complementary while its point is ~1e-3 off at its
 defaults).  If polishing does not settle within
 :data:`MAX_ROUNDS` solves, or its problem fails (a pure LP whose solution is not unique, a
-degenerate vertex whose locked rows are inconsistent), the solver's own point is kept and
-the reason is reported -- never a worse answer.  A backend that takes a warm start
+degenerate vertex whose locked rows are inconsistent or whose multipliers, not unique, flip
+sign from one round to the next: a round that violates no fewer rows than the last one
+stops it), the solver's own point is kept and the reason is reported -- never a worse
+answer.  A backend that takes a warm start
 (``Capabilities.warm_start``) starts each polish solve at the forward point.
 """
 
@@ -78,6 +80,7 @@ class _Polishing:
         self.locked = active.locked.copy()
         self.tried: set[bytes] = set()
         self.rounds = 0
+        self.violations = np.inf  # rows violated at the last round
         self.result: Polished | None = None
 
     def trial(self) -> ActiveSet:
@@ -119,6 +122,10 @@ class _Polishing:
         self.locked = (locked | primal_bad) & ~dual_bad
         if self.locked.tobytes() in self.tried:
             return self.keep("the active set cycles")
+        violated = int(np.count_nonzero(primal_bad) + np.count_nonzero(dual_bad))
+        if violated >= self.violations:  # no progress: a degenerate vertex, whose
+            return self.keep("no progress")  # multipliers are not unique, flip-flops
+        self.violations = violated
         if self.rounds >= MAX_ROUNDS:
             return self.keep(f"not settled in {MAX_ROUNDS} solves")
         return None

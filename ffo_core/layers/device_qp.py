@@ -42,24 +42,22 @@ ROUNDS = 4
 UNSETTLED = 1e-2
 
 
-def _dense_pattern(rows: int, cols: int) -> SparsePattern:
-    """Every entry of a ``rows x cols`` matrix, in CSC order."""
+def _sparse(M: torch.Tensor) -> tuple[SparsePattern, torch.Tensor]:
+    """The pattern of ``M`` ``(1|B, rows, cols)`` -- its nonzeros, the union over the batch --
+    and its values on it, ``(1|B, nnz)``, on ``M``'s device.  Only the pattern's indices
+    come to the CPU; a solver sees the structure (bound rows, one-hot rows) it can use."""
     import numpy as np
 
-    indices = np.tile(np.arange(rows, dtype=np.int32), cols)
-    indptr = (
-        np.arange(0, rows * cols + 1, rows, dtype=np.int64)
-        if rows
-        else np.zeros(cols + 1, dtype=np.int64)
-    )
-    return SparsePattern(
-        (rows, cols), indices, indptr, np.repeat(np.arange(cols, dtype=np.int32), rows)
-    )
-
-
-def _column_major(M: torch.Tensor) -> torch.Tensor:
-    """``(k, rows, cols)`` -> ``(k, rows * cols)`` in CSC order."""
-    return M.transpose(-1, -2).reshape(M.shape[0], -1)
+    rows_, cols_ = M.shape[-2:]
+    mask = (M != 0).any(dim=0).T  # (cols, rows): column-major order of the nonzeros
+    cols, rows = (t for t in torch.nonzero(mask, as_tuple=True))
+    pattern = SparsePattern.from_rows_cols(
+        rows.cpu().numpy(), cols.cpu().numpy(), (rows_, cols_)
+    ) if rows.numel() else SparsePattern(
+        (rows_, cols_), np.zeros(0, np.int32), np.zeros(cols_ + 1, np.int64),
+        np.zeros(0, np.int32),
+    )  # fmt: skip
+    return pattern, M[:, rows, cols]
 
 
 class DenseQP:
@@ -70,14 +68,25 @@ class DenseQP:
         self.Q, self.q, self.G, self.h, self.A, self.b = Q, q, G, h, A, b
         self.batch, self.n = batch, q.shape[-1]
         self.m, self.p = G.shape[-2], A.shape[-2]
+        self._P: tuple | None = None  # Q's pattern and values, made once
 
-    def batch_of(self, G, h, A, b, extra=None) -> ProblemBatch:
-        n = self.n
-        return ProblemBatch(
-            self.batch, _dense_pattern(n, n), _column_major(self.Q), self.q,
-            _dense_pattern(A.shape[-2], n), _column_major(A), b,
-            _dense_pattern(G.shape[-2], n), _column_major(G), h, _nonneg(G.shape[-2]),
-        )  # fmt: skip
+    def subset(self, idx: torch.Tensor) -> DenseQP:
+        """The samples ``idx`` (batched tensors indexed, shared ones kept)."""
+
+        def pick(t):
+            return t if t.shape[0] == 1 else t[idx]
+
+        sub = DenseQP(*(pick(t) for t in (self.Q, self.q, self.G, self.h, self.A, self.b)),
+                      batch=int(idx.numel()))  # fmt: skip
+        if self.Q.shape[0] == 1:
+            sub._P = self._P
+        return sub
+
+    def batch_of(self, G, h, A, b) -> ProblemBatch:
+        if self._P is None:
+            self._P = _sparse(self.Q)
+        (Pp, Pv), (Ap, Av), (Gp, Gv) = self._P, _sparse(A), _sparse(G)
+        return ProblemBatch(self.batch, Pp, Pv, self.q, Ap, Av, b, Gp, Gv, h, _nonneg(G.shape[-2]))
 
 
 def _nonneg(m: int):
@@ -144,30 +153,40 @@ def forward(backend, qp: DenseQP, polish: bool):
     polished |= ~todo
     h = qp.h.expand(qp.batch, -1)
     exact = torch.cat([qp.b.expand(qp.batch, -1), h], dim=1)
-    for _ in range(ROUNDS):
-        if not bool(todo.any()):
+    violated = torch.full((qp.batch,), qp.m + 1, device=y.device)
+    for _ in range(ROUNDS):  # each round solves the samples not settled yet, only them
+        idx = torch.nonzero(todo).flatten()
+        if idx.numel() == 0:
             break
-        batch, _ = _equality_batch(qp, locked, exact)
-        try:
-            yp, eq, _, _, accp, _ = _solve(backend, batch)
-        except SolverError:
-            break  # keep the solver's points
-        lam_p = torch.where(locked, eq[:, qp.p :], torch.zeros_like(lam))
-        slack_p = h - torch.einsum("kmn,kn->km", qp.G.expand(qp.batch, -1, -1), yp)
+        sub, lk = qp.subset(idx), locked[idx]
+        batch, _ = _equality_batch(sub, lk, exact[idx])
+        answer = backend.solve_batch(batch, None)
+        solved = torch.tensor([st.has_solution for st in answer.status], device=y.device)
+        accp = torch.tensor(
+            [i.accuracy if i.accuracy and i.accuracy > 0 else 1e-8 for i in answer.info],
+            dtype=y.dtype, device=y.device,
+        )  # fmt: skip
+        yp, eq = answer.primal, answer.eq_dual
+        lam_p = torch.where(lk, eq[:, qp.p :], torch.zeros_like(lk, dtype=y.dtype))
+        hs = h[idx]
+        slack_p = hs - torch.einsum("kmn,kn->km", sub.G.expand(idx.numel(), -1, -1), yp)
         tol = 100.0 * accp[:, None]
         lam_scale = torch.clamp(lam_p.abs().amax(dim=1, keepdim=True), min=1.0)
-        row_scale = torch.clamp(torch.maximum(h.abs(), (h - slack_p).abs()), min=1.0)
-        primal_bad = ~locked & (slack_p < -tol * row_scale)
-        dual_bad = locked & (lam_p < -tol * lam_scale)
-        ok = todo & ~(primal_bad.any(dim=1) | dual_bad.any(dim=1))
-        y = torch.where(ok[:, None], yp, y)
-        nu = torch.where(ok[:, None], eq[:, : qp.p], nu)
-        lam = torch.where(ok[:, None], lam_p.clamp(min=0), lam)
-        s = torch.where(ok[:, None], torch.where(locked, 0.0, slack_p.clamp(min=0)), s)
-        acc = torch.where(ok, accp, acc)
-        polished |= ok
-        todo &= ~ok
-        locked = torch.where(todo[:, None], (locked | primal_bad) & ~dual_bad, locked)
+        row_scale = torch.clamp(torch.maximum(hs.abs(), (hs - slack_p).abs()), min=1.0)
+        primal_bad = ~lk & (slack_p < -tol * row_scale)
+        dual_bad = lk & (lam_p < -tol * lam_scale)
+        count = primal_bad.sum(dim=1) + dual_bad.sum(dim=1)
+        ok = solved & (count == 0)
+        y[idx] = torch.where(ok[:, None], yp, y[idx])
+        nu[idx] = torch.where(ok[:, None], eq[:, : qp.p], nu[idx])
+        lam[idx] = torch.where(ok[:, None], lam_p.clamp(min=0), lam[idx])
+        s[idx] = torch.where(ok[:, None], torch.where(lk, 0.0, slack_p.clamp(min=0)), s[idx])
+        acc[idx] = torch.where(ok, accp, acc[idx])
+        polished[idx] |= ok
+        # stop a sample that is done, failed, or made no progress (a degenerate vertex)
+        todo[idx] = solved & ~ok & (count < violated[idx])
+        violated[idx] = count
+        locked[idx] = torch.where(todo[idx][:, None], (lk | primal_bad) & ~dual_bad, lk)
     return y, nu, lam, s, acc, polished, status
 
 
