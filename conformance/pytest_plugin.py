@@ -200,6 +200,12 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize(FIXTURE, params)
 
 
+def pytest_unconfigure(config):
+    """Stop the suites' worker processes."""
+    for suite in _SUITES.values():
+        suite.close()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     used = [s for s in _SUITES.values() if s.results]
     if not used:
