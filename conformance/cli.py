@@ -32,8 +32,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "conformance",
         help="run the conformance suite on a backend",
-        description="Run ffo's conformance suite (problem zoo; solution, gradient, status, "
-        "warm-start, resolve, determinism and thread checks) on backend NAME "
+        description="Run ffo's conformance suite (problem zoo; status, solution, gradient, "
+        "warm-start, resolve, solve-batch, determinism and thread checks, each in a worker "
+        "process under a timeout) on backend NAME "
         "and print a problem-class x check table.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -153,9 +154,9 @@ def _prepare_json(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m")  # -> "python -m conformance"
+    parser = argparse.ArgumentParser(prog="python -m ffo_conformance")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_subparser(sub)
+    add_subparser(sub).prog = "python -m ffo_conformance"
     args = parser.parse_args(["conformance", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
 

@@ -132,10 +132,19 @@ class Worker:
     def call(self, request, timeout: float | None):
         """Send ``request``, return the answer; raises :class:`WorkerTimeout` (after
         killing the worker) or :class:`WorkerDied`."""
+        self.send(request)
+        return self.receive(timeout)
+
+    def send(self, request) -> None:
+        """Send a request without waiting (``("cases", [...])`` is answered once per case,
+        each answer as soon as it is ready: see :meth:`receive`)."""
         try:
             _write(self.proc.stdin.fileno(), request)
         except (BrokenPipeError, OSError) as exc:
             raise WorkerDied() from exc
+
+    def receive(self, timeout: float | None):
+        """The next answer, waiting at most ``timeout`` seconds; raises as :meth:`call`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             status, value = _read(self.proc.stdout.fileno(), deadline)
@@ -279,8 +288,14 @@ def main() -> None:
             if op == "setup":
                 state = _State(arg)
                 answer = ("ok", {"pid": os.getpid(), "backend": repr(state.backend)})
-            elif op == "case":
-                answer = ("ok", state.case(*arg))
+            elif op == "cases":  # one answer per case, each as soon as it is ready
+                for name, check in arg[:-1]:
+                    try:
+                        answer = ("ok", state.case(name, check))
+                    except BaseException as exc:
+                        answer = ("error", f"{type(exc).__name__}: {exc}")
+                    _write(out, answer)
+                answer = ("ok", state.case(*arg[-1]))
             elif op == "trial":
                 answer = ("ok", state.trial(arg))
             else:

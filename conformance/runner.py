@@ -222,8 +222,8 @@ class Suite:
             inst.name, inst.group, check, "error", reason=reason, profile=inst.profile
         )
 
-    def _isolated(self, inst: Instance, check: str) -> CheckResult | None:
-        """The case run by the worker, or None when there is no worker to run it."""
+    def _refused(self, inst: Instance, check: str) -> CheckResult | None:
+        """The ERROR of a case not run because of earlier hangs or crashes, or None."""
         if inst.group in self._hung:
             return self._not_run(
                 inst,
@@ -241,13 +241,39 @@ class Suite:
                 check,
                 f"not run: the backend crashed the worker process {self._crashes} times",
             )
+        return None
+
+    def _isolated(self, inst: Instance, check: str) -> CheckResult | None:
+        """The case run by the worker, or None when there is no worker to run it."""
+        refused = self._refused(inst, check)
+        if refused is not None:
+            return refused
         worker = self._start_worker()
         if worker is None:
             return None
+        try:
+            worker.send(("cases", [(inst.name, check)]))
+        except WorkerDied:
+            return self._lost(worker, inst, check, 0.0, died=True)
+        return self._receive(worker, inst, check)
+
+    def _receive(self, worker: Worker, inst: Instance, check: str) -> CheckResult:
+        """The worker's answer for this case (sent already), or the ERROR that replaces it."""
         start = time.perf_counter()
         try:
-            return worker.call(("case", (inst.name, check)), self.timeout)
+            return worker.receive(self.timeout)
         except WorkerTimeout:
+            return self._lost(worker, inst, check, time.perf_counter() - start, died=False)
+        except WorkerDied:
+            return self._lost(worker, inst, check, time.perf_counter() - start, died=True)
+        except RuntimeError as exc:  # the worker could not run the case at all
+            result = self._not_run(inst, check, f"worker: {exc}")
+            result.seconds = time.perf_counter() - start
+            return result
+
+    def _lost(self, worker: Worker, inst, check, seconds: float, died: bool) -> CheckResult:
+        """The ERROR of a case whose worker hung (killed now) or died."""
+        if not died:
             self._worker = None
             self._timeouts += 1
             self._hung[inst.group] = f"{inst.name} [{check}]"
@@ -258,30 +284,55 @@ class Suite:
                 "hung (or is far too slow); the worker process was killed and the rest of "
                 "the group is not run",
             )
-        except WorkerDied:
+        else:
             self._worker = None
             self._crashes += 1
             tail = worker.stderr_tail()
+            worker.kill()
             result = self._not_run(
                 inst,
                 check,
                 f"the backend crashed the worker process ({worker.exit_text}) in group "
                 f"{inst.group}" + (f"; end of its stderr:\n{_indent(tail)}" if tail else ""),
             )
-        except RuntimeError as exc:  # the worker could not run the case at all
-            result = self._not_run(inst, check, f"worker: {exc}")
-        result.seconds = time.perf_counter() - start
+        result.seconds = seconds
         return result
 
+    def _in_process(self, inst: Instance, check: str) -> CheckResult:
+        run = self._runs.get(inst.name)
+        if run is None:
+            run = self._runs[inst.name] = InstanceRun(inst, self.backend, self.reference, self.spec)
+        return run_check(run, check)
+
+    def _stream(self, pending: list, done) -> list:
+        """Send the pending cases to the worker in one request and take its answers as they
+        come, each under the timeout; returns the cases still to run (after a hang or a
+        crash: those, for a fresh worker; ``[]`` when all are done).  Cases refused because
+        of earlier hangs or crashes are reported in their place without being sent."""
+        sent = [c for c in pending if self._refused(*c) is None]
+        worker = self._start_worker() if sent else None
+        if sent and worker is None:
+            return pending  # no worker after all: in-process
+        if sent:
+            try:
+                worker.send(("cases", [(inst.name, check) for inst, check in sent]))
+            except WorkerDied:
+                pass  # reported by the first receive
+        for k, (inst, check) in enumerate(pending):
+            refused = self._refused(inst, check)
+            if refused is not None:
+                done(inst, check, refused)
+                continue
+            done(inst, check, self._receive(worker, inst, check))
+            if self._worker is not worker:  # it hung or died: a fresh one for the rest
+                return pending[k + 1 :]
+        return []
+
     def run_case(self, inst: Instance, check: str) -> CheckResult:
+        """Run one (instance, check) -- in the worker process unless isolation is off."""
         result = self._isolated(inst, check) if self._setup is not None else None
         if result is None:
-            run = self._runs.get(inst.name)
-            if run is None:
-                run = self._runs[inst.name] = InstanceRun(
-                    inst, self.backend, self.reference, self.spec
-                )
-            result = run_check(run, check)
+            result = self._in_process(inst, check)
         self.results.append(result)
         return result
 
@@ -295,13 +346,19 @@ class Suite:
             bar = tqdm(
                 total=len(cases), desc=f"conformance {self.backend.name}", unit="check", leave=False
             )
+
+        def done(inst, check, result) -> None:
+            self.results.append(result)
+            if bar is not None:
+                bar.set_postfix_str(f"{inst.name} {check}", refresh=False)
+                bar.update()
+
         try:
-            for inst, check in cases:
-                if bar is not None:
-                    bar.set_postfix_str(f"{inst.name} {check}", refresh=False)
-                self.run_case(inst, check)
-                if bar is not None:
-                    bar.update()
+            pending = list(cases)
+            while pending and self._setup is not None:
+                pending = self._stream(pending, done)
+            for inst, check in pending:  # in-process (no worker)
+                done(inst, check, self._in_process(inst, check))
         finally:
             if bar is not None:
                 bar.close()

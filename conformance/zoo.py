@@ -629,13 +629,13 @@ def build_zoo(seed: int = 0) -> list[Instance]:
         "lp-pure-vertex-n8",
         "lp",
         samples=one("lp-pure-vertex-n8", n=8, p=2, nonneg="A" * 6 + "I" * 6, **linear),
-        description="pure LP (P = None): a vertex, 2 equalities + 6 active rows",
+        description="pure LP (P = None): a vertex of 2 equalities + 6 active rows, in a box",
     )
     add(
         "lp-pure-ineq-n10",
         "lp",
         samples=one("lp-pure-ineq-n10", n=10, p=0, nonneg="A" * 10 + "I" * 8, **linear),
-        description="pure LP, inequalities only: 10 active rows of 18",
+        description="pure LP, inequalities only: a vertex of 10 active rows, in a box",
     )
     add(
         "lp-pure-batch4",
