@@ -56,6 +56,11 @@ FIXED_ENGINE_FAILURES = {
     "fixed by limiting how far a step moves each kept cone block",
 }
 POLYHEDRAL = ["lp", "qp"]
+#: The tests of what the suite judges run it in this process: each Suite saves a worker's
+#: start and its import of torch and CVXPY.  The worker process itself is tested by
+#: test_worker_process_and_in_process_give_the_same_results, the CLI and pytest-plugin
+#: tests, test_full_suite and tests/test_conformance_mutants.py.
+HERE = {"isolate": False}
 TIGHT_CLARABEL = "clarabel:tol_gap_abs=1e-11,tol_gap_rel=1e-11,tol_feas=1e-11"
 
 
@@ -152,7 +157,7 @@ def test_constructed_truth_satisfies_kkt_and_reference_finds_it():
 
 
 def test_clarabel_passes_polyhedral_classes():
-    report = Suite("clarabel", classes=POLYHEDRAL).run()
+    report = Suite("clarabel", classes=POLYHEDRAL, **HERE).run()
     assert not _unexpected(report), "\n".join(_unexpected(report))
     assert report.count("pass") >= 80
     skipped = {r.check for r in report.results if r.outcome == "skip"}
@@ -166,7 +171,7 @@ def test_clarabel_passes_polyhedral_classes():
 
 
 def test_clarabel_passes_cone_classes():
-    report = Suite("clarabel", classes=["socp", "exp", "sdp"]).run()
+    report = Suite("clarabel", classes=["socp", "exp", "sdp"], **HERE).run()
     assert not _unexpected(report), "\n".join(_unexpected(report))
     assert report.count("pass") >= 60
 
@@ -175,7 +180,7 @@ def test_osqp_plugin_is_installed_as_a_user_would_and_passes():
     info = available_backends()["osqp"]
     assert info.available and info.plugin == "osqp"  # found through its entry point
     assert info.capabilities.warm_start and info.capabilities.cones == {"zero", "nonneg"}
-    report = Suite("osqp", classes=POLYHEDRAL).run()
+    report = Suite("osqp", classes=POLYHEDRAL, **HERE).run()
     assert not _unexpected(report), "\n".join(_unexpected(report))
     assert report.count("pass") >= 130  # warm start checked too, pure LPs included
     assert {r.check for r in report.results if r.outcome == "skip"} == {"solve-batch"}
@@ -184,7 +189,7 @@ def test_osqp_plugin_is_installed_as_a_user_would_and_passes():
 
 
 def test_osqp_skips_cones_with_reasons():
-    report = Suite("osqp", classes=["socp", "exp", "sdp"]).run()
+    report = Suite("osqp", classes=["socp", "exp", "sdp"], **HERE).run()
     assert report.results and all(r.outcome == "skip" for r in report.results)
     reasons = {r.reason for r in report.results}
     assert any("capabilities.cones lacks soc" in x for x in reasons)
@@ -197,7 +202,7 @@ def test_fixed_engine_failures_stay_fixed():
         for backend in ("clarabel", "osqp"):
             if backend == "osqp" and instance.startswith("socp"):
                 continue
-            suite = Suite(backend, classes=[instance], checks=[check])
+            suite = Suite(backend, classes=[instance], checks=[check], **HERE)
             result = suite.run_case(suite.instances[0], check)
             assert result.outcome == "pass", f"{backend}: {why}"
 
@@ -434,7 +439,7 @@ def registered():
 )
 def test_broken_backend_fails_the_suite(registered, cls, classes, checks, must_fail):
     name = registered(cls)
-    report = Suite(name, classes=classes, checks=checks).run()
+    report = Suite(name, classes=classes, checks=checks, **HERE).run()
     assert not report.passed
     failed = {r.check for r in _failures(report)}
     assert must_fail <= failed, report.text()
@@ -446,7 +451,7 @@ def test_broken_backend_fails_the_suite(registered, cls, classes, checks, must_f
 
 def test_fake_warm_start_fails(registered):
     name = registered(_fake_warm_start_class())
-    report = Suite(name, classes=["qp-eq-ineq-n12"], checks=["warm-start"]).run()
+    report = Suite(name, classes=["qp-eq-ineq-n12"], checks=["warm-start"], **HERE).run()
     assert [r.check for r in _failures(report)] == ["warm-start"]
 
 
@@ -466,16 +471,18 @@ def test_broken_adapter_named_clarabel_cannot_corrupt_the_reference(registered):
         name = "clarabel"
 
     registered(Impostor)
-    report = Suite("clarabel", classes=["qp-eq-ineq-n12"], checks=["solution"]).run()
+    report = Suite("clarabel", classes=["qp-eq-ineq-n12"], checks=["solution"], **HERE).run()
     assert not report.passed and _failures(report, "solution")
 
 
 # -- the full run -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["clarabel", TIGHT_CLARABEL, "osqp"])
 def test_full_suite(backend):
-    """Every class and check (~5 s each): no failure."""
+    """Every class and check, in the worker process: no failure.  (.ci/conformance runs the
+    same through the command on every first-party backend.)"""
     report = Suite(backend).run()
     unexpected = _unexpected(report)
     assert not unexpected, "\n".join(unexpected)
@@ -509,10 +516,10 @@ class ResolveIgnoresTerm(ClarabelBackend):
 def test_broken_resolve_fails_the_resolve_check(registered, cls):
     """Clarabel's own resolve passes the check; one that reuses a solver set up for other
     data, or ignores the new term, fails it."""
-    good = Suite("clarabel", classes=["qp-eq-ineq-n12", "socp"], checks=["resolve"]).run()
+    good = Suite("clarabel", classes=["qp-eq-ineq-n12", "socp"], checks=["resolve"], **HERE).run()
     assert good.passed and good.count("pass") >= 2, good.text()
     name = registered(cls)
-    report = Suite(name, classes=["qp-eq-ineq-n12"], checks=["resolve"]).run()
+    report = Suite(name, classes=["qp-eq-ineq-n12"], checks=["resolve"], **HERE).run()
     assert [r.check for r in _failures(report)] == ["resolve"], report.text()
 
 
@@ -675,14 +682,16 @@ BATCHED = ["lp-batch4", "lp-pure-batch4", "qp-batch4", "socp-batch3", "exp-batch
 
 def test_solve_batch_check_passes_an_honest_batched_backend(registered):
     name = registered(LoopBatch)
-    report = Suite(name, classes=BATCHED, checks=["solve-batch"]).run()
+    report = Suite(name, classes=BATCHED, checks=["solve-batch"], **HERE).run()
     assert report.passed and report.count("pass") == len(BATCHED), report.text()
     for r in report.results:
         assert "shared-rhs" in r.metrics[-1].text and "absent" in r.metrics[-1].text
         dists = [m.value for m in r.metrics if m.name.startswith("dist")]
         assert len(dists) == 3 and max(dists) == 0.0  # the very same solves
     # non-batched instances have no solve-batch column; Clarabel itself skips it, saying why
-    plain = Suite("clarabel", classes=["qp-eq-ineq-n12", "qp-batch4"], checks=["solve-batch"])
+    plain = Suite(
+        "clarabel", classes=["qp-eq-ineq-n12", "qp-batch4"], checks=["solve-batch"], **HERE
+    )
     assert [(i.name, c) for i, c in plain.cases()] == [("qp-batch4", "solve-batch")]
     skipped = plain.run().results[0]
     assert skipped.outcome == "skip" and "no solve_batch" in skipped.reason
@@ -699,7 +708,9 @@ def test_solve_batch_check_passes_an_honest_batched_backend(registered):
 )
 def test_solve_batch_check_fails_broken_batched_backends(registered, cls, where):
     name = registered(cls)
-    report = Suite(name, classes=["qp-batch4", "lp-pure-batch4"], checks=["solve-batch"]).run()
+    report = Suite(
+        name, classes=["qp-batch4", "lp-pure-batch4"], checks=["solve-batch"], **HERE
+    ).run()
     assert not report.passed
     failed = _failures(report, "solve-batch")
     assert failed, report.text()
@@ -711,19 +722,23 @@ def test_gradient_advice_matches_the_failure(registered):
     extra linear term is mishandled -- not "tighten tolerances"; a status failure shows
     the solver's own status word."""
     flipped = registered(FlippedDuals)
-    report = Suite(flipped, classes=["qp-eq-ineq-n12"], checks=["solution", "grad-central"]).run()
+    report = Suite(
+        flipped, classes=["qp-eq-ineq-n12"], checks=["solution", "grad-central"], **HERE
+    ).run()
     grad = _failures(report, "grad-central")[0]
     assert "the solution check fails on this instance too" in grad.reason
     assert "tighten" not in grad.reason
     sol = _failures(report, "solution")[0]
     assert "ineq_dual negated?" in sol.reason  # the hint under the residuals
     ignores = registered(IgnoresExtraTerm)
-    report = Suite(ignores, classes=["qp-eq-ineq-n12", "lp-layer"], checks=["grad-ffo"]).run()
+    report = Suite(
+        ignores, classes=["qp-eq-ineq-n12", "lp-layer"], checks=["grad-ffo"], **HERE
+    ).run()
     for r in _failures(report, "grad-ffo"):
         assert "mishandles extra_linear_term" in r.reason, r.reason
     assert len(_failures(report, "grad-ffo")) == 2
     wrong = registered(WrongStatus)
-    report = Suite(wrong, classes=["lp-infeasible"], checks=["status"]).run()
+    report = Suite(wrong, classes=["lp-infeasible"], checks=["status"], **HERE).run()
     assert "numerical_error ('PrimalInfeasible')" in report.results[0].metrics[0].text
 
 
