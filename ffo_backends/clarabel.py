@@ -13,9 +13,24 @@ Native conventions and how they map to the protocol (:mod:`ffo_core.protocol`):
   sqrt(2)-scaled) are the protocol's layouts already.
 
 Settings are Clarabel's ``DefaultSettings`` attribute names (``tol_gap_abs``, ``max_iter``,
-``time_limit`` in seconds, ...).  ``verbose`` defaults to False.
+``time_limit`` in seconds, ...).  ``verbose`` defaults to False; every other setting is
+Clarabel's own default.  Values are checked when the backend is made (type, sign, NaN, and
+Clarabel's own validation of a settings object), so ``"clarabel:max_iter=-5"`` is a
+:class:`~ffo_core.errors.ConfigError` naming ``max_iter``.
 :meth:`ClarabelBackend.with_settings` returns a configured copy (how
 ``FFOLayer(time_limit=...)`` sets the limit).
+
+Ctrl-C.  Clarabel installs no SIGINT handler: Python's stays in place and
+``KeyboardInterrupt`` surfaces when Clarabel hands control back.  For a problem large enough
+that one solve can take long (:data:`CALLBACK_NNZ` stored entries or more), the adapter
+registers a termination callback that Clarabel calls once per iteration: in the main thread
+it lets a pending ``KeyboardInterrupt`` be raised there (within one iteration), in a worker
+thread it stops the solve when :func:`ffo_core.backend_base.interrupt_solves` is called.
+Smaller problems go without (the callback costs about 0.5 us per iteration, 4% of a
+100 us solve) and are interrupted at the end of their solve.
+
+Badly scaled data: when a solve ends without a solution and the data has entries of 1e8
+or more (:func:`~ffo_core.backend_base.scaling_note`), ``SolveInfo.raw_status`` says so.
 
 Thread safety: every ``solve`` builds its own ``DefaultSolver``; the adapter keeps no
 mutable state, so one instance may be used from many threads.  Clarabel is an interior
@@ -34,11 +49,21 @@ the DFL ghosts; up to the solver's tolerance in general).
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
 
-from ffo_core.backend_base import BackendBase, prune, stack_rows
+from ffo_core.backend_base import (
+    BackendBase,
+    check_bool,
+    check_number,
+    interrupted,
+    native_solve,
+    prune,
+    scaling_note,
+    stack_rows,
+)
 from ffo_core.errors import ConfigError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (
@@ -68,6 +93,11 @@ STATUS_MAP = {
 }
 
 
+#: Stored entries of ``P`` and ``[A; G]`` from which a solve gets a termination callback
+#: (Ctrl-C within one iteration); see the module docstring.
+CALLBACK_NNZ = 100_000
+
+
 class ClarabelBackend(BackendBase):
     name = "clarabel"
     package = "clarabel"
@@ -79,12 +109,46 @@ class ClarabelBackend(BackendBase):
         thread_safe=True,
     )
 
+    def __init__(self, *args, **settings) -> None:
+        super().__init__(*args, **settings)
+        self._validate()
+
     def setting_names(self):
         import clarabel
 
         return [
             a for a in dir(clarabel.DefaultSettings()) if not a.startswith("_") and a != "default"
         ]
+
+    def _validate(self) -> None:
+        """Check every value against the type of Clarabel's default for it (numbers also
+        for NaN and sign), then let Clarabel validate a settings object of them."""
+        import clarabel
+        import scipy.sparse as sp
+
+        defaults = clarabel.DefaultSettings()
+        for key, value in self.settings.items():
+            default = getattr(defaults, key)
+            if isinstance(default, bool):
+                check_bool(self.name, key, value)
+            elif isinstance(default, int):
+                check_number(self.name, key, value, integer=True)
+            elif isinstance(default, float):
+                check_number(self.name, key, value, allow_inf=key == "time_limit")
+            elif isinstance(default, str) and not isinstance(value, str):
+                raise ConfigError(f"clarabel setting {key}={value!r}: must be a string")
+        settings = self._settings()
+        try:  # Clarabel checks its settings when a solver is made
+            clarabel.DefaultSolver(
+                sp.csc_matrix((1, 1)),
+                np.zeros(1),
+                sp.csc_matrix(np.ones((1, 1))),
+                np.ones(1),
+                [clarabel.NonnegativeConeT(1)],
+                settings,
+            )
+        except Exception as exc:
+            raise ConfigError(f"clarabel rejected its settings: {exc}") from exc
 
     def _settings(self):
         import clarabel
@@ -94,7 +158,7 @@ class ClarabelBackend(BackendBase):
         for key, value in self.settings.items():
             try:
                 setattr(settings, key, value)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise ConfigError(f"clarabel setting {key}={value!r}: {exc}") from exc
         return settings
 
@@ -130,7 +194,21 @@ class ClarabelBackend(BackendBase):
         b = np.concatenate([e.b, h.h])
         solver = clarabel.DefaultSolver(P, q, A, b, self._cones(e, h), self._settings())
         kept = _Kept(solver, g, h, e) if extra_linear_term is not None else None
-        return self._answer(solver.solve(), g, h, e, kept)
+        return self._answer(self._run(solver, P.nnz + A.nnz), g, h, e, kept)
+
+    def _run(self, solver, nnz: int):
+        """``solver.solve()``, with a termination callback on a large problem (Ctrl-C within
+        one iteration, see the module docstring)."""
+        if nnz < CALLBACK_NNZ:
+            return solver.solve()
+        stop = threading.Event()
+        solver.set_termination_callback(lambda _info: stop.is_set())
+        with native_solve(stop.set, installs_handler=False):
+            res = solver.solve()
+        solver.unset_termination_callback()
+        if str(res.status) == "CallbackTerminated":
+            raise interrupted(self.name, "interrupt_solves")
+        return res
 
     def resolve(
         self,
@@ -157,7 +235,8 @@ class ClarabelBackend(BackendBase):
         ):
             return self.solve(g, h, e, extra_linear_term)
         kept.solver.update(q=g.q + extra_linear_term)
-        return self._answer(kept.solver.solve(), g, h, e, kept)
+        nnz = g.upper().nnz + e.A.nnz + h.G.nnz
+        return self._answer(self._run(kept.solver, nnz), g, h, e, kept)
 
     @staticmethod
     def _answer(
@@ -181,6 +260,10 @@ class ClarabelBackend(BackendBase):
             extra={} if kept is None else {_KEPT: kept},
         )
         if not status.has_solution:
+            note = scaling_note(g, h, e)
+            if note is not None:
+                info.raw_status = f"{raw}; {note}"
+                info.extra["scaling"] = note
             return Solution(status=status, info=info)
         z = _floats(res.z, e.p + h.m)
         return Solution(
