@@ -29,8 +29,10 @@ thread it stops the solve when :func:`ffo_core.backend_base.interrupt_solves` is
 Smaller problems go without (the callback costs about 0.5 us per iteration, 4% of a
 100 us solve) and are interrupted at the end of their solve.
 
-Badly scaled data: when a solve ends without a solution and the data has entries of 1e8
-or more (:func:`~ffo_core.backend_base.scaling_note`), ``SolveInfo.raw_status`` says so.
+Badly scaled data: when a solve ends infeasible, unbounded, at its iteration limit or in a
+numerical error and the data has entries of 1e8 or more, or entries spanning nine orders of
+magnitude (:func:`~ffo_core.backend_base.note_scaling`), ``SolveInfo.raw_status`` says so:
+measured, an LP with a box and a cost of 1e10 is "DualInfeasible" in Clarabel.
 
 Thread safety: every ``solve`` builds its own ``DefaultSolver``; the adapter keeps no
 mutable state, so one instance may be used from many threads.  Clarabel is an interior
@@ -60,8 +62,8 @@ from ffo_core.backend_base import (
     check_number,
     interrupted,
     native_solve,
+    note_scaling,
     prune,
-    scaling_note,
     stack_rows,
 )
 from ffo_core.errors import ConfigError
@@ -260,11 +262,7 @@ class ClarabelBackend(BackendBase):
             extra={} if kept is None else {_KEPT: kept},
         )
         if not status.has_solution:
-            note = scaling_note(g, h, e)
-            if note is not None:
-                info.raw_status = f"{raw}; {note}"
-                info.extra["scaling"] = note
-            return Solution(status=status, info=info)
+            return note_scaling(Solution(status=status, info=info), g, h, e)
         z = _floats(res.z, e.p + h.m)
         return Solution(
             status=status,

@@ -80,8 +80,8 @@ from ffo_core.backend_base import (
     interrupted,
     linear_cost,
     native_solve,
+    note_scaling,
     psd_factor,
-    scaling_note,
 )
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
@@ -260,12 +260,7 @@ class EcosBackend(BackendBase):
             )
         else:
             sol = self._solve_quadratic(g, h, e, extra_linear_term)
-        if sol.status in _VERDICTS:
-            note = scaling_note(g, h, e)
-            if note is not None:
-                sol.info.raw_status = f"{sol.info.raw_status}; {note}"
-                sol.info.extra["scaling"] = note
-        return sol
+        return note_scaling(sol, g, h, e)
 
     def _solve_quadratic(self, g, h, e, extra_linear_term) -> Solution:
         """Through the epigraph (:class:`QuadraticEpigraph`), first with ``sigma = 1``.  If
@@ -454,18 +449,6 @@ def _rank(sol: Solution) -> tuple:
     order = (Status.OPTIMAL, Status.OPTIMAL_INACCURATE)
     first = order.index(sol.status) if sol.status in order else len(order)
     return first, sol.info.accuracy if sol.info.accuracy is not None else np.inf
-
-
-#: Statuses that get a note when the data is badly scaled.
-_VERDICTS = frozenset(
-    {
-        Status.INFEASIBLE,
-        Status.INFEASIBLE_INACCURATE,
-        Status.UNBOUNDED,
-        Status.UNBOUNDED_INACCURATE,
-        Status.NUMERICAL_ERROR,
-    }
-)
 
 
 @hookimpl

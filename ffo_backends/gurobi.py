@@ -85,8 +85,8 @@ from ffo_core.backend_base import (
     data_digest,
     interrupted,
     native_solve,
+    note_scaling,
     same_sparse,
-    scaling_note,
 )
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
@@ -465,12 +465,7 @@ class GurobiBackend(BackendBase):
             self._forget(built)
             raise interrupted(self.name, "INTERRUPTED")
         sol = self._to_protocol(built, code, Objective(g.P, c), h, e)
-        if sol.status in _VERDICTS:
-            note = scaling_note(g, h, e)
-            if note is not None:
-                sol.info.raw_status = f"{sol.info.raw_status}; {note}"
-                sol.info.extra["scaling"] = note
-        return sol
+        return note_scaling(sol, g, h, e)
 
     @staticmethod
     def _optimize(model) -> int:
@@ -632,18 +627,6 @@ class GurobiBackend(BackendBase):
         info.accuracy = max(accuracy, kkt)
         info.extra["kkt_accuracy"] = kkt
         return Solution(status=status, primal=y, eq_dual=nu, ineq_dual=lam, slack=slack, info=info)
-
-
-#: Statuses that get a note when the data is badly scaled.
-_VERDICTS = frozenset(
-    {
-        Status.INFEASIBLE,
-        Status.INFEASIBLE_INACCURATE,
-        Status.UNBOUNDED,
-        Status.UNBOUNDED_INACCURATE,
-        Status.NUMERICAL_ERROR,
-    }
-)
 
 
 @hookimpl

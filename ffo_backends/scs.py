@@ -80,8 +80,8 @@ from ffo_core.backend_base import (
     data_digest,
     interrupted,
     native_solve,
+    note_scaling,
     same_sparse,
-    scaling_note,
 )
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
@@ -170,16 +170,6 @@ STATUS_MAP = {
 #: reported as the limit: (substring of SCS's status word, protocol status).
 LIMIT_STATUS = (("max_iters", Status.ITERATION_LIMIT), ("time_limit", Status.TIME_LIMIT))
 _LIMITABLE = {2, -3, 0, -5}  # status_vals that a limit turns into *_LIMIT
-#: Statuses that get a note when the data is badly scaled (``scaling_note``).
-_VERDICTS = frozenset(
-    {
-        Status.INFEASIBLE,
-        Status.INFEASIBLE_INACCURATE,
-        Status.UNBOUNDED,
-        Status.UNBOUNDED_INACCURATE,
-        Status.NUMERICAL_ERROR,
-    }
-)
 
 
 # -- conventions: pure functions ----------------------------------------------------------
@@ -404,12 +394,7 @@ class ScsBackend(BackendBase):
             self._drop(solver)
             raise interrupted(self.name, "SIGINT")
         sol = self._to_protocol(res, n, p, m, perm, dummy)
-        if sol.status in _VERDICTS:
-            note = scaling_note(g, h, e)
-            if note is not None:
-                sol.info.raw_status = f"{sol.info.raw_status}; {note}"
-                sol.info.extra["scaling"] = note
-        return sol
+        return note_scaling(sol, g, h, e)
 
     def _drop(self, solver) -> None:
         """Forget a cached workspace (after an interrupted solve)."""

@@ -278,7 +278,7 @@ def quiet_stdout() -> Iterator[None]:
 #: Entries of this size or more (or a ratio of largest to smallest nonzero entry of
 #: ``SCALE_RATIO`` or more) make a floating-point solver's verdict unreliable.
 SCALE_LARGE = 1e8
-SCALE_RATIO = 1e14
+SCALE_RATIO = 1e9
 
 
 def scaling_note(g: Objective, h: ConeConstraints, e: Equalities) -> str | None:
@@ -319,6 +319,29 @@ def scaling_note(g: Objective, h: ConeConstraints, e: Equalities) -> str | None:
         f"{small:.1e}): this verdict may be a numerical artefact of the scaling, not a "
         "property of the problem; rescale rows and variables to entries of order 1"
     )
+
+
+def note_scaling(sol, g: Objective, h: ConeConstraints, e: Equalities):
+    """``sol`` with :func:`scaling_note` appended to ``info.raw_status`` (and kept in
+    ``info.extra["scaling"]``) when its status is a verdict a badly scaled problem can fake
+    (infeasible, unbounded, numerical error, iteration limit) and the data is badly
+    scaled; the engine shows ``raw_status`` in its error message."""
+    from .protocol import Status
+
+    verdicts = (
+        Status.INFEASIBLE,
+        Status.INFEASIBLE_INACCURATE,
+        Status.UNBOUNDED,
+        Status.UNBOUNDED_INACCURATE,
+        Status.NUMERICAL_ERROR,
+        Status.ITERATION_LIMIT,
+    )
+    if sol.status in verdicts:
+        note = scaling_note(g, h, e)
+        if note is not None:
+            sol.info.raw_status = f"{sol.info.raw_status}; {note}"
+            sol.info.extra["scaling"] = note
+    return sol
 
 
 # -- quadratic objectives for solvers without one: the epigraph --------------------------------
