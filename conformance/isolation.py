@@ -111,8 +111,6 @@ class Worker:
 
     def __init__(self, setup: dict) -> None:
         self._stderr = tempfile.TemporaryFile()
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from ffo_conformance.isolation import main; main()"],
             stdin=subprocess.PIPE,
@@ -120,11 +118,15 @@ class Worker:
             stderr=self._stderr,
             bufsize=0,
             start_new_session=True,  # its own process group: killed as a whole
-            env=env,
         )
         _LIVE.add(self)
         try:
             self.ready = self.call(("setup", setup), STARTUP_TIMEOUT)
+        except WorkerDied:
+            tail = self.stderr_tail(12)
+            self.kill()
+            died = self.exit_text + (f"; end of its stderr: {tail}" if tail else "")
+            raise WorkerDied(died) from None
         except Exception:
             self.kill()
             raise

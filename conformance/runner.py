@@ -16,7 +16,14 @@ from ffo_core.registry import available_backends, get_backend
 
 from . import tolerances as T
 from .checks import CHECKS, CheckResult, InstanceRun, applies, run_check
-from .isolation import MAX_CRASHES, MAX_TIMEOUTS, Worker, WorkerDied, WorkerTimeout
+from .isolation import (
+    MAX_CRASHES,
+    MAX_TIMEOUTS,
+    STARTUP_TIMEOUT,
+    Worker,
+    WorkerDied,
+    WorkerTimeout,
+)
 from .reference import ReferenceSolver
 from .zoo import Instance, build_zoo, select
 
@@ -98,6 +105,7 @@ class Suite:
         self._hung: dict[str, str] = {}  # group -> the case that timed out
         self._timeouts = 0
         self._crashes = 0
+        self._unstartable: str | None = None
         self.isolation = "off (isolate=False)"
         if isolate:
             self._setup, why = self._worker_setup()
@@ -134,10 +142,21 @@ class Suite:
         return setup, ""
 
     def _start_worker(self) -> Worker | None:
-        if self._worker is None and self._setup is not None:
+        """The worker (started if need be); None when there is none.  A worker whose set-up
+        raised (it could not import or unpickle the backend) turns isolation off: the checks
+        run in-process.  One that hung or died while making the backend leaves every
+        remaining check an ERROR saying so (in-process it would hang or crash the run)."""
+        if self._worker is None and self._setup is not None and self._unstartable is None:
             try:
                 self._worker = Worker(self._setup)
-            except (WorkerTimeout, WorkerDied, RuntimeError) as exc:
+            except WorkerTimeout:
+                self._unstartable = (
+                    f"the worker process was not ready after {STARTUP_TIMEOUT:g} s (importing "
+                    "or making the backend hung)"
+                )
+            except WorkerDied as exc:
+                self._unstartable = f"the worker process died while making the backend: {exc}"
+            except RuntimeError as exc:
                 self._setup = None
                 self.isolation = (
                     f"off (a worker process could not rebuild the backend: {exc}); a hang "
@@ -167,7 +186,7 @@ class Suite:
     def _trial(self, spec: str) -> str | None:
         worker = self._start_worker()
         if worker is None:
-            return trial_solve(spec)
+            return None if self._unstartable else trial_solve(spec)
         try:
             return worker.call(("trial", spec), self.timeout)
         except WorkerTimeout:
@@ -224,6 +243,8 @@ class Suite:
 
     def _refused(self, inst: Instance, check: str) -> CheckResult | None:
         """The ERROR of a case not run because of earlier hangs or crashes, or None."""
+        if self._unstartable is not None:
+            return self._not_run(inst, check, f"not run: {self._unstartable}")
         if inst.group in self._hung:
             return self._not_run(
                 inst,
@@ -312,7 +333,9 @@ class Suite:
         sent = [c for c in pending if self._refused(*c) is None]
         worker = self._start_worker() if sent else None
         if sent and worker is None:
-            return pending  # no worker after all: in-process
+            if self._unstartable is None:
+                return pending  # no worker after all: in-process
+            sent = []  # every case is refused now
         if sent:
             try:
                 worker.send(("cases", [(inst.name, check) for inst, check in sent]))

@@ -230,6 +230,18 @@ class CrashesWhenShared(ClarabelBackend):
             _IN_SOLVE.release()
 
 
+class CrashesWhenMadeElsewhere(ClarabelBackend):
+    """Crashes when it is made in another process than the test's (the worker): the
+    suite must not fall back to running it in its own process."""
+
+    name = "mutant-crashes-when-made"
+
+    def __init__(self, **settings):
+        if os.environ.get("FFO_MUTANT_PARENT", str(os.getpid())) != str(os.getpid()):
+            ctypes.string_at(0)
+        super().__init__(**settings)
+
+
 #: mutant -> (instances and checks that catch it, the check that must fail, what the
 #: report must say)
 MUTANTS = {
@@ -261,13 +273,15 @@ def registered():
 # -- the default run: each mutant where it is caught ----------------------------------------
 
 
-@pytest.mark.parametrize("cls", list(MUTANTS), ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "cls", [c for c in MUTANTS if c is not HangsOnTwoPSDBlocks], ids=lambda c: c.name
+)
 def test_the_suite_fails_each_mutant_with_a_report(registered, cls):
+    """(The hang has its own test below.)"""
     classes, checks, failing, says = MUTANTS[cls]
     name = registered(cls)
-    timeout = 4.0 if cls is HangsOnTwoPSDBlocks else 60.0
     start = time.perf_counter()
-    report = Suite(name, classes=classes, checks=checks, timeout=timeout).run()
+    report = Suite(name, classes=classes, checks=checks).run()
     text = report.text()
     assert not report.passed
     assert text.splitlines()[-1].endswith("-> FAIL"), text
@@ -280,6 +294,7 @@ def test_the_suite_fails_each_mutant_with_a_report(registered, cls):
 
 
 def test_a_hang_is_an_error_of_its_group_and_the_rest_still_runs(registered):
+    """The hang mutant, with a 4 s timeout (the slow test below uses the default 60 s)."""
     name = registered(HangsOnTwoPSDBlocks)
     report = Suite(
         name, classes=["sdp", "qp-interior-n6"], checks=["status", "solution"], timeout=4.0
@@ -291,7 +306,8 @@ def test_a_hang_is_an_error_of_its_group_and_the_rest_still_runs(registered):
     assert skipped.outcome == "error" and "not run: group sdp hung" in skipped.reason
     assert by[("sdp-batch3", "status")].outcome == "pass"  # another group: a fresh worker
     assert by[("qp-interior-n6", "solution")].outcome == "pass"
-    assert "ERROR" in report.table()
+    assert "ERROR" in report.table() and not report.passed
+    assert report.text().splitlines()[-1].endswith("-> FAIL")
 
 
 def test_a_crash_is_an_error_and_the_run_goes_on(registered):
@@ -304,6 +320,17 @@ def test_a_crash_is_an_error_and_the_run_goes_on(registered):
     assert "Fatal Python error: Segmentation fault" in by["threads"].reason
     assert "in solve" in by["threads"].reason
     assert by["status"].outcome == "pass" and by["solution"].outcome == "pass"
+
+
+def test_a_backend_that_crashes_the_worker_on_start_is_reported(registered, monkeypatch):
+    monkeypatch.setenv("FFO_MUTANT_PARENT", str(os.getpid()))
+    name = registered(CrashesWhenMadeElsewhere)
+    report = Suite(name, classes=["qp-interior-n6"], checks=["status", "solution"]).run()
+    assert [r.outcome for r in report.results] == ["error", "error"]
+    assert "the worker process died while making the backend: signal 11" in (
+        report.results[0].reason
+    )
+    assert report.text().splitlines()[-1].endswith("-> FAIL")
 
 
 def test_good_backends_pass_the_cases_that_catch_the_mutants():
