@@ -265,6 +265,50 @@ def test_cli_json_into_a_missing_folder_is_created_and_unwritable_fails_first(tm
     assert time.perf_counter() - start < 5
 
 
+class LazySettings:
+    """Clarabel called directly; settings are stored as given and only used (and so only
+    refused) by the solve -- a plugin that does not check values at construction."""
+
+    name = "lazy-settings"
+    capabilities = ClarabelBackend.capabilities
+
+    def __init__(self, **settings):
+        self.settings = settings
+
+    def solve(self, g, h, e, extra_linear_term=None, *, warm_start=None):
+        import clarabel
+
+        settings = clarabel.DefaultSettings()
+        for key, value in self.settings.items():
+            setattr(settings, key, value)  # TypeError / OverflowError for a bad value
+        return ClarabelBackend(verbose=False).solve(g, h, e, extra_linear_term)
+
+
+def test_cli_bad_value_found_by_a_trial_solve(registered, capsys):
+    """A backend whose constructor lets a bad value through: one trial solve up front, and
+    the solve without each setting, name it (exit 2) before any check runs."""
+    name = registered(LazySettings)
+    rc = ffo_main(["conformance", f"{name}:tol_feas=1e-9,max_iter=abc", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "checks:" not in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "setting max_iter='abc' (parsed as str)" in lines[0], lines
+    assert (
+        ffo_main(
+            [
+                "conformance",
+                f"{name}:tol_feas=1e-9",
+                "--classes",
+                "qp-interior-n6",
+                "--checks",
+                "status",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+
+
 @pytest.mark.parametrize(
     "spec, setting",
     [
@@ -274,8 +318,8 @@ def test_cli_json_into_a_missing_folder_is_created_and_unwritable_fails_first(tm
     ],
 )
 def test_cli_bad_setting_value_exits_2_naming_it(spec, setting, capsys):
-    """A value the constructor lets through but the solver rejects: one trial solve up front
-    names the setting (exit 2), instead of a run of hundreds of errors."""
+    """A value the backend refuses: exit 2 with one message naming the setting (from the
+    constructor, or from the suite's trial solve), instead of a run of hundreds of errors."""
     start = time.perf_counter()
     rc = ffo_main(["conformance", spec, "--no-progress"])
     captured = capsys.readouterr()
