@@ -21,13 +21,16 @@ Clarabel's own validation of a settings object), so ``"clarabel:max_iter=-5"`` i
 ``FFOLayer(time_limit=...)`` sets the limit).
 
 Ctrl-C.  Clarabel installs no SIGINT handler: Python's stays in place and
-``KeyboardInterrupt`` surfaces when Clarabel hands control back.  For a problem large enough
-that one solve can take long (:data:`CALLBACK_NNZ` stored entries or more), the adapter
-registers a termination callback that Clarabel calls once per iteration: in the main thread
-it lets a pending ``KeyboardInterrupt`` be raised there (within one iteration), in a worker
-thread it stops the solve when :func:`ffo_core.backend_base.interrupt_solves` is called.
-Smaller problems go without (the callback costs about 0.5 us per iteration, 4% of a
-100 us solve) and are interrupted at the end of their solve.
+``KeyboardInterrupt`` surfaces when Clarabel hands control back, at the end of the solve.
+For a problem large enough that one solve can take long (:data:`CALLBACK_NNZ` stored
+entries or more), the adapter registers a termination callback (Clarabel calls it once per
+iteration) that stops the solve when asked: called from the main thread, the solve runs in
+a helper thread while the main thread waits, so Ctrl-C raises there at once and stops the
+solve within one iteration (a ``KeyboardInterrupt`` raised inside the callback itself
+would be printed and dropped by Clarabel's binding); in a worker thread,
+:func:`ffo_core.backend_base.interrupt_solves` stops it.  Smaller problems go without (the
+callback costs about 0.5 us per iteration, 4% of a 100 us solve) and are interrupted at
+the end of their solve.
 
 Badly scaled data: when a solve ends infeasible, unbounded, at its iteration limit or in a
 numerical error and the data has entries of 1e8 or more, or entries spanning nine orders of
@@ -60,6 +63,7 @@ from ffo_core.backend_base import (
     BackendBase,
     check_bool,
     check_number,
+    interrupt_generation,
     interrupted,
     native_solve,
     note_scaling,
@@ -190,23 +194,27 @@ class ClarabelBackend(BackendBase):
     ) -> Solution:
         import clarabel
 
+        since = interrupt_generation()
         P = g.upper()
         q = g.q if extra_linear_term is None else g.q + extra_linear_term
         A = stack_rows(prune(e.A), prune(h.G))
         b = np.concatenate([e.b, h.h])
         solver = clarabel.DefaultSolver(P, q, A, b, self._cones(e, h), self._settings())
         kept = _Kept(solver, g, h, e) if extra_linear_term is not None else None
-        return self._answer(self._run(solver, P.nnz + A.nnz), g, h, e, kept)
+        return self._answer(self._run(solver, P.nnz + A.nnz, since), g, h, e, kept)
 
-    def _run(self, solver, nnz: int):
+    def _run(self, solver, nnz: int, since: int | None = None):
         """``solver.solve()``, with a termination callback on a large problem (Ctrl-C within
         one iteration, see the module docstring)."""
         if nnz < CALLBACK_NNZ:
             return solver.solve()
         stop = threading.Event()
         solver.set_termination_callback(lambda _info: stop.is_set())
-        with native_solve(stop.set, installs_handler=False):
-            res = solver.solve()
+        with native_solve(stop.set, installs_handler=False, since=since):
+            if threading.current_thread() is threading.main_thread():
+                res = _solve_in_helper(solver, stop)
+            else:
+                res = solver.solve()
         solver.unset_termination_callback()
         if str(res.status) == "CallbackTerminated":
             raise interrupted(self.name, "interrupt_solves")
@@ -236,9 +244,10 @@ class ClarabelBackend(BackendBase):
             and kept.solver.is_data_update_allowed()
         ):
             return self.solve(g, h, e, extra_linear_term)
+        since = interrupt_generation()
         kept.solver.update(q=g.q + extra_linear_term)
         nnz = g.upper().nnz + e.A.nnz + h.G.nnz
-        return self._answer(self._run(kept.solver, nnz), g, h, e, kept)
+        return self._answer(self._run(kept.solver, nnz, since), g, h, e, kept)
 
     @staticmethod
     def _answer(
@@ -286,6 +295,37 @@ class _Kept(NamedTuple):
     g: Objective
     h: ConeConstraints
     e: Equalities
+
+
+def _solve_in_helper(solver, stop: threading.Event):
+    """``solver.solve()`` in a helper thread while the main thread waits for it.
+
+    Python runs signal handlers in the main thread only, between bytecodes: raised inside
+    Clarabel's termination callback, a ``KeyboardInterrupt`` is printed and dropped by the
+    binding, and while the main thread is inside Clarabel none is raised at all.  Waiting
+    in ``Thread.join`` instead, the main thread gets the ``KeyboardInterrupt`` at once; it
+    sets ``stop``, which the callback returns to Clarabel at its next iteration, waits for
+    the helper and re-raises."""
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["res"] = solver.solve()
+        except BaseException as exc:  # handed to the caller below
+            box["exc"] = exc
+
+    helper = threading.Thread(target=work, name="clarabel-solve", daemon=True)
+    helper.start()
+    try:
+        while helper.is_alive():  # a join with a timeout: handlers run between the waits
+            helper.join(0.05)
+    except KeyboardInterrupt:
+        stop.set()
+        helper.join()
+        raise
+    if "exc" in box:
+        raise box["exc"]
+    return box["res"]
 
 
 def _floats(values, size: int) -> np.ndarray:

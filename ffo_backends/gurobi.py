@@ -83,6 +83,7 @@ from ffo_core.accuracy import kkt_accuracy
 from ffo_core.backend_base import (
     BackendBase,
     data_digest,
+    interrupt_generation,
     interrupted,
     native_solve,
     note_scaling,
@@ -434,6 +435,7 @@ class GurobiBackend(BackendBase):
                 f"gurobi does not support the {', '.join(sorted(missing))} cone(s)",
                 backend=self.name,
             )
+        since = interrupt_generation()
         c = np.asarray(g.q, dtype=float)
         if extra_linear_term is not None:
             c = c + extra_linear_term
@@ -441,9 +443,9 @@ class GurobiBackend(BackendBase):
         model = built.model
         try:
             self._warm(built, warm_start, g, h, e)
-            code = self._optimize(model)
+            code = self._optimize(model, since)
             if code == gp.GRB.INF_OR_UNBD or (code == gp.GRB.NUMERIC and model.SolCount == 0):
-                code = self._resolve_verdict(model)
+                code = self._resolve_verdict(model, since)
         except gp.GurobiError as exc:
             self._forget(built)
             if exc.errno == ERROR_SIZE_LIMIT:
@@ -468,15 +470,15 @@ class GurobiBackend(BackendBase):
         return note_scaling(sol, g, h, e)
 
     @staticmethod
-    def _optimize(model) -> int:
+    def _optimize(model, since: int | None = None) -> int:
         """``model.optimize()`` from scratch (a cached model is reset first: see the module
         docstring), stoppable by :func:`~ffo_core.backend_base.interrupt_solves`."""
         model.reset(0)
-        with native_solve(model.terminate):
+        with native_solve(model.terminate, since=since):
             model.optimize()
         return int(model.Status)
 
-    def _resolve_verdict(self, model) -> int:
+    def _resolve_verdict(self, model, since: int | None = None) -> int:
         """Optimise once more with :data:`RESOLVE_PARAMS` (those the user did not set) and
         put the parameters back; returns the new status."""
         changed = {k: v for k, v in RESOLVE_PARAMS.items() if k not in self.params}
@@ -486,7 +488,7 @@ class GurobiBackend(BackendBase):
         try:
             for k, v in changed.items():
                 model.setParam(k, v)
-            return self._optimize(model)
+            return self._optimize(model, since)
         finally:
             for k, v in before.items():
                 model.setParam(k, v)

@@ -147,7 +147,7 @@ SETTING_KINDS = {
 }
 #: This adapter's defaults where they differ from SCS's (see the module docstring); the
 #: user's settings replace them.
-DEFAULTS = {"eps_abs": 1e-9, "eps_rel": 1e-9}
+DEFAULTS = {"eps_abs": 1e-8, "eps_rel": 1e-8}
 #: Protocol-level aliases -> SCS names.
 ALIASES = {"time_limit": "time_limit_secs"}
 #: Options of this adapter that are not SCS settings.

@@ -167,11 +167,22 @@ _NATIVE_ACTIVE = 0
 _NATIVE_SAVED: Any = None
 _STOPPERS: dict[int, Callable[[], None]] = {}
 _STOP_KEYS = itertools.count()
+_INTERRUPTS = 0  # how many times interrupt_solves was called
+
+
+def interrupt_generation() -> int:
+    """A counter :func:`interrupt_solves` increments: an adapter reads it when a solve
+    begins (before its set-up) and passes it to :func:`native_solve` as ``since``, so an
+    interrupt requested while it was still setting up stops it too."""
+    return _INTERRUPTS
 
 
 @contextlib.contextmanager
 def native_solve(
-    stop: Callable[[], None] | None = None, *, installs_handler: bool = True
+    stop: Callable[[], None] | None = None,
+    *,
+    installs_handler: bool = True,
+    since: int | None = None,
 ) -> Iterator[None]:
     """Wrap one call into a solver library, for Ctrl-C.
 
@@ -185,7 +196,8 @@ def native_solve(
       "interrupted" status into ``KeyboardInterrupt``.
     * ``stop``: a callable that makes this solve stop early from another thread (GUROBI's
       ``Model.terminate``, a flag a Clarabel callback reads); :func:`interrupt_solves` calls
-      it.
+      it, and it is called at once if :func:`interrupt_solves` ran after ``since`` (the
+      :func:`interrupt_generation` read when the solve began).
     """
     global _NATIVE_ACTIVE, _NATIVE_SAVED
     key = next(_STOP_KEYS)
@@ -196,6 +208,9 @@ def native_solve(
             _NATIVE_ACTIVE += 1
         if stop is not None:
             _STOPPERS[key] = stop
+            late = since is not None and _INTERRUPTS > since
+    if stop is not None and late:
+        stop()
     try:
         yield
     finally:
@@ -213,8 +228,11 @@ def interrupt_solves() -> int:
     run under :func:`native_solve` with a ``stop``) to stop now; they then raise
     ``KeyboardInterrupt``.  For the caller that caught ``KeyboardInterrupt`` in the main
     thread while worker threads are still solving (a thread pool does not stop its workers).
-    Returns how many solves were asked."""
+    Solves still setting up when it is called stop as soon as they start iterating (see
+    ``since`` of :func:`native_solve`).  Returns how many solves were asked."""
+    global _INTERRUPTS
     with _NATIVE_LOCK:
+        _INTERRUPTS += 1
         stops = list(_STOPPERS.values())
     for stop in stops:
         with contextlib.suppress(Exception):
