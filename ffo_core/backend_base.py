@@ -467,33 +467,29 @@ class QuadraticEpigraph:
         from .protocol import ConeDims
 
         self.n, self.r, self.sigma = g.n, F.shape[0], float(sigma)
-        d = h.dims
-        self.at = d.nonneg + sum(d.soc)  # where the cone's rows go
+        n, d = g.n, h.dims
+        self.at = at = d.nonneg + sum(d.soc)  # where the cone's rows go
         k = self.r + 2
         root = 1.0 / math.sqrt(2.0)
         tcoef = -root / self.sigma
-        cone = sp.vstack(
-            [
-                sp.csr_matrix(([tcoef, tcoef], ([0, 1], [g.n, g.n])), shape=(2, g.n + 1)),
-                sp.hstack([-sp.csr_matrix(F), sp.csr_matrix((self.r, 1))]),
-            ],
-            format="csr",
+        # assembled from coordinates (a quarter of the time of sparse hstack/vstack)
+        Gc = sp.coo_matrix(h.G)
+        Fc = sp.coo_matrix(F)
+        rows = np.concatenate(
+            [np.where(Gc.row < at, Gc.row, Gc.row + k), Fc.row + at + 2, [at, at + 1]]
         )
-        G = sp.csr_matrix(h.G)
-        zero = sp.csr_matrix((G.shape[0], 1))
-        Gx = sp.hstack([G, zero], format="csr")
-        self.G = sp.vstack([Gx[: self.at], cone, Gx[self.at :]], format="csc")
+        cols = np.concatenate([Gc.col, Fc.col, [n, n]])
+        vals = np.concatenate([Gc.data, -Fc.data, [tcoef, tcoef]])
+        self.G = sp.csc_matrix((vals, (rows, cols)), shape=(h.m + k, n + 1))
         self.h = np.concatenate(
-            [
-                h.h[: self.at],
-                [root * self.sigma, -root * self.sigma],
-                np.zeros(self.r),
-                h.h[self.at :],
-            ]
+            [h.h[:at], [root * self.sigma, -root * self.sigma], np.zeros(self.r), h.h[at:]]
         )
         self.dims = ConeDims(d.nonneg, tuple(d.soc) + (k,), d.exp, tuple(d.psd))
-        self.A = sp.hstack([sp.csr_matrix(e.A), sp.csr_matrix((e.p, 1))], format="csc")
-        self.keep = np.r_[np.arange(self.at), np.arange(self.at + k, h.m + k)].astype(np.int64)
+        A = sp.csc_matrix(e.A)
+        self.A = sp.csc_matrix(
+            (A.data, A.indices, np.r_[A.indptr, A.indptr[-1]]), shape=(e.p, n + 1)
+        )
+        self.keep = np.r_[np.arange(at), np.arange(at + k, h.m + k)].astype(np.int64)
 
     @staticmethod
     def balance(F, q) -> float:
