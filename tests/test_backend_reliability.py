@@ -51,10 +51,13 @@ def _runs(name: str) -> bool:
     return info is not None and info.available
 
 
-def _needs(name: str):
+def _why_not(name: str) -> str:
     info = available_backends().get(name)
-    reason = "not registered" if info is None else info.reason
-    return pytest.mark.skipif(not _runs(name), reason=f"{name} cannot run here: {reason}")
+    return "not registered" if info is None else info.reason
+
+
+def _needs(name: str):
+    return pytest.mark.skipif(not _runs(name), reason=f"{name} cannot run here: {_why_not(name)}")
 
 
 def _has_cvxpy_solver(name: str) -> bool:
@@ -520,8 +523,7 @@ def test_verbose_output_is_not_silenced(capfd):
 @pytest.mark.mosek
 @pytest.mark.skipif(
     not _runs("mosek"),
-    reason="the MOSEK conformance run needs a licence: set MOSEKLM_LICENSE_FILE "
-    f"({(available_backends().get('mosek') or type('', (), {'reason': ''})).reason})",
+    reason=f"the MOSEK conformance run needs a licence: {_why_not('mosek')}",
 )
 def test_mosek_passes_the_conformance_suite_at_its_defaults():
     out = subprocess.run(
