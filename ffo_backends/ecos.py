@@ -301,10 +301,10 @@ class EcosBackend(BackendBase):
                 if not good:
                     root = math.sqrt(max(0.5 * float(y @ (g.P @ y)), 1e-6))
                     queue = [root, 3.0 * root]
-            elif lifted.status is Status.INFEASIBLE or (
+            elif lifted.status in (Status.INFEASIBLE, Status.ITERATION_LIMIT) or (
                 lifted.status is Status.UNBOUNDED and F.shape[0] < g.n
             ):
-                queue = []  # a certificate: the scaling does not change it
+                queue = []  # a certificate, or the user's bound on the work
             else:  # a stall, or "unbounded" with P positive definite (impossible)
                 root = QuadraticEpigraph.balance(F, q[:-1])
                 queue = [root, math.sqrt(root)]
