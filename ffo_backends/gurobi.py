@@ -442,6 +442,7 @@ class GurobiBackend(BackendBase):
         built = self._model_for(g, h, e, c)
         model = built.model
         try:
+            model.reset(0)  # from scratch, not from another problem's basis (see above)
             self._warm(built, warm_start, g, h, e)
             code = self._optimize(model, since)
             if code == gp.GRB.INF_OR_UNBD or (code == gp.GRB.NUMERIC and model.SolCount == 0):
@@ -471,9 +472,8 @@ class GurobiBackend(BackendBase):
 
     @staticmethod
     def _optimize(model, since: int | None = None) -> int:
-        """``model.optimize()`` from scratch (a cached model is reset first: see the module
-        docstring), stoppable by :func:`~ffo_core.backend_base.interrupt_solves`."""
-        model.reset(0)
+        """``model.optimize()``, stoppable by
+        :func:`~ffo_core.backend_base.interrupt_solves`."""
         with native_solve(model.terminate, since=since):
             model.optimize()
         return int(model.Status)
@@ -488,6 +488,7 @@ class GurobiBackend(BackendBase):
         try:
             for k, v in changed.items():
                 model.setParam(k, v)
+            model.reset(0)
             return self._optimize(model, since)
         finally:
             for k, v in before.items():
