@@ -13,10 +13,16 @@ Native conventions and how they map to the protocol (:mod:`ffo_core.protocol`):
   sqrt(2)-scaled) are the protocol's layouts already.
 
 Settings are Clarabel's ``DefaultSettings`` attribute names (``tol_gap_abs``, ``max_iter``,
-``time_limit`` in seconds, ...).  ``verbose`` defaults to False; every other setting is
-Clarabel's own default.  Values are checked when the backend is made (type, sign, NaN, and
-Clarabel's own validation of a settings object), so ``"clarabel:max_iter=-5"`` is a
-:class:`~ffo_core.errors.ConfigError` naming ``max_iter``.
+``time_limit`` in seconds, ...).  Defaults (:data:`DEFAULTS`): ``verbose`` False and
+``tol_gap_abs = tol_gap_rel = 1e-12`` (Clarabel: 1e-8); every other setting is Clarabel's
+own.  An interior-point method leaves a row near a kink with a slack and a multiplier
+both about ``sqrt(gap)``, where the engine cannot tell whether it is active: measured on the
+DFL QP (n = 1000, batch 8, seeds 0-4) the gradient is 1.1e-1 off at Clarabel's 1e-8 gap,
+6.2e-2 at 1e-10 and 1.1e-7 at 1e-12, for the same time per training step (the last
+iterations are cheap).  A solve that stops ``AlmostSolved`` on the way is ``OPTIMAL`` when
+it meets Clarabel's own default tolerances.  Values are checked when the backend is made
+(type, sign, NaN, and Clarabel's own validation of a settings object), so
+``"clarabel:max_iter=-5"`` is a :class:`~ffo_core.errors.ConfigError` naming ``max_iter``.
 :meth:`ClarabelBackend.with_settings` returns a configured copy (how
 ``FFOLayer(time_limit=...)`` sets the limit).
 
@@ -99,6 +105,12 @@ STATUS_MAP = {
 }
 
 
+#: This adapter's defaults where they differ from Clarabel's (see the module docstring);
+#: the user's settings replace them.
+DEFAULTS = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12}
+#: Clarabel's own default tolerances: an ``AlmostSolved`` point that meets them is optimal.
+ACCEPT = 1e-8
+
 #: Stored entries of ``P`` and ``[A; G]`` from which a solve gets a termination callback
 #: (Ctrl-C within one iteration); see the module docstring.
 CALLBACK_NNZ = 100_000
@@ -117,6 +129,7 @@ class ClarabelBackend(BackendBase):
 
     def __init__(self, *args, **settings) -> None:
         super().__init__(*args, **settings)
+        self._own_gap = not any(k in self.settings for k in DEFAULTS)
         self._validate()
 
     def setting_names(self):
@@ -161,7 +174,7 @@ class ClarabelBackend(BackendBase):
 
         settings = clarabel.DefaultSettings()
         settings.verbose = False
-        for key, value in self.settings.items():
+        for key, value in {**DEFAULTS, **self.settings}.items():
             try:
                 setattr(settings, key, value)
             except (TypeError, ValueError, OverflowError) as exc:
@@ -249,15 +262,23 @@ class ClarabelBackend(BackendBase):
         nnz = g.upper().nnz + e.A.nnz + h.G.nnz
         return self._answer(self._run(kept.solver, nnz, since), g, h, e, kept)
 
-    @staticmethod
     def _answer(
-        res, g: Objective, h: ConeConstraints, e: Equalities, kept: _Kept | None
+        self, res, g: Objective, h: ConeConstraints, e: Equalities, kept: _Kept | None
     ) -> Solution:
         """Clarabel's result as a protocol Solution; ``kept`` goes into ``info.extra`` (a
-        ghost solve's solver, for :meth:`resolve`)."""
+        ghost solve's solver, for :meth:`resolve`).  ``AlmostSolved`` on the way to this
+        adapter's tight gap is ``OPTIMAL`` when the point meets Clarabel's own default
+        tolerances (:data:`ACCEPT`), unless the user set the gap tolerances."""
         raw = str(res.status)
         status = STATUS_MAP.get(raw, Status.NUMERICAL_ERROR)
-        gap = abs(res.obj_val - res.obj_val_dual) / max(1.0, abs(res.obj_val))
+        gap_abs = abs(res.obj_val - res.obj_val_dual)
+        gap = gap_abs / max(1.0, abs(res.obj_val))
+        if raw == "AlmostSolved" and self._own_gap:
+            gap_rel = gap_abs / max(min(abs(res.obj_val), abs(res.obj_val_dual)), 1e-300)
+            feasible = max(res.r_prim, res.r_dual) <= ACCEPT
+            if feasible and min(gap_abs, gap_rel) <= ACCEPT:
+                status = Status.OPTIMAL
+                raw = f"{raw} (meets Clarabel's default tolerances {ACCEPT:g})"
         accuracy = float(max(res.r_prim, res.r_dual, gap)) if math.isfinite(gap) else None
         if accuracy is not None and h.dims.kinds - {"nonneg"}:
             # on curved cones the point is only ~sqrt(residual) accurate (measured on 12
