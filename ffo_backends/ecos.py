@@ -9,14 +9,15 @@ one place, :func:`ecos_data` on the way in and :meth:`EcosBackend._to_protocol` 
   (``A`` is passed as ``None`` when there are none: ECOS rejects an empty ``A``).
 * **Quadratic objectives through an epigraph.**  ECOS has no quadratic objective; the adapter
   takes one anyway (:attr:`Capabilities.quadratic_objective` is True) and solves
-  ``min q'y + t`` with the second-order cone ``||F y||^2 <= 2 t`` (``F'F = P``,
-  :class:`~ffo_core.backend_base.QuadraticEpigraph`), appended after the problem's own SOC
-  blocks.  The multipliers of the problem's own rows are the QP's (the cone's multiplier
-  contributes ``P y`` to stationarity), so nothing is converted; ``t`` and the cone's rows are
-  dropped from the answer.  ``F`` comes from :func:`~ffo_core.backend_base.psd_factor`
-  (``sqrt`` of a diagonal, a dense Cholesky or eigendecomposition per connected block of
-  ``P``), cached per ``P`` (a forward solve and its ghosts share one); a ``P`` that is not
-  positive semidefinite raises :class:`~ffo_core.errors.SolverError` naming ``P``.
+  ``min q'y + t`` with the rotated second-order cone ``||F y||^2 <= 2 t`` (``F'F = P``,
+  :class:`~ffo_core.backend_base.QuadraticEpigraph`, balanced by ``sigma``), appended after
+  the problem's own SOC blocks.  The multipliers of the problem's own rows are the QP's (the
+  cone's multiplier contributes ``P y`` to stationarity), so nothing is converted; ``t`` and
+  the cone's rows are dropped from the answer.  ``F`` comes from
+  :func:`~ffo_core.backend_base.psd_factor` (``sqrt`` of a diagonal, a dense Cholesky or
+  eigendecomposition per connected block of ``P``), cached per ``P`` (a forward solve and its
+  ghosts share one); a ``P`` that is not positive semidefinite raises
+  :class:`~ffo_core.errors.SolverError` naming ``P``.
 * **Exponential cone order.**  ECOS's cone is ``{(x, y, z): z e^(x/z) <= y, z > 0}`` -- the
   protocol's (CVXPY/SCS/Clarabel) ``(x, y, z)`` with ``y`` and ``z`` swapped -- so the rows
   of each 3-row block are permuted by :data:`EXP_CONE_ORDER` ``= (0, 2, 1)`` (CVXPY's
@@ -32,8 +33,11 @@ ECOS's 1e-8, ``max_iters = 200`` instead of 100.  Through the epigraph a QP's po
 multipliers are only about ``sqrt(gap)`` accurate (the cone's multiplier lines up with its
 slack only at the optimum), so the gap is closed much further than the residuals; a solve
 that stalls on its way there is accepted as optimal when its best point reaches ECOS's
-usual standard (residuals below ``feastol``, gap below :data:`ACCEPT_GAP`).
-docs/backends.md has the accuracy and the cost.
+usual standard (residuals below ``feastol``, gap below :data:`ACCEPT_GAP`).  An answer less
+accurate than :data:`EPIGRAPH_TARGET` is solved again with the cone rebalanced
+(``EcosBackend._solve_quadratic``), and an equality-constrained QP (every polyhedral ghost
+problem) is refined with ECOS itself (``EcosBackend._refine``).  docs/backends.md has the
+accuracy and the cost.
 
 Accuracy.  ECOS's own residuals are relative to the norms of its iterates and, for a QP,
 describe the epigraph problem; ``SolveInfo.accuracy`` is the larger of them and the
@@ -41,7 +45,11 @@ protocol's KKT residual of the returned point
 (:func:`ffo_core.accuracy.kkt_accuracy`), which is what the engine sizes its step by.
 
 Statuses (:data:`STATUS_MAP`): ECOS's ``exitFlag``; ``+10`` marks "close to" results
-(``OPTIMAL_INACCURATE`` etc.), ``-1`` is the iteration limit.
+(``OPTIMAL_INACCURATE`` etc.), ``-1`` is the iteration limit.  An infeasible or unbounded
+verdict is confirmed at ECOS's own ``abstol = reltol = 1e-8`` (:data:`VERDICT_TOLERANCES`:
+ECOS computes its infeasibility measures only where the cost exceeds ``reltol``, and at
+1e-12 rounding passed for a certificate), and "unbounded" with a positive definite ``P``
+(impossible) is a numerical error.
 
 Ctrl-C.  ECOS installs its own SIGINT handler while it solves and, when interrupted, stops
 with ``-4`` -- unless its current point meets its *reduced* tolerances (``*_inacc``), in which
