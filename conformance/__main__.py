@@ -1,4 +1,4 @@
-"""``python -m conformance NAME [options]``: the same as ``ffo conformance NAME``."""
+"""``python -m ffo_conformance NAME [options]``: the same as ``ffo conformance NAME``."""
 
 import sys
 

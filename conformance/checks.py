@@ -13,6 +13,10 @@ problem data and the returned vectors only):
   cone blocks) / (1 + |1/2 y'Py + q'y|)
 * ``dist_primal`` = ||y - y_ref|| / (1 + ||y_ref||), ``dist_dual`` the same for nu and lam.
 
+Every call to the backend goes through :class:`ffo_conformance.guard.GuardedBackend`: a
+backend that writes into its inputs fails the check that made the call, and the suite's own
+reference works on copies of the samples made before any backend saw them.
+
 Gradients are compared per block of the data (``P, q, A, b, G, h``; protocol instances) or
 per parameter (layer instances): ``rel[X] = ||g_X - r_X|| / max(||r_X||, floor)`` with
 ``floor = GRAD_BLOCK_FLOOR * ||r||``, and ``cos[X]`` (only where ``||r_X|| >= floor``).
@@ -20,6 +24,8 @@ per parameter (layer instances): ``rel[X] = ||g_X - r_X|| / max(||r_X||, floor)`
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,15 +33,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ffo_core.engine import FFOOptions
-from ffo_core.engine.ffo_backward import ffo_backward
-from ffo_core.errors import FFOError
+from ffo_core.config import SolverConfig, parse_config
+from ffo_core.engine.ffo_backward import FFOOptions, ffo_backward
+from ffo_core.errors import ConfigError, FFOError
 from ffo_core.protocol import Objective, Solution, Status
+from ffo_core.registry import get_backend
 
 from . import cones
 from . import tolerances as T
+from .guard import GuardedBackend, InputsModified
 from .reference import ReferenceSolver, kkt_reference
-from .zoo import Instance, Sample
+from .zoo import EXPECT_LIMIT, ITERATION_LIMIT, TIME_LIMIT, Instance, Sample, constructed
 
 #: Check names, in report order.
 CHECKS = (
@@ -45,15 +53,44 @@ CHECKS = (
     "grad-central",
     "warm-start",
     "resolve",
+    "solve-batch",
     "deterministic",
     "threads",
 )
 
+#: The checks each kind of instance (:attr:`ffo_conformance.zoo.Instance.kind`) can run;
+#: ``solve-batch`` runs on optimal instances with several samples only (:func:`applies`).
 APPLICABLE = {
     "optimal": CHECKS,
     "status": ("status",),
+    "limit": ("status",),
     "layer": ("solution", "grad-ffo", "grad-central"),
 }
+
+#: Setting names the ``limit`` instances look for (in ``setting_names()`` where the backend
+#: lists its settings, else tried in turn): the iteration limits of Clarabel, OSQP, SCS, ECOS,
+#: GUROBI, MOSEK and common spellings.  A backend may name its own with a class attribute
+#: ``iteration_limit_setting`` (a string or a tuple of strings).  Time limits use the
+#: protocol's generic ``time_limit`` (seconds), through ``with_settings``.
+ITERATION_LIMIT_NAMES = (
+    "max_iter",
+    "max_iters",
+    "maxiter",
+    "max_iterations",
+    "iteration_limit",
+    "IterationLimit",
+    "BarIterLimit",
+    "MSK_IPAR_INTPNT_MAX_ITERATIONS",
+    "MSK_IPAR_SIM_MAX_ITERATIONS",
+)
+
+
+def applies(inst: Instance, check: str) -> bool:
+    """Whether ``check`` is meaningful for ``inst`` (else '·' in the table)."""
+    if check not in APPLICABLE[inst.kind]:
+        return False
+    return check != "solve-batch" or len(inst.samples) > 1
+
 
 BLOCKS = ("P", "q", "A", "b", "G", "h")
 
@@ -278,14 +315,30 @@ def _worst(
 # -- per-instance state, shared by the checks of one instance -----------------------------
 
 
-class InstanceRun:
-    """Lazily computed, cached: reference solutions, the backend's solutions, KKT gradients."""
+def copy_sample(smp: Sample) -> Sample:
+    """A deep copy (the reference's own, which no backend ever sees)."""
+    return copy.deepcopy(smp)
 
-    def __init__(self, inst: Instance, backend, reference: ReferenceSolver) -> None:
+
+class InstanceRun:
+    """Lazily computed, cached: reference solutions, the backend's solutions, KKT gradients.
+
+    ``backend`` is wrapped in a :class:`~ffo_conformance.guard.GuardedBackend` unless it is
+    one already; ``spec`` is the config string the backend was made from (None for an
+    instance), used to make a copy with other settings when it has no ``with_settings``.
+    The reference and every measure use ``pristine``, deep copies of the samples taken
+    before the backend saw them.
+    """
+
+    def __init__(
+        self, inst: Instance, backend, reference: ReferenceSolver, spec: str | None = None
+    ) -> None:
         self.inst = inst
-        self.backend = backend
+        self.backend = backend if isinstance(backend, GuardedBackend) else GuardedBackend(backend)
         self.reference = reference
+        self.spec = spec
         self.profile = T.PROFILES[inst.profile]
+        self.pristine = [copy_sample(s) for s in inst.samples]
         self._cache: dict = {}
 
     def _cached(self, key, fn):
@@ -303,7 +356,7 @@ class InstanceRun:
     def ref_solutions(self) -> list[Solution]:
         def compute():
             out = []
-            for i, smp in enumerate(self.inst.samples):
+            for i, smp in enumerate(self.pristine):
                 sol = self.reference.solve(smp.g, smp.h, smp.e)
                 if not sol.status.has_solution:
                     raise ReferenceUnavailable(
@@ -330,7 +383,7 @@ class InstanceRun:
         def compute():
             refs = self.ref_solutions()
             out = []
-            for smp, ref in zip(self.inst.samples, refs):
+            for smp, ref in zip(self.pristine, refs):
                 try:
                     out.append(kkt_reference(smp.g, smp.h, smp.e, ref, smp.c))
                 except (FFOError, ValueError, RuntimeError, NotImplementedError) as exc:
@@ -343,14 +396,18 @@ class InstanceRun:
 
     def usable_solutions(self) -> list[Solution]:
         sols = self.solutions()
-        for i, (smp, sol) in enumerate(zip(self.inst.samples, sols)):
+        for i, (smp, sol) in enumerate(zip(self.pristine, sols)):
             if not sol.status.has_solution:
                 raise Fail(
                     f"sample {i}: the backend returned status {sol.status.value} "
-                    f"({sol.info.raw_status}) on a problem with an optimum"
+                    f"(its solver said {sol.info.raw_status!r}) on a problem with an optimum"
                 )
             check_shapes(smp, sol)
         return sols
+
+    def solution_metrics(self) -> list[Metric]:
+        """The solution check's measures (cached: the gradient checks' advice reads them)."""
+        return self._cached("solution_metrics", lambda: _solution_metrics(self))
 
     # layer instances ---------------------------------------------------------------
     def layer_result(self, which: str):
@@ -426,47 +483,217 @@ class InstanceRun:
 # -- the checks ---------------------------------------------------------------------------
 
 
+def _status_word(sol: Solution) -> str:
+    """``optimal`` or ``iteration_limit ('MaxIterations')``: the protocol's status and the
+    solver's own word (``SolveInfo.raw_status``) where the adapter reports one."""
+    raw = getattr(sol.info, "raw_status", None)
+    return f"{sol.status.value} ({raw!r})" if raw not in (None, "") else sol.status.value
+
+
 def check_status(run: InstanceRun) -> list[Metric]:
     inst = run.inst
+    if inst.kind == "limit":
+        return check_limit(run)
     sols = run.solutions()
-    words = [s.status.value for s in sols]
+    words = ", ".join(sorted({_status_word(s) for s in sols}))
     if inst.kind == "status":
         bad = sum(s.status not in inst.expect for s in sols)
         want = "/".join(sorted(x.value for x in inst.expect))
-        return [
-            Metric("status", float(bad), 0.0, text=f"{','.join(sorted(set(words)))} (want {want})")
-        ]
+        return [Metric("status", float(bad), 0.0, text=f"{words} (want {want})")]
     accepted = (
         {Status.OPTIMAL} if inst.profile == "well" else {Status.OPTIMAL, Status.OPTIMAL_INACCURATE}
     )
     bad = sum(s.status not in accepted for s in sols)
-    return [
-        Metric(
-            "status",
-            float(bad),
-            0.0,
-            text=f"{','.join(sorted(set(words)))} (want "
-            f"{'/'.join(sorted(x.value for x in accepted))})",
-        )
+    want = "/".join(sorted(x.value for x in accepted))
+    return [Metric("status", float(bad), 0.0, text=f"{words} (want {want})")]
+
+
+def dual_hint(smp: Sample, sol: Solution, tol: float) -> str:
+    """Where the dual residual fails, a guess at the adapter bug: the first simple change of
+    the returned duals (a sign, a factor 2) that makes ``dual_res`` and ``cone_res`` pass."""
+    lam, nu = np.asarray(sol.ineq_dual, float), np.asarray(sol.eq_dual, float)
+    tries = [
+        ("ineq_dual negated", -lam, nu),
+        ("eq_dual negated", lam, -nu),
+        ("both duals negated", -lam, -nu),
+        ("duals twice too large", lam / 2, nu / 2),
+        ("duals half too small", 2 * lam, 2 * nu),
     ]
+    for label, lam_t, nu_t in tries:
+        trial = Solution(sol.status, sol.primal, nu_t, lam_t, sol.slack, sol.info)
+        res = residuals(smp, trial)
+        if res["dual_res"] <= tol and res["cone_res"] <= tol:
+            return (
+                f"{label}? (so changed, the dual residual would be {res['dual_res']:.1e}; "
+                "protocol: P y + q + A'nu + G'lam = 0 with lam in K*)"
+            )
+    return ""
 
 
-def check_solution(run: InstanceRun) -> list[Metric]:
+def _solution_metrics(run: InstanceRun) -> tuple[list[Metric], str]:
+    tol = run.profile
+    sols = run.usable_solutions()
+    refs = run.ref_solutions()
+    metrics: dict[str, Metric] = {}
+    hint = ""
+    for smp, sol, ref in zip(run.pristine, sols, refs):
+        res = residuals(smp, sol)
+        for k, v in res.items():
+            _worst(metrics, k, v, tol.residual)
+        for k, v in distances(sol, ref).items():
+            _worst(metrics, k, v, tol.distance)
+        if not hint and res["dual_res"] > tol.residual:
+            hint = dual_hint(smp, sol, tol.residual)
+    return list(metrics.values()), hint
+
+
+def check_solution(run: InstanceRun):
     tol = run.profile
     if run.inst.kind == "layer":
         ref_out, _ = run.layer_result("ref")
         out, _ = run.layer_result("ffo")
         d = max(rel_diff(o, r) for o, r in zip(out, ref_out))
         return [Metric("dist_primal", d, tol.distance)]
-    sols = run.usable_solutions()
-    refs = run.ref_solutions()
-    metrics: dict[str, Metric] = {}
-    for smp, sol, ref in zip(run.inst.samples, sols, refs):
-        for k, v in residuals(smp, sol).items():
-            _worst(metrics, k, v, tol.residual)
-        for k, v in distances(sol, ref).items():
-            _worst(metrics, k, v, tol.distance)
-    return list(metrics.values())
+    metrics, hint = run.solution_metrics()
+    if hint and not all(m.ok for m in metrics):
+        return metrics, hint
+    return metrics
+
+
+# -- limits ----------------------------------------------------------------------------------
+
+
+def configure(run: InstanceRun, **settings):
+    """The run's backend with ``settings`` added: its ``with_settings`` copy, else the
+    backend its config string gives with the settings appended; guarded like the original.
+    Raises :class:`Skip` when neither is possible or the backend refuses the settings."""
+    what = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+    backend = run.backend
+    copy_ = getattr(backend, "with_settings", None)
+    try:
+        if copy_ is not None:
+            return copy_(**settings)
+        if isinstance(run.spec, str):
+            cfg = parse_config(run.spec)
+            made = get_backend(SolverConfig(cfg.name, cfg.args, {**cfg.settings, **settings}))
+            return GuardedBackend(made, backend.violations)
+    except (ConfigError, TypeError) as exc:
+        raise Skip(f"the backend does not take {what}: {exc}") from exc
+    raise Skip(
+        f"cannot set {what}: the backend has no with_settings(**settings) and was not "
+        "given as a config string"
+    )
+
+
+def iteration_limit_setting(run: InstanceRun) -> str:
+    """The name of the backend's iteration limit (see :data:`ITERATION_LIMIT_NAMES`)."""
+    inner = run.backend.inner
+    hint = getattr(inner, "iteration_limit_setting", None)
+    if isinstance(hint, str):
+        return hint
+    if isinstance(hint, (tuple, list)) and hint:
+        return hint[0]
+    lister = getattr(inner, "setting_names", None)
+    if lister is not None:
+        try:
+            names = {str(n) for n in lister()}
+        except Exception:
+            names = set()
+        if names:
+            lower = {n.lower(): n for n in names}
+            for want in ITERATION_LIMIT_NAMES:
+                if want in names:
+                    return want
+                if want.lower() in lower:
+                    return lower[want.lower()]
+            raise Skip(
+                "none of the backend's setting_names() is a known iteration limit "
+                f"({', '.join(ITERATION_LIMIT_NAMES)}); name yours with the class attribute "
+                "iteration_limit_setting"
+            )
+    for want in ITERATION_LIMIT_NAMES:  # no list of names: the first one accepted
+        try:
+            configure(run, **{want: ITERATION_LIMIT})
+        except Skip:
+            continue
+        return want
+    raise Skip(
+        "the backend accepts none of the known iteration-limit settings "
+        f"({', '.join(ITERATION_LIMIT_NAMES)}); name yours with the class attribute "
+        "iteration_limit_setting"
+    )
+
+
+def limited_backend(run: InstanceRun):
+    """``(backend, what)``: the run's backend under the instance's iteration or time limit."""
+    if run.inst.limit == "time":
+        return configure(run, time_limit=TIME_LIMIT), f"time_limit={TIME_LIMIT:g} s"
+    name = iteration_limit_setting(run)
+    settings = {name: ITERATION_LIMIT}
+    extra = getattr(run.backend.inner, "iteration_limit_setting", None)
+    if isinstance(extra, (tuple, list)):
+        settings = {n: ITERATION_LIMIT for n in extra}
+    elif name in ("IterationLimit", "BarIterLimit"):  # GUROBI: simplex and barrier
+        settings = {"IterationLimit": ITERATION_LIMIT, "BarIterLimit": ITERATION_LIMIT}
+    return configure(run, **settings), ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def check_limit(run: InstanceRun):
+    """A ``limit`` instance: solved under a tiny iteration or time limit, the backend must
+    report the limit (``ITERATION_LIMIT``/``TIME_LIMIT``), or return a point that really is
+    the optimum (a solver may finish within the limit).  An "optimal" answer that is not
+    the optimum is how a limit mapped to ``OPTIMAL`` shows; any other status would blame
+    the user's problem for the solver's stop."""
+    backend, what = limited_backend(run)
+    tol = run.profile
+    words, bad, notes = [], 0, []
+    for i, (smp, clean) in enumerate(zip(run.inst.samples, run.pristine)):
+        sol = backend.solve(smp.g, smp.h, smp.e)
+        words.append(_status_word(sol))
+        if sol.status in EXPECT_LIMIT:
+            continue
+        if sol.status.has_solution:
+            try:
+                check_shapes(clean, sol)
+                ref = run.ref_solutions()[i]
+                measures = {**residuals(clean, sol), **distances(sol, ref)}
+            except Fail as exc:
+                bad += 1
+                notes.append(f"sample {i}: {exc}")
+                continue
+            over = {
+                k: v / (tol.distance if k.startswith("dist") else tol.residual)
+                for k, v in measures.items()
+            }
+            if all(x <= 1 for x in over.values()):
+                notes.append(f"sample {i}: finished within the limit (point verified)")
+                continue
+            worst = max(over, key=over.get)
+            limit = tol.distance if worst.startswith("dist") else tol.residual
+            bad += 1
+            notes.append(
+                f"sample {i}: reported {_status_word(sol)} after a stop forced by {what}, "
+                f"but the point is not the optimum ({worst} {measures[worst]:.1e} > "
+                f"{limit:.0e}): a limit stop reported as an optimum"
+            )
+            continue
+        bad += 1
+        notes.append(
+            f"sample {i}: reported {_status_word(sol)} for a stop forced by {what} on a "
+            "problem with an optimum (map the solver's limit status to ITERATION_LIMIT or "
+            "TIME_LIMIT)"
+        )
+    want = "/".join(sorted(x.value for x in EXPECT_LIMIT))
+    metric = Metric(
+        "status",
+        float(bad),
+        0.0,
+        text=f"{', '.join(sorted(set(words)))} under {what} (want {want}, or the verified optimum)",
+    )
+    return [metric], "; ".join(notes)
+
+
+# -- gradients -----------------------------------------------------------------------------
 
 
 def _gradient_metrics(pairs, rel_tol: float, cos_tol: float) -> list[Metric]:
@@ -478,15 +705,17 @@ def _gradient_metrics(pairs, rel_tol: float, cos_tol: float) -> list[Metric]:
     return sorted(metrics.values(), key=lambda m: (m.name.startswith("cos"), m.name))
 
 
-def _ffo_pairs(run: InstanceRun, backend, sols, central: bool, deltas=None):
+def _ffo_pairs(run: InstanceRun, backend, sols, central: bool, deltas=None, samples=None):
     """``[(ffo gradient, kkt gradient)]`` per sample, and the steps the FFO used.
 
     ``central=False`` checks the *default* options (``central=None``: one-sided where the
     ghost is polyhedral, central where it keeps curved cones), ``True`` forces central.
+    ``samples``: the problems handed to ``backend`` (default: the backend's copies).
     """
     refs = run.kkt()
+    samples = run.inst.samples if samples is None else samples
     pairs, used = [], []
-    for i, (smp, sol, ref) in enumerate(zip(run.inst.samples, sols, refs)):
+    for i, (smp, sol, ref) in enumerate(zip(samples, sols, refs)):
         options = FFOOptions(
             central=True if central else None, delta=None if deltas is None else deltas[i]
         )
@@ -519,7 +748,9 @@ def baseline_note(
         else:
             if deltas is not None and any(d is None for d in deltas):
                 deltas = None
-            pairs, _ = _ffo_pairs(run, run.reference, run.ref_solutions(), central, deltas)
+            pairs, _ = _ffo_pairs(
+                run, run.reference, run.ref_solutions(), central, deltas, run.pristine
+            )
         metrics = _gradient_metrics(pairs, rel_tol, cos_tol)
     except Exception as exc:
         return f"baseline unavailable ({type(exc).__name__}: {exc})", False
@@ -530,7 +761,8 @@ def baseline_note(
             "baseline: the same FFO backward (same step) through the trusted reference "
             f"solver passes (worst {shown}), so this backend's solutions are not accurate "
             "enough for the step that its reported SolveInfo.accuracy gave (tighten its "
-            "tolerances, or report its accuracy more honestly)"
+            "tolerances, or report its accuracy more honestly"
+            f"{accuracy_note(run)})"
         ), False
     base = {m.name: m for m in metrics}
     unexplained = [
@@ -556,6 +788,109 @@ def baseline_note(
     ), False
 
 
+def accuracy_note(run: InstanceRun) -> str:
+    """``; it reported accuracy <= 1e-12, measured residual 3e-07 ...`` for protocol
+    instances (what the gradient's step was sized from against what its solutions are)."""
+    if run.inst.kind == "layer":
+        return ""
+    try:
+        sols = run.usable_solutions()
+        reported = [s.info.accuracy for s in sols if s.info.accuracy is not None]
+        metrics, _ = run.solution_metrics()
+    except Exception:
+        return ""
+    res = max((m.value for m in metrics if not m.name.startswith("dist")), default=None)
+    dist = max((m.value for m in metrics if m.name.startswith("dist")), default=None)
+    said = f"at most {max(reported):.1e}" if reported else "none"
+    parts = [f"; its reported SolveInfo.accuracy: {said}"]
+    if res is not None:
+        parts.append(f"measured residual {res:.1e}")
+    if dist is not None:
+        parts.append(f"distance to the reference {dist:.1e}")
+    return ", ".join(parts)
+
+
+def _probe_sample() -> Sample:
+    """A small pure LP with a unique vertex, for instances the probe cannot use directly."""
+    return constructed(np.random.default_rng(20), n=4, p=1, nonneg="AAAII", objective="linear")
+
+
+def extra_term_problem(run: InstanceRun) -> str:
+    """Empty if ``solve(g, h, e, t)`` agrees with ``solve`` of the problem with ``q + t``
+    (the ghost problems carry their perturbation in ``extra_linear_term``), else what
+    differs."""
+    if run.inst.kind == "layer":
+        caps = run.backend.capabilities
+        if "nonneg" not in caps.cones:
+            return ""
+        samples = [_probe_sample()]
+        tol = T.PROFILES["well"]
+    else:
+        samples = run.pristine[:2]
+        tol = run.profile
+    for i, clean in enumerate(samples):
+        smp = copy_sample(clean)
+        rng = np.random.default_rng(300 + i)
+        t = T.WARM_START_PERTURBATION * (1 + _inf(smp.g.q)) * rng.standard_normal(smp.g.n)
+        try:
+            with_term = run.backend.solve(smp.g, smp.h, smp.e, t)
+            shifted = run.backend.solve(Objective(smp.g.P, smp.g.q + t), smp.h, smp.e)
+        except Exception:
+            return ""
+        if with_term.status != shifted.status:
+            return (
+                f"solve(g, h, e, extra_linear_term=t) ended {_status_word(with_term)} but "
+                f"the same problem with q + t ended {_status_word(shifted)}: the backend "
+                "mishandles extra_linear_term"
+            )
+        if not with_term.status.has_solution:
+            return ""
+        d = distances(with_term, shifted)
+        worst = max(d, key=d.get)
+        if d[worst] > tol.distance:
+            return (
+                "the backend mishandles extra_linear_term: solve(g, h, e, t) differs from "
+                f"solve of the problem with q + t ({worst} {d[worst]:.1e} > "
+                f"{tol.distance:.0e}); the FFO's ghost problems carry their perturbation "
+                "there: add it to q (with a + sign), in solve and in resolve"
+            )
+    return ""
+
+
+def solution_problem(run: InstanceRun) -> str:
+    """Empty if the solution check passes on this instance, else its worst failure."""
+    try:
+        if run.inst.kind == "layer":
+            metrics = check_solution(run)
+        else:
+            metrics, _ = run.solution_metrics()
+    except (Fail, InputsModified) as exc:
+        return str(exc)
+    except Exception:
+        return ""
+    bad = [m for m in metrics if not m.ok]
+    if not bad:
+        return ""
+    worst = max(bad, key=lambda m: m.badness)
+    return worst.display()
+
+
+def gradient_advice(run, central, rel_tol, cos_tol, metrics, deltas) -> tuple[str, bool]:
+    """The reason printed with a failing gradient check, most specific first: the solution
+    check fails on the same instance; the extra linear term is mishandled; else what the
+    baseline (:func:`baseline_note`) says."""
+    bad_solution = solution_problem(run)
+    if bad_solution:
+        return (
+            f"the solution check fails on this instance too ({bad_solution}): the gradient "
+            "is computed from those solutions, fix them first"
+        ), False
+    bad_term = extra_term_problem(run)
+    if bad_term:
+        return bad_term, False
+    return baseline_note(run, central, rel_tol, cos_tol, metrics, deltas)
+
+
 def check_gradient(run: InstanceRun, central: bool):
     tol = run.profile
     rel_tol = tol.grad_rel_central if central else tol.grad_rel_ffo
@@ -570,7 +905,7 @@ def check_gradient(run: InstanceRun, central: bool):
         metrics = _gradient_metrics(pairs, rel_tol, cos_tol)
     if all(m.ok for m in metrics):
         return metrics
-    return metrics, baseline_note(run, central, rel_tol, cos_tol, metrics, deltas)
+    return metrics, gradient_advice(run, central, rel_tol, cos_tol, metrics, deltas)
 
 
 def check_warm_start(run: InstanceRun) -> list[Metric]:
@@ -723,6 +1058,110 @@ def check_threads(run: InstanceRun) -> list[Metric]:
     ]
 
 
+def _batch_rows(value, k: int):
+    """Row ``k`` of a BatchSolution field as float64 NumPy (tensors converted)."""
+    row = value[k]
+    if hasattr(row, "detach"):
+        row = row.detach().cpu().double().numpy()
+    return np.asarray(row, dtype=float)
+
+
+def _as_tensors(batch):
+    """The batch with every values array as a CPU float64 torch tensor (device backends)."""
+    import torch
+
+    fields = {
+        name: torch.as_tensor(np.asarray(getattr(batch, name)), dtype=torch.float64)
+        for name in ("P_values", "q", "A_values", "b", "G_values", "h")
+    }
+    return dataclasses.replace(batch, **fields)
+
+
+def check_solve_batch(run: InstanceRun) -> list[Metric]:
+    """The optional ``solve_batch`` (:mod:`ffo_core.protocol`): every sample of its answer
+    must be what ``solve`` gives for ``batch.sample(k)`` (with ``extra_linear_term[k]``),
+    on the batches of :func:`ffo_conformance.batch.batches` (own samples; shared values
+    given once; a per-sample extra linear term; absent rows).  Measured: the distance of
+    each sample to the per-sample solve (primal, slack, and the duals of the rows that are
+    not absent) and the residuals of the batch's answer; statuses must agree."""
+    from .batch import BatchCase, batches
+
+    batched = getattr(run.backend, "solve_batch", None)
+    if batched is None:
+        raise Skip(
+            "the backend has no solve_batch (optional: every sample of a ProblemBatch in one call)"
+        )
+    tol = run.profile
+    metrics: dict[str, Metric] = {}
+    cases = batches(run.pristine, seed=7)
+    labels = [c.label for c in cases]
+    if getattr(run.backend.capabilities, "device", False):
+        try:
+            first = cases[0]
+            cases.append(
+                BatchCase(
+                    "samples-as-torch",
+                    _as_tensors(first.batch),
+                    None,
+                    first.absent_eq,
+                    first.absent_ineq,
+                )
+            )
+            labels.append("samples-as-torch")
+        except ImportError:
+            pass
+    for case in cases:
+        B = case.batch
+        answer = batched(B, case.extra)
+        what = f"batch '{case.label}'"
+        if len(answer.status) != B.batch:
+            raise Fail(f"{what}: {len(answer.status)} statuses for {B.batch} samples")
+        for name, size in (("primal", B.n), ("eq_dual", B.p), ("ineq_dual", B.m), ("slack", B.m)):
+            shape = tuple(getattr(answer, name).shape)
+            if shape != (B.batch, size):
+                raise Fail(
+                    f"{what}: BatchSolution.{name} has shape {shape}, expected ({B.batch}, {size})"
+                )
+        for k in range(B.batch):
+            g, h, e = B.sample(k)
+            term = None if case.extra is None else np.asarray(case.extra[k], float)
+            want = run.backend.solve(g, h, e, term)
+            got_status = answer.status[k]
+            if got_status != want.status:
+                raise Fail(
+                    f"{what}, sample {k}: solve_batch says {got_status.value} "
+                    f"({answer.info[k].raw_status!r}), solve says {_status_word(want)}"
+                )
+            if not want.status.has_solution:
+                continue
+            got = answer.sample(k)
+            keep_eq = np.setdiff1d(np.arange(B.p), case.absent_eq[k])
+            keep_in = np.setdiff1d(np.arange(B.m), case.absent_ineq[k])
+            _worst(metrics, "dist_primal", rel_diff(got.primal, want.primal), tol.distance)
+            _worst(metrics, "dist_slack", rel_diff(got.slack, want.slack), tol.distance)
+            _worst(
+                metrics,
+                "dist_dual",
+                max(
+                    rel_diff(got.eq_dual[keep_eq], want.eq_dual[keep_eq]),
+                    rel_diff(got.ineq_dual[keep_in], want.ineq_dual[keep_in]),
+                ),
+                tol.distance,
+            )
+            # the batch's own answer, judged on its sample (absent rows' duals zeroed)
+            nu, lam = got.eq_dual.copy(), got.ineq_dual.copy()
+            nu[case.absent_eq[k]] = 0.0
+            lam[case.absent_ineq[k]] = 0.0
+            q = g.q if term is None else g.q + term
+            smp = Sample(Objective(g.P, q), h, e, np.zeros(g.n))
+            res = residuals(smp, Solution(got.status, got.primal, nu, lam, got.slack))
+            for key in ("primal_res", "dual_res", "cone_res"):
+                _worst(metrics, key, res[key], tol.residual)
+    out = list(metrics.values())
+    out.append(Metric("batches", 0.0, 0.0, text="batches: " + ", ".join(labels)))
+    return out
+
+
 def capability_skip(inst: Instance, backend) -> str | None:
     """Why the backend's declared capabilities exclude this instance (None: they do not)."""
     caps = backend.capabilities
@@ -737,7 +1176,8 @@ def capability_skip(inst: Instance, backend) -> str | None:
     if inst.quadratic and not caps.quadratic_objective:
         return (
             "the instance has a quadratic objective and capabilities.quadratic_objective "
-            "is False (its layers compile P into a SOC: see the layer instances)"
+            "is False (its layers compile P into a SOC: see the layer instances; the "
+            "pure linear instances, tag 'linear', are this backend's)"
         )
     n, rows = inst.size
     if caps.max_variables is not None and n > caps.max_variables:
@@ -754,33 +1194,49 @@ _FUNCS = {
     "grad-central": lambda run: check_gradient(run, central=True),
     "warm-start": check_warm_start,
     "resolve": check_resolve,
+    "solve-batch": check_solve_batch,
     "deterministic": check_deterministic,
     "threads": check_threads,
 }
 
 
 def run_check(run: InstanceRun, check: str) -> CheckResult:
-    """Run one check of one instance; never raises (errors become ``outcome="error"``)."""
+    """Run one check of one instance; never raises (errors become ``outcome="error"``).
+
+    A check returns its metrics, or ``(metrics, reason)``, or ``(metrics, (reason,
+    engine_limited))``.  Whatever happened, a write into the inputs seen during the check
+    makes it a failure that says so."""
     inst = run.inst
     result = CheckResult(inst.name, inst.group, check, "pass", profile=inst.profile)
     start = time.perf_counter()
+    seen = len(run.backend.violations)
     try:
         reason = capability_skip(inst, run.backend)
         if reason:
             raise Skip(reason)
         out = _FUNCS[check](run)
-        if isinstance(out, tuple):  # (metrics, (note, engine_limited))
-            out, (result.reason, result.engine_limited) = out
+        if isinstance(out, tuple):
+            out, note = out
+            if isinstance(note, tuple):  # (reason, engine_limited)
+                result.reason, result.engine_limited = note
+            else:
+                result.reason = note
         result.metrics = out
         if not all(m.ok for m in result.metrics):
             result.outcome = "fail"
+        elif result.outcome == "pass" and check != "status":
+            result.reason = ""  # notes explain failures only
     except Skip as exc:
         result.outcome, result.reason = "skip", str(exc)
-    except Fail as exc:
+    except (Fail, InputsModified) as exc:
         result.outcome, result.reason = "fail", str(exc)
     except ReferenceUnavailable as exc:
         result.outcome, result.reason = "error", f"reference: {exc}"
     except Exception as exc:  # a backend that raises fails the check, with the error
         result.outcome, result.reason = "error", f"{type(exc).__name__}: {exc}"
+    new = run.backend.violations[seen:]
+    if new:
+        result.outcome, result.engine_limited = "fail", False
+        result.reason = new[0] + (f" (and {len(new) - 1} more such writes)" if len(new) > 1 else "")
     result.seconds = time.perf_counter() - start
     return result

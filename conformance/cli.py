@@ -18,11 +18,13 @@ examples:
   ffo conformance scs --checks status,solution --classes socp/scaled
 
 classes: lp, qp, socp, exp, sdp; variants (also usable in --classes): well, batched,
-scaled, degenerate, infeasible, unbounded, layer; a group such as qp/scaled; or an
-instance name (see --list).
-checks: status, solution, grad-ffo, grad-central, warm-start, resolve, deterministic,
-threads.
-exit status: 0 pass, 1 a failure or error, 2 unusable backend or arguments.
+scaled, degenerate, infeasible, unbounded, limit, layer; the tag linear (no quadratic
+term); a group such as qp/scaled; or an instance name (see --list).
+checks: status, solution, grad-ffo, grad-central, warm-start, resolve, solve-batch,
+deterministic, threads.
+Each check runs in a worker process under --timeout seconds: a hang or a crash of the
+backend is reported as an ERROR of that check and its group, and the run goes on.
+exit status: 0 pass, 1 a failure or error, 2 unusable backend, settings or arguments.
 """
 
 
@@ -30,8 +32,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "conformance",
         help="run the conformance suite on a backend",
-        description="Run ffo's conformance suite (problem zoo; solution, gradient, status, "
-        "warm-start, resolve, determinism and thread checks) on backend NAME "
+        description="Run ffo's conformance suite (problem zoo; status, solution, gradient, "
+        "warm-start, resolve, solve-batch, determinism and thread checks, each in a worker "
+        "process under a timeout) on backend NAME "
         "and print a problem-class x check table.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -53,6 +56,18 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         help="write the full report (every measure) as JSON",
     )
     p.add_argument("--seed", type=int, default=0, help="zoo seed (default 0)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds one check may take before it counts as a hang (default 60)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the checks in this process (no worker: a hang or crash stops the run)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the zoo's instances and exit")
     p.set_defaults(func=cmd_conformance)
@@ -83,16 +98,31 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         return 2
     from ffo_core.errors import FFOError
 
+    from . import tolerances as T
     from .runner import Suite, parse_list
 
+    if args.timeout is not None and not args.timeout > 0:
+        print("ffo conformance: --timeout must be a positive number of seconds", file=sys.stderr)
+        return 2
+    if args.json_path:
+        problem = _prepare_json(args.json_path)
+        if problem:
+            print(f"ffo conformance: --json {args.json_path}: {problem}", file=sys.stderr)
+            return 2
+    suite = None
     try:
         suite = Suite(
             args.backend,
             classes=parse_list(args.classes),
             checks=parse_list(args.checks),
             seed=args.seed,
+            isolate=not args.in_process,
+            timeout=args.timeout or T.CASE_TIMEOUT,
         )
+        suite.validate()
     except (FFOError, ValueError) as exc:
+        if suite is not None:
+            suite.close()
         print(f"ffo conformance: {exc}", file=sys.stderr)
         return 2
     report = suite.run(progress=not args.no_progress)
@@ -103,10 +133,30 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _prepare_json(path: str) -> str:
+    """Create the report's folder and make sure the file can be written, before the run
+    (a run must not end in a write error); returns what is wrong, or ''."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(path):
+            return "is a folder"
+        existed = os.path.exists(path)
+        with open(path, "a", encoding="utf-8"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as exc:
+        return f"cannot be written ({exc.strerror or exc})"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m")  # -> "python -m conformance"
+    parser = argparse.ArgumentParser(prog="python -m ffo_conformance")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_subparser(sub)
+    add_subparser(sub).prog = "python -m ffo_conformance"
     args = parser.parse_args(["conformance", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
 

@@ -9,8 +9,10 @@ Three ways to use it (NAME is a backend config string, e.g. ``osqp`` or ``"scs:e
 
    (``-p`` is unnecessary once this module is registered as a ``pytest11`` entry point;
    ``FFO_BACKEND=NAME pytest --pyargs ffo_conformance.tests`` also works, as do
-   ``FFO_CLASSES`` and ``FFO_CHECKS``).  One test per (instance, check); skips carry their
-   reason; a failure's message has every measure against its tolerance; the terminal
+   ``FFO_CLASSES`` and ``FFO_CHECKS``).  One test per (instance, check), run in the
+   suite's worker process (a hang or a crash of the backend fails that test, and the others
+   go on); skips carry their reason; a failure's message has every measure against its
+   tolerance; the terminal
    summary prints the suite's table.  A gradient failure that the suite attributes to
    ffo_core itself (the same FFO through the trusted reference solver fails too) is an
    xfail with that reason, unless ``--ffo-strict`` (or ``FFO_STRICT=1``).
@@ -198,6 +200,12 @@ def pytest_generate_tests(metafunc):
     for backend in backends:
         params += _params(backend, classes, checks, seed, prefix=len(backends) > 1, strict=strict)
     metafunc.parametrize(FIXTURE, params)
+
+
+def pytest_unconfigure(config):
+    """Stop the suites' worker processes."""
+    for suite in _SUITES.values():
+        suite.close()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

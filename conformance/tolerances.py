@@ -132,6 +132,10 @@ REFERENCE_SETTINGS = {
 #: Relative size of the perturbation of ``q`` whose solution seeds the warm-start check.
 WARM_START_PERTURBATION = 1e-2
 
+#: Seconds one (instance, check) may take in the worker process before it counts as a hang
+#: (``ffo conformance --timeout``).  Clarabel's slowest check takes well under a second.
+CASE_TIMEOUT = 60.0
+
 
 def as_dict() -> dict:
     """Everything above, for the JSON report."""
@@ -147,6 +151,7 @@ def as_dict() -> dict:
         "reference_residual": REFERENCE_RESIDUAL,
         "reference_settings": REFERENCE_SETTINGS,
         "warm_start_perturbation": WARM_START_PERTURBATION,
+        "case_timeout": CASE_TIMEOUT,
     }
 
 

@@ -9,7 +9,19 @@ for the weakly/nearly active rows of ``degenerate`` ones (resolvable by a solver
 to 1e-8, which splits complementary pairs at ~sqrt(1e-8) = 1e-4, but only just).
 ``P`` is positive definite
 (``qp``: ``F'F + 0.1 I``; ``lp``: the "small quadratic regularisation" ``1e-2 I``), so the
-solution is unique and the FFO ghost problem is bounded.
+solution is unique and the FFO ghost problem is bounded -- except in the *pure linear*
+instances (tag ``linear``, names ``*-pure-*``), which have no quadratic term at all: their
+optimum is unique because it is a nondegenerate vertex (as many linearly independent active
+rows, equalities included, as variables, every multiplier of an active row ~1) or, with
+SOC/EXP/PSD blocks, because the active cone block is curved in every direction the linear
+rows leave free.  They exercise an adapter's LP-only code path, and they are the only
+optimal instances a backend without a quadratic objective
+(``Capabilities.quadratic_objective=False``) is judged on.
+
+``limit`` instances are optimal problems solved with a tiny iteration or time limit (through
+the backend's ``with_settings`` or its config string, see
+:func:`ffo_conformance.checks.limited_backend`): the status check wants the limit status, or
+an answer that really is the optimum.
 
 Every instance has a *class* (``lp``, ``qp``, ``socp``, ``exp``, ``sdp``: the most
 demanding cone it uses) and a *variant* (``well``, ``batched``, ``scaled``, ``degenerate``,
@@ -32,10 +44,27 @@ from ffo_core.protocol import ConeConstraints, ConeDims, Equalities, Objective, 
 from . import cones
 
 CLASSES = ("lp", "qp", "socp", "exp", "sdp")
-VARIANTS = ("well", "batched", "scaled", "degenerate", "infeasible", "unbounded", "layer")
+VARIANTS = (
+    "well",
+    "batched",
+    "scaled",
+    "degenerate",
+    "infeasible",
+    "unbounded",
+    "limit",
+    "layer",
+)
+#: Extra selectors of :func:`select`: ``linear`` = the instances with no quadratic term.
+TAGS = ("linear",)
 
 EXPECT_INFEASIBLE = frozenset({Status.INFEASIBLE, Status.INFEASIBLE_INACCURATE})
 EXPECT_UNBOUNDED = frozenset({Status.UNBOUNDED, Status.UNBOUNDED_INACCURATE})
+EXPECT_LIMIT = frozenset({Status.ITERATION_LIMIT, Status.TIME_LIMIT})
+
+#: What a ``limit`` instance sets: an iteration limit of 1, or a time limit of 1 microsecond
+#: (``with_settings(time_limit=...)``, the protocol's generic name, in seconds).
+ITERATION_LIMIT = 1
+TIME_LIMIT = 1e-6
 
 
 @dataclass
@@ -73,6 +102,8 @@ class Instance:
     expect: frozenset | None = None  # statuses accepted for infeasible/unbounded instances
     layer: LayerCase | None = None
     description: str = ""
+    #: ``"iterations"`` or ``"time"`` for a ``limit`` instance (what the backend is limited by)
+    limit: str | None = None
 
     @property
     def group(self) -> str:
@@ -80,10 +111,18 @@ class Instance:
 
     @property
     def kind(self) -> str:
-        """``"layer"``, ``"status"`` (infeasible/unbounded) or ``"optimal"``."""
+        """``"layer"``, ``"limit"``, ``"status"`` (infeasible/unbounded) or ``"optimal"``."""
         if self.layer is not None:
             return "layer"
+        if self.limit is not None:
+            return "limit"
         return "status" if self.expect is not None else "optimal"
+
+    @property
+    def tags(self) -> frozenset[str]:
+        """Selectors besides class, variant, group and name (see :data:`TAGS`)."""
+        linear = bool(self.samples) and not self.quadratic
+        return frozenset({"linear"} if linear else ())
 
     @property
     def dims(self) -> ConeDims | None:
@@ -119,7 +158,9 @@ def _sparse_random(rng, rows: int, n: int, density: float) -> sp.csc_matrix:
     return sp.csc_matrix(M)
 
 
-def _objective(rng, n: int, kind: str, reg: float) -> sp.csc_matrix:
+def _objective(rng, n: int, kind: str, reg: float) -> sp.csc_matrix | None:
+    if kind == "linear":
+        return None
     if kind == "lp":
         return sp.csc_matrix(reg * np.eye(n))
     F = rng.standard_normal((n, n)) / np.sqrt(n)
@@ -138,6 +179,7 @@ def constructed(
     reg: float = 1e-2,
     density: float = 0.7,
     margin: float = 1e-3,
+    box: float | None = None,
 ) -> Sample:
     """An optimal instance with known solution (see the module docstring).
 
@@ -145,6 +187,11 @@ def constructed(
     (s ~ 1, lam = 0), ``w`` weakly active (s = 0, lam = margin), ``n`` nearly active
     (s = margin, lam = 0).  ``soc``: ``[(d, active), ...]``; ``exp``: ``"A"``/``"I"`` per
     cone; ``psd``: ``[(k, rank of S), ...]`` (rank ``k``: inactive).
+    ``objective``: ``"qp"``, ``"lp"`` (``reg * I``) or ``"linear"`` (no quadratic term:
+    ``P`` is None; the caller makes the optimum unique, see the module docstring).
+    ``box``: add ``2n`` inactive rows ``-box <= y - y* <= box`` after the ``nonneg`` rows,
+    so that the feasible set is bounded and every tilt of a linear objective (the checks'
+    perturbations) keeps the problem bounded.
     """
     s_parts, l_parts = [], []
     for role in nonneg:
@@ -156,6 +203,9 @@ def constructed(
         }[role]
         s_parts.append([s_i])
         l_parts.append([l_i])
+    if box is not None:
+        s_parts.append(np.full(2 * n, float(box)))
+        l_parts.append(np.zeros(2 * n))
     for d, active in soc:
         s_k, l_k = cones.soc_pair(rng, d, active)
         s_parts.append(s_k)
@@ -168,17 +218,25 @@ def constructed(
         s_k, l_k = cones.psd_pair(rng, k, rank)
         s_parts.append(s_k)
         l_parts.append(l_k)
+    boxed = 0 if box is None else 2 * n
     dims = ConeDims(
-        nonneg=len(nonneg), soc=tuple(d for d, _ in soc), exp=len(exp), psd=tuple(k for k, _ in psd)
+        nonneg=len(nonneg) + boxed,
+        soc=tuple(d for d, _ in soc),
+        exp=len(exp),
+        psd=tuple(k for k, _ in psd),
     )
     s = np.concatenate(s_parts) if s_parts else np.zeros(0)
     lam = np.concatenate(l_parts) if l_parts else np.zeros(0)
     y = rng.standard_normal(n)
     G = _sparse_random(rng, dims.rows, n, density)
+    if boxed:
+        G = G.tolil()
+        G[len(nonneg) : len(nonneg) + boxed, :] = np.vstack([np.eye(n), -np.eye(n)])
+        G = sp.csc_matrix(G)
     A = _sparse_random(rng, p, n, density)
     nu = rng.standard_normal(p)
     P = _objective(rng, n, objective, reg)
-    q = -(P @ y + A.T @ nu + G.T @ lam)
+    q = -(A.T @ nu + G.T @ lam) - (P @ y if P is not None else 0.0)
     return Sample(
         Objective(P, q),
         ConeConstraints(G, G @ y + s, dims),
@@ -406,6 +464,32 @@ def _lp_layer(rng, n: int, m: int, reg: float = 1e-2) -> LayerCase:
     return LayerCase(build, [q, G, h], [rng.standard_normal(n)])
 
 
+def _lp_pure_layer(rng, n: int, m: int) -> LayerCase:
+    """``min q'y s.t. G y <= h`` with no quadratic term: ``n`` of the ``m`` rows active with
+    multipliers ~1 at a random vertex ``y0`` (a nondegenerate vertex: unique solution, and a
+    bounded FFO ghost problem)."""
+    y0 = rng.standard_normal(n)
+    G = rng.standard_normal((m, n))
+    active = np.arange(m) < n
+    h = G @ y0 + np.where(active, 0.0, rng.uniform(0.5, 1.5, m))
+    lam = np.where(active, rng.uniform(0.5, 1.5, m), 0.0)
+    q = -(G.T @ lam)
+
+    def build():
+        import cvxpy as cp
+
+        y = cp.Variable(n, name="y")
+        qp_, Gp, hp = (
+            cp.Parameter(n, name="q"),
+            cp.Parameter((m, n), name="G"),
+            cp.Parameter(m, name="h"),
+        )
+        prob = cp.Problem(cp.Minimize(qp_ @ y), [Gp @ y <= hp])
+        return prob, [qp_, Gp, hp], [y]
+
+    return LayerCase(build, [q, G, h], [rng.standard_normal(n)])
+
+
 def _socp_layer(rng, n: int, k: int) -> LayerCase:
     q = -3.0 * rng.standard_normal(n)
     F = rng.standard_normal((k, n))
@@ -464,12 +548,15 @@ def build_zoo(seed: int = 0) -> list[Instance]:
         expect=None,
         layer=None,
         description="",
+        limit=None,
     ):
         if profile is None:
             profile = {"scaled": "scaled", "degenerate": "degenerate"}.get(variant, "well")
             if cls in ("socp", "exp", "sdp"):
                 profile = "cone-scaled" if variant == "scaled" else "cone"
-        zoo.append(Instance(name, cls, variant, profile, samples or [], expect, layer, description))
+        zoo.append(
+            Instance(name, cls, variant, profile, samples or [], expect, layer, description, limit)
+        )
 
     def one(name, **kw):
         return [constructed(_rng(seed, name), **kw)]
@@ -483,6 +570,7 @@ def build_zoo(seed: int = 0) -> list[Instance]:
         return [scaled(constructed(rng, **kw), rng)]
 
     lp = dict(objective="lp", reg=1e-2)
+    linear = dict(objective="linear", box=10.0)
     # LP with small quadratic regularisation (1e-2 I)
     add(
         "lp-vertex-n10",
@@ -536,6 +624,59 @@ def build_zoo(seed: int = 0) -> list[Instance]:
         layer=_lp_layer(_rng(seed, "lp-layer"), 6, 10),
         description="FFOLayer, parameters q, G, h",
     )
+    # pure LPs (no quadratic term): a nondegenerate vertex, n active rows (equalities included)
+    add(
+        "lp-pure-vertex-n8",
+        "lp",
+        samples=one("lp-pure-vertex-n8", n=8, p=2, nonneg="A" * 6 + "I" * 6, **linear),
+        description="pure LP (P = None): a vertex of 2 equalities + 6 active rows, in a box",
+    )
+    add(
+        "lp-pure-ineq-n10",
+        "lp",
+        samples=one("lp-pure-ineq-n10", n=10, p=0, nonneg="A" * 10 + "I" * 8, **linear),
+        description="pure LP, inequalities only: a vertex of 10 active rows, in a box",
+    )
+    add(
+        "lp-pure-batch4",
+        "lp",
+        "batched",
+        samples=batch("lp-pure-batch4", 4, n=6, p=1, nonneg="AAAAAIIII", **linear),
+        description="pure LPs, 4 samples of one structure",
+    )
+    add(
+        "lp-pure-scaled-n8",
+        "lp",
+        "scaled",
+        samples=scaled_one("lp-pure-scaled-n8", n=8, p=2, nonneg="A" * 6 + "I" * 5, **linear),
+        description="pure LP, rows and columns scaled by 10^U(-2, 2)",
+    )
+    add(
+        "lp-pure-layer",
+        "lp",
+        "layer",
+        layer=_lp_pure_layer(_rng(seed, "lp-pure-layer"), 5, 9),
+        description="FFOLayer on a pure LP (no quadratic term), parameters q, G, h",
+    )
+    # limits: a backend stopped after 1 iteration / 1 microsecond must say so
+    add(
+        "lp-pure-iter-limit",
+        "lp",
+        "limit",
+        samples=one("lp-pure-iter-limit", n=12, p=2, nonneg="A" * 10 + "I" * 8, **linear),
+        limit="iterations",
+        description=f"pure LP solved with an iteration limit of {ITERATION_LIMIT}",
+    )
+    add(
+        "lp-pure-time-limit",
+        "lp",
+        "limit",
+        samples=one(
+            "lp-pure-time-limit", n=60, p=4, nonneg="A" * 56 + "I" * 40, density=0.3, **linear
+        ),
+        limit="time",
+        description=f"pure LP, n = 60, solved with a time limit of {TIME_LIMIT:g} s",
+    )
 
     # QP with equalities and inequalities
     add("qp-eq-ineq-n12", "qp", samples=one("qp-eq-ineq-n12", n=12, p=3, nonneg="AAAA" + "I" * 6))
@@ -585,6 +726,22 @@ def build_zoo(seed: int = 0) -> list[Instance]:
         expect=EXPECT_UNBOUNDED,
     )
     add(
+        "qp-iter-limit",
+        "qp",
+        "limit",
+        samples=one("qp-iter-limit", n=20, p=3, nonneg="A" * 6 + "I" * 10),
+        limit="iterations",
+        description=f"QP solved with an iteration limit of {ITERATION_LIMIT}",
+    )
+    add(
+        "qp-time-limit",
+        "qp",
+        "limit",
+        samples=one("qp-time-limit", n=80, p=5, nonneg="A" * 30 + "I" * 50, density=0.3),
+        limit="time",
+        description=f"QP, n = 80, solved with a time limit of {TIME_LIMIT:g} s",
+    )
+    add(
         "qp-layer",
         "qp",
         "layer",
@@ -611,6 +768,12 @@ def build_zoo(seed: int = 0) -> list[Instance]:
         samples=one("socp-lp-n8", n=8, p=0, nonneg="AAI", soc=[(5, True)], **lp),
     )
     add(
+        "socp-pure-n6",
+        "socp",
+        samples=one("socp-pure-n6", n=6, p=1, nonneg="AAI", soc=[(4, True)], **linear),
+        description="linear objective: 3 free directions, curved by the active SOC(4)",
+    )
+    add(
         "socp-batch3",
         "socp",
         "batched",
@@ -621,6 +784,14 @@ def build_zoo(seed: int = 0) -> list[Instance]:
         "socp",
         "scaled",
         samples=scaled_one("socp-scaled-n10", n=10, p=1, nonneg="AII", soc=[(4, True), (3, False)]),
+    )
+    add(
+        "socp-iter-limit",
+        "socp",
+        "limit",
+        samples=one("socp-iter-limit", n=10, p=1, nonneg="AII", soc=[(4, True), (3, False)]),
+        limit="iterations",
+        description=f"SOCP solved with an iteration limit of {ITERATION_LIMIT}",
     )
     add(
         "socp-infeasible",
@@ -647,6 +818,12 @@ def build_zoo(seed: int = 0) -> list[Instance]:
     # exponential cone
     add("exp-n8", "exp", samples=one("exp-n8", n=8, p=1, nonneg="AI", exp="AAI"))
     add("exp-lp-n6", "exp", samples=one("exp-lp-n6", n=6, p=0, nonneg="I", exp="AA", **lp))
+    add(
+        "exp-pure-n5",
+        "exp",
+        samples=one("exp-pure-n5", n=5, p=1, nonneg="AAI", exp="A", **linear),
+        description="linear objective: 2 free directions, curved by the active EXP cone",
+    )
     add(
         "exp-batch3",
         "exp",
@@ -683,6 +860,12 @@ def build_zoo(seed: int = 0) -> list[Instance]:
         description="an active PSD(3) block and an inactive PSD(2) block",
     )
     add(
+        "sdp-pure-n5",
+        "sdp",
+        samples=one("sdp-pure-n5", n=5, p=1, nonneg="AI", psd=[(3, 1)], **linear),
+        description="linear objective: a rank-1 PSD(3) slack, rank-2 multiplier",
+    )
+    add(
         "sdp-batch3",
         "sdp",
         "batched",
@@ -699,16 +882,31 @@ def build_zoo(seed: int = 0) -> list[Instance]:
 
 
 def select(zoo: list[Instance], classes=None) -> list[Instance]:
-    """Instances whose class, group (``"qp/scaled"``), variant or name is in ``classes``."""
+    """Instances whose class, group (``"qp/scaled"``), variant, tag (``"linear"``) or name
+    is in ``classes``."""
     if not classes:
         return list(zoo)
     wanted = {c.strip().lower() for c in classes if c.strip()}
-    known = set(CLASSES) | set(VARIANTS) | {i.group for i in zoo} | {i.name for i in zoo}
+    known = (
+        set(CLASSES) | set(VARIANTS) | set(TAGS) | {i.group for i in zoo} | {i.name for i in zoo}
+    )
     unknown = wanted - known
     if unknown:
         raise ValueError(
             f"unknown problem class(es) {', '.join(sorted(unknown))}; "
             f"classes: {', '.join(CLASSES)}; variants: {', '.join(VARIANTS)}; "
-            "or a group such as 'qp/scaled', or an instance name"
+            f"tags: {', '.join(TAGS)}; or a group such as 'qp/scaled', or an instance name"
         )
-    return [i for i in zoo if {i.cls, i.group, i.variant, i.name} & wanted]
+    return [i for i in zoo if ({i.cls, i.group, i.variant, i.name} | i.tags) & wanted]
+
+
+def get_instance(name: str, seed: int = 0) -> Instance:
+    """The zoo instance called ``name`` (as the report names it), rebuilt exactly: the same
+    seed gives the same arrays.  ``inst.samples[k].g``, ``.h``, ``.e`` are the protocol
+    objects the suite passed to ``solve``, ``.c`` the upstream gradient of the gradient
+    checks, ``.truth`` the constructed optimum; ``inst.layer.build()`` gives a layer
+    instance's CVXPY problem."""
+    for inst in build_zoo(seed):
+        if inst.name == name:
+            return inst
+    raise KeyError(f"no zoo instance {name!r} (ffo conformance --list shows them)")

@@ -40,16 +40,26 @@ between solves of a cached problem; the default, false, gives history-independen
 Capabilities (per instance): the cones of the chosen solver's ``SUPPORTED_CONSTRAINTS`` in
 CVXPY (conic and QP interfaces together); a quadratic objective whenever CVXPY can handle one
 for that solver (a QP interface, or SOC support so that CVXPY moves it into a cone).
-``SolveInfo.accuracy`` is computed from the protocol's KKT residuals of the returned point,
+``SolveInfo.accuracy`` is the protocol KKT residual of the returned point (``kkt_accuracy``),
 since CVXPY reports no uniform residuals.  Statuses: :data:`STATUS_MAP`; CVXPY folds
 iteration and time limits into ``user_limit``, reported as ``ITERATION_LIMIT``.
 
+Values are checked when the backend is made: NaN is refused for every option, then the
+options are tried on a one-variable LP (with ``verbose`` off), so an option the solver
+rejects is a :class:`~ffo_core.errors.ConfigError` at once, not at the first solve.
+
+Chatter: with ``verbose`` off, solves by solvers that print regardless (:data:`CHATTY`:
+OSQP's "Polishing not needed", HiGHS's copyright banner) run with the process's stdout
+descriptor sent to the null device (:func:`~ffo_core.backend_base.quiet_stdout`), and
+GUROBI gets a silent environment per thread (no licence banner).
+
 Thread safety: CVXPY problems are not thread safe, so each thread has its own cache; an
-instance may be shared by threads.
+instance may be shared by threads, and pickled or copied (without its caches).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections import OrderedDict
@@ -60,7 +70,14 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase, data_digest, kkt_residual, same_sparse
+from ffo_core.accuracy import kkt_accuracy
+from ffo_core.backend_base import (
+    BackendBase,
+    data_digest,
+    quiet_stdout,
+    same_sparse,
+)
+from ffo_core.config import bare_token_error
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (
@@ -113,6 +130,8 @@ CVXPY_KEYWORDS = ("verbose", "warm_start")
 #: without a licence).
 DEFAULT_SOLVER = "CLARABEL"
 ADAPTER_OPTIONS = ("cache_size",)
+#: Solvers that print to stdout whatever their ``verbose`` setting says.
+CHATTY = frozenset({"OSQP", "HIGHS"})
 
 
 def _osqp_options() -> list[str]:
@@ -229,9 +248,13 @@ class CvxpyBackend(BackendBase):
         thread_safe=True,
     )
 
-    def __init__(self, solver: str = DEFAULT_SOLVER, **settings: Any) -> None:
+    _transient = ("_local",)
+
+    def __init__(self, solver: str = DEFAULT_SOLVER, *extra: Any, **settings: Any) -> None:
         import cvxpy as cp
 
+        if extra:
+            raise bare_token_error("cvxpy", (solver, *extra), accepted=1)
         installed = [s.upper() for s in cp.installed_solvers()]
         if not isinstance(solver, str) or not solver.strip():
             raise ConfigError(
@@ -260,7 +283,52 @@ class CvxpyBackend(BackendBase):
         super().__init__(**settings)
         self.cache_size = self._pop_cache_size(4)
         self.capabilities = solver_capabilities(solver)
+        self._fresh_state()
+        self._validate()
+
+    def _fresh_state(self) -> None:
         self._local = threading.local()
+
+    def _validate(self) -> None:
+        """NaN is no option's value; then the options on a one-variable LP (see the module
+        docstring)."""
+        import cvxpy as cp
+
+        for key, value in self.settings.items():
+            if isinstance(value, float) and value != value:
+                raise ConfigError(f"cvxpy:{self.solver} setting {key}={value!r}: must not be NaN")
+            low = key.lower()
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and value < 0 and any(w in low for w in ("iter", "eps", "tol", "time")):
+                raise ConfigError(f"cvxpy:{self.solver} setting {key}={value!r}: must be >= 0")
+        if not self.settings or "nonneg" not in self.capabilities.cones:
+            return
+        x = cp.Variable(1)
+        probe = cp.Problem(cp.Minimize(x[0]), [x >= 0, x <= 1])
+        opts = {**self._solver_options(), "verbose": False}
+        try:
+            with quiet_stdout():
+                probe.solve(solver=self.solver, **opts)
+        except Exception as exc:
+            given = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+            raise ConfigError(
+                f"cvxpy:{self.solver} rejected its settings ({given}): {exc}"
+            ) from exc
+
+    def _solver_options(self) -> dict[str, Any]:
+        """The options passed to ``Problem.solve``: the user's, with this adapter's defaults
+        (``verbose`` and ``warm_start`` off, a silent GUROBI environment)."""
+        opts = dict(self.settings)
+        opts.setdefault("verbose", False)
+        opts.setdefault("warm_start", False)
+        if self.solver == "GUROBI" and "env" not in opts:
+            env = getattr(self._local, "gurobi_env", None)
+            if env is None:
+                from ffo_backends.gurobi import _quiet_env
+
+                env = self._local.gurobi_env = _quiet_env()
+            opts["env"] = env
+        return opts
 
     def setting_names(self):
         extra = list(CVXPY_KEYWORDS) + list(ADAPTER_OPTIONS)
@@ -394,12 +462,11 @@ class CvxpyBackend(BackendBase):
             model.b.value = np.asarray(e.b, dtype=float)
         if model.h is not None:
             model.h.value = np.asarray(h.h, dtype=float)
-        opts = dict(self.settings)
-        opts.setdefault("verbose", False)
-        opts.setdefault("warm_start", False)
+        opts = self._solver_options()
+        quiet = quiet_stdout() if self.solver in CHATTY and not opts["verbose"] else _nothing()
         raw = None
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet:
                 warnings.simplefilter("ignore")
                 model.problem.solve(solver=self.solver, **opts)
             raw = str(model.problem.status)
@@ -437,7 +504,7 @@ class CvxpyBackend(BackendBase):
                 status=status,
             ) from exc
         slack = h.h - h.G @ y
-        info.accuracy = kkt_residual(Objective(g.P, c), h, e, y, nu, lam, slack)
+        info.accuracy = kkt_accuracy(Objective(g.P, c), h, e, y, nu, lam, slack)
         return Solution(status=status, primal=y, eq_dual=nu, ineq_dual=lam, slack=slack, info=info)
 
     @staticmethod
@@ -465,6 +532,11 @@ class CvxpyBackend(BackendBase):
         if lam.shape != (h.m,) or nu.shape != (e.p,):
             raise ValueError(f"dual sizes {nu.shape}, {lam.shape} do not match ({e.p},), ({h.m},)")
         return nu, lam
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 @hookimpl

@@ -17,13 +17,38 @@ Native conventions and how they map to the protocol (:mod:`ffo_core.protocol`) -
   SOC``, by stationarity in ``w``).  ``QCPDual=1`` is set whenever the model has a cone:
   without it GUROBI computes no duals at all for a QCP.  ``QCPi`` (the multiplier of the
   quadratic form) is not needed.  Slacks are ``s = h - G y``.
-* Statuses: :data:`STATUS_MAP`.  ``INF_OR_UNBD`` is resolved by re-optimising once with
-  ``DualReductions=0``.  ``SUBOPTIMAL`` is surfaced as ``OPTIMAL_INACCURATE``.
+* **SOC multipliers**, two readings: the coupling rows' ``-Pi``, and a reconstruction from
+  ``QCPi`` and the reduced costs of ``w_k`` (:meth:`GurobiBackend._soc_duals`, in the cone
+  and complementary by construction).  GUROBI's barrier for QCPs stops without crossover and
+  either reading may be the less accurate one (measured on the conformance zoo: the
+  reconstruction's stationarity residual 1.3e-2 on a scaled instance where ``-Pi``'s is
+  8e-8, and the other way round elsewhere), so the adapter keeps the one with the smaller
+  protocol KKT residual (stationarity, cone membership, complementarity).
+* Statuses: :data:`STATUS_MAP`.  ``INF_OR_UNBD`` (presolve saw one of the two) and a
+  ``NUMERIC`` stop without a point (the barrier without its homogeneous form cannot tell an
+  unbounded QP) are resolved by optimising once more from scratch with
+  ``DualReductions=0`` and ``BarHomogeneous=1`` (those the user did not set); this costs a
+  second solve only on problems without an optimum.  ``SUBOPTIMAL`` is surfaced as
+  ``OPTIMAL_INACCURATE``.  ``INTERRUPTED`` (Ctrl-C, which GUROBI catches while it
+  optimises) is raised as ``KeyboardInterrupt``.
+* **Convexity**: ``NonConvex=0`` by default, so a quadratic objective that is not positive
+  semidefinite is refused at once (GUROBI error 10020) with a
+  :class:`~ffo_core.errors.SolverError` naming ``P``, instead of GUROBI's global nonconvex
+  search (minutes at n = 40).
 
 Settings are GUROBI parameter names (``Threads``, ``FeasibilityTol``, ``BarConvTol``,
 ``BarQCPConvTol``, ``Method``, ...), matched case-insensitively against ``GRB.Param`` as
-GUROBI itself does; ``time_limit`` (seconds) is an alias of ``TimeLimit``.  ``OutputFlag``
-defaults to 0.  One adapter option is not a GUROBI parameter: ``cache_size`` (below).
+GUROBI itself does, values checked on a scratch model when the backend is made;
+``time_limit`` (seconds) is an alias of ``TimeLimit``.  Defaults (:data:`DEFAULTS`):
+``OutputFlag=0``, ``NonConvex=0``; for a model without a cone (:data:`LINEAR_DEFAULTS`)
+``BarConvTol=1e-12`` (GUROBI: 1e-8; the barrier's point for a QP is then far enough from the
+rows near a kink for the engine to tell which are active: a portfolio layer's gradient
+4.5e-2 off at one training step at 1e-8 and 1e-10, 4.4e-10 at 1e-12, for 10% more time);
+for a model with a second-order cone
+(:data:`SOC_DEFAULTS`) ``BarQCPConvTol=1e-10``, ``NumericFocus=3``, ``ScaleFlag=0``
+(GUROBI's own settings leave SOC multipliers 1e-4 off and SOCP gradients 10-25% off;
+docs/backends.md has the accuracy and the cost).  The user's settings replace them.  One
+adapter option is not a GUROBI parameter: ``cache_size`` (below).
 
 Licence.  :meth:`GurobiBackend.availability` starts an environment (which checks the
 licence: missing or expired is reported with GUROBI's message) and probes whether the licence
@@ -38,10 +63,14 @@ Structure reuse, warm start, thread safety.  GUROBI environments and models must
 from two threads at once, so the adapter keeps **one environment per thread**
 (``threading.local``) and, per thread, a small LRU of ``cache_size`` (default 4; 0 disables)
 built models keyed by the exact ``P``, ``A``, ``G`` and cones: a solve that differs only in
-``q``, ``b``, ``h`` updates the objective and right-hand sides of the cached model and
-re-optimises it (GUROBI then restarts simplex from the previous basis).  ``warm_start`` (a
-protocol :class:`Solution` of matching sizes) is passed as ``PStart``/``DStart`` (protocol
-duals negated); GUROBI uses it for simplex only.  An instance may be shared by threads.
+``q``, ``b``, ``h`` updates the objective and right-hand sides of the cached model.  The
+model is reset (``Model.reset``) before it is optimised again, so it starts from scratch
+and not from the basis of whatever that thread solved before: on a degenerate LP a restart
+from another basis can end at another optimal vertex or other multipliers, which made
+gradients depend on thread scheduling and call history.  ``warm_start`` (a protocol
+:class:`Solution` of matching sizes) is passed as ``PStart``/``DStart`` (protocol duals
+negated); GUROBI uses it for simplex only.  An instance may be shared by threads, and
+pickled or copied (its environments and models are not: the copy makes its own).
 """
 
 from __future__ import annotations
@@ -54,7 +83,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase, data_digest, kkt_residual, same_sparse
+from ffo_core.accuracy import kkt_accuracy
+from ffo_core.backend_base import (
+    BackendBase,
+    data_digest,
+    interrupt_generation,
+    interrupted,
+    native_solve,
+    note_scaling,
+    same_sparse,
+)
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (
@@ -73,8 +111,21 @@ SIZE_LIMIT_CONSTRAINTS = 2000
 SIZE_LIMIT_QUADRATIC_VARIABLES = 200
 #: GUROBI error codes we translate.
 ERROR_SIZE_LIMIT = 10010
+ERROR_NOT_PSD = 10020  # "Q matrix is not positive semi-definite (PSD)"
+ERROR_NOT_PSD_QCP = 10021  # a quadratic constraint that is not PSD
 ALIASES = {"time_limit": "TimeLimit"}
 ADAPTER_OPTIONS = ("cache_size",)
+#: This adapter's parameter defaults (see the module docstring); the user's settings win.
+DEFAULTS = {"OutputFlag": 0, "NonConvex": 0}
+#: ... for a model without a cone (an LP or a QP: GUROBI's barrier with crossover)
+LINEAR_DEFAULTS = {"BarConvTol": 1e-12}
+#: ... and those for a model with a second-order cone (a QCP for GUROBI), whose barrier
+#: stops without crossover: measured on the conformance zoo's SOCPs (seeds 0-3), the worst
+#: KKT residual is 2e-6 at GUROBI's defaults with BarQCPConvTol=1e-10, 1e-6 with
+#: NumericFocus=3 added, 4e-8 with ScaleFlag=0 added too.
+SOC_DEFAULTS = {"BarQCPConvTol": 1e-10, "NumericFocus": 3, "ScaleFlag": 0}
+#: Parameters of the second optimisation that resolves INF_OR_UNBD / NUMERIC without a point.
+RESOLVE_PARAMS = {"DualReductions": 0, "BarHomogeneous": 1}
 
 #: GUROBI ``Model.Status`` codes (``GRB.Status``) -> protocol status.
 STATUS_MAP = {
@@ -88,7 +139,7 @@ STATUS_MAP = {
     8: Status.ITERATION_LIMIT,  # NODE_LIMIT
     9: Status.TIME_LIMIT,  # TIME_LIMIT
     10: Status.ITERATION_LIMIT,  # SOLUTION_LIMIT
-    11: Status.NUMERICAL_ERROR,  # INTERRUPTED
+    11: Status.NUMERICAL_ERROR,  # INTERRUPTED: raised as KeyboardInterrupt
     12: Status.NUMERICAL_ERROR,  # NUMERIC
     13: Status.OPTIMAL_INACCURATE,  # SUBOPTIMAL
     14: Status.NUMERICAL_ERROR,  # INPROGRESS
@@ -198,9 +249,13 @@ class GurobiBackend(BackendBase):
         thread_safe=True,
     )
 
-    def __init__(self, **settings: Any) -> None:
+    _transient = ("_local",)
+
+    def __init__(self, *args: Any, **settings: Any) -> None:
         import gurobipy as gp
 
+        if args:
+            super().__init__(*args)  # refuses them, naming them
         canon = {name.lower(): name for name in self._param_names()}
         fixed: dict[str, Any] = {}
         for key, value in settings.items():
@@ -208,7 +263,7 @@ class GurobiBackend(BackendBase):
             fixed[canon.get(key.lower(), key)] = value
         super().__init__(**fixed)
         self.cache_size = self._pop_cache_size(4)
-        self.params = {"OutputFlag": 0, **self.settings}
+        self.params = {**DEFAULTS, **self.settings}
         # validate values once, on a scratch model, so a bad value is a ConfigError here
         lic = licence_status()
         if lic["ok"]:
@@ -230,6 +285,9 @@ class GurobiBackend(BackendBase):
                     max_constraints=SIZE_LIMIT_CONSTRAINTS,
                 )
         self.size_limited = bool(lic.get("size_limited"))
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
         self._local = threading.local()
 
     @classmethod
@@ -306,6 +364,9 @@ class GurobiBackend(BackendBase):
                 block = w[int(head) : int(head) + int(d)]
                 model.addMQConstr(Q, None, GRB.LESS_EQUAL, 0.0, block, block)
             model.setParam("QCPDual", 1)
+        for key, value in (SOC_DEFAULTS if soc else LINEAR_DEFAULTS).items():
+            if key not in self.settings:
+                model.setParam(key, value)
         quadratic = P is not None
         if quadratic:
             model.setMObjective(0.5 * P, np.zeros(n), 0.0, x, x, x, GRB.MINIMIZE)
@@ -380,21 +441,18 @@ class GurobiBackend(BackendBase):
                 f"gurobi does not support the {', '.join(sorted(missing))} cone(s)",
                 backend=self.name,
             )
+        since = interrupt_generation()
         c = np.asarray(g.q, dtype=float)
         if extra_linear_term is not None:
             c = c + extra_linear_term
         built = self._model_for(g, h, e, c)
         model = built.model
         try:
+            model.reset(0)  # from scratch, not from another problem's basis (see above)
             self._warm(built, warm_start, g, h, e)
-            model.optimize()
-            code = int(model.Status)
-            if code == gp.GRB.INF_OR_UNBD:
-                dual_reductions = model.getParamInfo("DualReductions")[2]
-                model.setParam("DualReductions", 0)
-                model.optimize()
-                code = int(model.Status)
-                model.setParam("DualReductions", dual_reductions)
+            code = self._optimize(model, since)
+            if code == gp.GRB.INF_OR_UNBD or (code == gp.GRB.NUMERIC and model.SolCount == 0):
+                code = self._resolve_verdict(model, since)
         except gp.GurobiError as exc:
             self._forget(built)
             if exc.errno == ERROR_SIZE_LIMIT:
@@ -403,8 +461,44 @@ class GurobiBackend(BackendBase):
                     self._size_message(n_vars, e.p + h.m, built.quadratic, f"; GUROBI said: {exc}"),
                     backend=self.name,
                 ) from exc
+            if exc.errno in (ERROR_NOT_PSD, ERROR_NOT_PSD_QCP):
+                raise SolverError(
+                    "gurobi: the quadratic objective's P (GUROBI's Q) is not positive "
+                    "semidefinite: the problem is not convex (GUROBI error "
+                    f"{exc.errno}: {exc}); NonConvex=2 makes GUROBI search it globally, "
+                    "but without multipliers the layer cannot differentiate it",
+                    backend=self.name,
+                ) from exc
             raise SolverError(f"gurobi error {exc.errno}: {exc}", backend=self.name) from exc
-        return self._to_protocol(built, code, Objective(g.P, c), h, e)
+        if code == gp.GRB.INTERRUPTED:
+            self._forget(built)
+            raise interrupted(self.name, "INTERRUPTED")
+        sol = self._to_protocol(built, code, Objective(g.P, c), h, e)
+        return note_scaling(sol, g, h, e)
+
+    @staticmethod
+    def _optimize(model, since: int | None = None) -> int:
+        """``model.optimize()``, stoppable by
+        :func:`~ffo_core.backend_base.interrupt_solves`."""
+        with native_solve(model.terminate, since=since):
+            model.optimize()
+        return int(model.Status)
+
+    def _resolve_verdict(self, model, since: int | None = None) -> int:
+        """Optimise once more with :data:`RESOLVE_PARAMS` (those the user did not set) and
+        put the parameters back; returns the new status."""
+        changed = {k: v for k, v in RESOLVE_PARAMS.items() if k not in self.params}
+        if not changed:
+            return int(model.Status)
+        before = {k: model.getParamInfo(k)[2] for k in changed}
+        try:
+            for k, v in changed.items():
+                model.setParam(k, v)
+            model.reset(0)
+            return self._optimize(model, since)
+        finally:
+            for k, v in before.items():
+                model.setParam(k, v)
 
     def _forget(self, built: _Built) -> None:
         cache = getattr(self._local, "cache", None)
@@ -434,6 +528,11 @@ class GurobiBackend(BackendBase):
         ):
             # clear a start left over from a previous solve of a cached model
             built.x.PStart = np.full(g.n, gp.GRB.UNDEFINED)
+            if built.w is not None:
+                built.w.PStart = np.full(built.w.shape[0], gp.GRB.UNDEFINED)
+            for con in (built.eq, built.ineq, built.coupling):
+                if con is not None:
+                    con.DStart = np.full(con.shape[0], gp.GRB.UNDEFINED)
             return
         nl, rows = h.dims.nonneg, int(sum(h.dims.soc))
         built.x.PStart = ws.primal
@@ -512,18 +611,33 @@ class GurobiBackend(BackendBase):
                 -np.asarray(built.ineq.Pi, dtype=float) if built.ineq is not None else np.zeros(0)
             )
             lam_s = self._soc_duals(built, h.dims.soc)
+            pi_s = (
+                -np.asarray(built.coupling.Pi, dtype=float)
+                if built.coupling is not None
+                else np.zeros(0)
+            )
         except Exception as exc:  # duals unavailable (e.g. QCPDual switched off)
+            if code != 2:  # a stop short of OPTIMAL with a point but no multipliers
+                info.raw_status = f"{info.raw_status} without dual values ({exc})"
+                return Solution(status=Status.NUMERICAL_ERROR, info=info)
             raise SolverError(
                 f"gurobi returned no dual values ({exc}); duals are required", backend=self.name
             ) from exc
-        lam = np.concatenate([lam_l, lam_s])
         slack = h.h - h.G @ y
+        lam = np.concatenate([lam_l, lam_s])
+        if lam_s.size:  # the better of the two readings of the SOC multipliers
+            other = np.concatenate([lam_l, pi_s])
+            mine = kkt_accuracy(g, h, e, y, nu, lam, slack)
+            theirs = kkt_accuracy(g, h, e, y, nu, other, slack)
+            info.extra["soc_duals"] = "QCPi" if mine <= theirs else "Pi"
+            if theirs < mine:
+                lam = other
         # GUROBI's quality attributes describe its presolved model; its QCP duals are often
         # less accurate after postsolve than they say.  The engine's thresholds must see the
         # real error, so fold in the protocol's own KKT residuals (two sparse mat-vecs).
-        kkt = kkt_residual(g, h, e, y, nu, lam, slack)
+        kkt = kkt_accuracy(g, h, e, y, nu, lam, slack)
         info.accuracy = max(accuracy, kkt)
-        info.extra["kkt_residual"] = kkt
+        info.extra["kkt_accuracy"] = kkt
         return Solution(status=status, primal=y, eq_dual=nu, ineq_dual=lam, slack=slack, info=info)
 
 

@@ -35,7 +35,10 @@ licence out once per process; without one it returns ``(False, reason)`` naming
 
 Settings are MOSEK parameter names, ``MSK_DPAR_INTPNT_CO_TOL_REL_GAP`` or the short,
 case-insensitive ``intpnt_co_tol_rel_gap``; ``time_limit`` (seconds) is an alias of
-``MSK_DPAR_OPTIMIZER_MAX_TIME``.  Values go through ``Task.putparam`` (checked there).
+``MSK_DPAR_OPTIMIZER_MAX_TIME``.  Values are checked when the backend is made, on a scratch
+``mosek.Task`` (no licence needed) through ``Task.putparam``, and NaN is refused (MOSEK
+takes it).  MOSEK's defaults are kept: its interior-point tolerances (1e-8) already give
+the accuracy the first-order backward needs.
 
 Statuses: :data:`SOLSTA_MAP` on the interior-point solution status, refined by the
 termination code (:data:`TRM_MAP`: iteration/time limit, stall) when the status is unknown.
@@ -339,7 +342,7 @@ class MosekBackend(BackendBase):
         thread_safe=True,
     )
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, *args: Any, **settings: Any) -> None:
         canon = {}
         for full in self._param_names():
             canon[full.lower()] = full
@@ -348,7 +351,14 @@ class MosekBackend(BackendBase):
         for key, value in settings.items():
             key = ALIASES.get(key, key)
             fixed[canon.get(key.lower(), key)] = value
-        super().__init__(**fixed)
+        super().__init__(*args, **fixed)
+        for key, value in self.settings.items():
+            if isinstance(value, float) and value != value:
+                raise ConfigError(f"mosek parameter {key}={value!r}: must not be NaN")
+        import mosek
+
+        with mosek.Task() as task:  # MOSEK checks names and values; no licence needed
+            self._apply_settings(task)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

@@ -23,7 +23,22 @@ Settings are SCS's own names (:data:`SCS_SETTINGS`: ``eps_abs``, ``eps_rel``, ``
 name) is accepted as an alias of ``time_limit_secs``.  ``verbose`` defaults to False.
 :meth:`ScsBackend.with_settings` returns a configured copy (``FFOLayer(time_limit=...)``).
 One adapter option is not an SCS setting: ``cache_size`` (default 0: off; e.g. 4 to reuse
-workspaces), see below.
+workspaces), see below.  Values are checked when the backend is made (types, NaN, signs,
+then SCS's own validation of a one-row problem), so ``"scs:eps_abs=abc"`` is a
+:class:`~ffo_core.errors.ConfigError` naming ``eps_abs`` before any solve.
+
+Defaults (:data:`DEFAULTS`): ``eps_abs = eps_rel = 1e-9`` instead of SCS's ``1e-4``.  The
+first-order backward differences two solutions ``delta`` apart, so a forward point accurate
+to SCS's own ``1e-4`` gives gradients off by 1e-3..1e-1 (and fails the conformance suite);
+at 1e-9 the gradients agree with the exact ones to about 1e-6.  The cost is iterations:
+docs/backends.md has the measured times.  Settings given by the user replace these.
+
+Ctrl-C: SCS installs its own SIGINT handler while it sets up and while it iterates; a
+solve it stops that way ("interrupted") raises ``KeyboardInterrupt`` here.  A Ctrl-C that
+lands while SCS sets up a problem is swallowed by SCS (its set-up does not report it) and
+only the next one counts; the adapter runs SCS under
+:func:`~ffo_core.backend_base.native_solve`, so that concurrent solves in several threads
+cannot leave SCS's handler installed once they are over.
 
 Statuses (:data:`STATUS_MAP`): SCS reports ``solved (inaccurate - reached max_iters)`` when it
 stops at its iteration or time limit, even after a handful of iterations.  That point is only
@@ -58,7 +73,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ffo_core.backend_base import BackendBase, data_digest, same_sparse
+from ffo_core.backend_base import (
+    BackendBase,
+    check_bool,
+    check_number,
+    data_digest,
+    interrupted,
+    native_solve,
+    note_scaling,
+    same_sparse,
+)
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
 from ffo_core.protocol import (
@@ -98,6 +122,32 @@ SCS_SETTINGS = (
     "acceleration_regularization",
     "adaptive_diag_scale",
 )
+#: How each SCS setting's value is checked at construction: ``(kind, minimum, strictly)``
+#: with kind ``"float"``, ``"int"``, ``"bool"``, ``"str"``; SCS then validates the whole set.
+SETTING_KINDS = {
+    "normalize": ("bool", None, False),
+    "scale": ("float", 0.0, True),
+    "adaptive_scale": ("bool", None, False),
+    "rho_x": ("float", 0.0, True),
+    "max_iters": ("int", 1, False),
+    "eps_abs": ("float", 0.0, False),
+    "eps_rel": ("float", 0.0, False),
+    "eps_infeas": ("float", 0.0, False),
+    "alpha": ("float", 0.0, True),
+    "time_limit_secs": ("float", 0.0, False),
+    "verbose": ("int", 0, False),
+    "acceleration_lookback": ("int", None, False),
+    "acceleration_interval": ("int", 1, False),
+    "write_data_filename": ("str", None, False),
+    "log_csv_filename": ("str", None, False),
+    "acceleration_type_1": ("bool", None, False),
+    "acceleration_relaxation": ("float", None, False),
+    "acceleration_regularization": ("float", 0.0, False),
+    "adaptive_diag_scale": ("bool", None, False),
+}
+#: This adapter's defaults where they differ from SCS's (see the module docstring); the
+#: user's settings replace them.
+DEFAULTS = {"eps_abs": 1e-8, "eps_rel": 1e-8}
 #: Protocol-level aliases -> SCS names.
 ALIASES = {"time_limit": "time_limit_secs"}
 #: Options of this adapter that are not SCS settings.
@@ -113,7 +163,7 @@ STATUS_MAP = {
     -7: Status.INFEASIBLE_INACCURATE,
     -3: Status.NUMERICAL_ERROR,  # indeterminate
     -4: Status.NUMERICAL_ERROR,  # failed
-    -5: Status.NUMERICAL_ERROR,  # interrupted (SIGINT)
+    -5: Status.NUMERICAL_ERROR,  # interrupted (SIGINT): raised as KeyboardInterrupt
     0: Status.NUMERICAL_ERROR,  # unfinished
 }
 #: An inaccurate "solved" (or an undecided) status that SCS reached by hitting a limit is
@@ -191,15 +241,59 @@ class ScsBackend(BackendBase):
         thread_safe=True,
     )
 
-    def __init__(self, **settings: Any) -> None:
+    _transient = ("_local",)
+
+    def __init__(self, *args: Any, **settings: Any) -> None:
         settings = {ALIASES.get(k, k): v for k, v in settings.items()}
-        super().__init__(**settings)
+        super().__init__(*args, **settings)
         self.cache_size = self._pop_cache_size(0)
-        self.solver_settings = {"verbose": False, **self.settings}
+        self.solver_settings = {"verbose": False, **DEFAULTS, **self.settings}
+        self._validate()
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
         self._local = threading.local()
 
     def setting_names(self):
         return SCS_SETTINGS + tuple(ALIASES) + ADAPTER_OPTIONS
+
+    def _validate(self) -> None:
+        """Types, NaN and signs per :data:`SETTING_KINDS`, then SCS's own validation of a
+        one-row problem with these settings (no file is written, nothing is printed)."""
+        for key, value in self.settings.items():
+            kind, low, strict = SETTING_KINDS.get(key, (None, None, False))
+            if key == "verbose" and isinstance(value, bool):
+                continue
+            if kind == "bool":
+                check_bool(self.name, key, value)
+            elif kind in ("int", "float"):
+                check_number(
+                    self.name, key, value, integer=kind == "int", minimum=low, positive=strict
+                )
+            elif kind == "str" and not isinstance(value, str):
+                raise ConfigError(f"scs setting {key}={value!r}: must be a string")
+        if "linear_solver" in self.settings:
+            import scs
+
+            solver = self.settings["linear_solver"]
+            known = [m.value for m in scs.LinearSolver]
+            if not isinstance(solver, (str, scs.LinearSolver)) or (
+                isinstance(solver, str) and solver not in known
+            ):
+                raise ConfigError(
+                    f"scs setting linear_solver={solver!r}: must be one of {', '.join(known)}"
+                )
+        probe = {
+            k: v
+            for k, v in self.solver_settings.items()
+            if k not in ("write_data_filename", "log_csv_filename")
+        }
+        probe["verbose"] = False
+        data = {"A": sp.csc_matrix(np.ones((1, 1))), "b": np.ones(1), "c": np.zeros(1)}
+        try:
+            self._make_solver(data, {"l": 1}, probe)
+        except SolverError as exc:
+            raise ConfigError(f"scs rejected its settings: {exc}") from exc
 
     # -- solver objects, cached per thread --------------------------------------------------
     def _cache(self) -> OrderedDict:
@@ -208,12 +302,19 @@ class ScsBackend(BackendBase):
             cache = self._local.cache = OrderedDict()
         return cache
 
-    def _make_solver(self, data: dict, cone: dict):
+    def _make_solver(self, data: dict, cone: dict, settings: dict | None = None):
         import scs
 
+        settings = self.solver_settings if settings is None else settings
         try:
             # SCS pops "linear_solver" from the dict it is given: pass a copy.
-            return scs.SCS(data, cone, **dict(self.solver_settings))
+            with native_solve():  # SCS listens for SIGINT while it sets up
+                return scs.SCS(data, cone, **dict(settings))
+        except ImportError as exc:
+            raise ConfigError(
+                f"scs setting linear_solver={settings.get('linear_solver')!r}: that linear "
+                f"solver is not available in this SCS build ({exc})"
+            ) from exc
         except TypeError as exc:
             raise ConfigError(
                 f"scs rejected its settings: {exc}; "
@@ -284,11 +385,23 @@ class ScsBackend(BackendBase):
             P, A, np.ascontiguousarray(b, dtype=float), np.ascontiguousarray(c, dtype=float), cone
         )
         ws = self._warm(warm_start, n, p, m, perm) if not dummy else None
-        if ws is None:
-            res = solver.solve(warm_start=False)
-        else:
-            res = solver.solve(True, *ws)
-        return self._to_protocol(res, n, p, m, perm, dummy)
+        with native_solve():
+            if ws is None:
+                res = solver.solve(warm_start=False)
+            else:
+                res = solver.solve(True, *ws)
+        if int(res["info"]["status_val"]) == -5:  # SCS caught SIGINT
+            self._drop(solver)
+            raise interrupted(self.name, "SIGINT")
+        sol = self._to_protocol(res, n, p, m, perm, dummy)
+        return note_scaling(sol, g, h, e)
+
+    def _drop(self, solver) -> None:
+        """Forget a cached workspace (after an interrupted solve)."""
+        cache = getattr(self._local, "cache", None)
+        if cache:
+            for key in [k for k, v in cache.items() if v[0] is solver]:
+                del cache[key]
 
     @staticmethod
     def _warm(warm_start: Solution | None, n, p, m, perm):

@@ -5,7 +5,10 @@ Examples: ``"gurobi:Threads=1,FeasibilityTol=1e-9"``, ``"scs:eps_abs=1e-9,max_it
 
 Values are parsed to ``bool`` (true/false, any case), ``int``, ``float`` where they look
 like one, and left as strings otherwise.  Setting names are passed through unchanged (each
-backend validates them against its solver's own parameter names).
+backend validates them against its solver's own parameter names, and their values when it
+is constructed).  A bare token is a positional argument; a backend that takes none
+(every first-party one but ``cvxpy``) refuses it with :func:`bare_token_error`, which reads
+it as a setting whose ``=value`` is missing.
 """
 
 from __future__ import annotations
@@ -29,6 +32,25 @@ def check_choice(option: str, value: Any, choices: tuple) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(f"{option} must be one of {choices}, got {value!r}")
+
+
+def bare_token_error(backend: str, tokens, *, accepted: int = 0) -> ConfigError:
+    """The :class:`ConfigError` for positional tokens a backend does not take: in a config
+    string a bare token is a setting written without its ``=value`` (``"clarabel:max_iter"``).
+    ``accepted`` is how many positional arguments the backend does take (``cvxpy`` takes
+    the solver's name); the tokens from there on are named."""
+    extra = [str(t) for t in tuple(tokens)[accepted:]]
+    names = ", ".join(repr(t) for t in extra)
+    takes = (
+        "takes no positional argument"
+        if accepted == 0
+        else f"takes {accepted} positional argument{'s' if accepted > 1 else ''}"
+    )
+    example = ",".join([str(t) for t in tuple(tokens)[:accepted]] + [f"{extra[0]}=..."])
+    return ConfigError(
+        f"{backend}: setting(s) {names} without a value: settings are written NAME=VALUE "
+        f"(e.g. {backend}:{example}); {backend} {takes}"
+    )
 
 
 def parse_value(text: str) -> Any:

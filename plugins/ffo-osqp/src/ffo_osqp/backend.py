@@ -38,6 +38,21 @@ Settings are OSQP's own names (``eps_abs``, ``eps_rel``, ``max_iter``, ``polishi
 The defaults below are tighter than OSQP's (1e-3) because a layer's backward pass needs
 accurate solutions, and ``adaptive_rho_interval`` is fixed so that repeated solves are
 bit-for-bit identical (OSQP's 0 chooses it from the measured setup time).
+:meth:`OSQPBackend.with_settings` returns a configured copy (``FFOLayer(time_limit=...)``
+calls it; ``time_limit`` is OSQP's own name, in seconds).
+
+Polish early (:data:`EARLY_EPS`).  ADMM needs very many iterations to reach 1e-9 on a
+linear program -- on 6 of the conformance zoo's 29 LP and QP problems, all pure LPs, it did
+not within 200 000 -- while OSQP's polishing step (a solve of the KKT system on the guessed
+active set) turns a rough iterate into an exact vertex whenever the guess is right.  So a
+solve first runs OSQP to looser tolerances, 1e-1 down to 1e-6 a decade at a time,
+continuing warm from one to the next, and stops as soon as a polished point's relative KKT
+residual (:func:`ffo_core.accuracy.kkt_accuracy`) meets the tolerance asked for
+(``max(eps_abs, eps_rel)``); otherwise it ends with OSQP's own stop at the settings asked
+for.  ``max_iter`` and ``time_limit`` bound the whole sequence.  On those 29 problems: 7 800
+iterations in all instead of 1.2 million, every answer within 4e-9 of the reference (the
+same problems with four random 1% tilts of ``q`` each, 145 in all: every one solved).
+``polishing=false`` turns it off (nothing to accept early).
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from ffo_core.accuracy import kkt_accuracy
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.protocol import (
     Capabilities,
@@ -86,8 +102,23 @@ DEFAULT_SETTINGS = {
 }
 
 
+#: The looser tolerances tried first, each accepted only if its polished point is as
+#: accurate as the tolerance asked for (see "Polish early" above).
+EARLY_EPS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
 #: ``SolveInfo.extra`` key of a ghost solve's kept workspace (see ``OSQPBackend.resolve``).
 _KEPT = "osqp_solver"
+
+
+class _Run(NamedTuple):
+    """OSQP's last result and the counts over the whole early-polish sequence."""
+
+    res: object
+    raw: str  # OSQP's status word for the sequence
+    iterations: int
+    seconds: float
+    accuracy: float | None
+    point: tuple | None  # (x, nu, lam, s) in protocol conventions
 
 
 class _Kept(NamedTuple):
@@ -100,10 +131,6 @@ class _Kept(NamedTuple):
     g: Objective
     h: ConeConstraints
     e: Equalities
-
-
-def _inf(v: np.ndarray) -> float:
-    return float(np.max(np.abs(v), initial=0.0))
 
 
 class OSQPBackend:
@@ -141,7 +168,38 @@ class OSQPBackend:
                 f"unknown setting(s) {', '.join(unknown)} for backend 'osqp'; "
                 f"valid settings: {', '.join(sorted(valid))}"
             )
+        self._given = dict(settings)
         self.settings = {**DEFAULT_SETTINGS, **settings}
+        self._check_values(settings)
+
+    @staticmethod
+    def _check_values(given: dict) -> None:
+        """Raise :class:`ConfigError` naming the setting whose value OSQP refuses (a wrong
+        type, or out of range), by a set-up of a one-variable problem per given setting:
+        a bad value fails at construction, not in the middle of a layer's batch."""
+        import osqp
+
+        for key, value in given.items():
+            probe = osqp.OSQP()
+            try:
+                probe.setup(
+                    sp.csc_matrix((1, 1)),
+                    np.zeros(1),
+                    sp.csc_matrix(np.ones((1, 1))),
+                    np.zeros(1),
+                    np.ones(1),
+                    **{**DEFAULT_SETTINGS, key: value},
+                )
+            except (TypeError, ValueError, AssertionError, osqp.OSQPException) as exc:
+                why = " ".join(str(exc).split())[:200] or "refused"
+                raise ConfigError(
+                    f"osqp setting {key}={value!r} is not accepted by OSQP "
+                    f"({type(exc).__name__}: {why})"
+                ) from exc
+
+    def with_settings(self, **settings) -> OSQPBackend:
+        """A new backend with ``settings`` added to (or replacing) this one's."""
+        return type(self)(**{**self._given, **settings})
 
     @staticmethod
     def setting_names() -> set[str]:
@@ -198,7 +256,7 @@ class OSQPBackend:
                 y0 = np.concatenate([warm_start.eq_dual, warm_start.ineq_dual])
             solver.warm_start(x=np.asarray(warm_start.primal, float), y=y0)
         kept = _Kept(solver, P, g, h, e) if extra_linear_term is not None else None
-        return self._answer(solver.solve(raise_error=False), P, g, q, h, e, kept)
+        return self._answer(self._run(solver, g, q, h, e), g, h, kept)
 
     def resolve(
         self,
@@ -220,53 +278,76 @@ class OSQPBackend:
             return self.solve(g, h, e, extra_linear_term)
         q = g.q + extra_linear_term
         kept.solver.update(q=q)
-        return self._answer(kept.solver.solve(raise_error=False), kept.P, g, q, h, e, kept)
+        return self._answer(self._run(kept.solver, g, q, h, e), g, h, kept)
 
-    def _answer(
-        self,
-        res,
-        P,
-        g: Objective,
-        q: np.ndarray,
-        h: ConeConstraints,
-        e: Equalities,
-        kept: _Kept | None,
-    ) -> Solution:
-        """OSQP's result as a protocol Solution; ``kept`` (a ghost solve's workspace, for
-        :meth:`resolve`) goes into ``info.extra``."""
-        raw = str(res.info.status)
-        status = STATUS_MAP.get(raw, Status.NUMERICAL_ERROR)
-        extra = {"polished": int(getattr(res.info, "status_polish", 0)) == 1}
-        if kept is not None:
-            extra[_KEPT] = kept
-        info = SolveInfo(
-            iterations=int(res.info.iter),
-            solve_time=float(res.info.run_time),
-            raw_status=raw,
-            extra=extra,
-        )
-        if not status.has_solution:
-            return Solution(status=status, info=info)
+    def _run(self, solver, g: Objective, q, h: ConeConstraints, e: Equalities) -> _Run:
+        """OSQP on a set-up workspace: the early-polish tolerances, then the ones asked for
+        (module docstring).  The point is kept in protocol conventions."""
+        eps_abs, eps_rel = self.settings["eps_abs"], self.settings["eps_rel"]
+        target = max(eps_abs, eps_rel)
+        max_iter = int(self.settings["max_iter"])
+        time_limit = float(self.settings.get("time_limit", 0) or 0)  # OSQP: 0 = none
+        stages = [(eps, eps) for eps in EARLY_EPS if eps > target and target > 0]
+        if not self.settings.get("polishing", False):
+            stages = []
+        stages.append((eps_abs, eps_rel))
+        used, seconds = 0, 0.0
+        for k, (abs_, rel_) in enumerate(stages):
+            last = k == len(stages) - 1
+            update = {"eps_abs": abs_, "eps_rel": rel_, "max_iter": max_iter - used}
+            if time_limit > 0:
+                update["time_limit"] = max(time_limit - seconds, 1e-9)
+            if len(stages) > 1:
+                solver.update_settings(**update)
+            res = solver.solve(raise_error=False)
+            used += int(res.info.iter)
+            seconds += float(res.info.run_time)
+            point, accuracy = self._point(res, q, h, e), None
+            if point is not None:
+                accuracy = kkt_accuracy(g, h, e, *point, extra_linear_term=q - g.q)
+            raw = str(res.info.status)
+            polished = int(getattr(res.info, "status_polish", 0)) == 1
+            if last or raw not in ("solved", "solved inaccurate"):
+                break
+            if polished and accuracy is not None and accuracy <= target:
+                break  # accurate enough already
+            # a looser stage's point that is not accurate enough is never the answer
+            if used >= max_iter:
+                raw, point = "maximum iterations reached", None
+                break
+            if time_limit > 0 and seconds >= time_limit:
+                raw, point = "run time limit reached", None
+                break
+        return _Run(res, raw, used, seconds, accuracy, point)
 
+    @staticmethod
+    def _point(res, q, h: ConeConstraints, e: Equalities):
+        """``(x, nu, lam, s)`` of OSQP's iterate (lam and s clipped to the cone)."""
+        if str(res.info.status) not in ("solved", "solved inaccurate"):
+            return None
         p = e.p
         x, yd = np.asarray(res.x, float), np.asarray(res.y, float)
         nu, lam = yd[:p].copy(), np.maximum(yd[p:], 0.0)
         s = np.maximum(h.h - h.G @ x, 0.0)
-        info.accuracy = self._accuracy(P, g, q, e, h, x, nu, lam, s)
-        return Solution(status=status, primal=x, eq_dual=nu, ineq_dual=lam, slack=s, info=info)
+        return x, nu, lam, s
 
-    @staticmethod
-    def _accuracy(P_upper, g, q, e, h, x, nu, lam, s) -> float:
-        """Relative KKT residual of the returned point (what ffo's active-set thresholds
-        and step sizes are derived from); OSQP's own residuals are absolute."""
-        Px = g.P @ x if g.P is not None else np.zeros_like(x)
-        Atnu, Gtl = e.A.T @ nu, h.G.T @ lam
-        dual = _inf(Px + q + Atnu + Gtl) / (1 + max(_inf(q), _inf(Px), _inf(Atnu), _inf(Gtl)))
-        Ax, Gx = e.A @ x, h.G @ x
-        prim = max(
-            _inf(Ax - e.b) / (1 + max(_inf(e.b), _inf(Ax))),
-            _inf(Gx + s - h.h) / (1 + max(_inf(h.h), _inf(Gx))),
+    def _answer(self, run: _Run, g: Objective, h: ConeConstraints, kept: _Kept | None) -> Solution:
+        """OSQP's result as a protocol Solution; ``kept`` (a ghost solve's workspace, for
+        :meth:`resolve`) goes into ``info.extra``.  ``SolveInfo.accuracy`` is the relative
+        KKT residual of the returned point (OSQP's own residuals are absolute)."""
+        raw = run.raw
+        status = STATUS_MAP.get(raw, Status.NUMERICAL_ERROR)
+        extra = {"polished": int(getattr(run.res.info, "status_polish", 0)) == 1}
+        if kept is not None:
+            extra[_KEPT] = kept
+        info = SolveInfo(
+            iterations=run.iterations,
+            solve_time=run.seconds,
+            raw_status=raw,
+            accuracy=run.accuracy,
+            extra=extra,
         )
-        obj = 0.5 * float(x @ Px) + float(q @ x)
-        gap = abs(float(s @ lam)) / (1 + abs(obj))
-        return float(max(prim, dual, gap, 1e-15))
+        if not status.has_solution or run.point is None:
+            return Solution(status=status, info=info)
+        x, nu, lam, s = run.point
+        return Solution(status=status, primal=x, eq_dual=nu, ineq_dual=lam, slack=s, info=info)
