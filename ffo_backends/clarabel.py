@@ -152,6 +152,8 @@ class ClarabelBackend(BackendBase):
 
         defaults = clarabel.DefaultSettings()
         for key, value in self.settings.items():
+            if not hasattr(defaults, key):  # a subclass's own option: its business
+                continue
             default = getattr(defaults, key)
             if isinstance(default, bool):
                 check_bool(self.name, key, value)

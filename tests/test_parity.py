@@ -459,8 +459,18 @@ def test_backend_without_quadratic_objective(name):
 
 
 def test_parametric_quad_form_needs_a_quadratic_objective():
+    """A backend without a quadratic objective gets P compiled into a cone, which a
+    parametric quad_form cannot be (not DPP there): refused by name."""
+    from dataclasses import replace
+
+    from ffo_backends.clarabel import ClarabelBackend
+
+    class LinearOnly(ClarabelBackend):
+        name = "linear-only"
+        capabilities = replace(ClarabelBackend.capabilities, quadratic_objective=False)
+
     x = cp.Variable(2)
     P = cp.Parameter((2, 2), PSD=True)
     prob = cp.Problem(cp.Minimize(cp.quad_form(x, P)), [x >= 1])
     with pytest.raises(NotDPPError, match="quad_form"):
-        FFOLayer(prob, [P], [x], solver="ecos")
+        FFOLayer(prob, [P], [x], solver=LinearOnly())

@@ -15,6 +15,8 @@ Tolerances (float64, strictly complementary instances):
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -22,6 +24,7 @@ import scipy.sparse.linalg
 import torch
 from problems import TIGHT, cosine, random_qp, rel_err
 
+from ffo_backends.clarabel import ClarabelBackend
 from ffo_core import FFOLayer, FFOQPLayer, InvalidParameterError, SolverError, available_backends
 from ffo_core.errors import ConfigError
 
@@ -218,8 +221,9 @@ def grads_ffolayer(layer, ts, w):
 
 
 def test_another_backend_through_the_same_protocol():
-    """Any registered QP-capable backend works; a backend without a quadratic objective
-    (ECOS) is refused up front."""
+    """Any registered QP-capable backend works (ECOS too: its adapter takes a quadratic
+    objective through a second-order cone); one without a quadratic objective is refused
+    up front."""
     pytest.importorskip("scs")
     ts, _ = strict_qp(10, 12, 3, seed=3, batch=2, batched=("p",))
     w = weights((2, 10))
@@ -229,8 +233,16 @@ def test_another_backend_through_the_same_protocol():
     check(g, ref, rel=1e-3, cos=0.9999)
     info = available_backends().get("ecos")
     if info is not None and info.available:
-        with pytest.raises(ConfigError, match="quadratic objective"):
-            FFOQPLayer(solver="ecos")
+        y, g = grads(FFOQPLayer(solver="ecos"), ts, w)
+        assert torch.allclose(y, y_ref, atol=1e-7)
+        check(g, ref, rel=1e-3, cos=0.9999)
+
+    class LinearOnly(ClarabelBackend):
+        name = "linear-only"
+        capabilities = replace(ClarabelBackend.capabilities, quadratic_objective=False)
+
+    with pytest.raises(ConfigError, match="quadratic objective"):
+        FFOQPLayer(solver=LinearOnly())
 
 
 # -- sparse inputs ---------------------------------------------------------------------------
