@@ -7,6 +7,7 @@ use them; the layers are loaded on first access.
 
 from __future__ import annotations
 
+from .backend_base import interrupt_solves
 from .errors import (
     BackendUnavailable,
     ConfigError,
@@ -83,6 +84,7 @@ __all__ = [
     "UnsupportedError",
     "available_backends",
     "get_backend",
+    "interrupt_solves",
     "register_backend",
     "unregister_backend",
 ]

@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 import numpy as np
@@ -58,12 +58,33 @@ def run_batch(fn: Callable[[int], T], batch: int, n_jobs: int) -> list[T]:
     """``[fn(0), ..., fn(batch - 1)]``, in a thread pool when ``n_jobs > 1``.
 
     If some calls raise, the exception of the lowest failing index is raised (after the
-    pool has finished: no worker thread outlives the call).
+    pool has finished: no worker thread outlives the call).  The caller waits in short
+    slices, so Ctrl-C reaches it within about :data:`WAIT_SLICE` seconds: it then cancels
+    the calls not started, asks the solves in flight to stop
+    (:func:`~ffo_core.backend_base.interrupt_solves`), waits for the workers and re-raises.
     """
     if n_jobs <= 1 or batch <= 1:
         return [fn(i) for i in range(batch)]
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-        return list(pool.map(fn, range(batch)))
+    pool = ThreadPoolExecutor(max_workers=n_jobs)
+    futures = [pool.submit(fn, i) for i in range(batch)]
+    try:
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=WAIT_SLICE)
+    except KeyboardInterrupt:
+        from ..backend_base import interrupt_solves
+
+        for f in futures:
+            f.cancel()
+        interrupt_solves()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return [f.result() for f in futures]
+
+
+#: Seconds the caller of a thread pool waits at a time (how soon Ctrl-C reaches it).
+WAIT_SLICE = 0.05
 
 
 class ThreadChoice:
