@@ -127,6 +127,15 @@ class ClarabelBackend(BackendBase):
         thread_safe=True,
     )
 
+    #: cvxpylayers' common ``solver_args`` keys and this solver's settings for them
+    #: (:mod:`ffo_core.solver_args`)
+    solver_arg_names: ClassVar[dict] = {
+        "eps": ("tol_gap_abs", "tol_gap_rel", "tol_feas"),
+        "eps_abs": "tol_gap_abs",
+        "eps_rel": "tol_gap_rel",
+        "max_iters": "max_iter",
+    }
+
     #: A ghost problem on curved cones is solved with these (unless the user set them):
     #: its point is only ~sqrt(tolerance) accurate on the cone (ffo_core.engine.solves);
     #: the gap is at 1e-12 already (DEFAULTS), the feasibility tolerance joins it.

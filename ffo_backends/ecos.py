@@ -74,6 +74,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -203,6 +204,14 @@ class EcosBackend(BackendBase):
         warm_start=False,
         thread_safe=True,
     )
+
+    #: cvxpylayers' common ``solver_args`` keys and this solver's settings for them
+    #: (:mod:`ffo_core.solver_args`)
+    solver_arg_names: ClassVar[dict] = {
+        "eps": ("abstol", "reltol", "feastol"),
+        "eps_abs": "abstol",
+        "eps_rel": "reltol",
+    }
     _transient = ("_factors", "_factor_lock")
 
     def __init__(self, *args, **settings) -> None:

@@ -78,7 +78,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -248,6 +248,14 @@ class GurobiBackend(BackendBase):
         needs_license=True,
         thread_safe=True,
     )
+
+    #: cvxpylayers' common ``solver_args`` keys and this solver's settings for them
+    #: (:mod:`ffo_core.solver_args`)
+    solver_arg_names: ClassVar[dict] = {
+        "eps": ("BarConvTol", "FeasibilityTol", "OptimalityTol"),
+        "max_iters": "BarIterLimit",
+        "verbose": "OutputFlag",
+    }
 
     _transient = ("_local",)
 

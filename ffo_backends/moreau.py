@@ -138,7 +138,7 @@ import contextlib
 import importlib.util
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -562,6 +562,13 @@ class MoreauBackend(BackendBase):
         thread_safe=True,
         device=False,
     )
+
+    #: cvxpylayers' common ``solver_args`` keys and this solver's settings for them
+    #: (:mod:`ffo_core.solver_args`)
+    solver_arg_names: ClassVar[dict] = {
+        "eps": ("tol_gap_abs", "tol_gap_rel", "tol_feas"),
+        "max_iters": "max_iter",
+    }
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)

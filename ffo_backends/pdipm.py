@@ -108,7 +108,7 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -167,6 +167,10 @@ class PDIPMBackend(BackendBase):
         thread_safe=True,
         device=True,
     )
+
+    #: cvxpylayers' common ``solver_args`` keys and this solver's settings for them
+    #: (:mod:`ffo_core.solver_args`)
+    solver_arg_names: ClassVar[dict] = {"eps": "tol", "max_iters": "max_iter"}
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -240,6 +240,10 @@ class ScsBackend(BackendBase):
         warm_start=True,
         thread_safe=True,
     )
+
+    #: cvxpylayers' common ``solver_args`` keys and this solver's settings for them
+    #: (:mod:`ffo_core.solver_args`)
+    solver_arg_names: ClassVar[dict] = {"eps": ("eps_abs", "eps_rel")}
 
     _transient = ("_local",)
 

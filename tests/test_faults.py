@@ -210,3 +210,19 @@ def test_solver_args_per_layer_and_per_call():
     assert layer.last_status[0].value == "optimal"  # and it did not stick
     with pytest.raises(ConfigError, match="'no_such_key'"):
         layer(x, solver_args={"no_such_key": 1})
+
+
+@pytest.mark.parametrize(
+    ("solver", "want"),
+    [
+        ("clarabel", {"tol_gap_abs": 1e-9, "tol_gap_rel": 1e-9, "tol_feas": 1e-9, "max_iter": 50}),
+        ("scs", {"eps_abs": 1e-9, "eps_rel": 1e-9, "max_iters": 50}),
+        ("ecos", {"abstol": 1e-9, "reltol": 1e-9, "feastol": 1e-9, "max_iters": 50}),
+        ("pdipm", {"tol": 1e-9, "max_iter": 50}),
+    ],
+)
+def test_common_solver_args_are_translated_per_backend(solver, want):
+    """cvxpylayers' keys (``eps``, ``max_iters``) become each backend's own settings."""
+    layer = projection_layer(solver=solver)
+    backend = layer.backend_for({"eps": 1e-9, "max_iters": 50})
+    assert {k: backend.settings[k] for k in want} == want
