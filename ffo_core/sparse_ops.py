@@ -28,8 +28,8 @@ def prune(M):
     otherwise be factorised as dense.  Adapters call this before handing data to a solver.
     """
     if sp.isspmatrix_csc(M) and M.has_canonical_format:
-        nonzero = M.data != 0  # a bool mask first: 7x faster than flatnonzero
-        if nonzero.all():  # on the floats (measured, 2 million entries)
+        nonzero = M.data != 0  # a bool mask first: far faster than flatnonzero on the
+        if nonzero.all():  # floats
             return M
         # keep the nonzero entries; a column's new start is the count of kept entries
         # before its old start (no copy of the whole matrix: a learnable 2001 x 1000 box
@@ -93,10 +93,9 @@ def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix
     The selection of the whole batch is a few elementwise operations on ``(batch, nnz)``
     arrays -- which entries each sample keeps, their running count (the new column
     pointers) and each kept row's new position -- so per sample only the ``csc_matrix``
-    constructor remains: measured at n = 100 on the DFL QP's ``[A; G]``, 83-85 us per
-    sample for scipy's row index against 27 here at batch 32 (35 at batch 8), most of it
-    the constructor's checks (16 us).  The results share one data and one index array per
-    slice of the batch (read-only, like every result of this module)."""
+    constructor remains (about a third of scipy's row index per sample on the DFL QP at
+    n = 100).  The results share one data and one index array per slice of the batch
+    (read-only, like every result of this module)."""
     masks = np.asarray(masks, dtype=bool)
     if not M.has_canonical_format:  # the results are flagged canonical below
         M = M.copy()

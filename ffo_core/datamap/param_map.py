@@ -371,7 +371,7 @@ class BoundData:
             self.base = split.M_u @ theta_u
         else:  # every shared parameter is a run: the constant column alone
             self.base = np.zeros(split.M_u.shape[0])
-            self.base[split.M_u.indices] = split.M_u.data  # (a scipy product: 50 us)
+            self.base[split.M_u.indices] = split.M_u.data  # cheaper than a scipy product
         for k, run in run_of.items():  # base[run] += vec_F(value), in one pass
             v = np.asarray(values[k])
             rows = self.base[run.rows].reshape(v.shape[::-1])
@@ -412,7 +412,7 @@ class BoundData:
             return []
         rows = self.split.reach_b.rows
         part = self.base[rows, None] + self._batched(self.theta_b)
-        if part.size <= _KEEP_REACHED:  # kept: per-sample products cost ~40 us each
+        if part.size <= _KEEP_REACHED:  # kept: it saves a product per sample
             self._reached_all = part
         if all_finite(part):
             return []
@@ -474,7 +474,7 @@ class BoundData:
         (from :meth:`sample`).  A matrix no batched parameter reaches is the same for
         every sample: it is pruned once per call and shared (once per layer when no
         parameter reaches it, :meth:`_once`)."""
-        # the constructors, not dataclasses.replace (3 us each, twice per sample)
+        # the constructors: dataclasses.replace costs more, twice per sample
         return (
             ConeConstraints(self._once("G", h.G, prune), h.h, h.dims),
             Equalities(self._once("A", e.A, prune), e.b),
@@ -497,10 +497,8 @@ class BoundData:
         """``make(value)`` for what is formed of the sections ``reached`` (default:
         ``(key,)``): per sample when a batched parameter reaches one of them; else once per
         call; and once per layer and batching mask when no parameter reaches any of them
-        (:attr:`Split.constant_sections`: kept in :attr:`Split.constants`, measured at
-        n = 100-1000 on the DFL QP with only q learnable: 220 us of every forward and
-        80 us of every backward).  Racing threads may both form it; the first one kept
-        is the one every caller gets."""
+        (:attr:`Split.constant_sections`: kept in :attr:`Split.constants`).  Racing
+        threads may both form it; the first one kept is the one every caller gets."""
         sections = reached or (key,)
         if not self.split.batched_sections.isdisjoint(sections):
             return make(value)

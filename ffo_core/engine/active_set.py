@@ -130,7 +130,7 @@ def classify_batch(
     """:func:`classify` of every solution of a batch that shares ``dims`` (``rhs``: one
     ``h`` per solution), the nonnegative rows of all of them in one pass of elementwise
     operations on ``(batch, m)`` arrays: each sample's result is exactly its lone
-    :func:`classify` (the same operations on its row), in about 5 instead of 30 us."""
+    :func:`classify` (the same operations on its row)."""
     # slacks and multipliers in the units each was solved in (a badly scaled problem is
     # solved rescaled, :mod:`.scaling`), so the thresholds below do not depend on the data's
     # scale; identical arrays for a well-scaled problem

@@ -92,13 +92,12 @@ class ThreadChoice:
     chosen by measurement when the user did not fix ``n_jobs``.
 
     A thread pool only pays when the solver releases the GIL for most of its work.
-    Clarabel releases it while it iterates but not while it sets up (measured: 32 setups
-    of a 1000-variable equality QP take 42 ms in one thread and 54-62 ms in two), and a
-    ghost problem is mostly set-up: on the DFL QP the backward ran 16 ms with one thread
-    and 25 ms with two, while the forward ran 55 ms with one and 31 ms with two.  So the
-    first ``2 * probes`` calls alternate between the pool and one thread; later calls use
-    whichever has the lower time per sample among its last ``probes`` calls (the minimum:
-    a busy machine only ever adds time).  Every ``reprobe_every``-th call runs the other
+    Clarabel releases it while it iterates but not while it sets up, and a ghost problem
+    is mostly set-up, so on the DFL QP the pool slows the backward down while it speeds
+    the forward up (docs/benchmarks.md).  So the first ``2 * probes`` calls alternate
+    between the pool and one thread; later calls use whichever has the lower time per
+    sample among its last ``probes`` calls (the minimum: a busy machine only ever adds
+    time).  Every ``reprobe_every``-th call runs the other
     setting once more, so a choice made during a noisy spell, or before the batch size or
     the problem changed, is revisited in a long training run.  Memory is ``probes`` floats
     per setting.  Results never depend on the choice (samples are independent); only the
@@ -214,9 +213,9 @@ def solution_problem(
                 f"({'?' if want is None else want},)"
             )
         arrays.append(arr)
-    if np.isfinite(np.concatenate(arrays)).all():  # one check of the four joined (an
-        return None  # errstate around per-array sums costs
-    for field, arr in zip(_ARRAYS, arrays):  # 7 us by itself): then find which
+    if np.isfinite(np.concatenate(arrays)).all():  # one check of the four joined;
+        return None  # only when it fails, find which array
+    for field, arr in zip(_ARRAYS, arrays):
         if not np.all(np.isfinite(arr)):
             return f"status {status.value} but NaN or Inf in {field}"
     return None

@@ -82,8 +82,8 @@ def check_finite(name: str, t: torch.Tensor, batched: bool, what: str = "paramet
     if not values.is_floating_point() or values.numel() == 0:
         return
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        if all_finite(values.numpy()):  # 5 us where the torch ops below take
-            return  # 110 us on a small tensor
+        if all_finite(values.numpy()):  # far cheaper than the torch ops below
+            return
     else:
         low, high = torch.aminmax(values)  # one pass, no mask; NaN propagates
         if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
