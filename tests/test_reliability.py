@@ -782,7 +782,7 @@ def test_health_check_warns_on_magnitude_errors_the_cosine_misses(proj):
 
 
 def test_health_check_survives_a_failing_reference(proj, monkeypatch):
-    import ffo_core.layers.runtime as layer_module
+    import ffo_core.layers.policies as layer_module
 
     def broken(*args, **kwargs):
         raise SolverError("reference unavailable")

@@ -27,8 +27,9 @@ from ..datamap.param_map import BoundData, bind
 from ..errors import InvalidParameterError, ProblemError
 from ..protocol import Backend, Solution
 from ..registry import available_backends
+from .function import check_upstream, refuse_transforms
 from .parameters import CallInfo, inspect_params, value_rules
-from .runtime import SolverLayer, check_upstream, refuse_transforms
+from .runtime import SolverLayer
 from .tensors import at_batch_indices
 
 

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import GhostProblemError, SolverError
 from ..protocol import ProblemBatch, SparsePattern
-from .runtime import check_upstream
+from .function import check_upstream
 
 #: Polish rounds, as :data:`ffo_core.engine.polish.MAX_ROUNDS`.
 ROUNDS = 4

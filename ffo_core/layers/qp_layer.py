@@ -60,7 +60,8 @@ from ..engine.ghost import GhostSource
 from ..errors import ConfigError, InvalidParameterError
 from ..protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
 from ..sparse_ops import upper_triangle
-from .runtime import SolverLayer, check_upstream, refuse_transforms
+from .function import check_upstream, refuse_transforms
+from .runtime import SolverLayer
 from .tensors import (
     SparseEntries,
     check_finite,

@@ -26,9 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import warnings
 from collections import deque
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +35,7 @@ import torch
 from ..config import check_choice
 from ..engine.batched import batch_solver, problem_batch, solve_problems
 from ..engine.data_gradient import DataGradient
-from ..engine.ffo_backward import FFOOptions, ffo_backward
+from ..engine.ffo_backward import FFOOptions
 from ..engine.kkt_backward import kkt_backward
 from ..engine.polish import polish, polish_batch
 from ..engine.scaling import ScaledBackend
@@ -51,18 +49,14 @@ from ..engine.solves import (
 )
 from ..errors import (
     ConfigError,
-    GhostProblemError,
-    GradientHealthWarning,
-    InvalidGradientError,
-    InvalidParameterError,
     SolverError,
-    UnsupportedError,
 )
 from ..protocol import Backend, Solution, Status
 from ..registry import get_backend
 from ..solver_args import with_solver_args
 from .executors import Executor
-from .tensors import bad_batch_indices
+from .function import _LayerFunction
+from .policies import FailurePolicies
 
 BACKWARDS = ("ffo", "kkt", "altdiff")
 #: ``ghost_fallback`` policies (see :class:`SolverLayer`).
@@ -115,21 +109,7 @@ def with_time_limit(backend: Backend, seconds: float) -> Backend:
     return limited
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(a @ b / (na * nb))
-
-
-def _short(exc: SolverError) -> str:
-    """A failure in a few words (the status), for lists of retries."""
-    return f"status {exc.status.value}" if exc.status is not None else str(exc)[:200]
-
-
-class SolverLayer(torch.nn.Module):
+class SolverLayer(FailurePolicies, torch.nn.Module):
     """What :class:`~ffo_core.FFOLayer` and :class:`~ffo_core.FFOQPLayer` share.
 
     Args (keyword, after ``solver``; both layers take all of them):
@@ -448,139 +428,6 @@ class SolverLayer(torch.nn.Module):
             grads.append(grad)
         return grads
 
-    def _finite(self, i: int, grad: DataGradient) -> DataGradient | GhostProblemError:
-        """``grad``, or the error that says it is not finite (a ghost solution too far
-        from the forward one for its delta), for the ``ghost_fallback`` policy."""
-        if grad.is_finite():
-            return grad
-        delta = grad.diagnostics["delta"]
-        exc = GhostProblemError(
-            f"the first-order gradient is not finite (the ghost solution is too far from "
-            f"the forward one for this delta) (delta={delta:.3g})",
-            batch_index=i,
-            backend=self.backend.name,
-        )
-        exc.delta = delta
-        return exc
-
-    def _ffo_once(self, i: int, s: FFOSample, options: FFOOptions) -> DataGradient:
-        grad = self._finite(
-            i,
-            ffo_backward(
-                s.backend, s.g, s.h, s.e, s.sol, s.c, options, source=s.source, c_dual=s.c_dual
-            ),
-        )
-        if isinstance(grad, GhostProblemError):
-            raise grad
-        return grad
-
-    def _ffo_fallback(self, i: int, s: FFOSample, first: GhostProblemError) -> DataGradient:
-        """Sample ``i`` (``s``) after its ghost failed with ``first``: the
-        ``ghost_fallback`` policy."""
-        if self.ghost_fallback == "raise":
-            raise first
-        tried = [f"delta chosen by default: {first}"]
-        last: SolverError = first
-        if self.ghost_fallback.startswith("smaller-delta") and first.delta is not None:
-            for k in (1, 2):  # from the step that failed (it may have been shrunk)
-                delta = first.delta / 10.0**k
-                try:
-                    grad = self._ffo_once(i, s, replace(self.options, delta=delta))
-                except GhostProblemError as exc:
-                    tried.append(f"delta={delta:.3g}: {_short(exc)}")
-                    last = exc
-                    continue
-                grad.diagnostics.update(
-                    ghost_fallback="smaller-delta", fallback_delta=delta, ghost_error=str(first)
-                )
-                logger.info(
-                    "batch index %d: ghost problem failed (%s); smaller delta %.3g succeeded",
-                    i, first, delta,
-                )  # fmt: skip
-                return grad
-        if self.ghost_fallback.endswith("kkt"):
-            try:
-                grad = kkt_backward(s.g, s.h, s.e, s.sol, s.c, self.options, c_dual=s.c_dual)
-            except SolverError as exc:
-                tried.append(f"KKT fallback: {exc}")
-                raise GhostProblemError(
-                    f"batch index {i}: the ghost problem failed and so did every fallback "
-                    f"({'; '.join(tried)})",
-                    status=first.status,
-                    batch_index=i,
-                    backend=self.backend.name,
-                ) from exc
-            grad.diagnostics.update(ghost_fallback="kkt", ghost_error=str(first))
-            logger.info(
-                "batch index %d: ghost problem failed (%s); used the KKT gradient", i, first
-            )
-            return grad
-        raise GhostProblemError(
-            f"batch index {i}: the ghost problem failed and so did every fallback "
-            f"({'; '.join(tried)})",
-            status=last.status,
-            batch_index=i,
-            backend=self.backend.name,
-        ) from last
-
-    def _health_check(self, call: int, problems, sols, c, dual, grads) -> None:
-        """Compare one sample's first-order data gradient with the exact KKT one."""
-        live = np.any(c != 0, axis=1)
-        if dual(0) is not None:
-            live |= np.any(dual_array(dual, problems.batch) != 0, axis=1)
-        nonzero = np.flatnonzero(live)
-        i = int(nonzero[0]) if nonzero.size else 0
-        record: dict[str, Any] = {
-            "call": call,
-            "sample": i,
-            "ghost_fallback": grads[i].diagnostics.get("ghost_fallback"),
-        }
-        g, h, e = problems.sample(i)
-        try:
-            ref = kkt_backward(g, h, e, sols[i], c[i], self.options, c_dual=dual(i)).vector()
-        except SolverError as exc:
-            record.update(cosine=None, cosine_params=None, rel_err=None, error=str(exc))
-            self.health_log.append(record)
-            logger.warning(
-                "gradient health check, backward call %d: no KKT reference for "
-                "batch index %d (%s)",
-                call, i, exc,
-            )  # fmt: skip
-            return
-        mine = grads[i].vector()
-        cos = _cosine(mine, ref)
-        cos_params = _cosine(
-            self._parameter_vector(problems, mine), self._parameter_vector(problems, ref)
-        )
-        norm = float(np.linalg.norm(ref))
-        rel = float(np.linalg.norm(mine - ref) / norm) if norm > 0 else float(np.linalg.norm(mine))
-        record.update(cosine=cos, cosine_params=cos_params, rel_err=rel)
-        self.health_log.append(record)
-        problems_found = []
-        if cos < self.check_threshold:
-            problems_found.append(
-                f"cosine similarity {cos:.6f} is below check_threshold={self.check_threshold}"
-            )
-        if self.check_rel_tol is not None and rel > self.check_rel_tol:
-            problems_found.append(
-                f"relative error {rel:.2e} is above check_rel_tol={self.check_rel_tol}"
-            )
-        if problems_found:
-            message = (
-                f"gradient health check, backward call {call}, batch index {i}: "
-                f"first-order vs KKT gradient: {' and '.join(problems_found)} (cosine "
-                f"{cos:.6f}, relative error {rel:.2e}); consider tighter solver "
-                "tolerances, central=True, a smaller kappa, or backward='kkt'"
-            )
-            logger.warning(message)
-            warnings.warn(message, GradientHealthWarning, stacklevel=2)
-        else:
-            logger.info(
-                "gradient health check, backward call %d, batch index %d: cosine "
-                "%.6f (params %.6f), relative error %.2e",
-                call, i, cos, cos_params, rel,
-            )  # fmt: skip
-
     # -- copies and pickles -----------------------------------------------------------------
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -590,102 +437,6 @@ class SolverLayer(torch.nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._lock = threading.Lock()
-
-
-def refuse_transforms(tensors) -> None:
-    """Refuse inputs wrapped by a ``torch.func`` transform (vmap, grad, jacrev) before any
-    of their values are read (reading them fails with an unrelated error)."""
-    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    if wrapped is None:
-        return
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and wrapped(t):
-            raise UnsupportedError(
-                "torch.func transforms (vmap, grad, jacrev, jacfwd) are not supported by "
-                "ffo layers; pass a batch as a leading dimension and use loss.backward()"
-            )
-
-
-def dual_array(dual, batch: int) -> np.ndarray:
-    """The dual upstream gradients of every sample joined, ``(batch, p + m)``."""
-    return np.stack([np.concatenate(dual(i)) for i in range(batch)])
-
-
-def check_upstream(name: str, grad: torch.Tensor, batched: bool) -> np.ndarray:
-    """``grad`` (the gradient flowing into output ``name``) as float64 NumPy, refused with
-    :class:`InvalidGradientError` naming the output and batch indices when not finite."""
-    values = grad.detach().to("cpu", torch.float64).numpy()
-    if not np.isfinite(values).all():
-        raise InvalidGradientError(
-            f"the gradient flowing into the layer's output {name} contains NaN "
-            f"or Inf{bad_batch_indices(~torch.isfinite(grad.detach()), batched)}; it "
-            "comes from the loss or a later layer, and the layer refuses to "
-            "propagate it"
-        )
-    return values
-
-
-#: Output dtypes whose range a solution may exceed (float64 solves, narrow outputs).
-_NARROW = (torch.float16, torch.bfloat16)
-
-
-class _LayerFunction(torch.autograd.Function):
-    """Forward: the layer's solves; backward: its data gradients, as tensors."""
-
-    @staticmethod
-    def forward(layer: SolverLayer, problems, *inputs):
-        problems.sols = layer.solve_all(problems)
-        outputs = layer._outputs(problems, problems.sols)
-        for name, out in zip(layer._output_names(problems), outputs):
-            if out.dtype in _NARROW and not bool(torch.isfinite(out).all()):
-                raise InvalidParameterError(
-                    f"output {name}: the solution's values do not fit {out.dtype} (largest "
-                    f"finite value {torch.finfo(out.dtype).max:g}); pass float32 or float64 "
-                    "inputs"
-                )
-        return outputs
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.layer, ctx.problems = inputs[0], inputs[1]
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        layer, problems = ctx.layer, ctx.problems
-        needs = ctx.needs_input_grad[2:]
-        if not any(needs):
-            return (None, None) + (None,) * len(needs)
-        if torch.is_grad_enabled():
-            raise UnsupportedError(
-                "the layer's backward cannot be differentiated again (create_graph=True: a "
-                "gradient penalty, a Hessian-vector product): its gradient is a finite "
-                "difference of solutions, not a differentiable function; call backward "
-                "without create_graph, or detach what goes into the penalty"
-            )
-        c, c_dual = layer._upstream(problems, grad_outputs)
-        grads = layer.data_gradients(problems, problems.sols, c, c_dual)
-        out = layer._input_gradients(problems, grads, needs)
-        names = layer._input_names(problems)
-        for name, value in zip(names, out):
-            if value is None:
-                continue
-            data = value._values() if value.layout == torch.sparse_coo else value
-            if value.layout in (torch.sparse_csr, torch.sparse_csc):
-                data = value.values()
-            if not bool(torch.isfinite(data).all()):
-                raise SolverError(
-                    f"the gradient of {name} overflows (Inf or NaN): the data's magnitudes "
-                    "are too large for float64 arithmetic",
-                    backend=layer.backend.name,
-                )
-        return (None, None) + tuple(out)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        raise UnsupportedError(
-            "torch.func transforms that batch a call (vmap, jacrev, jacfwd) are not "
-            "supported by ffo layers; pass the batch as a leading dimension instead"
-        )
 
 
 __all__ = ["BACKWARD_CHUNK_BYTES", "GHOST_FALLBACKS", "SolverLayer", "backward_chunks"]
