@@ -7,7 +7,7 @@
 Runs ``benchmarks.paper.sudoku``, ``benchmarks.paper.dfl`` and ``benchmarks.paper.scaling``
 with their defaults (the full runs), then redraws the figures (into ``--img`` if given) and
 prints the table of final numbers.  ``--methods`` is passed on to all three.  For qpth, put
-it on ``PYTHONPATH`` first (docs/benchmarks.md, "qpth installation note"); without it qpth
+it on ``PYTHONPATH`` first (docs/benchmarks.md, section "qpth"); without it qpth
 is skipped and the reason recorded.
 """
 

@@ -206,7 +206,7 @@ def train_run(spec: dict) -> dict:
     last = epoch_row(0, [], 0, 0.0, 0.0, 0, 0)
     for epoch in range(1, spec["epochs"] + 1):
         perm = order.permutation(n_train)
-        losses, step_rows = [], []
+        losses = []
         wrong = failed = steps = 0
         fwd_sum = bwd_sum = 0.0
         for k in range(per_epoch):
@@ -243,10 +243,10 @@ def train_run(spec: dict) -> dict:
                 row.update(failed=1, error=f"{type(exc).__name__}: {msg}", fwd_s=fwd, bwd_s=bwd)
             steps += 1
             steps_done += 1
-            step_rows.append({k2: _fmt(v) for k2, v in row.items()})
+            # written at once: a run killed in a later step keeps the steps it made
+            _append(out / f"{tag}_steps.csv", STEP_FIELDS, [{k2: _fmt(v) for k2, v in row.items()}])
             bar.update(1)
             bar.set_postfix(failed=failed_total + failed)
-        _append(out / f"{tag}_steps.csv", STEP_FIELDS, step_rows)
         failed_total += failed
         if steps:
             last = epoch_row(epoch, losses, wrong, fwd_sum, bwd_sum, steps, failed)

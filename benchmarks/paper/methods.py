@@ -121,8 +121,8 @@ def _qpth_check() -> str | None:
         import qpth.qp  # noqa: F401
     except ImportError as exc:
         return (
-            f"qpth is not importable ({exc}); install it as docs/benchmarks.md's "
-            "'qpth installation note' says and put it on PYTHONPATH"
+            f"qpth is not importable ({exc}); build it into a folder on PYTHONPATH as "
+            "docs/benchmarks.md (section 'qpth') says"
         )
     return None
 

@@ -127,6 +127,7 @@ def plot_curves(out: str | Path, tag: str, img: str | Path | None = None) -> Pat
                 ax.bar(k + 0.2, bwd, 0.4, color=color, alpha=0.45, hatch="//")
         for j in range(2):
             ax = axes[i][j]
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylab[j])
             ax.set_title(f"{tag} {label}: {ylab[j].split(' (')[0]}")
@@ -218,9 +219,10 @@ def plot_scaling(out: str | Path, tag: str = "scaling", img: str | Path | None =
         ax.set_ylabel(f"{what} seconds per training step (median)")
         ax.set_title(f"{what} time against size (hollow: run did not finish)")
         ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # one legend below both panels, clear of the points
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3) + 0.02, 1, 1))
     path = Path(img or out) / f"{tag}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -242,8 +244,11 @@ def table(out: str | Path) -> str:
             continue
         times = step_times(out, tag)
         groups = defaultdict(list)
+        labels = {}  # a skipped run has no label of its own: take its size's
         for r in runs:
             groups[(int(r["size"]), r["method"])].append(r)
+            if r.get("label"):
+                labels[int(r["size"])] = r["label"]
         for (size, m), rs in sorted(groups.items(), key=lambda kv: kv[0][0]):
 
             def span(col, rs=rs):
@@ -257,7 +262,7 @@ def table(out: str | Path) -> str:
             ok = sum(r["status"] == "ok" for r in rs)
             fails = ", ".join(r.get("failed_steps") or "-" for r in rs)
             statuses = sorted({r["status"] for r in rs if r["status"] != "ok"})
-            label = rs[0].get("label") or size
+            label = rs[0].get("label") or labels.get(size, size)
             lines.append(
                 f"| {tag} | {label} | {m} | {ok}/{len(rs)} | {span('final_train_loss')} | "
                 f"{span('final_test_error')} | {t.get('fwd', math.nan):.3g} | "
