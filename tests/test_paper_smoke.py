@@ -72,6 +72,10 @@ def test_dfl_smoke(tmp_path):
     assert dfl.main(["--smoke", "--out", str(tmp_path)]) == 0
     check_runs(tmp_path, "dfl")
     same_start(tmp_path, "dfl", first_step_rtol=1e-3)
+    for r in rows(tmp_path / "dfl_epochs.csv"):
+        # regret against the best feasible decision: nonnegative, and below mean(c) < 1
+        assert 0.0 <= float(r["test_error"]) < 1.0
+        assert float(r["test_error"]) - float(r["test_loss"]) > 0.4  # mean(c), c ~ U[0, 1)
     assert (tmp_path / "dfl.png").stat().st_size > 10_000
 
 

@@ -20,9 +20,9 @@ import time
 from . import dfl, plots, scaling, sudoku
 from .common import DEFAULT_OUT
 
-#: wall-clock minutes of each full run, measured on the project's shared 2-core machine
+#: wall-clock minutes of each full run on the project's shared, loaded 2-core machine
 #: (docs/paper.md, "Cost of the full run"); most of it is qpth and CvxpyLayer
-EXPECTED_MINUTES = {"sudoku": 75, "dfl": 150, "scaling": 45}
+EXPECTED_MINUTES = {"sudoku": 130, "dfl": 100, "scaling": 40}
 
 
 def main(argv=None) -> int:
@@ -41,8 +41,8 @@ def main(argv=None) -> int:
         total = sum(EXPECTED_MINUTES.values())
         parts = ", ".join(f"{k} ~{v} min" for k, v in EXPECTED_MINUTES.items())
         print(
-            f"expected duration of the full run: about {total / 60:.1f} h on a 2-core machine "
-            f"({parts}); less on a faster one",
+            f"expected duration of the full run: about {total / 60:.1f} h on a loaded 2-core "
+            f"machine ({parts}); less on a faster or quieter one",
             flush=True,
         )
     start = time.time()

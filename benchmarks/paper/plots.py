@@ -3,15 +3,19 @@
     python -m benchmarks.paper.plots                       # every figure under bench_out/paper
     python -m benchmarks.paper.plots --out DIR --img docs/img/paper --table
 
-* ``{tag}.png`` for a training experiment (``sudoku``, ``dfl``): training loss and test
-  error against the epoch, the line the mean over seeds and the band their minimum to
-  maximum (the shape of the paper's Fig. 2), and the mean forward and backward seconds of a
-  training step; one row of panels per size.
+* ``{tag}.png`` for a training experiment (``sudoku``, ``dfl``): the training loss step by
+  step (averaged over a tenth of an epoch) and the test error after each epoch, the line
+  the mean over seeds and the band their minimum to maximum (the shape of the paper's
+  Fig. 2), and the mean forward and backward seconds of a training step; one row of panels
+  per size.
 * ``scaling.png``: median forward and backward seconds of a training step against the
   problem size, one line per method (the shape of the paper's Fig. 3); a hollow marker is a
   size where the method did not finish its run (its completed steps' median), and the
   legend says from which size on a method did not finish.
-* ``--table``: the final numbers of every experiment as a Markdown table (printed).
+* ``--table``: the final numbers of every experiment as a Markdown table (printed): per
+  size and method, the final training loss and test error (mean over seeds, and their
+  range), the mean test error over the last quarter of the epochs, the median forward and
+  backward seconds of a step, and the failed steps of each run.
 
 Nothing here runs a solver: the figures are functions of the CSV files alone.
 """
@@ -77,6 +81,40 @@ def _methods(rows) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows))
 
 
+def _step_losses(out: Path, tag: str) -> dict:
+    """(method, size) -> {seed: [loss of each step, NaN for a failed one]}."""
+    res: dict = defaultdict(lambda: defaultdict(list))
+    for r in _read(out / f"{tag}_steps.csv"):
+        res[(r["method"], int(r["size"]))][r["seed"]].append(_num(r["loss"]))
+    return res
+
+
+def _loss_curve(ax, by_seed: dict, per_epoch: int, color, ls, name) -> None:
+    """Training loss against the epoch, step by step: each seed's losses averaged over a
+    window of a tenth of an epoch (failed steps left out), then the mean over seeds as the
+    line and their minimum to maximum as the band."""
+    import numpy as np
+
+    if not by_seed:
+        return
+    w = max(1, per_epoch // 10)
+    curves = []
+    for losses in by_seed.values():
+        v = np.asarray(losses, dtype=float)
+        ok = ~np.isnan(v)
+        num = np.convolve(np.where(ok, v, 0.0), np.ones(w), "valid")
+        den = np.convolve(ok.astype(float), np.ones(w), "valid")
+        curves.append(np.where(den > 0, num / np.maximum(den, 1), np.nan))
+    length = min(len(c) for c in curves)
+    if length == 0:
+        return
+    stack = np.array([c[:length] for c in curves])
+    x = (np.arange(length) + w) / per_epoch
+    ax.plot(x, np.nanmean(stack, 0), color=color, ls=ls, lw=1.2, label=name)
+    if len(stack) > 1:
+        ax.fill_between(x, np.nanmin(stack, 0), np.nanmax(stack, 0), color=color, alpha=0.15)
+
+
 def plot_curves(out: str | Path, tag: str, img: str | Path | None = None) -> Path:
     """``{tag}.png`` from ``{tag}_epochs.csv`` (see the module docstring)."""
     out = Path(out)
@@ -86,9 +124,11 @@ def plot_curves(out: str | Path, tag: str, img: str | Path | None = None) -> Pat
     sizes = sorted({int(r["size"]) for r in rows}) or [0]
     fig, axes = plt.subplots(len(sizes), 3, figsize=(15, 4.2 * len(sizes)), squeeze=False)
     ylab = YLABEL.get(tag, ("training loss", "test error"))
+    step_losses = _step_losses(out, tag)
     for i, size in enumerate(sizes):
         sub = [r for r in rows if int(r["size"]) == size]
         label = sub[0]["label"] if sub else ""
+        per_epoch = max([int(r["steps"]) for r in sub if r["epoch"] == "1"] or [1])
         methods = _methods(sub)
         for k, m in enumerate(methods):
             color, ls = _style(m, k)
@@ -98,16 +138,15 @@ def plot_curves(out: str | Path, tag: str, img: str | Path | None = None) -> Pat
                 if r["method"] == m and r["size"] == str(size)
             )
             name = m + (f" ({fails} failed steps)" if fails else "")
-            for j, col in enumerate(("train_loss", "test_error")):
-                by_epoch = defaultdict(list)
-                for r in sub:
-                    if r["method"] == m and not math.isnan(_num(r[col])):
-                        by_epoch[int(r["epoch"])].append(_num(r[col]))
-                if not by_epoch:
-                    continue
+            _loss_curve(axes[i][0], step_losses.get((m, size), {}), per_epoch, color, ls, name)
+            by_epoch = defaultdict(list)
+            for r in sub:
+                if r["method"] == m and not math.isnan(_num(r["test_error"])):
+                    by_epoch[int(r["epoch"])].append(_num(r["test_error"]))
+            if by_epoch:
                 ep = sorted(by_epoch)
                 mean = [statistics.fmean(by_epoch[e]) for e in ep]
-                ax = axes[i][j]
+                ax = axes[i][1]
                 ax.plot(ep, mean, color=color, ls=ls, marker="o", ms=3, label=name)
                 if max(len(v) for v in by_epoch.values()) > 1:
                     ax.fill_between(
@@ -132,7 +171,8 @@ def plot_curves(out: str | Path, tag: str, img: str | Path | None = None) -> Pat
             ax.set_ylabel(ylab[j])
             ax.set_title(f"{tag} {label}: {ylab[j].split(' (')[0]}")
             ax.grid(True, alpha=0.3)
-            if j == 0 and ax.lines and tag == "sudoku":
+            # log scales where the values span decades: Sudoku's loss, DFL's regret
+            if ax.lines and (tag == "sudoku") == (j == 0):
                 ax.set_yscale("log")
             if ax.lines:
                 ax.legend(fontsize=8)
@@ -230,19 +270,37 @@ def plot_scaling(out: str | Path, tag: str = "scaling", img: str | Path | None =
     return path
 
 
+def _late_errors(rows: list[dict]) -> dict:
+    """(size, method) -> mean test error over the last quarter of the epochs and the seeds
+    (less noisy than the last epoch alone), as text."""
+    vals: dict = defaultdict(dict)
+    for r in rows:
+        if int(r["epoch"]) > 0 and not math.isnan(_num(r["test_error"])):
+            vals[(int(r["size"]), r["method"])][(r["seed"], int(r["epoch"]))] = _num(
+                r["test_error"]
+            )
+    res = {}
+    for key, v in vals.items():
+        last = max(e for _, e in v)
+        pick = [x for (_, e), x in v.items() if e > 0.75 * last]
+        res[key] = f"{statistics.fmean(pick):.4g}"
+    return res
+
+
 def table(out: str | Path) -> str:
     """The final numbers of every experiment found under ``out``, as Markdown."""
     out = Path(out)
     lines = [
         "| experiment | size | method | runs ok | final train loss | final test error | "
-        "fwd s/step | bwd s/step | failed steps (per run) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "test error, last quarter | fwd s/step | bwd s/step | failed steps (per run) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for tag in ("sudoku", "dfl", "scaling"):
         runs = _read(out / f"{tag}_runs.csv")
         if not runs:
             continue
         times = step_times(out, tag)
+        late = _late_errors(_read(out / f"{tag}_epochs.csv"))
         groups = defaultdict(list)
         labels = {}  # a skipped run has no label of its own: take its size's
         for r in runs:
@@ -265,7 +323,8 @@ def table(out: str | Path) -> str:
             label = rs[0].get("label") or labels.get(size, size)
             lines.append(
                 f"| {tag} | {label} | {m} | {ok}/{len(rs)} | {span('final_train_loss')} | "
-                f"{span('final_test_error')} | {t.get('fwd', math.nan):.3g} | "
+                f"{span('final_test_error')} | {late.get((size, m), '-')} | "
+                f"{t.get('fwd', math.nan):.3g} | "
                 f"{t.get('bwd', math.nan):.3g} | {fails} | {'; '.join(statuses) or 'ok'} |"
             )
     return "\n".join(lines)
