@@ -317,6 +317,11 @@ def table(out: str | Path) -> str:
                 return f"{mean:.4g}" + (f" ({min(v):.4g}-{max(v):.4g})" if len(v) > 1 else "")
 
             t = times.get((m, size), {})
+
+            def sec(col, t=t):
+                v = t.get(col, math.nan)
+                return "-" if math.isnan(v) else f"{v:.3g}"
+
             ok = sum(r["status"] == "ok" for r in rs)
             fails = ", ".join(r.get("failed_steps") or "-" for r in rs)
             statuses = sorted({r["status"] for r in rs if r["status"] != "ok"})
@@ -324,8 +329,7 @@ def table(out: str | Path) -> str:
             lines.append(
                 f"| {tag} | {label} | {m} | {ok}/{len(rs)} | {span('final_train_loss')} | "
                 f"{span('final_test_error')} | {late.get((size, m), '-')} | "
-                f"{t.get('fwd', math.nan):.3g} | "
-                f"{t.get('bwd', math.nan):.3g} | {fails} | {'; '.join(statuses) or 'ok'} |"
+                f"{sec('fwd')} | {sec('bwd')} | {fails} | {'; '.join(statuses) or 'ok'} |"
             )
     return "\n".join(lines)
 
