@@ -133,9 +133,9 @@ class Metric:
         return f"{self.name} {self.value:.1e} (<= {self.tol:.0e})"
 
     def to_dict(self) -> dict:
-        value = self.value
-        if value is not None and not math.isfinite(value):
-            value = str(value)  # JSON has no inf/nan
+        value: float | str | None = self.value
+        if self.value is not None and not math.isfinite(self.value):
+            value = str(self.value)  # JSON has no inf/nan
         return {
             "name": self.name,
             "value": value,
@@ -275,7 +275,7 @@ def compare_gradients(
     """Per block ``(rel, cos)``; ``cos`` None where the reference block is ~0."""
     total = math.sqrt(sum(float(np.sum(np.square(r))) for r in ref.values()))
     floor = max(T.GRAD_BLOCK_FLOOR * total, 1e-300)
-    out = {}
+    out: dict[str, tuple[float, float | None]] = {}
     for name, r in ref.items():
         r = np.asarray(r, float).ravel()
         t = np.asarray(test[name], float).ravel()
@@ -405,7 +405,7 @@ class InstanceRun:
             check_shapes(smp, sol)
         return sols
 
-    def solution_metrics(self) -> list[Metric]:
+    def solution_metrics(self) -> tuple[list[Metric], str]:
         """The solution check's measures (cached: the gradient checks' advice reads them)."""
         return self._cached("solution_metrics", lambda: _solution_metrics(self))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,9 @@ class InputsModified(Exception):
 @dataclass
 class _Item:
     label: str
-    array: np.ndarray  # the caller's array (written back on a change)
-    copy: np.ndarray
+    # a NumPy array or a torch tensor, told apart by duck typing (``detach``)
+    array: Any  # the caller's array (written back on a change)
+    copy: Any
 
 
 def _arrays(label: str, value) -> list[tuple[str, np.ndarray]]:

@@ -279,6 +279,7 @@ def main() -> None:
     faulthandler.enable(file=sys.stderr, all_threads=True)
     inp = sys.stdin.fileno()
     state = None
+    answer: tuple[str, object]  # ("ok", result) or ("error", message)
     while True:
         try:
             op, arg = _read(inp)

@@ -30,8 +30,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # imported lazily: loading the plugin stays cheap
+    from .runner import Suite
+    from .zoo import Instance
 
 FIXTURE = "ffo_conformance_case"
 
@@ -42,8 +47,8 @@ _SUITES: dict[tuple, object] = {}  # one Suite per (backend, classes, checks, se
 class Case:
     """One (instance, check) of a suite: ``check()`` runs it and skips/asserts."""
 
-    suite: object
-    instance: object
+    suite: Suite
+    instance: Instance
     check_name: str
     strict: bool = False
 

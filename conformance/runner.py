@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ffo_core.config import SolverConfig, parse_config
 from ffo_core.errors import ConfigError
+from ffo_core.protocol import Capabilities
 from ffo_core.registry import available_backends, get_backend
 
 from . import tolerances as T
@@ -467,7 +468,7 @@ class Report:
     spec: str
     backend: str
     version: str | None
-    capabilities: object
+    capabilities: Capabilities
     reference: str
     seed: int
     classes: list[str] | None
@@ -488,7 +489,7 @@ class Report:
         return self.count("pass") > 0 and not any(r.failed for r in self.results)
 
     def table(self) -> str:
-        by = {}
+        by: dict[tuple[str, str], list[CheckResult]] = {}
         for r in self.results:
             by.setdefault((r.group, r.check), []).append(r)
         header = ["group"] + self.checks

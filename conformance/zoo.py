@@ -193,7 +193,8 @@ def constructed(
     so that the feasible set is bounded and every tilt of a linear objective (the checks'
     perturbations) keeps the problem bounded.
     """
-    s_parts, l_parts = [], []
+    s_parts: list[np.ndarray | list[float]] = []
+    l_parts: list[np.ndarray | list[float]] = []
     for role in nonneg:
         s_i, l_i = {
             "A": (0.0, rng.uniform(0.5, 1.5)),

@@ -168,12 +168,10 @@ class Data:
 
     def take(self, idx: torch.Tensor) -> Data:
         """The samples ``idx`` (shared tensors stay shared)."""
-        return Data(
-            int(idx.numel()),
-            *(None if t is None else _take(t, idx) for t in (self.P, self.q, self.A, self.b)),
-            _take(self.G, idx),
-            _take(self.h, idx),
+        P, q, A, b = (
+            None if t is None else _take(t, idx) for t in (self.P, self.q, self.A, self.b)
         )
+        return Data(int(idx.numel()), P, q, A, b, _take(self.G, idx), _take(self.h, idx))
 
 
 @dataclass
@@ -610,7 +608,8 @@ class KKT:
         B, n, p, m = d.shape[0], sc.n, sc.p, sc.m
         reg = self.reg = opts.reg
         self.sc, self.d, self.W, self.opts, self.prox = sc, d, W, opts, prox
-        self.k, self.dE, self.fallback = 0, d, None
+        self.k, self.dE = 0, d
+        self.fallback: KKT | None = None
         if sc.Pdiag is not None and sc.schur_ok and not force_lu:
             single = sc.mg * ~sc.gtdg.multi if m else sc.mg
             self.dE = d * single if m else d

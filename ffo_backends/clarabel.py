@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -87,6 +87,9 @@ from ffo_core.protocol import (
     SolveInfo,
     Status,
 )
+
+if TYPE_CHECKING:  # imported lazily at run time
+    import clarabel
 
 #: Clarabel's ``SolverStatus`` names -> protocol status.
 STATUS_MAP = {
@@ -328,7 +331,7 @@ class _Kept(NamedTuple):
     """A solver kept with the exact problem objects it was set up for.  It lives as long
     as the Solution that holds it: the engine drops a ghost's after its last solve."""
 
-    solver: object
+    solver: clarabel.DefaultSolver
     g: Objective
     h: ConeConstraints
     e: Equalities

@@ -74,7 +74,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -244,7 +244,8 @@ class EcosBackend(BackendBase):
                 "ECOS has no time limit; bound its work with max_iters "
                 '(e.g. "ecos:max_iters=50") or choose another backend'
             )
-        return super().with_settings(**settings)
+        # BackendBase.with_settings returns type(self)(...): an EcosBackend here
+        return cast(EcosBackend, super().with_settings(**settings))
 
     # -- the epigraph of a quadratic objective -------------------------------------------
     def _factor(self, P):

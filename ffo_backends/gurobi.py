@@ -370,7 +370,10 @@ class GurobiBackend(BackendBase):
             for head, d in zip(heads, soc):
                 Q = sp.diags(np.r_[-1.0, np.ones(d - 1)], format="csr")
                 block = w[int(head) : int(head) + int(d)]
-                model.addMQConstr(Q, None, GRB.LESS_EQUAL, 0.0, block, block)
+                # gurobipy's stub lacks addMQConstr's rhs parameter and types Q as an
+                # ndarray; the compiled method takes (Q, c, sense, rhs, xQ_L, xQ_R) with
+                # Q "a NumPy ndarray or SciPy.sparse matrix" (its signature and docstring)
+                model.addMQConstr(Q, None, GRB.LESS_EQUAL, 0.0, block, block)  # type: ignore[call-overload]
             model.setParam("QCPDual", 1)
         for key, value in (SOC_DEFAULTS if soc else LINEAR_DEFAULTS).items():
             if key not in self.settings:

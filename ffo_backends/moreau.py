@@ -529,7 +529,7 @@ def _pattern_copies(batch: ProblemBatch) -> tuple:
         if pat is None:
             return None
         return SparsePattern(
-            tuple(pat.shape), pat.indices.copy(), pat.indptr.copy(), pat.cols.copy()
+            (pat.shape[0], pat.shape[1]), pat.indices.copy(), pat.indptr.copy(), pat.cols.copy()
         )
 
     return copy(batch.P), copy(batch.A), copy(batch.G)

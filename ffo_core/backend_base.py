@@ -524,7 +524,8 @@ class BackendBase:
     """
 
     name: ClassVar[str] = ""
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    # the class's; an instance may narrow it (a size-limited licence, the solver chosen)
+    capabilities: Capabilities = Capabilities()
     package: ClassVar[str] = ""
     distribution: ClassVar[str] = ""
 

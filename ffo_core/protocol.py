@@ -411,8 +411,13 @@ class Backend(Protocol):
     ``solve``.
     """
 
-    name: str
-    capabilities: Capabilities
+    # read-only members: a class attribute, an instance attribute or a property (a
+    # wrapper's) all qualify
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
 
     def solve(
         self,

@@ -76,8 +76,8 @@ class DenseQP:
         def pick(t):
             return t if t.shape[0] == 1 else t[idx]
 
-        sub = DenseQP(*(pick(t) for t in (self.Q, self.q, self.G, self.h, self.A, self.b)),
-                      batch=int(idx.numel()))  # fmt: skip
+        Q, q, G, h, A, b = (pick(t) for t in (self.Q, self.q, self.G, self.h, self.A, self.b))
+        sub = DenseQP(Q, q, G, h, A, b, batch=int(idx.numel()))
         if self.Q.shape[0] == 1:
             sub._P = self._P
         return sub

@@ -614,7 +614,8 @@ class _Pool:
         """Solve one problem on an actor; retry on another when the actor is lost."""
         run: _Run | None = getattr(_CURRENT, "run", None)
         index = getattr(_CURRENT, "index", None)
-        tries, rounds, lost, exclude = 0, 0, [], set()
+        tries, rounds, lost = 0, 0, []
+        exclude: set[int] = set()
         use_kept = token is not None and token.pool is self
         while True:
             if run is not None and run.cancelled.is_set():
@@ -742,10 +743,10 @@ class _Pool:
         arrays = (sol.primal, sol.eq_dual, sol.ineq_dual, sol.slack)
         with self.lock:
             self.counts["bytes_received"] += sum(_nbytes(a) for a in arrays if a is not None)
-        writable = [
+        primal, eq_dual, ineq_dual, slack = (
             a if a is None or not isinstance(a, np.ndarray) or a.flags.writeable else a.copy()
             for a in arrays
-        ]
+        )
         extra = dict(sol.info.extra)
         if kept_id is not None:
             if token is not None:
@@ -759,7 +760,7 @@ class _Pool:
             sol.info.iterations, sol.info.solve_time, sol.info.accuracy,
             sol.info.raw_status, extra,
         )  # fmt: skip
-        return Solution(sol.status, *writable, info)
+        return Solution(sol.status, primal, eq_dual, ineq_dual, slack, info)
 
     def _raise(self, reply, slot: _Slot, spec: BackendSpec) -> bool:
         """Raise the exception of an ``"error"`` reply; False (no raise) when it says the
