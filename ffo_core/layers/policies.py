@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -40,6 +41,16 @@ class FailurePolicies:
     """The fallback policy and the health check of a layer (attributes set by
     :class:`~ffo_core.layers.runtime.SolverLayer`: ``backend``, ``options``,
     ``ghost_fallback``, ``check_threshold``, ``check_rel_tol``, ``health_log``)."""
+
+    backend: Any
+    options: FFOOptions
+    ghost_fallback: str
+    check_threshold: float
+    check_rel_tol: float | None
+    health_log: deque
+
+    def _parameter_vector(self, problems, data_gradient: np.ndarray) -> np.ndarray:
+        return data_gradient
 
     def _finite(self, i: int, grad: DataGradient) -> DataGradient | GhostProblemError:
         """``grad``, or the error that says it is not finite (a ghost solution too far
