@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -436,6 +437,10 @@ def _caps_dict(caps) -> dict:
     }
 
 
+#: Widest line of the report's tables and text (characters).
+TABLE_WIDTH = 100
+
+
 def _cell(results: list[CheckResult]) -> tuple[str, str]:
     """(outcome word, measured/tolerance) of one group x check cell."""
     if not results:
@@ -492,29 +497,43 @@ class Report:
         by: dict[tuple[str, str], list[CheckResult]] = {}
         for r in self.results:
             by.setdefault((r.group, r.check), []).append(r)
-        header = ["group"] + self.checks
-        rows = []
-        for group in self.groups:
-            row = [group]
-            for check in self.checks:
-                word, measured = _cell(by.get((group, check), []))
-                row.append(f"{word} {measured}".strip())
-            rows.append(row)
-        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(),
-            "  ".join("-" * w for w in widths),
-        ]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        return "\n".join(lines)
+        cells = {
+            (group, check): " ".join(_cell(by.get((group, check), []))).strip()
+            for group in self.groups
+            for check in self.checks
+        }
+        group_width = max([len("group")] + [len(g) for g in self.groups])
+        width_of = {
+            check: max([len(check)] + [len(cells[(g, check)]) for g in self.groups])
+            for check in self.checks
+        }
+        # the checks in blocks of at most TABLE_WIDTH characters, each a table of its own
+        blocks: list[list[str]] = [[]]
+        used = group_width
+        for check in self.checks:
+            if blocks[-1] and used + 2 + width_of[check] > TABLE_WIDTH:
+                blocks.append([])
+                used = group_width
+            blocks[-1].append(check)
+            used += 2 + width_of[check]
+        out = []
+        for block in blocks:
+            widths = [group_width] + [width_of[c] for c in block]
+            rows = [["group", *block]] + [[g, *(cells[(g, c)] for c in block)] for g in self.groups]
+            lines = ["  ".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip(),
+                     "  ".join("-" * w for w in widths)]  # fmt: skip
+            lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows[1:]]
+            out.append("\n".join(lines))
+        return "\n\n".join(out)
 
     def text(self) -> str:
         caps = self.capabilities
         cones = ",".join(c for c in ("zero", "nonneg", "soc", "exp", "psd") if c in caps.cones)
         out = [
             f"ffo conformance: backend {self.spec!r} ({self.backend}"
-            f"{' ' + self.version if self.version else ''}); cones {cones}; quadratic "
-            f"{'yes' if caps.quadratic_objective else 'no'}; warm start "
+            f"{' ' + self.version if self.version else ''})",
+            f"capabilities: cones {cones}; quadratic "
+            f"{'yes' if caps.quadratic_objective else 'no'};\n  warm start "
             f"{'yes' if caps.warm_start else 'no'}; thread safe "
             f"{'yes' if getattr(caps, 'thread_safe', False) else 'no'}; solve_batch "
             f"{'yes' if self.has_solve_batch else 'no'}",
@@ -524,10 +543,13 @@ class Report:
             "",
             self.table(),
             "",
-            "cells: outcome, then the worst measure over the group's instances as "
-            "measured/tolerance (a/b) or measured>=bound; '·' not applicable; FAIL*: "
-            "the same FFO through the trusted reference solver fails too (an ffo_core "
-            "limitation, not this backend's fault; still a failure)",
+            textwrap.fill(
+                "cells: outcome, then the worst measure over the group's instances as "
+                "measured/tolerance (a/b) or measured>=bound; '·' not applicable; FAIL*: "
+                "the same FFO through the trusted reference solver fails too (an ffo_core "
+                "limitation, not this backend's fault; still a failure)",
+                TABLE_WIDTH,
+            ),
             "",
             "tolerances (conformance/tolerances.py):",
             T.describe(),
@@ -545,10 +567,14 @@ class Report:
             for reason, where in skipped.items():
                 names = sorted({w.split(":")[0] for w in where})
                 checks = sorted({w.split(":")[1] for w in where})
-                out.append(
-                    f"  {reason}\n    instances: {', '.join(names)}\n"
-                    f"    checks: {', '.join(checks)}"
-                )
+                out += [
+                    textwrap.fill(reason, TABLE_WIDTH, initial_indent="  ",
+                                  subsequent_indent="    "),
+                    textwrap.fill(", ".join(names), TABLE_WIDTH, initial_indent="    instances: ",
+                                  subsequent_indent="      "),
+                    textwrap.fill(", ".join(checks), TABLE_WIDTH, initial_indent="    checks: ",
+                                  subsequent_indent="      "),
+                ]  # fmt: skip
         verdict = "PASS" if self.passed else "FAIL"
         if not self.count("pass") and not bad:
             verdict += " (no check ran: everything was skipped)"

@@ -29,6 +29,7 @@ solver accuracy.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass
 
 
@@ -181,18 +182,15 @@ def describe() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(
+    notes = [
         f"repeated calls: relative difference <= {DETERMINISM:.0e} ({REPEATS} calls); "
         f"concurrent calls ({THREADS} threads x {THREAD_REPEATS} repeats) vs "
         f"sequential: <= max({DETERMINISM:.0e}, {THREAD_SPREAD_FACTOR:g} x the "
-        "sequential repeat spread)"
-    )
-    lines.append(
+        "sequential repeat spread)",
         f"gradient blocks: norms below {GRAD_BLOCK_FLOOR:.0e} x ||whole gradient|| "
-        "are measured against that floor, cosine not measured"
-    )
-    lines.append(
+        "are measured against that floor, cosine not measured",
         f"reference: Clarabel at tol 1e-12, must reach residual <= "
-        f"{REFERENCE_RESIDUAL:.0e}; gradients by KKT implicit differentiation"
-    )
+        f"{REFERENCE_RESIDUAL:.0e}; gradients by KKT implicit differentiation",
+    ]
+    lines += [textwrap.fill(note, 100, subsequent_indent="  ") for note in notes]
     return "\n".join(lines)
