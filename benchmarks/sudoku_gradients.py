@@ -66,7 +66,7 @@ def run(layer_name: str, steps: int, check_every: int, seed: int) -> tuple[list[
             cos = float(mine @ ref / (mine.norm() * ref.norm()))
             rel = float((mine - ref).norm() / ref.norm())
             rows.append({"layer": layer_name, "step": step, "cos": cos, "rel": rel,
-                         "loss": float(loss)})  # fmt: skip
+                         "loss": float(loss.detach())})  # fmt: skip
             opt.zero_grad()
             for p, g in zip(model.parameters(), _split(mine, model)):
                 p.grad = g
