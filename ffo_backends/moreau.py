@@ -567,6 +567,7 @@ class MoreauBackend(BackendBase):
     #: (:mod:`ffo_core.solver_args`)
     solver_arg_names: ClassVar[dict] = {
         "eps": ("tol_gap_abs", "tol_gap_rel", "tol_feas"),
+        "tol": ("tol_gap_abs", "tol_gap_rel", "tol_feas"),  # cvxpylayers' MOREAU key
         "max_iters": "max_iter",
     }
 

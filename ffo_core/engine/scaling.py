@@ -20,11 +20,11 @@ so that ``P^ = (alpha^2 / beta) P``, ``q^ = (alpha / beta) q``, ``A^ = D_A A``,
 
 (the Lagrangian of the scaled problem is the original one divided by beta, so these are
 exact: the scaled problem's KKT point maps to the original's).  ``D`` makes every row's
-Euclidean norm 1; ``alpha`` is the size of the right-hand sides in those units (or of
-the objective's minimiser when they are all zero); ``beta`` the size of the scaled
-objective's coefficients.  A problem that is already of order one (every factor within
-:data:`WELL_SCALED`) is passed through untouched, so well-scaled problems are solved
-exactly as before.
+Euclidean norm 1; ``alpha`` is the size of the right-hand sides in those units (that of
+the objective's unconstrained minimiser, ``max|q| / max|P|``, when they are zero up to
+rounding); ``beta`` the size of the scaled objective's coefficients.  A problem that is
+already of order one (every factor within :data:`WELL_SCALED`) is passed through
+untouched, so well-scaled problems are solved exactly as before.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from ..protocol import ConeConstraints, Equalities, Objective, Solution
 
 #: Factors within ``[1/WELL_SCALED, WELL_SCALED]`` leave the problem as it is.
 WELL_SCALED = 1e2
+#: Right-hand sides below this fraction of the objective's scale are rounding, not a size.
+RHS_NOISE = 1e-12
 #: ``alpha`` and ``beta`` are kept within ``[1/LIMIT, LIMIT]``.
 LIMIT = 1e12
 
@@ -78,12 +80,14 @@ class Scaling:
         )
         P_max = float(np.abs(g.P.data).max(initial=0.0)) if g.P is not None else 0.0
         q_max = float(np.abs(g.q).max(initial=0.0))
-        if rhs > 0:
+        # the size of y: the right-hand sides in unit-row units, unless they are zero up to
+        # rounding next to the unconstrained minimiser's size (a ghost's rows through a
+        # point on the boundary), which would shrink it to nothing
+        objective = q_max / P_max if P_max > 0 else 0.0
+        if rhs > RHS_NOISE * objective:
             alpha = rhs
-        elif P_max > 0 and q_max > 0:
-            alpha = q_max / P_max
         else:
-            alpha = 1.0
+            alpha = objective if objective > 0 else 1.0
         alpha = float(np.clip(alpha, 1 / LIMIT, LIMIT))
         beta = max(alpha * alpha * P_max, alpha * q_max)
         beta = float(np.clip(beta, 1 / LIMIT, LIMIT)) if beta > 0 else 1.0
