@@ -243,12 +243,12 @@ def child(spec: dict) -> dict:
             )
         return out
     if method.startswith("cvxpylayers"):
-        import cvxpy as cp
         from cvxpylayers.torch import CvxpyLayer
 
-        solver = cp.CLARABEL if method.endswith("clarabel") else None
+        # cvxpylayers-clarabel: diffcp with Clarabel as its cone solver (solve_method)
+        args = {"solve_method": "Clarabel"} if method.endswith("clarabel") else {}
         _, setup, fwd, bwd, fastest = _time_layer(
-            lambda: CvxpyLayer(prob, params, [y], solver=solver), tensors, reps, weights
+            lambda: CvxpyLayer(prob, params, [y], solver_args=args), tensors, reps, weights
         )
         return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb(), **fastest}
     if method == "qpth":
