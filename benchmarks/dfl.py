@@ -5,17 +5,21 @@
 ``--learn q``: only ``q`` is a parameter (the common training case); ``--learn all``: Q, q, G
 and h are all parameters (the paper's setup, dense parameter matrices).  Each (method, n) runs
 in a fresh subprocess under a time and memory cap; it records set-up (layer construction),
-forward and backward time (medians of ``--reps`` runs, batch ``--batch``), peak RSS, and for
-our methods the gradient's agreement with the exact KKT mode.  The bare solver (Clarabel
-called directly on the same forward problems, and on the ghost problems of the backward
-pass) is timed in the same run: ratios to these floors show the layer's own overhead.  The
-``ffo`` row's ratios are paired: the ``bare`` process alternates one step of the layer with
-the floors, repetition by repetition, and reports the median per-repetition ratio.
+forward and backward time (medians of ``--reps`` runs after warm-up calls, batch ``--batch``;
+the CSV also has the fastest run), peak RSS, and for our methods the gradient's agreement
+with the exact KKT mode.  The bare solver (Clarabel called directly on the same forward
+problems, and on the ghost problems of the backward pass) is timed in the same run: ratios
+to these floors show the layer's own overhead.  The ``ffo`` row's ratios are paired: the
+``bare`` process alternates one step of the layer (in one thread, like the floors) with the
+floors, repetition by repetition, and reports the median per-repetition ratio.
 
-    python -m benchmarks.dfl --n 100 500 1000 --learn q all --out docs/benchmarks
+    python -m benchmarks.dfl --n 100 500 1000 --learn q all              # -> bench_out/
+    python -m benchmarks.dfl ... --out docs/benchmarks/dfl              # the committed tables
 
 Methods: ffo, ffo-central, kkt (ours), cvxpylayers (diffcp, its default), cvxpylayers-clarabel,
-qpth (if importable), bare (the floors).  Prints a table, writes ``dfl.csv`` and ``dfl.png``.
+qpth (if importable), bare (the floors).  Prints a table, writes ``dfl.csv`` and ``dfl.png``
+into ``--out`` (default ``bench_out/``, not committed).  The CSV's ``load`` column is the
+machine's one-minute load average when the run ended (a shared machine slows every side).
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ def _step(layer, tensors, weights) -> tuple[float, float]:
 
 
 def _time_layer(make, tensors, reps: int, weights, warmup: int = 1):
+    """``(layer, setup, median forward, median backward, {fastest forward, backward})``."""
     t0 = time.perf_counter()
     layer = make()
     setup = time.perf_counter() - t0
@@ -108,44 +113,65 @@ def _time_layer(make, tensors, reps: int, weights, warmup: int = 1):
         if k >= warmup:
             fwd.append(f)
             bwd.append(b)
-    return layer, setup, statistics.median(fwd), statistics.median(bwd)
+    fastest = {"fwd_min": min(fwd), "bwd_min": min(bwd)}
+    return layer, setup, statistics.median(fwd), statistics.median(bwd), fastest
 
 
 def _bare(layer, tensors, reps: int, weights) -> dict:
     """Clarabel called directly: the forward problems, then the ghost problems.
 
-    Each repetition also times one step of ``layer`` just before the floors, and the
-    ratios ``paired_fwd``/``paired_bwd`` are medians of the per-repetition ratios: on a
-    shared machine a slow spell then slows both sides of a ratio, where medians taken in
-    different processes minutes apart differed by 1.7x for one row (1.92 vs 3.27)."""
+    The forward floor is one Clarabel solve of each sample's problem (the layer's forward
+    adds its checks, the data map and the polish on the active set).  The ghost floor is
+    one solve of each sample's ghost problem exactly as the backward hands it to the solver
+    (the locked rows, the perturbed linear term, the tighter settings of a ghost that keeps
+    a curved cone); a central difference solves it twice, the floor once.
+
+    ``layer`` runs its solves in one thread (``n_jobs=1``), as the floors do.  Each
+    repetition also times one step of ``layer`` just before the floors, and the ratios
+    ``paired_fwd``/``paired_bwd`` are medians of the per-repetition ratios: on a shared
+    machine a slow spell then slows both sides of a ratio (see docs/benchmarks.md,
+    Method)."""
     import clarabel
     import numpy as np
 
     from ffo_backends.clarabel import ClarabelBackend
-    from ffo_core.backend_base import prune, stack_rows
-    from ffo_core.engine import build_ghost, classify, without_stored_zeros
-    from ffo_core.layers.cvxpy_layer import _inspect_params
+    from ffo_core.engine import FFOOptions, build_ghost, classify
+    from ffo_core.engine.ffo_backward import plan
+    from ffo_core.engine.scaling import ScaledBackend
+    from ffo_core.layers.cvxpy_layer import _Call
+    from ffo_core.layers.parameters import inspect_params
+    from ffo_core.sparse_ops import prune, stack_rows
 
-    cp_ = layer.compiled
-    bound = layer._data(tensors, _inspect_params(cp_.params, tensors))
+    info = inspect_params(layer.compiled.user_params, tensors, layer._rules)
+    call = _Call(layer._data(tensors, info), info)
+    call.backend = ScaledBackend(layer.backend_for(None))
+    bound = call.bound
     samples = [bound.sample(i) for i in range(bound.batch)]
     # the numeric problems, as the layer hands them to the solver (stored zeros dropped)
-    numeric = [(g, *bound.nonzero(h, e)) for g, h, e in samples]
+    numeric = [call.solver_problem(i) for i in range(bound.batch)]
+    tight = ClarabelBackend.tight_settings
 
-    def native(g, h, e):  # the cheapest conversions we know, then Clarabel itself
+    def native(g, h, e, q=None, curved=False):  # the cheapest conversions we know
         st = clarabel.DefaultSettings()
         st.verbose = False
+        if curved:
+            for key, value in tight.items():
+                setattr(st, key, value)
         P = g.upper()  # P's triangle, formed once per call for a shared P, as ours
         A = stack_rows(prune(e.A), prune(h.G))
         cones = ClarabelBackend._cones(e, h)
-        return clarabel.DefaultSolver(P, g.q, A, np.r_[e.b, h.h], cones, st).solve()
+        q = g.q if q is None else q
+        return clarabel.DefaultSolver(P, q, A, np.r_[e.b, h.h], cones, st).solve()
 
-    sols = [layer.backend.solve(*s) for s in samples]
+    sols = layer.solve_all(call)  # the forward solutions, polished as the layer's are
+    c, _ = layer._upstream(call, (weights,))  # dloss/dy in the solver's variables
     ghosts = []
-    for (g, h, e), sol in zip(samples, sols):
-        # the ghost exactly as the backward pass hands it to the solver
-        gh, ge = build_ghost(g, *without_stored_zeros(h, e), classify(sol, h.dims, rhs=h.h))
-        ghosts.append((g, gh, ge))
+    for i, ((g, h, e), sol) in enumerate(zip(samples, sols)):
+        active = classify(sol, h.dims, rhs=h.h)
+        source = bound.ghost_source(h, e)
+        planned = plan(call.backend, g, h, e, sol, c[i], active, FFOOptions(), source)
+        gh, ge = build_ghost(source, active, planned.through())
+        ghosts.append((g, gh, ge, g.q + planned.delta * c[i], bool(active.kept.any())))
     fwd, ghost_t, ratio_f, ratio_b = [], [], [], []
     for _ in range(reps):
         ours_f, ours_b = _step(layer, tensors, weights)
@@ -153,8 +179,8 @@ def _bare(layer, tensors, reps: int, weights) -> dict:
         for s in numeric:
             native(*s)
         t1 = time.perf_counter()
-        for g, gh, ge in ghosts:
-            native(g, gh, ge)
+        for g, gh, ge, q, curved in ghosts:
+            native(g, gh, ge, q, curved)
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         ghost_t.append(t2 - t1)
@@ -163,6 +189,8 @@ def _bare(layer, tensors, reps: int, weights) -> dict:
     return {
         "fwd": statistics.median(fwd),
         "bwd": statistics.median(ghost_t),
+        "fwd_min": min(fwd),
+        "bwd_min": min(ghost_t),
         "paired_fwd": statistics.median(ratio_f),
         "paired_bwd": statistics.median(ratio_b),
     }
@@ -182,13 +210,16 @@ def child(spec: dict) -> dict:
     if method in ("ffo", "ffo-central", "kkt", "bare"):
         from ffo_core import FFOLayer
 
-        kw = {"ffo": {}, "ffo-central": {"central": True}, "kkt": {"backward": "kkt"}, "bare": {}}[
-            method
-        ]
-        layer, setup, fwd, bwd = _time_layer(
+        kw = {
+            "ffo": {},
+            "ffo-central": {"central": True},
+            "kkt": {"backward": "kkt"},
+            "bare": {"n_jobs": 1},  # one thread, as the floors
+        }[method]
+        layer, setup, fwd, bwd, fastest = _time_layer(
             lambda: FFOLayer(prob, params, [y], **kw), tensors, reps, weights, WARMUP["ours"]
         )
-        out.update(setup=setup, fwd=fwd, bwd=bwd, peak_mb=_peak_mb())
+        out.update(setup=setup, fwd=fwd, bwd=bwd, peak_mb=_peak_mb(), **fastest)
         if method == "bare":
             out.update(_bare(layer, tensors, reps, weights), setup=0.0)
         elif method != "kkt":
@@ -212,14 +243,14 @@ def child(spec: dict) -> dict:
             )
         return out
     if method.startswith("cvxpylayers"):
-        import cvxpy as cp
         from cvxpylayers.torch import CvxpyLayer
 
-        solver = cp.CLARABEL if method.endswith("clarabel") else None
-        _, setup, fwd, bwd = _time_layer(
-            lambda: CvxpyLayer(prob, params, [y], solver=solver), tensors, reps, weights
+        # cvxpylayers-clarabel: diffcp with Clarabel as its cone solver (solve_method)
+        args = {"solve_method": "Clarabel"} if method.endswith("clarabel") else {}
+        _, setup, fwd, bwd, fastest = _time_layer(
+            lambda: CvxpyLayer(prob, params, [y], solver_args=args), tensors, reps, weights
         )
-        return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb()}
+        return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb(), **fastest}
     if method == "qpth":
         from qpth.qp import QPFunction
 
@@ -243,8 +274,8 @@ def child(spec: dict) -> dict:
                     full[0], full[1], full[2], full[3] = ts
                 return (QPFunction(verbose=-1)(*full),)
 
-        _, setup, fwd, bwd = _time_layer(Wrap, tensors, reps, weights)
-        return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb()}
+        _, setup, fwd, bwd, fastest = _time_layer(Wrap, tensors, reps, weights)
+        return {**out, "setup": setup, "fwd": fwd, "bwd": bwd, "peak_mb": _peak_mb(), **fastest}
     raise ValueError(method)
 
 
@@ -275,13 +306,14 @@ def run_one(spec: dict, timeout: float, mem_mb: float) -> dict:
             why = (
                 f"killed: RSS > {mem_mb:.0f} MB" if peak > mem_mb else f"killed: > {timeout:.0f} s"
             )
-            return {"status": why, "peak_mb": peak}
+            return {"status": why, "peak_mb": peak, "load": round(os.getloadavg()[0], 2)}
         time.sleep(0.05)
     stdout, stderr = proc.communicate()
+    load = round(os.getloadavg()[0], 2)
     if proc.returncode != 0:
         last = (stderr.strip().splitlines() or ["?"])[-1]
-        return {"status": f"failed: {last[:120]}"}
-    return {"status": "ok", **json.loads(stdout.strip().splitlines()[-1])}
+        return {"status": f"failed: {last[:120]}", "load": load}
+    return {"status": "ok", **json.loads(stdout.strip().splitlines()[-1]), "load": load}
 
 
 def qpth_available() -> tuple[bool, str]:
@@ -382,12 +414,15 @@ def _report(rows: list[dict], out: Path, args) -> None:
         "fwd",
         "bwd",
         "total",
+        "fwd_min",
+        "bwd_min",
         "peak_mb",
         "ratio_cvxpylayers",
         "fwd_over_bare",
         "bwd_over_ghost",
         "cos",
         "rel",
+        "load",
     ]
     for r in rows:
         tot = (r.get("fwd") or 0) + (r.get("bwd") or 0) if r.get("status") == "ok" else None

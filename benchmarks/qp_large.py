@@ -16,7 +16,8 @@ as a qpth user would (G is (2n+1) x n).  Methods:
     qpth           qpth.QPFunction (batched dense PDIPM), if importable, n <= --qpth-max-n
     ffolayer       FFOLayer on the CVXPY problem 0.5*sum_squares(Q @ y) + q'y, G y <= h with
                    Q, q, G, h parameters (the paper's CvxpyLayer formulation), n <=
-                   --ffolayer-max-n (CVXPY's canonicalisation is the limit, see the issue)
+                   --ffolayer-max-n (CVXPY's canonicalisation is the limit: at n = 2000 it
+                   tries to allocate ~179 GiB)
 
 Every (method, n) runs in a fresh subprocess (so peak RSS is that run's own, read with
 ``resource.getrusage``) under a wall-clock timeout.  After a small warm-up solve (imports,
@@ -26,7 +27,8 @@ backward are reported.  Not a test; run it by hand:
     .venv/bin/python benchmarks/qp_large.py                      # n = 1000, 2000, 5000
     .venv/bin/python benchmarks/qp_large.py --n 1000 --methods ffoqp qpth --timeout 120
 
-It prints a table and writes ``docs/benchmarks/qp_large.csv``.
+It prints a table and writes ``bench_out/qp_large.csv`` (``--csv PATH`` elsewhere; the
+table in docs/qp_layer.md is ``--csv docs/benchmarks/qp_large/qp_large.csv``).
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per (method, n)")
     ap.add_argument("--qpth-max-n", type=int, default=1000)
     ap.add_argument("--ffolayer-max-n", type=int, default=1000)
-    ap.add_argument("--csv", default=str(ROOT / "docs" / "benchmarks" / "qp_large.csv"))
+    ap.add_argument("--csv", default=str(ROOT / "bench_out" / "qp_large.csv"))
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 

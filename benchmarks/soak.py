@@ -11,7 +11,8 @@ call passes a NaN (refused, InvalidParameterError), every 13th an infeasible sam
 
 Every ``--every`` calls it records the process's resident memory (psutil), the number of
 live threads (``threading.active_count()``), the number of objects the garbage collector
-tracks and the elapsed time, prints a table and writes ``docs/benchmarks/soak.csv``.  The
+tracks and the elapsed time, prints a table and writes ``bench_out/soak.csv`` (``--out
+PATH`` elsewhere; the table in docs/reliability.md is ``docs/benchmarks/soak/soak.csv``).  The
 summary compares the first sample after warm-up with the last, and fits a slope (MB per
 1000 calls) over the second half.
 
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         "--check-every", type=int, default=50, help="FFOLayer gradient health check period (0: off)"
     )
     ap.add_argument("--solver", default="clarabel")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "soak.csv"))
+    ap.add_argument("--out", default=str(ROOT / "bench_out" / "soak.csv"))
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     rows = run(

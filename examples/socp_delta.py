@@ -23,7 +23,8 @@ Big markers show the default delta (chosen from the backend's reported accuracy,
 for ``central=True`` -- which is also what the layer does with all defaults here, because
 the ghost keeps a curved cone block.
 
-Run:  python examples/socp_delta.py            (writes docs/img/socp_delta.png)
+Run:  python examples/socp_delta.py            (writes bench_out/socp_delta.png)
+      python examples/socp_delta.py --out docs/benchmarks/socp_delta/socp_delta.png  (docs/cones.md)
       python examples/socp_delta.py --sizes 10 50 --out /tmp/x.png
 """
 
@@ -42,7 +43,7 @@ import torch
 from ffo_core import FFOLayer, SolverError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_OUT = os.path.join(HERE, "..", "docs", "img", "socp_delta.png")
+DEFAULT_OUT = os.path.join(HERE, "..", "bench_out", "socp_delta.png")
 BACKENDS = {
     "Clarabel (default tol 1e-8)": "clarabel",
     "Clarabel (tol 1e-12)": "clarabel:tol_gap_abs=1e-12,tol_gap_rel=1e-12,tol_feas=1e-12,"
