@@ -41,7 +41,8 @@ machine more threads mostly measure the neighbours).  Not a test; run by hand:
 
 It prints the tables and writes ``dense.csv``, ``dfl.csv``, ``truncation.csv``,
 ``truncation_curve.csv``, ``truncation.png`` and ``times.png`` to ``--out``
-(default ``docs/benchmarks/altdiff``).
+(default ``bench_out/altdiff``; ``--out docs/benchmarks/altdiff`` refreshes the committed
+figures).
 """
 
 from __future__ import annotations
@@ -552,7 +553,7 @@ def main(argv=None) -> int:
     out = args.out or (
         Path(tempfile.mkdtemp(prefix="altdiff-smoke-"))
         if args.smoke
-        else ROOT / "docs" / "benchmarks" / "altdiff"
+        else ROOT / "bench_out" / "altdiff"
     )
     out.mkdir(parents=True, exist_ok=True)
     only = set(args.only or ("dense", "dfl", "truncation"))

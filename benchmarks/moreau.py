@@ -31,7 +31,7 @@ statuses).
 Moreau's own thread pool is limited to ``--threads`` (default 1, ``RAYON_NUM_THREADS``).
 
     python -m benchmarks.moreau                      # batch 8 and 128
-    python -m benchmarks.moreau --batch 8 128 1024 --out docs/benchmarks
+    python -m benchmarks.moreau --batch 8 128 1024 --out bench_out
 
 Prints a table and writes ``moreau.csv`` to ``--out``.
 """

@@ -73,10 +73,10 @@ Defaults and what they cost.  ``solver=auto`` passes ``ffo conformance moreau``,
 infeasibility and unboundedness; its LP/QP points are ~1e-8..1e-9 from exact.  The active
 set solves a QP with positive definite ``P`` exactly up to rounding (~1e-13 on the
 conformance zoo) and the engine's equality-constrained ghost problems in one iteration,
-and is the faster of the two on QPs with few active bounds (the Sudoku QP at batch 128:
-0.65 vs 0.94 ms per sample), but its cost grows with the number of active constraints: on
-the box QP ``-1 <= y <= 0`` at ``n = 200`` it takes 28 ms per sample against the IPM's 3.9
-(``benchmarks/moreau.py``; choose ``solver=ipm`` for such problems).  With a singular
+and is the faster of the two on QPs with few active bounds (the Sudoku QP), but its cost
+grows with the number of active constraints, so on a box QP with many active bounds the
+IPM is several times faster (``benchmarks/moreau.py`` and ``docs/backends.md`` have the
+figures; choose ``solver=ipm`` for such problems).  With a singular
 ``P`` (CVXPY writes ``sum_squares(F @ y)`` as ``1/2 t't`` on auxiliary variables
 ``t = F y``, so ``P`` has zero diagonal entries) its answers are only ~1e-7 accurate, hence
 the sharpened ``auto`` rule, which sends those problems to the IPM.  Moreau 0.4.1's active

@@ -93,8 +93,7 @@ def select_rows_batch(M: sp.csc_matrix, masks: np.ndarray) -> list[sp.csc_matrix
     The selection of the whole batch is a few elementwise operations on ``(batch, nnz)``
     arrays -- which entries each sample keeps, their running count (the new column
     pointers) and each kept row's new position -- so per sample only the ``csc_matrix``
-    constructor remains (about a third of scipy's row index per sample on the DFL QP at
-    n = 100).  The results share one data and one index array per slice of the batch
+    constructor remains.  The results share one data and one index array per slice of the batch
     (read-only, like every result of this module)."""
     masks = np.asarray(masks, dtype=bool)
     if not M.has_canonical_format:  # the results are flagged canonical below

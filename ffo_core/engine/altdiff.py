@@ -48,8 +48,8 @@ With the slack ``s >= 0`` (``Gx + s = h``) and the augmented Lagrangian
     lam+ = lam + rho (G x+ + s+ - h)  =  max(0, lam + rho (G x+ - h))  =  rho max(0, -v)
 
 ``H`` is factorised once (Cholesky; its inverse is formed from the factor, so an iteration
-is one batched matrix-vector product: on the CPU three to five times faster than the two
-triangular solves with the factor, and triangular solves are slower still on GPUs).
+is one batched matrix-vector product rather than two triangular solves, which batch
+poorly on CPUs and GPUs alike).
 ``s+`` and ``lam+`` are the positive and negative parts of one vector, so every iterate is
 exactly complementary with ``s, lam >= 0``, and at a fixed point ``Ax = b``,
 ``Gx + s = h``: a KKT point.  The stationarity residual of an iterate is

@@ -92,9 +92,10 @@ class _LayerFunction(torch.autograd.Function):
             if value.layout in (torch.sparse_csr, torch.sparse_csc):
                 data = value.values()
             if not bool(torch.isfinite(data).all()):
+                kind = str(value.dtype).removeprefix("torch.")
                 raise SolverError(
-                    f"the gradient of {name} overflows (Inf or NaN): the data's magnitudes "
-                    "are too large for float64 arithmetic",
+                    f"the gradient of {name} overflows (Inf or NaN) in {kind}: the data's "
+                    f"magnitudes are too large for {kind} arithmetic",
                     backend=layer.backend.name,
                 )
         return (None, None) + tuple(out)
