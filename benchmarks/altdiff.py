@@ -1,5 +1,7 @@
 """Benchmark: Alt-Diff beside the first-order (``ffo``) and exact (``kkt``) backward passes.
 
+Size: one benchmark script with its three experiments, their tables, CSVs and plots.
+
 Three experiments, after Sun et al., "Alternating Differentiation for Optimization Layers"
 (ICLR 2023):
 

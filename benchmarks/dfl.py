@@ -1,5 +1,8 @@
 """Benchmark: the paper's synthetic decision-focused-learning QP, FFOLayer against its peers.
 
+Size: one benchmark script: its methods, the child process that isolates each run, and
+the table, CSV and plot.
+
     minimize 1/2 ||Q y||^2 + q'y   s.t.  G y <= h     (Q = I, G y <= h is -1 <= y <= 0, 1'y <= 3)
 
 ``--learn q``: only ``q`` is a parameter (the common training case); ``--learn all``: Q, q, G

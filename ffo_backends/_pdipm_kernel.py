@@ -1,6 +1,10 @@
 """The batched interior-point kernel of the ``pdipm`` backend (torch, dense; see
 :mod:`ffo_backends.pdipm` for the user-facing description).
 
+Size: one algorithm (equilibration, the homogeneous embedding's Newton systems, the
+predictor-corrector step, termination and certificates) whose functions share the batch's
+tensors and invariants; it reads top to bottom, and split it would restate them per file.
+
 Imported lazily by :mod:`ffo_backends.pdipm` (it imports torch at module level).  Every
 function works on a whole batch: tensors have a leading batch dimension, where a leading 1
 means "shared by the batch" for data (never copied ``batch`` times) and iterates are always

@@ -1,5 +1,8 @@
 """CVXPY pass-through: any solver CVXPY can call, as a backend (``"cvxpy:OSQP"``, ...).
 
+Size: one adapter; it writes each protocol cone as CVXPY constraints and reads every
+cone's duals back, in the protocol's conventions, in one table-driven place.
+
 For solvers without a native adapter.  Each solve writes the protocol problem
 (:mod:`ffo_core.protocol`) as a small CVXPY problem and calls ``Problem.solve(solver=NAME)``:
 

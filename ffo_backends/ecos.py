@@ -1,5 +1,8 @@
 """ECOS adapter (interior point; LP, QP, SOCP, EXP; no PSD): ``ecos.solve``.
 
+Size: one adapter; ECOS has no quadratic objective, so a good part of it is the epigraph
+rewrite of a QP and its inverse on the answer, beside the conversions and status map.
+
 Native conventions and how they map to the protocol (:mod:`ffo_core.protocol`) -- applied in
 one place, :func:`ecos_data` on the way in and :meth:`EcosBackend._to_protocol` on the way out:
 

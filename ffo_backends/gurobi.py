@@ -1,5 +1,8 @@
 """GUROBI adapter (LP, QP, SOCP; no EXP, no PSD), through gurobipy's matrix API.
 
+Size: one adapter; its length is the documented conventions, the status map and settings as
+data, and the reading of duals with and without crossover, all in the one place they apply.
+
 Native conventions and how they map to the protocol (:mod:`ffo_core.protocol`) -- built in
 :meth:`GurobiBackend._build` and read back in :meth:`GurobiBackend._to_protocol`:
 

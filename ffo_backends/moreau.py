@@ -1,5 +1,9 @@
 """Moreau adapter (batched interior point and active-set QP; LP, QP, SOC, EXP, PSD).
 
+Size: one adapter.  Half of it is this docstring (Moreau's conventions and the failure
+modes the adapter guards against); the code is the conversions, the compiled-solver cache
+and the answer checks, which share the per-structure maps.
+
 `Moreau <https://pypi.org/project/moreau/>`_ (Apache-2.0, no licence key) is a conic solver
 built for batches: ``moreau.CompiledSolver`` solves many problems that share one sparsity
 structure in one call (the layer's case), with an interior-point method (IPM) and, for

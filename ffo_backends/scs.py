@@ -1,5 +1,8 @@
 """SCS adapter (operator splitting; LP, QP, SOC, EXP, PSD), through SCS's native ``scs.SCS``.
 
+Size: one adapter; SCS's row order, its PSD scaling and its status quirks are stated and
+converted here, next to each other.
+
 Native conventions and how they map to the protocol (:mod:`ffo_core.protocol`) -- all of
 them are applied in one place, :func:`scs_row_order` and :meth:`ScsBackend._to_protocol`:
 

@@ -1,5 +1,9 @@
 """A small base class that adapters may derive from (they need not: the protocol is duck-typed).
 
+Size: the base class and the helpers every adapter shares (settings checks, interruption of
+native solves, console silencing, the scaling note, the PSD factor, the QP epigraph); each
+is short, and adapters, first- and third-party, import them from this one place.
+
 It gives an adapter the registry-facing class methods (``availability``, ``version``), keeps
 the config-string settings, validates them against the names the adapter declares (their
 values with :func:`check_number`), pickles and copies without its per-process state

@@ -1,5 +1,8 @@
 """Parameters -> problem data for a batch, and data gradients -> parameter gradients.
 
+Size: the data map and its adjoint (data gradients to parameter gradients) for every
+layout are kept side by side, so that each pair can be read and checked together.
+
 The compiled map is ``data = M @ [theta; 1]`` (:mod:`ffo_core.datamap.compile`).  In a batch some
 parameters are shared by every sample (unbatched) and some are not.  Splitting the columns of
 ``M`` accordingly,

@@ -1,5 +1,8 @@
 """Alt-Diff: ADMM for polyhedral QPs, differentiated alternately with the iterations.
 
+Size: one algorithm, the ADMM iterations and the derivative recursion that runs alongside
+them; they share every intermediate and read top to bottom.
+
 Sun, Shi, Wang, Tuan, Poor, Tao, "Alternating Differentiation for Optimization Layers",
 ICLR 2023.  This module is the third way the library can differentiate a QP, beside the
 first-order ghost problem (:mod:`ffo_core.engine.ffo_backward`, no factorisation) and the

@@ -1,5 +1,9 @@
 """``FFOQPLayer``: a QP given as matrices, as a PyTorch layer — drop-in for qpth's ``QPFunction``.
 
+Size: a third of it checks the inputs (shapes, batching, dense or sparse layouts, the
+PSD test of ``Q``) so that every refusal names the argument; solving and the backward are
+the shared runtime's.
+
     from ffo_core import FFOQPLayer
     layer = FFOQPLayer(solver="clarabel")           # any backend or config string
     y = layer(Q, p, G, h, A, b)                     # (batch, n)
