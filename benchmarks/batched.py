@@ -23,13 +23,15 @@ Methods (each runs in its own process, so its time and peak memory are its own):
 =======================  =====================================================================
 
 Measured per case: forward and backward seconds (the minimum over ``--reps`` steps after one
-untimed step), the process's peak RSS, the solution's distance to Clarabel at 1e-12 and the
-cosine and relative error of the gradient w.r.t. ``p`` against the exact KKT gradient at
-that solution.  (The Sudoku's solutions sit at degenerate vertices, more active rows than
-unknowns, where the multipliers and hence the gradient w.r.t. ``A`` are not unique: every
-method picks one element of the generalised gradient, and they differ by 10-25%.)  One
-thread everywhere (``OMP_NUM_THREADS=1``, ``RAYON_NUM_THREADS=1``, ``n_jobs=1``).  A case
-whose run exceeds ``--timeout`` seconds is reported as such.
+untimed step), for ffo's methods the time of the backward's solver calls alone (``ghost_s``:
+the ghost problems, one batched call for a batched backend), the process's peak RSS, the
+solution's distance to Clarabel at 1e-12 and the cosine and relative error of the gradient
+w.r.t. ``p`` against the exact KKT gradient at that solution.  (The Sudoku's solutions sit at
+degenerate vertices, more active rows than unknowns, where the multipliers and hence the
+gradient w.r.t. ``A`` are not unique: every method picks one element of the generalised
+gradient, and they differ by 10-25%.)  One thread everywhere (``OMP_NUM_THREADS=1``,
+``RAYON_NUM_THREADS=1``, ``n_jobs=1``).  A case whose run exceeds ``--timeout`` seconds is
+reported as such.
 
     python -m benchmarks.batched --out bench_out/batched            # the whole grid
     python -m benchmarks.batched --cases sudoku box:100 --batch 8 128
@@ -49,8 +51,8 @@ import time
 from pathlib import Path
 
 METHODS = ("ffo-clarabel", "ffo-moreau", "ffo-pdipm", "qpth", "cvxpylayers", "cvxpylayers-moreau")
-COLUMNS = ("case", "n", "batch", "method", "fwd_s", "bwd_s", "total_s", "peak_mb", "err",
-           "grad_cos", "grad_rel", "note")  # fmt: skip
+COLUMNS = ("case", "n", "batch", "method", "fwd_s", "bwd_s", "ghost_s", "total_s", "peak_mb",
+           "err", "grad_cos", "grad_rel", "note")  # fmt: skip
 
 
 def data(case: str, n: int, batch: int, seed: int = 0):
@@ -122,6 +124,7 @@ def step(case: str, method: str, tensors, w):
         from ffo_core import FFOQPLayer
 
         layer = STATE.setdefault(method, FFOQPLayer(method[4:], n_jobs=1, inaccurate="ignore"))
+        time_solver(layer.backend)
         y = layer(*args)
     elif method == "qpth":
         from qpth.qp import QPFunction
@@ -134,8 +137,40 @@ def step(case: str, method: str, tensors, w):
         params = [leaves[0]] + ([leaves[1]] if case == "sudoku" else []) + extra
         (y,) = layer(*params)
     mid = time.perf_counter()
+    SOLVER_TIME[0], SOLVER_TIME[1] = 0.0, 0
     (y * w).sum().backward()
-    return y.detach(), leaves, mid - start, time.perf_counter() - mid
+    return y.detach(), leaves, mid - start, time.perf_counter() - mid, SOLVER_TIME[0]
+
+
+#: seconds spent inside the backend's own solve calls since the last reset, and the depth
+SOLVER_TIME = [0.0, 0]
+
+
+def time_solver(backend) -> None:
+    """Count the time of ``backend``'s ``solve``/``resolve``/``solve_batch`` calls (the
+    outermost only: a batch that falls back to per-sample solves is counted once) into
+    :data:`SOLVER_TIME`; read after a backward, it is the ghost solves' time exactly as the
+    backward made them."""
+    cls = type(backend)
+    if getattr(cls, "_timed", False):
+        return
+    for name in ("solve", "resolve", "solve_batch"):
+        inner = getattr(cls, name, None)
+        if inner is None:
+            continue
+
+        def timed(self, *args, _inner=inner, **kwargs):
+            SOLVER_TIME[1] += 1
+            start = time.perf_counter()
+            try:
+                return _inner(self, *args, **kwargs)
+            finally:
+                SOLVER_TIME[1] -= 1
+                if SOLVER_TIME[1] == 0:
+                    SOLVER_TIME[0] += time.perf_counter() - start
+
+        setattr(cls, name, timed)
+    cls._timed = True
 
 
 STATE: dict = {}
@@ -155,7 +190,7 @@ def child(case: str, n: int, batch: int, method: str, reps: int) -> dict:
     w = torch.tensor(np.random.default_rng(1).standard_normal(tensors[1].shape))
     y, leaves, *_ = step(case, method, tensors, w)  # untimed (set-up, caches)
     times = [step(case, method, tensors, w)[2:] for _ in range(reps)]
-    fwd, bwd = (min(t[k] for t in times) for k in (0, 1))
+    fwd, bwd, ghost = (min(t[k] for t in times) for k in (0, 1, 2))
     # references: Clarabel at 1e-12, and the exact KKT gradient at that solution
     ref = FFOQPLayer("clarabel:tol_gap_abs=1e-12,tol_gap_rel=1e-12,tol_feas=1e-12",
                      backward="kkt", polish=False, n_jobs=1)  # fmt: skip
@@ -172,8 +207,9 @@ def child(case: str, n: int, batch: int, method: str, reps: int) -> dict:
     rel = float((got - want).norm() / want.norm())
     err = float((y - yr.detach()).abs().max())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"fwd_s": fwd, "bwd_s": bwd, "total_s": fwd + bwd, "peak_mb": peak, "err": err,
-            "grad_cos": cos, "grad_rel": rel, "note": ""}  # fmt: skip
+    return {"fwd_s": fwd, "bwd_s": bwd, "ghost_s": ghost if method.startswith("ffo-") else "",
+            "total_s": fwd + bwd, "peak_mb": peak, "err": err, "grad_cos": cos,
+            "grad_rel": rel, "note": ""}  # fmt: skip
 
 
 def run(case: str, n: int, batch: int, method: str, reps: int, timeout: float) -> dict:

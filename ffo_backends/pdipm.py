@@ -73,7 +73,7 @@ made, a bad name or value is a ``ConfigError`` naming it):
 =================  =================  =================  ======================================
 setting            float64 default    float32 default    meaning
 =================  =================  =================  ======================================
-``tol``            1e-9               1e-5               relative residuals and gaps for OPTIMAL
+``tol``            1e-11              1e-5               relative residuals and gaps for OPTIMAL
 ``tol_inaccurate`` 1e-6               1e-3               the same for the *_INACCURATE statuses
 ``tol_infeas``     1e-8               1e-5               certificate ratio for INFEASIBLE/UNBOUNDED
 ``max_iter``       100                100                interior-point iterations
@@ -142,7 +142,7 @@ STATUS_MAP = {
 
 #: setting -> (float64 default, float32 default); None: no default (off)
 DEFAULTS: dict[str, tuple[Any, Any]] = {
-    "tol": (1e-9, 1e-5),
+    "tol": (1e-11, 1e-5),
     "tol_inaccurate": (1e-6, 1e-3),
     "tol_infeas": (1e-8, 1e-5),
     "max_iter": (100, 100),

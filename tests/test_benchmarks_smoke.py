@@ -52,6 +52,7 @@ def test_batched_benchmark(tmp_path):
     for r in got.values():
         assert not r["note"], r
         assert float(r["err"]) <= 1e-6 and float(r["grad_rel"]) <= 1e-6, r
+        assert 0 < float(r["ghost_s"]) <= float(r["bwd_s"]), r
 
 
 def test_demo_explains_its_run():
