@@ -68,6 +68,9 @@ RAW = {
     NUMERICAL_ERROR: "numerical_error",
 }
 
+#: the "schur" factorisation (see :class:`KKT`) is used while ``p + k <= SCHUR_ROWS * n``
+SCHUR_ROWS = 2
+
 #: a row of G with more stored nonzeros than this (or than n/8) joins the dense part of
 #: G' diag(d) G (one matrix product); sparser rows are summed entry pair by entry pair
 PAIR_ROW_NNZ = 32
@@ -132,7 +135,7 @@ def check_memory(data: Data, opts: Options) -> None:
     diag_P = data.P is None or not bool(
         (data.P - torch.diag_embed(torch.diagonal(data.P, dim1=1, dim2=2)) != 0).any()
     )
-    if diag_P and p + multi <= n:
+    if diag_P and p + multi <= SCHUR_ROWS * n:
         k = p + multi
         matrices = 3 * k * k + k * n  # S, its factor, C diag(1/h)
         what = f"the {k} x {k} Schur complements of a batch of {B}"
@@ -355,7 +358,7 @@ class Scaled:
     multi_rows: torch.Tensor  # rows of G with more than one nonzero
     C: torch.Tensor  # (1|B, p + k, n): [A; G[multi_rows]]
     Cop: Op
-    schur_ok: bool  # p + k <= n: the "schur" factorisation is worth it (if P is diagonal)
+    schur_ok: bool  # p + k <= SCHUR_ROWS n: "schur" is the cheaper one (if P is diagonal)
 
     @property
     def n(self) -> int:
@@ -476,7 +479,7 @@ def equilibrate(data: Data, mg: torch.Tensor, iters: int) -> Scaled:
         multi_rows=multi_rows,
         C=C,
         Cop=Op.of(C),
-        schur_ok=C.shape[1] <= n,
+        schur_ok=C.shape[1] <= SCHUR_ROWS * n,
     )
 
 
@@ -580,13 +583,18 @@ class KKT:
     Two factorisations, the cheaper one where it applies:
 
     ``"schur"``, when ``P`` is diagonal and the rows of ``G`` with more than one nonzero
-    ("multi" rows, ``k``) and the equalities are at most ``n``: bound rows are eliminated
-    into the diagonal ``H = P + G_B' diag(d_B) G_B``, the others stay as unknowns, and
+    ("multi" rows, ``k``) and the equalities are at most ``SCHUR_ROWS * n``: bound rows are
+    eliminated into the diagonal ``H = P + G_B' diag(d_B) G_B``, the others stay as unknowns, and
     ``C = [A; G_M]`` gives the positive definite ``(p + k) x (p + k)``
 
         S = C (H + rho I)^-1 C' + diag(rho, W_M + rho),
 
-    factorised by Cholesky (nothing at all when ``p + k = 0``).  Keeping ``G_M``'s
+    factorised by Cholesky (nothing at all when ``p + k = 0``).  With ``p + k > n`` (a ghost
+    problem at a degenerate vertex: more locked rows than unknowns) ``C`` has more rows than
+    columns and only ``rho`` makes ``S`` definite; the refinement against ``rho = 0`` below
+    recovers the accuracy, and a solve it cannot refine goes to the LU factorisation.  Up
+    to ``p + k = 2n`` the Schur complement is still the cheaper factorisation (its order is
+    at most ``2n`` against the KKT matrix's ``3n``).  Keeping ``G_M``'s
     multipliers as unknowns means a nearly active row's ``dz`` (small ``W``) is never a
     tiny difference times a huge ``d``; a bound row's elimination is a diagonal scaling,
     harmless.

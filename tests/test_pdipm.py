@@ -347,6 +347,43 @@ def test_equality_only_problems(pdipm, ref):
     assert rel(out.primal[1], want1.primal) <= DIST
 
 
+def test_more_equalities_than_unknowns(pdipm, monkeypatch):
+    """The ghost problem of the Sudoku QP at its vertex: the 64 one-hot rows and the 48
+    zero entries locked as equalities, 112 rows of rank 64 in 64 unknowns.  The Schur
+    complement (112 x 112) is singular there; the solve must still give the vertex and
+    multipliers that satisfy stationarity, by the Schur path (no LU fallback)."""
+    import ffo_backends._pdipm_kernel as kernel
+
+    board = np.array([[0, 1, 2, 3], [2, 3, 0, 1], [1, 0, 3, 2], [3, 2, 1, 0]])
+    z = np.zeros((4, 4, 4))
+    for r in range(4):
+        for c in range(4):
+            z[r, c, board[r, c]] = 1.0
+    z = z.ravel()
+    A1 = sudoku_constraints(2)
+    locked = np.eye(64)[z == 0]
+    A = np.vstack([A1, locked])
+    b = np.r_[np.ones(A1.shape[0]), np.zeros(len(locked))]
+    assert A.shape == (112, 64) and np.linalg.matrix_rank(A) == 64
+    lu_calls = []
+    original = kernel.KKT._factor_lu
+
+    def counted(self, *args):
+        lu_calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(kernel.KKT, "_factor_lu", counted)
+    rng = np.random.default_rng(11)
+    P = 0.1 * np.eye(64)
+    for _ in range(3):
+        q = -rng.random(64)
+        sol = pdipm.solve(*protocol(P, q, A, b, np.zeros((0, 64)), np.zeros(0)))
+        assert sol.status == Status.OPTIMAL
+        assert np.abs(sol.primal - z).max() <= 1e-10
+        assert np.abs(P @ sol.primal + q + A.T @ sol.eq_dual).max() <= 1e-9
+    assert not lu_calls
+
+
 @pytest.mark.parametrize(
     "case, expect",
     [("inconsistent", Status.INFEASIBLE), ("unbounded", Status.UNBOUNDED)],
