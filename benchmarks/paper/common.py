@@ -346,6 +346,11 @@ def add_common_args(ap: argparse.ArgumentParser, *, seeds, epochs, time_limit) -
         help="run every run in this process (no hard kill, no memory cap)",
     )
     ap.add_argument("--no-plot", action="store_true", help="write the CSV files only")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add to the CSV files under --out (e.g. a missing seed) instead of starting afresh",
+    )
     ap.add_argument("--smoke", action="store_true", help="a few steps of every method (CI)")
 
 
@@ -356,8 +361,9 @@ def run_all(tag: str, module: str, sizes: list, base: dict, args) -> list[dict]:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for suffix in ("epochs", "steps", "runs"):
-        (out / f"{tag}_{suffix}.csv").unlink(missing_ok=True)
+    if not getattr(args, "append", False):
+        for suffix in ("epochs", "steps", "runs"):
+            (out / f"{tag}_{suffix}.csv").unlink(missing_ok=True)
     methods = parse_methods(args.methods)
     unavailable = {}
     for m in methods:
