@@ -23,7 +23,8 @@ decide what is skipped, and every skip says why.
 from __future__ import annotations
 
 from .checks import CHECKS, CheckResult, Metric
-from .runner import Report, Suite, run_suite
+from .report import Report
+from .runner import Suite, run_suite
 from .zoo import CLASSES, VARIANTS, Instance, build_zoo, get_instance
 
 __all__ = [

@@ -232,8 +232,8 @@ class _State:
     """What a worker holds: the backend (guarded), the reference, the zoo, the caches."""
 
     def __init__(self, setup: dict) -> None:
-        from .checks import InstanceRun
         from .guard import GuardedBackend
+        from .instance import InstanceRun
         from .zoo import build_zoo
 
         for path in reversed(setup.get("sys_path", [])):

@@ -2,7 +2,7 @@
 
 The report prints this table; change a number here and it changes everywhere (checks, CLI
 table, JSON report, pytest plugin).  All measures are *relative* and dimensionless; how each
-is computed is documented in :mod:`ffo_conformance.checks`.
+is computed is documented in :mod:`ffo_conformance.measures`.
 
 Profiles.  Each zoo instance names a tolerance profile:
 

@@ -20,14 +20,17 @@ optimal instances a backend without a quadratic objective
 
 ``limit`` instances are optimal problems solved with a tiny iteration or time limit (through
 the backend's ``with_settings`` or its config string, see
-:func:`ffo_conformance.checks.limited_backend`): the status check wants the limit status, or
-an answer that really is the optimum.
+:func:`ffo_conformance.checks_limits.limited_backend`): the status check wants the limit
+status, or an answer that really is the optimum.
 
 Every instance has a *class* (``lp``, ``qp``, ``socp``, ``exp``, ``sdp``: the most
 demanding cone it uses) and a *variant* (``well``, ``batched``, ``scaled``, ``degenerate``,
 ``infeasible``, ``unbounded``, ``layer``); ``group`` (``"qp/scaled"``) is the row of the
 report.  ``layer`` instances are CVXPY problems run through :class:`ffo_core.FFOLayer`,
 which checks the whole path (compilation, batching, ``M'`` back-mapping) per parameter.
+
+Size: one table of instances and the generators that build them; splitting it would scatter
+the zoo a plugin author reads in one place.
 """
 
 from __future__ import annotations
