@@ -12,7 +12,10 @@ Methods (each runs in its own process, so its time and peak memory are its own):
 
 =======================  =====================================================================
 ``ffo-clarabel``         ``FFOQPLayer("clarabel")``: per-sample Clarabel solves, polished
-``ffo-moreau``           ``FFOQPLayer("moreau")``: one batched Moreau solve per step
+``ffo-moreau``           ``FFOQPLayer("moreau")``: one batched Moreau solve per step (its
+                         ``auto`` method: the active set on these QPs)
+``ffo-moreau-ipm``       ``FFOQPLayer("moreau:solver=ipm")``: the same with Moreau's interior
+                         point (faster where many bounds are active: the box QP at n >= 100)
 ``ffo-pdipm``            ``FFOQPLayer("pdipm")``: ffo's torch interior point, the dense path
 ``qpth``                 qpth 0.0.18's ``QPFunction`` (install: ``pip install --target
                          /tmp/qpth_site --no-deps qpth``, run with ``PYTHONPATH=/tmp/qpth_site``)
@@ -50,7 +53,10 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("ffo-clarabel", "ffo-moreau", "ffo-pdipm", "qpth", "cvxpylayers", "cvxpylayers-moreau")
+METHODS = ("ffo-clarabel", "ffo-moreau", "ffo-moreau-ipm", "ffo-pdipm", "qpth", "cvxpylayers",
+           "cvxpylayers-moreau")  # fmt: skip
+#: the backend config string of each ``ffo-*`` method (others: the name after ``ffo-``)
+FFO_CONFIGS = {"ffo-moreau-ipm": "moreau:solver=ipm"}
 COLUMNS = ("case", "n", "batch", "method", "fwd_s", "bwd_s", "ghost_s", "total_s", "peak_mb",
            "err", "grad_cos", "grad_rel", "note")  # fmt: skip
 
@@ -123,7 +129,8 @@ def step(case: str, method: str, tensors, w):
     if method.startswith("ffo-"):
         from ffo_core import FFOQPLayer
 
-        layer = STATE.setdefault(method, FFOQPLayer(method[4:], n_jobs=1, inaccurate="ignore"))
+        config = FFO_CONFIGS.get(method, method[4:])
+        layer = STATE.setdefault(method, FFOQPLayer(config, n_jobs=1, inaccurate="ignore"))
         time_solver(layer.backend)
         y = layer(*args)
     elif method == "qpth":
@@ -246,7 +253,7 @@ def plot(rows, path: Path) -> None:
     cases = sorted({(r["case"], r["n"]) for r in rows})
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.5), squeeze=False)
     for ax, (case, n) in zip(axes[0], cases):
-        for method in METHODS:
+        for method in dict.fromkeys(r["method"] for r in rows):
             pts = sorted((r["batch"], r["total_s"]) for r in rows
                          if (r["case"], r["n"], r["method"]) == (case, n, method)
                          and r.get("total_s") not in (None, ""))  # fmt: skip
