@@ -225,9 +225,14 @@ def _base_errors(samples, ks, LAM, locked, steps) -> np.ndarray:
     """:func:`~.ghost.base_point_error` of the samples ``ks``: ``||G' lam_D|| / ||delta c||``
     with ``lam_D`` the forward multipliers of the rows the ghost drops (0 when they exert
     no force); one product with ``G'`` over the batch."""
-    pattern, values = _matrices([samples[k].h.G for k in ks], samples[ks[0]].h.G.shape)
+    Gs = [samples[k].h.G for k in ks]
     leftover = np.where(locked[ks], 0.0, LAM[ks])
-    force = np.linalg.norm(pattern_products(pattern, values, leftover, transpose=True), axis=1)
+    if all(G is Gs[0] for G in Gs):  # shared: (G' leftover_k)' for every k in one product
+        moved = np.asarray(leftover @ Gs[0])
+    else:
+        pattern, values = _matrices(Gs, Gs[0].shape)
+        moved = pattern_products(pattern, values, leftover, transpose=True)
+    force = np.linalg.norm(moved, axis=1)
     return force / np.maximum(np.linalg.norm(steps, axis=1), _TINY)
 
 
