@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -99,6 +100,69 @@ def block_slices(dims: ConeDims):
 _NO_CONES = ConeDims()
 
 
+def accuracies(sols: Sequence[Solution]) -> np.ndarray:
+    """Every solution's reported accuracy, :data:`DEFAULT_ACCURACY` where it reports none;
+    shape ``(batch,)``."""
+    return np.array(
+        [
+            s.info.accuracy if s.info.accuracy and s.info.accuracy > 0 else DEFAULT_ACCURACY
+            for s in sols
+        ],
+        dtype=float,
+    )
+
+
+class RowClasses(NamedTuple):
+    """The nonnegative rows' classification of a batch (:func:`classify_rows`): masks of
+    shape ``(batch, m)`` (False on the rows after the nonnegative block) and the
+    thresholds, shape ``(batch, 1)``."""
+
+    locked: np.ndarray
+    weak: np.ndarray
+    ambiguous: np.ndarray
+    tau_s: np.ndarray
+    tau_lam: np.ndarray
+
+
+def classify_rows(
+    S: np.ndarray,
+    Lam: np.ndarray,
+    acc: np.ndarray,
+    nonneg: int,
+    *,
+    tau_s: float | None = None,
+    tau_lam: float | None = None,
+    rhs: np.ndarray | None = None,
+) -> RowClasses:
+    """The nonnegative rows of a batch, as elementwise operations on ``(batch, m)`` arrays:
+    slacks ``S`` and multipliers ``Lam`` (in the units they were solved in), accuracies
+    ``acc`` ``(batch,)`` and, optionally, the right-hand sides of the nonnegative rows
+    ``rhs`` ``(batch, nonneg)`` (module docstring; :func:`classify` with ``rhs``).  The
+    array core of :func:`classify_batch`: each sample's row is its lone ``classify``."""
+    batch, m = S.shape
+    root = np.sqrt(np.maximum(acc, 1e-16))[:, None]  # (batch, 1)
+    if tau_s is None:
+        taus_s = root * np.maximum(1.0, np.abs(S).max(axis=1, initial=0.0)[:, None])
+    else:
+        taus_s = np.full((batch, 1), float(tau_s))
+    if tau_lam is None:
+        taus_lam = root * np.maximum(1.0, np.abs(Lam).max(axis=1, initial=0.0)[:, None])
+    else:
+        taus_lam = np.full((batch, 1), float(tau_lam))
+    nn = slice(0, nonneg)
+    locked = np.zeros((batch, m), dtype=bool)
+    weak = np.zeros((batch, m), dtype=bool)
+    ambiguous = np.zeros((batch, m), dtype=bool)
+    s_nn, lam_nn = np.maximum(S[:, nn], 0.0), np.maximum(Lam[:, nn], 0.0)
+    tau_rows = taus_s
+    if rhs is not None and tau_s is None:
+        tau_rows = root * np.maximum(1.0, np.maximum(np.abs(rhs), np.abs(rhs - S[:, nn])))
+    locked[:, nn] = s_nn * taus_lam < lam_nn * tau_rows
+    weak[:, nn] = (s_nn <= tau_rows) & (lam_nn <= taus_lam)
+    ambiguous[:, nn] = (s_nn > UNSETTLED * tau_rows) & (lam_nn > UNSETTLED * taus_lam)
+    return RowClasses(locked, weak, ambiguous, taus_s, taus_lam)
+
+
 def classify(
     sol: Solution,
     dims: ConeDims,
@@ -143,38 +207,15 @@ def classify_batch(
     if rhs is not None:
         rhs = [u[2] for u in units]
     batch, m = S.shape
-    acc = np.array(
-        [
-            s.info.accuracy if s.info.accuracy and s.info.accuracy > 0 else DEFAULT_ACCURACY
-            for s in sols
-        ],
-        dtype=float,
-    )
-    root = np.sqrt(np.maximum(acc, 1e-16))[:, None]  # (batch, 1)
-    tau_s_given = tau_s
-    if tau_s is None:
-        taus_s = root * np.maximum(1.0, np.abs(S).max(axis=1, initial=0.0)[:, None])
-    else:
-        taus_s = np.full((batch, 1), float(tau_s))
-    if tau_lam is None:
-        taus_lam = root * np.maximum(1.0, np.abs(Lam).max(axis=1, initial=0.0)[:, None])
-    else:
-        taus_lam = np.full((batch, 1), float(tau_lam))
-
-    nn = slice(0, dims.nonneg)
-    locked = np.zeros((batch, m), dtype=bool)
+    acc = accuracies(sols)
+    h_nn = None
+    if rhs is not None:
+        h_nn = np.array([np.asarray(r)[: dims.nonneg] for r in rhs])
+    rows = classify_rows(S, Lam, acc, dims.nonneg, tau_s=tau_s, tau_lam=tau_lam, rhs=h_nn)
+    taus_s, taus_lam = rows.tau_s, rows.tau_lam
+    locked, weak, ambiguous = rows.locked, rows.weak, rows.ambiguous
     kept = np.zeros((batch, m), dtype=bool)
-    weak = np.zeros((batch, m), dtype=bool)
     weak_blocks_all = np.zeros((batch, m), dtype=bool)
-    s_nn, lam_nn = np.maximum(S[:, nn], 0.0), np.maximum(Lam[:, nn], 0.0)
-    tau_rows = taus_s
-    if rhs is not None and tau_s_given is None:
-        h_nn = np.array([np.asarray(r)[nn] for r in rhs])
-        tau_rows = root * np.maximum(1.0, np.maximum(np.abs(h_nn), np.abs(h_nn - S[:, nn])))
-    locked[:, nn] = s_nn * taus_lam < lam_nn * tau_rows
-    weak[:, nn] = (s_nn <= tau_rows) & (lam_nn <= taus_lam)
-    ambiguous = np.zeros((batch, m), dtype=bool)
-    ambiguous[:, nn] = (s_nn > UNSETTLED * tau_rows) & (lam_nn > UNSETTLED * taus_lam)
 
     out = []
     for i in range(batch):

@@ -79,6 +79,8 @@ class DataGradient:
         self.base: tuple | None = None
         self.direction: tuple | None = None
         self._patterns: dict | None = None
+        #: set when the batch that made this gradient checked it (:meth:`is_finite`)
+        self._finite: bool | None = None
 
     @classmethod
     def along(
@@ -109,6 +111,11 @@ class DataGradient:
     A = property(lambda self: self._matrix("A"))
     G = property(lambda self: self._matrix("G"))
 
+    def pattern(self, name: str):
+        """The matrix (``"P"``, ``"A"`` or ``"G"``) whose sparsity pattern that part lives
+        on, for a low-rank gradient; None otherwise."""
+        return self._patterns.get(name) if self._patterns else None
+
     @property
     def low_rank(self) -> bool:
         """True when ``base``/``direction`` describe every part exactly."""
@@ -122,6 +129,8 @@ class DataGradient:
         """True when every entry is finite (for a low-rank gradient: its factors, without
         forming the pattern arrays; an overflow of their products is caught where the
         parameter gradient is assembled)."""
+        if self._finite is not None:
+            return self._finite
         if self.low_rank:
             return bool(np.isfinite(np.concatenate((*self.base, *self.direction))).all())
         return all(

@@ -15,6 +15,11 @@ not depend on its batch; the tests check it bit for bit); only the interleaving 
 Running one kind of step over the whole batch keeps the interpreter's and the CPU's caches
 on that step instead of cycling through a solver's set-up between samples.  Memory: every
 sample's ghost is alive until step 4 (the layers stage large batches in chunks).
+
+With a batched backend (one with ``solve_batch``) the ghosts of step 3 go out in one call
+per kind of solve.  A polyhedral batch (zero and nonnegative cones) then skips the
+per-sample steps altogether: :mod:`.batch_backward` runs all four as array operations over
+the batch, giving each sample the same result up to rounding (the order of a few sums).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ import numpy as np
 from ..errors import GhostProblemError
 from ..protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
 from .active_set import ActiveSet, classify_batch
+from .batch_backward import applies as polyhedral_applies
+from .batch_backward import ffo_backward_polyhedral
+from .batched import failed_ghost as _with_delta
 from .batched import ghost_answers, ghost_batch, solve_problems
 from .data_gradient import DataGradient
 from .ffo_backward import FFOOptions, GhostPlan, finish, plan, solve_plan, zero_gradient
@@ -67,10 +75,14 @@ def ffo_backward_batch(
     (module docstring).  ``run(fn, count)`` calls ``fn(i)`` for every index (default: in
     order).  ``batched``: a backend with ``solve_batch`` (:func:`~.batched.batch_solver`):
     step 3 then solves every sample's ghost in one call per step kind
-    (:func:`_solve_batched`) instead of one call per sample.  Returns one entry per sample:
+    (:func:`_solve_batched`) instead of one call per sample, and a polyhedral batch runs
+    every step as array operations over the batch
+    (:func:`~.batch_backward.ffo_backward_polyhedral`).  Returns one entry per sample:
     its :class:`DataGradient`, or the :class:`GhostProblemError` (with ``delta``) its ghost
     raised, for the caller's fallback policy.  Other errors propagate."""
     options = options or FFOOptions()
+    if batched is not None and samples and polyhedral_applies(samples):
+        return ffo_backward_polyhedral(samples, options, batched)  # array operations
     live = [k for k, s in enumerate(samples) if s.live]
     actives = dict(zip(live, _active_sets([samples[k] for k in live], options)))  # 1
     plans: list = [None] * len(samples)
@@ -148,7 +160,7 @@ def _ghosts_at(plans: list, ks: list[int], sign: float, batched) -> None:
         for k, p in zip(ks, ps):
             own = GhostProblemError(str(exc), status=exc.status, backend=exc.backend)
             own.__cause__ = exc
-            plans[k] = _with_delta(own, abs(p.delta))
+            plans[k] = _with_delta(own, abs(p.delta), p.backend)
         return
     points = ghost_answers(answers, samples, actives)
     for k, p, sol, point, step in zip(ks, ps, answers, points, steps):
@@ -161,18 +173,12 @@ def _ghosts_at(plans: list, ks: list[int], sign: float, batched) -> None:
                     backend=backend_name(batched),
                 ),
                 abs(step),
+                p.backend,
             )
         elif sign > 0:
             p.upper = point
         else:
             p.lower = point
-
-
-def _with_delta(exc: GhostProblemError, delta: float) -> GhostProblemError:
-    if exc.delta is None:
-        exc.delta = delta
-        exc.args = (f"{exc.args[0] if exc.args else exc} (delta={delta:.3g})",)
-    return exc
 
 
 def _solve_batched(plans: list, options: FFOOptions, batched) -> None:

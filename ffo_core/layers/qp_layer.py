@@ -59,7 +59,7 @@ import scipy.sparse as sp
 import torch
 
 from ..config import check_choice
-from ..engine.data_gradient import low_rank_factors
+from ..engine.data_gradient import low_rank_factors, pattern_entries
 from ..engine.ghost import GhostSource
 from ..errors import ConfigError, InvalidParameterError
 from ..protocol import Backend, ConeConstraints, ConeDims, Equalities, Objective, Solution
@@ -476,8 +476,15 @@ class FFOQPLayer(SolverLayer):
         section = "P" if name == "Q" else name
         if arg.sparse is not None:  # the gradient on the entries the user stored
             pos = call.positions[name]
+            M = getattr(call, "P" if name == "Q" else name)[0]
             if arg.batched:
                 vals = np.concatenate([getattr(g, section)[pos[i]] for i, g in enumerate(grads)])
+            elif all(g.low_rank and g.pattern(section) is M for g in grads):
+                # the batch's sum as one rank-2B product on the shared pattern
+                Ub, Vb = low_rank_factors(
+                    section, [g.base for g in grads], [g.direction for g in grads]
+                )
+                vals = scale * pattern_entries(M, Ub, Vb)[pos[0]]
             else:
                 vals = scale * sum(getattr(g, section) for g in grads)[pos[0]]
             return arg.sparse.like(vals, dtype, device)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..config import check_choice
+from ..engine.batch_backward import applies as polyhedral_applies
 from ..engine.batched import batch_solver, problem_batch, solve_problems
 from ..engine.data_gradient import DataGradient
 from ..engine.ffo_backward import FFOOptions
@@ -405,14 +406,15 @@ class SolverLayer(FailurePolicies, torch.nn.Module):
         for i in indices:
             g, h, e = problems.sample(i)
             guard = GuardedBackend(problems.backend, i, ghost=True, inaccurate=self.inaccurate)
-            samples.append(
-                FFOSample(guard, g, h, e, sols[i], c[i], problems.ghost_source(h, e), dual(i))
-            )
+            samples.append(FFOSample(guard, g, h, e, sols[i], c[i], None, dual(i)))
+        batched = batch_solver(problems.backend)
+        if batched is None or not polyhedral_applies(samples):  # array path: no source
+            samples = [s._replace(source=problems.ghost_source(s.h, s.e)) for s in samples]
         results = ffo_backward_batch(
             samples,
             self.options,
             run=lambda fn, k: self._runner.run("backward", fn, k),
-            batched=batch_solver(problems.backend),
+            batched=batched,
         )
         grads = []
         for i, s, grad in zip(indices, samples, results):
