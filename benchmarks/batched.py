@@ -130,7 +130,9 @@ def step(case: str, method: str, tensors, w):
         from ffo_core import FFOQPLayer
 
         config = FFO_CONFIGS.get(method, method[4:])
-        layer = STATE.setdefault(method, FFOQPLayer(config, n_jobs=1, inaccurate="ignore"))
+        if method not in STATE:
+            STATE[method] = FFOQPLayer(config, n_jobs=1, inaccurate="ignore")
+        layer = STATE[method]
         time_solver(layer.backend)
         y = layer(*args)
     elif method == "qpth":

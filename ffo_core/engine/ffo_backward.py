@@ -53,9 +53,11 @@ duals, ``c_nu = dloss/dnu``, ``c_lam = dloss/dlam``).
    midpoint of the two ghost solutions.
 
 The batch version, :func:`ffo_core.engine.schedule.ffo_backward_batch`, runs these steps
-over a whole batch (each step vectorised where it can be) and gives every sample exactly
-what :func:`ffo_backward` gives it.  The engine maps the data gradient back to parameters
-with ``M'`` (:mod:`ffo_core.datamap.param_map`).  Nothing here forms or factorises a KKT
+over a whole batch (each step vectorised where it can be) and gives every sample what
+:func:`ffo_backward` gives it: exactly for per-sample backends, up to rounding for
+polyhedral batches on a batched backend (:mod:`ffo_core.engine.batch_backward`).  The
+engine maps the data gradient back to parameters with ``M'``
+(:mod:`ffo_core.datamap.param_map`).  Nothing here forms or factorises a KKT
 matrix or a Hessian: the only linear algebra is row selection and entrywise products on the
 data's sparsity pattern.
 """
