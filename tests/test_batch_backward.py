@@ -249,6 +249,41 @@ def test_failed_ghost_is_that_samples_error(backend, monkeypatch):
         _agree(got, want, STEPS_TOL)
 
 
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_inaccurate_ghost_follows_the_guards_policy(backend, vectorised, monkeypatch):
+    """A batched ghost answered OPTIMAL_INACCURATE meets its sample's ``inaccurate`` policy
+    as a per-sample guard applies it: "raise" makes it that sample's GhostProblemError,
+    "warn" warns and keeps the gradient, "ignore" keeps it silently."""
+    import warnings
+
+    from ffo_core.engine.solves import GuardedBackend
+    from ffo_core.errors import InaccurateSolutionWarning
+
+    if not vectorised:
+        monkeypatch.setattr(schedule, "polyhedral_applies", lambda s: False)
+    base = _samples(backend)
+    options = FFOOptions()
+    clean = ffo_backward_batch(base, options, batched=backend)
+    for policy in ("raise", "warn", "ignore"):
+        samples = [
+            s._replace(backend=GuardedBackend(backend, 10 + k, ghost=True, inaccurate=policy))
+            for k, s in enumerate(base)
+        ]
+        faulty = _Failing(backend, 2, Status.OPTIMAL_INACCURATE)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = ffo_backward_batch(samples, options, batched=faulty)
+        warned = [w for w in caught if issubclass(w.category, InaccurateSolutionWarning)]
+        if policy == "raise":
+            assert isinstance(got[2], GhostProblemError) and got[2].batch_index == 12
+            assert got[2].status is Status.OPTIMAL_INACCURATE and "inaccurate" in str(got[2])
+        else:
+            _agree(got[2], clean[2], STEPS_TOL)
+        assert len(warned) == (1 if policy == "warn" else 0)
+        for k in (0, 1, 3, 4, 5):
+            _agree(got[k], clean[k], STEPS_TOL)
+
+
 def test_box_qp_closed_form(backend):
     """``min 1/2||y||^2 + q'y, -1 <= y <= 1``: ``y = clip(-q)``, so the gradient of
     ``w'y`` is ``dq_i = -w_i`` where the bound is inactive and 0 where it is active (and

@@ -42,6 +42,7 @@ from .batched import (
     _matrices,
     failed_ghost,
     ghost_batch_arrays,
+    inaccurate_ghost,
     pattern_products,
     solve_arrays,
 )
@@ -206,9 +207,15 @@ def _ghosts(samples, ks, locked, Y, central, delta, C, c_dual, sign, batched, ou
             samples[ks[j]],
             abs(steps[j]),
         )
-    solved = ks[answer.solved]
-    eq = answer.eq_dual[answer.solved]
-    found[0][solved] = answer.primal[answer.solved]
+    ok = answer.solved.copy()
+    for j in np.flatnonzero(ok):  # the guards' ``inaccurate`` policy
+        refused = inaccurate_ghost(samples[ks[j]].backend, answer.status[j], name)
+        if refused is not None:
+            out[ks[j]] = _failed(refused, samples[ks[j]], abs(steps[j]))
+            ok[j] = False
+    solved = ks[ok]
+    eq = answer.eq_dual[ok]
+    found[0][solved] = answer.primal[ok]
     found[1][solved] = eq[:, :p]
     found[2][solved] = 0.0
     found[2][solved, :nn] = np.where(locked[solved, :nn], eq[:, p:], 0.0)

@@ -25,13 +25,14 @@ right-hand sides.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import FFOError, GhostProblemError, SolverError
+from ..errors import FFOError, GhostProblemError, InaccurateSolutionWarning, SolverError
 from ..protocol import (
     BatchSolution,
     ConeConstraints,
@@ -282,6 +283,21 @@ def ghost_answers(
         lam[nn:] = np.where(active.kept[nn:], sol.ineq_dual, 0.0)
         out.append((sol.primal, sol.eq_dual[:p], lam))
     return out
+
+
+def inaccurate_ghost(guard, status: Status, name: str) -> GhostProblemError | None:
+    """The ``inaccurate`` policy of a sample's guard (:class:`~.solves.GuardedBackend`:
+    ``guard.inaccurate``; "ignore" for a bare backend) applied to its batched ghost's
+    ``status``, as the per-sample path's guard applies it: "warn" warns here, "raise"
+    returns the :class:`GhostProblemError` for the caller to record; None otherwise."""
+    policy = getattr(guard, "inaccurate", "ignore")
+    if status is not Status.OPTIMAL_INACCURATE or policy == "ignore":
+        return None
+    message = f"backward (ghost) solve: backend {name!r} returned an inaccurate solution"
+    if policy == "raise":
+        return GhostProblemError(message, status=status, backend=name)
+    warnings.warn(message, InaccurateSolutionWarning, stacklevel=4)
+    return None
 
 
 class BatchAnswers(NamedTuple):

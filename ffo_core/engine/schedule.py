@@ -35,7 +35,7 @@ from .active_set import ActiveSet, classify_batch
 from .batch_backward import applies as polyhedral_applies
 from .batch_backward import ffo_backward_polyhedral
 from .batched import failed_ghost as _with_delta
-from .batched import ghost_answers, ghost_batch, solve_problems
+from .batched import ghost_answers, ghost_batch, inaccurate_ghost, solve_problems
 from .data_gradient import DataGradient
 from .ffo_backward import FFOOptions, GhostPlan, finish, plan, solve_plan, zero_gradient
 from .ghost import GhostSource, base_point_errors, build_ghosts, curved_step
@@ -175,6 +175,10 @@ def _ghosts_at(plans: list, ks: list[int], sign: float, batched) -> None:
                 abs(step),
                 p.backend,
             )
+            continue
+        refused = inaccurate_ghost(p.backend, sol.status, backend_name(batched))
+        if refused is not None:
+            plans[k] = _with_delta(refused, abs(step), p.backend)
         elif sign > 0:
             p.upper = point
         else:
