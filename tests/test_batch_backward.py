@@ -280,6 +280,7 @@ def test_inaccurate_ghost_follows_the_guards_policy(backend, vectorised, monkeyp
         else:
             _agree(got[2], clean[2], STEPS_TOL)
         assert len(warned) == (1 if policy == "warn" else 0)
+        assert all("batch index 12" in str(w.message) for w in warned)
         for k in (0, 1, 3, 4, 5):
             _agree(got[k], clean[k], STEPS_TOL)
 

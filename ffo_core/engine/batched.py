@@ -293,9 +293,11 @@ def inaccurate_ghost(guard, status: Status, name: str) -> GhostProblemError | No
     policy = getattr(guard, "inaccurate", "ignore")
     if status is not Status.OPTIMAL_INACCURATE or policy == "ignore":
         return None
-    message = f"backward (ghost) solve: backend {name!r} returned an inaccurate solution"
+    index = getattr(guard, "batch_index", None)
+    where = "" if index is None else f" of batch index {index}"
+    message = f"backward (ghost) solve{where}: backend {name!r} returned an inaccurate solution"
     if policy == "raise":
-        return GhostProblemError(message, status=status, backend=name)
+        return GhostProblemError(message, status=status, backend=name, batch_index=index)
     warnings.warn(message, InaccurateSolutionWarning, stacklevel=4)
     return None
 
