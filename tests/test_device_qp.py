@@ -37,6 +37,33 @@ def test_device_path_matches_the_closed_form_near_kinks():
     assert all(p == "polished" for p in layer.last_polish)
 
 
+def test_unpolished_samples_alone_get_the_central_ghost():
+    """Samples whose point is not polished take a central difference; the ``-delta`` ghost
+    batch holds those samples only (not dead ones, not polished ones), and every gradient
+    still matches the closed form, dead samples' being zero."""
+    n, B = 40, 6
+    Q, G, h = box(n)
+    rng = np.random.default_rng(2)
+    q, w = rng.standard_normal((B, n)), rng.standard_normal((B, n))
+    w[[2, 4]] = 0.0  # no loss reaches samples 2 and 4
+    layer = FFOQPLayer("pdipm", polish=False)
+    sizes = []
+    inner = layer.backend.solve_batch
+
+    def recording(batch, extra=None):
+        sizes.append(batch.batch)
+        return inner(batch, extra)
+
+    layer.backend.solve_batch = recording
+    qt = torch.tensor(q, requires_grad=True)
+    y = layer(Q, qt, G, h, None, None)
+    (y * torch.tensor(w)).sum().backward()
+    assert sizes == [B, B, 4]  # forward, ghosts at +delta, ghosts at -delta: 0, 1, 3, 5
+    ref = -w * ((q > 0) & (q < 1))
+    assert np.linalg.norm(qt.grad.numpy() - ref) <= 1e-6 * np.linalg.norm(ref)
+    assert np.all(qt.grad.numpy()[[2, 4]] == 0.0)
+
+
 def test_device_path_gradients_and_duals_match_the_general_path():
     rng = np.random.default_rng(1)
     n, m, p = 6, 8, 2

@@ -207,26 +207,34 @@ def backward(backend, qp: DenseQP, point, c, c_dual):
     if c_dual is not None:
         shift = torch.cat([c_dual[0], torch.where(locked, c_dual[1], 0.0)], dim=1)
 
-    def ghost(sign: float, ks=None):
-        d = sign * delta
+    def ghost(sign: float, ks: torch.Tensor | None = None):
+        """The ghosts at ``sign * delta`` of the samples ``ks`` (all when None)."""
+        sub, lk, d = qp, locked, sign * delta
         rhs = through - (d[:, None] * shift if shift is not None else 0.0)
-        batch, _ = _equality_batch(qp, locked, rhs)
-        yg, eq, _, _, _, _ = _solve(backend, batch, d[:, None] * c, ghost=True)
-        lam_g = torch.where(locked, eq[:, qp.p :], torch.zeros_like(lam))
+        cs = c
+        if ks is not None:
+            sub, lk, d, rhs, cs = qp.subset(ks), locked[ks], d[ks], rhs[ks], c[ks]
+        batch, _ = _equality_batch(sub, lk, rhs)
+        try:
+            yg, eq, _, _, _, _ = _solve(backend, batch, d[:, None] * cs, ghost=True)
+        except GhostProblemError as exc:  # name the sample's index in the whole batch
+            if ks is not None and exc.batch_index is not None:
+                exc.batch_index = int(ks[exc.batch_index])
+            raise
+        lam_g = torch.where(lk, eq[:, qp.p :], torch.zeros_like(lk, dtype=eq.dtype))
         return yg, eq[:, : qp.p], lam_g
 
     base: tuple[torch.Tensor, ...] = (y, nu, torch.where(locked, lam, torch.zeros_like(lam)))
     up = ghost(1.0)
     w = [(u - f) / delta[:, None] for u, f in zip(up, base)]
     central = ~polished & live
-    if bool(central.any()):  # an unpolished point is no base for a one-sided difference
-        down = ghost(-1.0)
+    ks = torch.nonzero(central).flatten()
+    if ks.numel():  # an unpolished point is no base for a one-sided difference
+        down = ghost(-1.0, ks)  # only those samples
+        d2 = 2 * delta[ks, None]
         for k in range(3):
-            mid = (up[k] - down[k]) / (2 * delta[:, None])
-            w[k] = torch.where(central[:, None], mid, w[k])
-        base = tuple(
-            torch.where(central[:, None], (u + d) / 2, b) for u, d, b in zip(up, down, base)
-        )
+            w[k] = w[k].index_copy(0, ks, (up[k][ks] - down[k]) / d2)
+        base = tuple(b.index_copy(0, ks, (u[ks] + dn) / 2) for b, u, dn in zip(base, up, down))
     w = [torch.where(live[:, None], wk, torch.zeros_like(wk)) for wk in w]
     return base, tuple(w)
 
