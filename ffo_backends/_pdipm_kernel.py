@@ -1261,13 +1261,14 @@ def run(data: Data, opts: Options) -> Result:
         solved = code == OPTIMAL
         if bool(solved.any()):
             keep = torch.nonzero(solved).flatten()
+            whole = keep.numel() == eq_idx.numel()  # every sample: no copy
             store(
                 eq_idx[keep],
                 code[keep],
                 torch.ones_like(keep),
                 acc[keep],
-                sc.take(keep),
-                st.take(keep),
+                sc if whole else sc.take(keep),
+                st if whole else st.take(keep),
             )
             for k in eq_idx[keep].tolist():
                 out.notes[k] = "equality-constrained: one KKT solve"
