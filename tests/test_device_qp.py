@@ -63,6 +63,27 @@ def test_unpolished_samples_alone_get_the_central_ghost():
     assert np.linalg.norm(qt.grad.numpy() - ref) <= 1e-6 * np.linalg.norm(ref)
     assert np.all(qt.grad.numpy()[[2, 4]] == 0.0)
 
+    # a -delta ghost that fails is named by its index in the whole batch (3, not 2)
+    from ffo_core.errors import GhostProblemError
+    from ffo_core.protocol import Status
+
+    calls = []
+
+    def failing(batch, extra=None):
+        out = inner(batch, extra)
+        calls.append(batch.batch)
+        if len(calls) == 3:
+            out.status = list(out.status)
+            out.status[2] = Status.NUMERICAL_ERROR
+        return out
+
+    layer.backend.solve_batch = failing
+    qt = torch.tensor(q, requires_grad=True)
+    y = layer(Q, qt, G, h, None, None)
+    with pytest.raises(GhostProblemError, match="batch index 3:") as err:
+        (y * torch.tensor(w)).sum().backward()
+    assert err.value.batch_index == 3
+
 
 def test_device_path_gradients_and_duals_match_the_general_path():
     rng = np.random.default_rng(1)

@@ -219,7 +219,9 @@ def backward(backend, qp: DenseQP, point, c, c_dual):
             yg, eq, _, _, _, _ = _solve(backend, batch, d[:, None] * cs, ghost=True)
         except GhostProblemError as exc:  # name the sample's index in the whole batch
             if ks is not None and exc.batch_index is not None:
-                exc.batch_index = int(ks[exc.batch_index])
+                j, exc.batch_index = exc.batch_index, int(ks[exc.batch_index])
+                text = exc.args[0] if exc.args else str(exc)
+                exc.args = (text.replace(f"batch index {j}:", f"batch index {exc.batch_index}:"),)
             raise
         lam_g = torch.where(lk, eq[:, qp.p :], torch.zeros_like(lk, dtype=eq.dtype))
         return yg, eq[:, : qp.p], lam_g
