@@ -59,31 +59,17 @@ COLUMNS = ("problem", "n", "batch", "method", "ms", "us_per_sample", "err", "fai
 
 
 def sudoku_rows():
-    """The 40 linearly independent rows of OptNet's 4x4 Sudoku equalities."""
-    import numpy as np
+    """The 40 linearly independent rows of OptNet's 4x4 Sudoku equalities: the rows of
+    :func:`benchmarks.paper.boards.constraint_matrix` in OptNet's order (cells, then every
+    row, every column and every box, each with its 4 digits), each kept when it raises
+    the rank."""
+    from benchmarks.paper.boards import constraint_matrix, independent_rows
 
-    k, n = 2, 4
-
-    def idx(r, c, v):
-        return (r * n + c) * n + v
-
-    groups = [[idx(r, c, v) for v in range(n)] for r in range(n) for c in range(n)]
-    groups += [[idx(r, c, v) for c in range(n)] for r in range(n) for v in range(n)]
-    groups += [[idx(r, c, v) for r in range(n)] for c in range(n) for v in range(n)]
-    groups += [
-        [idx(br * k + i, bc * k + j, v) for i in range(k) for j in range(k)]
-        for br in range(k)
-        for bc in range(k)
-        for v in range(n)
+    # constraint_matrix: 16 cell rows, then per digit d its 4 row, 4 column and 4 box rows
+    order = list(range(16)) + [
+        16 + 12 * d + 4 * kind + place for kind in range(3) for place in range(4) for d in range(4)
     ]
-    A = np.zeros((len(groups), n**3))
-    for i, cells in enumerate(groups):
-        A[i, cells] = 1.0
-    keep: list[int] = []
-    for i in range(A.shape[0]):
-        if np.linalg.matrix_rank(A[keep + [i]]) == len(keep) + 1:
-            keep.append(i)
-    return A[keep]
+    return independent_rows(constraint_matrix(2)[order])
 
 
 def problem(name: str, n: int, batch: int, seed: int = 0):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from benchmarks.moreau import sudoku_rows
 from ffo_backends.clarabel import ClarabelBackend
 from ffo_backends.moreau import MoreauBackend, moreau_row_order
 from ffo_core import ConfigError, get_backend
@@ -559,7 +560,7 @@ def test_an_ipm_breakdown_on_a_qp_is_tried_by_the_active_set():
     p = np.random.default_rng(0).random((1024, n))[1020]
     g = Objective(sp.csc_matrix(0.1 * np.eye(n)), -p)
     h = ConeConstraints(sp.csc_matrix(-np.eye(n)), np.zeros(n), ConeDims(nonneg=n))
-    e = Equalities(sp.csc_matrix(_sudoku_rows()), np.ones(40))
+    e = Equalities(sp.csc_matrix(sudoku_rows()), np.ones(40))
     sol = MoreauBackend(solver="ipm").solve(g, h, e)
     assert sol.info.extra["first_try"].startswith("ipm InsufficientProgress")
     assert sol.info.extra["method"] == "active_set" and sol.status == Status.OPTIMAL
@@ -610,30 +611,6 @@ def test_cuda_device_matches_the_cpu():
 
 
 # -- both layers: the two cvxpylayers defects -----------------------------------------------------
-def _sudoku_rows() -> np.ndarray:
-    """OptNet's 4x4 Sudoku equalities (cell, row, column, box: each value once), reduced to
-    40 linearly independent rows."""
-    k, n = 2, 4
-    idx = lambda r, c, v: (r * n + c) * n + v  # noqa: E731
-    groups = [[idx(r, c, v) for v in range(n)] for r in range(n) for c in range(n)]
-    groups += [[idx(r, c, v) for c in range(n)] for r in range(n) for v in range(n)]
-    groups += [[idx(r, c, v) for r in range(n)] for c in range(n) for v in range(n)]
-    groups += [
-        [idx(br * k + i, bc * k + j, v) for i in range(k) for j in range(k)]
-        for br in range(k)
-        for bc in range(k)
-        for v in range(n)
-    ]
-    A = np.zeros((len(groups), n**3))
-    for i, cells in enumerate(groups):
-        A[i, cells] = 1.0
-    keep: list[int] = []
-    for i in range(A.shape[0]):
-        if np.linalg.matrix_rank(A[keep + [i]]) == len(keep) + 1:
-            keep.append(i)
-    return A[keep]
-
-
 @pytest.mark.parametrize("form", ["z >= 0", "-I z <= 0", "0 <= z <= 1"])
 def test_ffolayer_keeps_z_nonneg(form):
     """cvxpylayers 1.2 with ``solver="MOREAU"`` drops constraint rows whose data are
@@ -677,7 +654,7 @@ def test_qp_layer_keeps_z_nonneg_on_the_sudoku_qp():
 
     from ffo_core import FFOQPLayer
 
-    A = torch.tensor(_sudoku_rows())
+    A = torch.tensor(sudoku_rows())
     n, B = 64, 3
     Q = 0.1 * torch.eye(n, dtype=torch.float64)
     G, h = -torch.eye(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)

@@ -39,6 +39,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from benchmarks.paper.boards import constraint_matrix
 from ffo_conformance.checks import residuals
 from ffo_conformance.zoo import Sample
 from ffo_core import ConfigError, FFOQPLayer, SolverError, Status, get_backend
@@ -235,7 +236,7 @@ def test_repeated_calls_are_identical(pdipm):
 
 def test_sudoku_rank_deficient_equalities(pdipm, ref):
     """OptNet's 4x4 Sudoku QP: 40 equality rows of rank < 40, z >= 0."""
-    A = sudoku_constraints(2)
+    A = constraint_matrix(2)
     assert np.linalg.matrix_rank(A) < A.shape[0]
     n = A.shape[1]
     rng = np.random.default_rng(5)
@@ -247,32 +248,6 @@ def test_sudoku_rank_deficient_equalities(pdipm, ref):
     # must satisfy the KKT conditions
     assert rel(sol.primal, want.primal) <= DIST
     assert max(residuals(Sample(*prob, np.ones(n)), sol).values()) <= 1e-8
-
-
-def sudoku_constraints(k: int) -> np.ndarray:
-    """The one-hot constraints of a (k^2 x k^2) Sudoku over z in R^(N^3), N = k^2: each
-    cell has one digit, each digit appears once per row, column and box (OptNet's A)."""
-    N = k * k
-
-    def var(r, c, v):
-        return (r * N + c) * N + v
-
-    rows = []
-    for r in range(N):
-        for c in range(N):
-            rows.append([var(r, c, v) for v in range(N)])
-    for v in range(N):
-        for r in range(N):
-            rows.append([var(r, c, v) for c in range(N)])
-        for c in range(N):
-            rows.append([var(r, c, v) for r in range(N)])
-        for br in range(k):
-            for bc in range(k):
-                rows.append([var(br * k + i, bc * k + j, v) for i in range(k) for j in range(k)])
-    A = np.zeros((len(rows), N**3))
-    for i, cols in enumerate(rows):
-        A[i, cols] = 1.0
-    return A
 
 
 # -- (b) absent rows, equality-only problems -------------------------------------------------
@@ -360,7 +335,7 @@ def test_more_equalities_than_unknowns(pdipm, monkeypatch):
         for c in range(4):
             z[r, c, board[r, c]] = 1.0
     z = z.ravel()
-    A1 = sudoku_constraints(2)
+    A1 = constraint_matrix(2)
     locked = np.eye(64)[z == 0]
     A = np.vstack([A1, locked])
     b = np.r_[np.ones(A1.shape[0]), np.zeros(len(locked))]
