@@ -147,6 +147,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
+from ffo_backends.clarabel import STATUS_MAP as CLARABEL_STATUS_MAP
 from ffo_core.backend_base import BackendBase, data_digest
 from ffo_core.errors import ConfigError, SolverError
 from ffo_core.hookspecs import hookimpl
@@ -164,21 +165,9 @@ from ffo_core.protocol import (
     Status,
 )
 
-#: Moreau ``SolverStatus`` names -> protocol status.
-STATUS_MAP = {
-    "Solved": Status.OPTIMAL,
-    "AlmostSolved": Status.OPTIMAL_INACCURATE,
-    "PrimalInfeasible": Status.INFEASIBLE,
-    "AlmostPrimalInfeasible": Status.INFEASIBLE_INACCURATE,
-    "DualInfeasible": Status.UNBOUNDED,
-    "AlmostDualInfeasible": Status.UNBOUNDED_INACCURATE,
-    "MaxIterations": Status.ITERATION_LIMIT,
-    "MaxTime": Status.TIME_LIMIT,
-    "NumericalError": Status.NUMERICAL_ERROR,
-    "InsufficientProgress": Status.NUMERICAL_ERROR,
-    "CallbackTerminated": Status.NUMERICAL_ERROR,
-    "Unsolved": Status.NUMERICAL_ERROR,
-}
+#: Moreau ``SolverStatus`` names -> protocol status: Moreau's ``SolverStatus`` has
+#: Clarabel's names, word for word, so the map is the Clarabel adapter's.
+STATUS_MAP = CLARABEL_STATUS_MAP
 
 #: ``moreau.Settings`` fields accepted in the config string.
 TOP_SETTINGS = ("solver", "device", "device_id", "max_iter", "time_limit", "verbose")
