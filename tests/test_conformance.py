@@ -35,7 +35,7 @@ from ffo_conformance.checks import check_shapes, residuals
 from ffo_conformance.guard import GuardedBackend, InputsModified
 from ffo_conformance.reference import ReferenceSolver
 from ffo_conformance.zoo import get_instance, select
-from ffo_core import Solution, Status, available_backends, register_backend, unregister_backend
+from ffo_core import Solution, Status, available_backends
 from ffo_core.accuracy import kkt_accuracy, solution_accuracy
 from ffo_core.cli import main as ffo_main
 from ffo_core.protocol import BatchSolution, Objective
@@ -443,20 +443,6 @@ class WrongStatus(ClarabelBackend):
         if sol.status in (Status.INFEASIBLE, Status.INFEASIBLE_INACCURATE):
             sol.status = Status.NUMERICAL_ERROR
         return sol
-
-
-@pytest.fixture
-def registered():
-    names = []
-
-    def register(cls):
-        register_backend(cls)
-        names.append(cls.name)
-        return cls.name
-
-    yield register
-    for name in names:
-        unregister_backend(name)
 
 
 @pytest.mark.parametrize(

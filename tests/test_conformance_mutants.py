@@ -31,7 +31,7 @@ import pytest
 
 from ffo_backends.clarabel import ClarabelBackend
 from ffo_conformance import Suite
-from ffo_core import Solution, Status, register_backend, unregister_backend
+from ffo_core import Solution, Status
 from ffo_core.backend_base import linear_cost
 from ffo_core.protocol import Capabilities, ConeConstraints, Objective, SolveInfo
 
@@ -254,20 +254,6 @@ MUTANTS = {
     HangsOnTwoPSDBlocks: (["sdp"], ["status", "solution"], "status", "timed out after"),
     CrashesWhenShared: (["qp-batch4"], ["threads"], "threads", "SIGSEGV"),
 }
-
-
-@pytest.fixture
-def registered():
-    names = []
-
-    def register(cls):
-        register_backend(cls)
-        names.append(cls.name)
-        return cls.name
-
-    yield register
-    for name in names:
-        unregister_backend(name)
 
 
 # -- the default run: each mutant where it is caught ----------------------------------------
