@@ -107,25 +107,23 @@ class FailurePolicies:
                 grad = kkt_backward(s.g, s.h, s.e, s.sol, s.c, self.options, c_dual=s.c_dual)
             except SolverError as exc:
                 tried.append(f"KKT fallback: {exc}")
-                raise GhostProblemError(
-                    f"batch index {i}: the ghost problem failed and so did every fallback "
-                    f"({'; '.join(tried)})",
-                    status=first.status,
-                    batch_index=i,
-                    backend=self.backend.name,
-                ) from exc
+                raise self._fallbacks_failed(i, tried, first.status) from exc
             grad.diagnostics.update(ghost_fallback="kkt", ghost_error=str(first))
             logger.info(
                 "batch index %d: ghost problem failed (%s); used the KKT gradient", i, first
             )
             return grad
-        raise GhostProblemError(
+        raise self._fallbacks_failed(i, tried, last.status) from last
+
+    def _fallbacks_failed(self, i: int, tried: list[str], status) -> GhostProblemError:
+        """The error of sample ``i`` when its ghost and every fallback in ``tried`` failed."""
+        return GhostProblemError(
             f"batch index {i}: the ghost problem failed and so did every fallback "
             f"({'; '.join(tried)})",
-            status=last.status,
+            status=status,
             batch_index=i,
             backend=self.backend.name,
-        ) from last
+        )
 
     def _health_check(self, call: int, problems, sols, c, dual, grads) -> None:
         """Compare one sample's first-order data gradient with the exact KKT one."""
