@@ -25,14 +25,13 @@ right-hand sides.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import FFOError, GhostProblemError, InaccurateSolutionWarning, SolverError
+from ..errors import FFOError, GhostProblemError, SolverError
 from ..protocol import (
     BatchSolution,
     ConeConstraints,
@@ -286,20 +285,11 @@ def ghost_answers(
 
 
 def inaccurate_ghost(guard, status: Status, name: str) -> GhostProblemError | None:
-    """The ``inaccurate`` policy of a sample's guard (:class:`~.solves.GuardedBackend`:
-    ``guard.inaccurate``; "ignore" for a bare backend) applied to its batched ghost's
-    ``status``, as the per-sample path's guard applies it: "warn" warns here, "raise"
-    returns the :class:`GhostProblemError` for the caller to record; None otherwise."""
-    policy = getattr(guard, "inaccurate", "ignore")
-    if status is not Status.OPTIMAL_INACCURATE or policy == "ignore":
-        return None
-    index = getattr(guard, "batch_index", None)
-    where = "" if index is None else f" of batch index {index}"
-    message = f"backward (ghost) solve{where}: backend {name!r} returned an inaccurate solution"
-    if policy == "raise":
-        return GhostProblemError(message, status=status, backend=name, batch_index=index)
-    warnings.warn(message, InaccurateSolutionWarning, stacklevel=4)
-    return None
+    """The ``inaccurate`` policy of a sample's guard
+    (:meth:`~.solves.GuardedBackend.refuse_inaccurate`) applied to its batched ghost's
+    ``status``, ``name`` the batched backend; None for a bare backend (no policy)."""
+    refuse = getattr(guard, "refuse_inaccurate", None)
+    return None if refuse is None else refuse(status, name=name, stacklevel=5)
 
 
 class BatchAnswers(NamedTuple):

@@ -382,14 +382,31 @@ class GuardedBackend:
                 batch_index=self.batch_index,
                 backend=self.name,
             )
-        if self.ghost and sol.status is Status.OPTIMAL_INACCURATE and self.inaccurate != "ignore":
-            message = (
-                f"{self._where()}: backend {self.name!r} returned an inaccurate "
-                f"solution ({sol.info.raw_status})"
-            )
-            if self.inaccurate == "raise":
-                raise GhostProblemError(
-                    message, status=sol.status, batch_index=self.batch_index, backend=self.name
-                )
-            warnings.warn(message, InaccurateSolutionWarning, stacklevel=3)
+        refused = self.refuse_inaccurate(sol.status, sol.info.raw_status, stacklevel=4)
+        if refused is not None:
+            raise refused
         return sol
+
+    def refuse_inaccurate(
+        self,
+        status: Status,
+        raw_status: str | None = None,
+        *,
+        name: str | None = None,
+        stacklevel: int = 3,
+    ) -> GhostProblemError | None:
+        """The ``inaccurate`` policy applied to a ghost solve's ``status`` (a forward solve
+        is checked by :func:`check_solutions`): "warn" warns here, "raise" returns the
+        :class:`GhostProblemError` for the caller to raise or record; None otherwise.
+        ``name``: the backend that answered, when it is not this guard's (a batch)."""
+        if not self.ghost or status is not Status.OPTIMAL_INACCURATE or self.inaccurate == "ignore":
+            return None
+        name = name or self.name
+        raw = f" ({raw_status})" if raw_status else ""
+        message = f"{self._where()}: backend {name!r} returned an inaccurate solution{raw}"
+        if self.inaccurate == "raise":
+            return GhostProblemError(
+                message, status=status, batch_index=self.batch_index, backend=name
+            )
+        warnings.warn(message, InaccurateSolutionWarning, stacklevel=stacklevel)
+        return None
